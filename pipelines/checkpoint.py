@@ -1,0 +1,88 @@
+"""Checkpoint files: weights as safetensors with the model's config inside, written atomically.
+
+A checkpoint is one `.safetensors` file whose metadata holds `kind` (which model class it is
+for), `config` (the config dataclass as JSON) and free-form extras such as the training step.
+Nothing in it is ever unpickled. A run directory holds its latest checkpoint as `model.safetensors`;
+everywhere a checkpoint is asked for, the run directory or the file may be given.
+"""
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from prior import PixelSNAIL, PixelSNAILConfig
+
+CHECKPOINT_NAME = "model.safetensors"
+PIXELSNAIL_KIND = "pixelsnail"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, not ours, damaged, or for another kind of model."""
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
+
+    A reader therefore sees either the old file or the complete new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state_dict, kind, config, **extra):
+    """Writes `state_dict` with `kind`, `config` (a dataclass with to_json) and `extra` metadata."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
+    metadata = {"kind": kind, "config": config.to_json(), "extra": json.dumps(extra, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def resolve_checkpoint(path):
+    """A run directory -> its latest checkpoint file; a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path, kind):
+    """Reads a checkpoint of the given kind -> (state_dict, config JSON text, extra dict)."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({error})") from None
+    if "kind" not in metadata or "config" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project (no kind/config)")
+    if metadata["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {metadata['kind']!r} model, expected {kind!r}")
+    return state_dict, metadata["config"], json.loads(metadata.get("extra", "{}"))
+
+
+def load_pixelsnail(path):
+    """A PixelSNAIL checkpoint (run directory or file) -> (model in eval mode, extra metadata)."""
+    state_dict, config_json, extra = load_checkpoint(path, PIXELSNAIL_KIND)
+    model = PixelSNAIL(PixelSNAILConfig.from_json(config_json))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(f"{resolve_checkpoint(path)}: weights do not fit its config ({error})") from None
+    return model.eval(), extra

@@ -1,0 +1,229 @@
+"""Training pixel-space PixelSNAIL with accelerate, and evaluating its exact test bits/dim.
+
+A run directory holds:
+  model.safetensors   the Polyak-averaged (EMA) weights with the model config: what evaluation
+                      and sampling use
+  state/              everything `--resume` needs (weights, optimizer, EMA, RNG, progress)
+  samples.png         a grid of samples from the EMA weights
+  log.jsonl           one line per evaluation
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from pipelines import training
+from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, atomic_path, save_checkpoint
+from pipelines.data import load_dataset, to_model_range
+from prior import PixelSNAIL, PixelSNAILConfig, get_preset
+
+
+@dataclass
+class TrainConfig:
+    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    out: str = "runs/pixelsnail"
+    preset: str = "cpu-small"
+    steps: int = 1000  # total optimizer steps of the run
+    max_minutes: float | None = None  # also stop (and save) after this much time in this session
+    batch_size: int | None = None  # per process; None takes the preset's
+    lr: float | None = None
+    lr_decay: float | None = None
+    ema_decay: float | None = None
+    dropout: float | None = None  # None takes the preset's
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    eval_every: int = 500
+    eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
+    checkpoint_every: int = 500
+    n_samples: int = 16
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.n_samples < 0 or self.workers < 0:
+            raise ValueError("n_samples and workers must be >= 0")
+
+
+# Fields a resumed run keeps from its first session, whatever the command line says now.
+RUN_FIELDS = ("data", "preset", "batch_size", "lr", "lr_decay", "ema_decay", "dropout", "grad_clip", "seed")
+
+
+def resolved(cfg):
+    """Fills the fields left to the preset; returns (TrainConfig, PixelSNAILConfig)."""
+    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    preset = get_preset(cfg.preset, **overrides)
+    cfg = replace(
+        cfg,
+        batch_size=cfg.batch_size or preset.batch_size,
+        lr=cfg.lr or preset.lr,
+        lr_decay=cfg.lr_decay or preset.lr_decay,
+        ema_decay=cfg.ema_decay or preset.ema_decay,
+        dropout=preset.model.dropout,
+    )
+    return cfg, preset.model
+
+
+def make_loader(dataset, batch_size, workers, sampler=None):
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler is not None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.no_grad()
+def evaluate_bits_per_dim(model, loader, accelerator, max_batches=None, desc="test"):
+    """Mean bits/dim over the loader's examples (all of them unless max_batches), every process's share."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    for i, (images, _) in enumerate(loader):
+        if i == n_batches:
+            break
+        with accelerator.autocast():
+            bits = model.nll(to_model_range(images.to(accelerator.device)))
+        bits = accelerator.gather_for_metrics(bits)
+        total += bits.double().sum().item()
+        count += bits.numel()
+        bar.update()
+    bar.close()
+    model.train(was_training)
+    return total / count
+
+
+def write_samples(model, path, n, seed):
+    """Draws n samples with a fixed seed and writes them as an image grid."""
+    generator = torch.Generator(model.background.device).manual_seed(seed)
+    samples = model.sample(n, generator=generator)
+    with atomic_path(path) as tmp:
+        save_image((samples + 1) / 2, tmp, format="png", nrow=int(math.ceil(math.sqrt(n))))
+
+
+def start_or_resume(cfg):
+    """Returns the run's TrainConfig and model config: new, or as the run directory stored them."""
+    out = Path(cfg.out)
+    if training.has_state(out):
+        if not cfg.resume:
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        stored = training.read_progress(out)
+        kept = {name: stored["train_config"][name] for name in RUN_FIELDS}
+        return replace(cfg, **kept), PixelSNAILConfig.from_json(stored["model_config"])
+    return resolved(cfg)
+
+
+def train(cfg: TrainConfig):
+    """Trains (or resumes) a run; returns the final test bits/dim with the EMA weights."""
+    cfg, model_config = start_or_resume(cfg)
+    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision))
+    accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
+    size = model_config.shape[0]
+    train_set = load_dataset(cfg.data, "train", size)
+    test_set = load_dataset(cfg.data, "test", size)
+    sampler = training.EpochShuffle(len(train_set), cfg.seed)
+    train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
+    test_loader = make_loader(test_set, cfg.batch_size, cfg.workers)
+
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = PixelSNAIL(model_config)
+    init_images = torch.stack([train_set[i][0] for i in range(min(len(train_set), 4 * cfg.batch_size))])
+    model.init_from_data(to_model_range(init_images))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.95, 0.9995))
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    net = accelerator.unwrap_model(model)
+    set_seed(cfg.seed, device_specific=True)  # but different dropout masks
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = {"step": 0, "train_config": asdict(cfg), "model_config": model_config.to_json()}
+    if training.has_state(out):
+        progress.update(training.load_state(accelerator, out, ema), train_config=asdict(cfg))
+        accelerator.print(f"resumed {out} at step {progress['step']}")
+    else:
+        accelerator.print(f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters")
+    step = progress["step"]
+
+    def checkpoint():
+        progress["step"] = step
+        training.save_state(accelerator, out, ema, progress)
+        if accelerator.is_main_process:
+            save_checkpoint(out / CHECKPOINT_NAME, ema.module.state_dict(), PIXELSNAIL_KIND, model_config, step=step)
+
+    def log(record):
+        if accelerator.is_main_process:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+    started = time.monotonic()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    batches = training.batches_from(train_loader, step)
+    running = None
+    while step < cfg.steps:
+        images, _ = next(batches)[1]
+        x = to_model_range(images)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * cfg.lr_decay**step
+        bits = net.output_nll(x, model(x)).mean()
+        accelerator.backward(bits)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update_parameters(net)
+        step += 1
+
+        mean_bits = accelerator.reduce(bits.detach(), "mean").item()
+        if not math.isfinite(mean_bits):
+            raise FloatingPointError(f"loss became {mean_bits} at step {step}; the last checkpoint is kept")
+        running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
+        bar.update()
+        bar.set_postfix(bpd=f"{running:.3f}")
+
+        out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
+        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
+        last = step == cfg.steps or out_of_time
+        if step % cfg.eval_every == 0 and not last:
+            test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator, cfg.eval_batches)
+            bar.write(f"step {step}: train bits/dim {running:.4f}, test bits/dim (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
+            log({"train_bpd": running, "test_bpd_partial": test_bits})
+        if step % cfg.checkpoint_every == 0 or last:
+            checkpoint()
+        if out_of_time:
+            bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
+            break
+    bar.close()
+
+    test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator)
+    log({"train_bpd": running, "test_bpd": test_bits})
+    if accelerator.is_main_process and cfg.n_samples:
+        write_samples(ema.module, out / "samples.png", cfg.n_samples, cfg.seed)
+        accelerator.print(f"samples: {out / 'samples.png'}")
+    accelerator.wait_for_everyone()
+    accelerator.print(f"test bits/dim: {test_bits:.4f}")
+    accelerator.end_training()
+    return test_bits
+

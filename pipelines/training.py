@@ -1,0 +1,137 @@
+"""What every trainer here shares: the accelerator, the data order, and the run directory's state.
+
+Resuming is exact: the data order of every epoch is a function of (seed, epoch), a resumed run
+skips the batches its epoch already used, and `accelerator.save_state` keeps the weights, the
+optimizer and every process's RNG. Our own extras (EMA weights, progress counters, the config)
+are written beside them as safetensors and JSON, so loading never unpickles anything of ours.
+The state directory is replaced atomically: a kill while saving leaves the previous one.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, skip_first_batches
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Sampler
+
+STATE_DIR = "state"
+PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"
+
+
+class EpochShuffle(Sampler):
+    """A random order of n indices that depends only on (seed, epoch): reproducible on resume
+    and identical on every process (accelerate then gives each process its share)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def cpu_supports_bf16():
+    """True when the CPU has native bf16 arithmetic (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision):
+    """'auto' -> 'bf16' where the hardware computes bf16 natively, else 'fp32'."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def make_accelerator(precision):
+    """An Accelerator for 'bf16' or 'fp32'; refuses a launch that silently ran several copies."""
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        cpu=not torch.cuda.is_available(),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
+            "on CPU use `accelerate launch --cpu --multi_gpu --num_processes N` or torchrun"
+        )
+    if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
+        # several processes with several threads each thrash the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    return accelerator
+
+
+def batches_from(loader, step):
+    """Yields (epoch, batch) forever, starting at global step `step` of an epoch-shuffled loader."""
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError("the training set is smaller than one batch")
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        source = skip_first_batches(loader, skip) if skip else loader
+        for batch in source:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+def has_state(run_dir):
+    run_dir = Path(run_dir)
+    return (run_dir / STATE_DIR).is_dir() or (run_dir / f"{STATE_DIR}.old").is_dir()
+
+
+def save_state(accelerator, run_dir, ema, progress):
+    """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.tmp", run_dir / f"{STATE_DIR}.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def state_dir(run_dir):
+    """The state to resume from: RUN_DIR/state, or state.old if a kill landed between renames."""
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.old"):
+        if (candidate / PROGRESS_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"no resumable state in {run_dir}")
+
+
+def read_progress(run_dir):
+    return json.loads((state_dir(run_dir) / PROGRESS_FILE).read_text())
+
+
+def load_state(accelerator, run_dir, ema):
+    """Restores weights, optimizer, RNG and EMA from RUN_DIR/state; returns the progress dict."""
+    directory = state_dir(run_dir)
+    accelerator.load_state(str(directory))
+    ema.load_state_dict(load_file(directory / EMA_FILE))
+    return json.loads((directory / PROGRESS_FILE).read_text())

@@ -1,0 +1,196 @@
+"""PixelSNAIL's building blocks: shifted causal convolutions, gated residual blocks, causal attention.
+
+Causality comes from shifting, as in PixelCNN++ and the official PixelSNAIL code, never from
+masking weights: a convolution is padded only on the top and left, so its output at (i, j)
+reads inputs at rows <= i and columns <= j. The first layer adds one shift more, so that no
+position ever sees itself; every later layer may then include its own position.
+
+Every convolution is weight-normalised (Salimans & Kingma 2016) and carries an `init_scale`
+used by `init_from_data`, the data-dependent initialisation.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class WNConv2d(nn.Conv2d):
+    """A weight-normalised convolution with no padding of its own (callers pad)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, init_scale=1.0):
+        super().__init__(in_channels, out_channels, kernel_size)
+        weight_norm(self)
+        self.init_scale = init_scale
+
+
+def nin(in_channels, out_channels, init_scale=1.0):
+    """A 1x1 convolution ("network in network")."""
+    return WNConv2d(in_channels, out_channels, 1, init_scale)
+
+
+def down_shift(x):
+    """Moves every row one down: row i now holds what row i - 1 held, row 0 holds zeros."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x):
+    """Moves every column one right: column j now holds what column j - 1 held."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+class ShiftedConv(nn.Module):
+    """A convolution with explicit (left, right, top, bottom) zero padding."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding, init_scale=1.0):
+        super().__init__()
+        self.padding = padding
+        self.conv = WNConv2d(in_channels, out_channels, kernel_size, init_scale)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.padding))
+
+
+def causal_conv(in_channels, out_channels, kernel_size, init_scale=1.0):
+    """k x k down-right shifted conv: output (i, j) reads rows i-k+1..i, columns j-k+1..j."""
+    k = kernel_size
+    return ShiftedConv(in_channels, out_channels, (k, k), (k - 1, 0, k - 1, 0), init_scale)
+
+
+def same_conv(in_channels, out_channels, kernel_size, init_scale=1.0):
+    """A centred (non-causal) conv, for the conditioning stack; kernel_size must be odd."""
+    p = kernel_size // 2
+    return ShiftedConv(in_channels, out_channels, (kernel_size,) * 2, (p, p, p, p), init_scale)
+
+
+class CausalInput(nn.Module):
+    """The first layer: output (i, j) reads only positions strictly before (i, j).
+
+    Sum of a conv over the rows above (down-shifted) and a conv over the columns to the left in
+    the current and previous rows (right-shifted). For kernel_size k = 2 these are PixelCNN++'s
+    1x3 and 2x1 convolutions: (i, j) sees (i-1, j-1..j+1) and (i-1..i, j-1).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=2):
+        super().__init__()
+        k = kernel_size
+        # rows i-k+1..i-1 after the down shift, columns j-k+1..j+k-1
+        self.above = ShiftedConv(in_channels, out_channels, (k - 1, 2 * k - 1), (k - 1, k - 1, k - 2, 0))
+        # rows i-k+1..i, columns j-k+1..j-1 after the right shift
+        self.left = ShiftedConv(in_channels, out_channels, (k, k - 1), (k - 2, 0, k - 1, 0))
+
+    def forward(self, x):
+        return down_shift(self.above(x)) + right_shift(self.left(x))
+
+
+class GatedResBlock(nn.Module):
+    """x + a * sigmoid(b), (a, b) = conv2(dropout(elu(conv1(elu(x)) + nin(elu(aux)) + proj(cond)))).
+
+    `aux` is a per-position input of `aux_channels` (the attention output); `cond` is the
+    conditioning map of `cond_channels` (class embedding and/or the processed code grid of
+    another level), either (B, D, H, W) or (B, D, 1, 1), added in every block. `mode` is
+    "causal" (down-right shifted k x k) or "same" (centred, for non-causal stacks).
+    """
+
+    def __init__(self, channels, kernel_size, mode="causal", aux_channels=0, cond_channels=0, dropout=0.0):
+        super().__init__()
+        make_conv = {"causal": causal_conv, "same": same_conv}[mode]
+        self.conv1 = make_conv(channels, channels, kernel_size)
+        self.aux = nin(aux_channels, channels) if aux_channels else None
+        self.cond = nin(cond_channels, channels) if cond_channels else None
+        self.dropout = nn.Dropout(dropout)
+        # small init_scale keeps the residual stream's variance from growing with depth
+        self.conv2 = make_conv(channels, 2 * channels, kernel_size, init_scale=0.1)
+
+    def forward(self, x, aux=None, cond=None):
+        h = self.conv1(F.elu(x))
+        if self.aux is not None:
+            h = h + self.aux(F.elu(aux))
+        if self.cond is not None:
+            h = h + self.cond(cond)
+        h = self.conv2(self.dropout(F.elu(h)))
+        a, b = h.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+
+def causal_attention(query, key, value, n_heads=1):
+    """Attention in raster order where position i attends only to positions j < i.
+
+    query, key: (B, Ck, H, W); value: (B, Cv, H, W) -> (B, Cv, H, W). Position 0 has nothing
+    to attend to and gets zeros. The keys hold the raw input of their position, so the diagonal
+    must stay masked: this is what keeps the model autoregressive.
+    """
+    height, width = query.shape[-2:]
+    n = height * width
+    q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=n_heads) for t in (query, key, value))
+    allowed = torch.ones(n, n, dtype=torch.bool, device=query.device).tril(-1)
+    allowed[0, 0] = True  # row 0 needs one allowed key for a finite softmax; zeroed below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    not_first = torch.ones(n, 1, dtype=out.dtype, device=out.device)
+    not_first[0] = 0
+    return rearrange(out * not_first, "b h (x y) d -> b (h d) x y", x=height)
+
+
+class AttentionBlock(nn.Module):
+    """PixelSNAIL's attention block, as the official code builds it.
+
+    Keys and values come from a 1x1 gated resnet over [raw input, features, background];
+    queries from one over [features, background]. The attention output then enters a 1x1 gated
+    resnet on the features as its auxiliary input.
+    """
+
+    def __init__(self, channels, input_channels, key_channels, value_channels, n_heads, cond_channels, dropout):
+        super().__init__()
+        kv_in = input_channels + channels + 2
+        q_in = channels + 2
+        self.key_channels = key_channels
+        self.kv_block = GatedResBlock(kv_in, 1, dropout=dropout)
+        self.to_kv = nin(kv_in, key_channels + value_channels)
+        self.q_block = GatedResBlock(q_in, 1, dropout=dropout)
+        self.to_q = nin(q_in, key_channels)
+        self.n_heads = n_heads
+        self.out_block = GatedResBlock(
+            channels, 1, aux_channels=value_channels, cond_channels=cond_channels, dropout=dropout
+        )
+
+    def forward(self, h, raw, background, cond=None):
+        background = background.expand(h.shape[0], -1, -1, -1)
+        key_value = self.to_kv(self.kv_block(torch.cat([raw, h, background], dim=1)))
+        key, value = key_value.split([self.key_channels, key_value.shape[1] - self.key_channels], dim=1)
+        query = self.to_q(self.q_block(torch.cat([h, background], dim=1)))
+        attended = causal_attention(query, key, value, self.n_heads)
+        return self.out_block(h, aux=attended, cond=cond)
+
+
+def positional_background(height, width):
+    """(1, 2, H, W): row and column coordinates, (r - H/2)/H and (c - W/2)/W."""
+    rows = (torch.arange(height) - height / 2) / height
+    cols = (torch.arange(width) - width / 2) / width
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"))[None]
+
+
+@torch.no_grad()
+def init_from_data(model, *inputs, **kwargs):
+    """Data-dependent weight-norm initialisation (Salimans & Kingma 2016).
+
+    Runs `model(*inputs, **kwargs)` once; each WNConv2d, in forward order, rescales its gain and
+    sets its bias so that its output over the batch has zero mean and `init_scale` standard
+    deviation per channel. Later layers therefore see already-initialised inputs.
+    """
+
+    def rescale(conv, _inputs, output):
+        gain = conv.parametrizations.weight.original0  # (C_out, 1, 1, 1)
+        raw = output - conv.bias.view(1, -1, 1, 1)
+        mean = raw.mean(dim=(0, 2, 3))
+        scale = conv.init_scale * torch.rsqrt(raw.var(dim=(0, 2, 3), unbiased=False) + 1e-6)
+        gain.mul_(scale.view(-1, 1, 1, 1))
+        conv.bias.copy_(-mean * scale)
+        return (raw - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+
+    hooks = [m.register_forward_hook(rescale) for m in model.modules() if isinstance(m, WNConv2d)]
+    try:
+        model(*inputs, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -1,0 +1,288 @@
+"""PixelSNAIL (Chen, Mishra, Rohaninejad, Abbeel 2017), one model for two kinds of input.
+
+- Pixel mode (`n_codes=None`): x is (B, 3, H, W) in [-1, 1]; the output is a discretized
+  logistic mixture with linear autoregressive channel coupling (PixelCNN++), (B, 10*M, H, W).
+- Code mode (`n_codes=K`): x is (B, H, W) integer codes; the output is (B, K, H, W) logits.
+
+Both modes share the same blocks: `n_blocks` times [`n_res_blocks` causal gated resnets, then
+an attention block]. Optional conditions: a class label and a code grid of another level (the
+VQ-VAE-2 bottom prior takes the top codes), both turned into one conditioning map that every
+gated resnet adds in.
+
+Example, the paper's CIFAR-10 model:
+    >>> config = PixelSNAILConfig(shape=(32, 32))
+    >>> model = PixelSNAIL(config)
+    >>> params = model(torch.rand(8, 3, 32, 32) * 2 - 1)   # (8, 100, 32, 32)
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from prior import mixture
+from prior.layers import (
+    AttentionBlock,
+    CausalInput,
+    GatedResBlock,
+    init_from_data,
+    nin,
+    positional_background,
+)
+
+
+@dataclass
+class PixelSNAILConfig:
+    shape: tuple[int, int] = (32, 32)  # (H, W) of the modelled grid
+    n_codes: int | None = None  # None: RGB pixels with the mixture head; K: codes with a softmax
+    n_classes: int = 0  # > 0: condition on a class label
+    cond_codes: int | None = None  # codebook size of the conditioning code grid
+    cond_shape: tuple[int, int] | None = None  # (H, W) of the conditioning code grid
+    channels: int = 256
+    n_blocks: int = 12
+    n_res_blocks: int = 4
+    attention: bool = True
+    dropout: float = 0.5
+    n_mixtures: int = 10  # pixel mode only
+    kernel_size: int = 2  # causal convolutions are kernel_size x kernel_size
+    key_channels: int = 16
+    value_channels: int = 128
+    n_heads: int = 1
+    embed_channels: int = 64  # code mode: width of the input code embedding
+    cond_channels: int = 128  # width of the conditioning map
+    cond_res_blocks: int = 4  # non-causal gated resnets over the conditioning code grid
+
+    def __post_init__(self):
+        self.shape = tuple(self.shape)
+        if self.cond_shape is not None:
+            self.cond_shape = tuple(self.cond_shape)
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"shape must be (H, W) with H, W >= 1, got {self.shape}")
+        if self.n_codes is not None and self.n_codes < 2:
+            raise ValueError(f"n_codes must be None (pixels) or >= 2, got {self.n_codes}")
+        if self.n_classes < 0:
+            raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
+        if (self.cond_codes is None) != (self.cond_shape is None):
+            raise ValueError("cond_codes and cond_shape go together: give both or neither")
+        if self.cond_codes is not None and self.cond_codes < 2:
+            raise ValueError(f"cond_codes must be >= 2, got {self.cond_codes}")
+        for name in ("channels", "n_blocks", "n_res_blocks", "n_mixtures", "kernel_size", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernel_size < 2:
+            raise ValueError(f"kernel_size must be >= 2 (causal convs), got {self.kernel_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.key_channels % self.n_heads or self.value_channels % self.n_heads:
+            raise ValueError(
+                f"key_channels ({self.key_channels}) and value_channels ({self.value_channels}) "
+                f"must be divisible by n_heads ({self.n_heads})"
+            )
+
+    @property
+    def pixel_mode(self):
+        return self.n_codes is None
+
+    @property
+    def out_channels(self):
+        return 10 * self.n_mixtures if self.pixel_mode else self.n_codes
+
+    @property
+    def conditioned(self):
+        return self.n_classes > 0 or self.cond_codes is not None
+
+    def to_json(self):
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        values = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PixelSNAILConfig fields {unknown}: written by a newer version?")
+        return cls(**values)
+
+
+class ConditionStack(nn.Module):
+    """Embeds the code grid of another level, refines it with non-causal gated resnets, and
+    resizes it (nearest) to the modelled grid."""
+
+    def __init__(self, n_codes, channels, n_res_blocks, shape, dropout):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(n_codes, channels)
+        self.blocks = nn.ModuleList(
+            GatedResBlock(channels, 3, mode="same", dropout=dropout) for _ in range(n_res_blocks)
+        )
+
+    def forward(self, codes):
+        h = rearrange(self.embed(codes), "b h w c -> b c h w")
+        for block in self.blocks:
+            h = block(h)
+        return F.interpolate(h, size=self.shape, mode="nearest")
+
+
+class PixelSNAILBlock(nn.Module):
+    """n_res_blocks causal gated resnets, then (optionally) the attention block."""
+
+    def __init__(self, config, input_channels, cond_channels):
+        super().__init__()
+        c = config
+        self.res_blocks = nn.ModuleList(
+            GatedResBlock(c.channels, c.kernel_size, cond_channels=cond_channels, dropout=c.dropout)
+            for _ in range(c.n_res_blocks)
+        )
+        self.attention = None
+        if c.attention:
+            self.attention = AttentionBlock(
+                c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout
+            )
+
+    def forward(self, h, raw, background, cond):
+        for block in self.res_blocks:
+            h = block(h, cond=cond)
+        if self.attention is not None:
+            h = self.attention(h, raw, background, cond)
+        return h
+
+
+class PixelSNAIL(nn.Module):
+    def __init__(self, config: PixelSNAILConfig):
+        super().__init__()
+        c = self.config = config
+        input_channels = 3 if c.pixel_mode else c.embed_channels
+        self.embed = None if c.pixel_mode else nn.Embedding(c.n_codes, c.embed_channels)
+        # one more input channel of ones: lets the first layer tell padding from a zero input
+        self.input = CausalInput(input_channels + 1, c.channels, c.kernel_size)
+        self.register_buffer("background", positional_background(*c.shape), persistent=False)
+        cond_channels = c.cond_channels if c.conditioned else 0
+        self.class_embed = nn.Embedding(c.n_classes, cond_channels) if c.n_classes else None
+        self.cond_stack = None
+        if c.cond_codes is not None:
+            self.cond_stack = ConditionStack(c.cond_codes, cond_channels, c.cond_res_blocks, c.shape, c.dropout)
+        self.blocks = nn.ModuleList(PixelSNAILBlock(c, input_channels, cond_channels) for _ in range(c.n_blocks))
+        self.head = nin(c.channels, c.out_channels)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def check_input(self, x):
+        c = self.config
+        if c.pixel_mode:
+            expected = (3, *c.shape)
+            if x.dim() != 4 or tuple(x.shape[1:]) != expected or not x.is_floating_point():
+                raise ValueError(f"pixel mode expects float x of shape (B, {expected}), got {x.dtype} {tuple(x.shape)}")
+        else:
+            if x.dim() != 3 or tuple(x.shape[1:]) != c.shape or x.is_floating_point():
+                raise ValueError(f"code mode expects integer x of shape (B, {c.shape}), got {x.dtype} {tuple(x.shape)}")
+            check_range("codes", x, c.n_codes)
+
+    def raw_input(self, x):
+        """(B, C_in, H, W): pixels as they are, or codes through the input embedding."""
+        if self.config.pixel_mode:
+            return x
+        return rearrange(self.embed(x), "b h w c -> b c h w")
+
+    def condition(self, batch_size, label=None, cond=None):
+        """The conditioning map every gated resnet adds in: (B, D, H, W), (B, D, 1, 1) or None."""
+        c = self.config
+        if (label is None) != (c.n_classes == 0):
+            raise ValueError(f"label must be given exactly when n_classes > 0 (n_classes={c.n_classes})")
+        if (cond is None) != (c.cond_codes is None):
+            raise ValueError(f"cond must be given exactly when cond_codes is set (cond_codes={c.cond_codes})")
+        cond_map = None
+        if cond is not None:
+            if tuple(cond.shape) != (batch_size, *c.cond_shape) or cond.is_floating_point():
+                raise ValueError(f"cond must be integer codes of shape ({batch_size}, {c.cond_shape}), got {tuple(cond.shape)}")
+            check_range("cond codes", cond, c.cond_codes)
+            cond_map = self.cond_stack(cond)
+        if label is not None:
+            if tuple(label.shape) != (batch_size,):
+                raise ValueError(f"label must have shape ({batch_size},), got {tuple(label.shape)}")
+            check_range("label", label, c.n_classes)
+            class_map = rearrange(self.class_embed(label), "b d -> b d 1 1")
+            cond_map = class_map if cond_map is None else cond_map + class_map
+        return cond_map
+
+    # -- the network ------------------------------------------------------------------------
+
+    def forward(self, x, label=None, cond=None):
+        """(B, 3, H, W) pixels or (B, H, W) codes -> (B, P, H, W); P = 10 * n_mixtures or n_codes."""
+        self.check_input(x)
+        cond_map = self.condition(x.shape[0], label, cond)
+        raw = self.raw_input(x)
+        ones = torch.ones_like(raw[:, :1])
+        h = self.input(torch.cat([raw, ones], dim=1))
+        for block in self.blocks:
+            h = block(h, raw, self.background, cond_map)
+        return self.head(F.elu(h))
+
+    def nll(self, x, label=None, cond=None):
+        """Per-example negative log-likelihood in bits per dimension (per code in code mode), (B,).
+
+        The likelihood is computed in fp32 even under autocast.
+        """
+        return self.output_nll(x, self(x, label, cond))
+
+    def output_nll(self, x, out):
+        """`nll` from an output already computed (a trainer calls its wrapped model itself)."""
+        if self.config.pixel_mode:
+            return mixture.nll_bits_per_dim(x, out)
+        with torch.autocast(x.device.type, enabled=False):
+            nats = F.cross_entropy(out.float(), x, reduction="none")  # (B, H, W)
+        return nats.mean(dim=(1, 2)) / math.log(2)
+
+    @torch.no_grad()
+    def init_from_data(self, x, label=None, cond=None):
+        """Data-dependent weight-norm initialisation on a batch; call once before training."""
+        was_training = self.training
+        self.eval()  # no dropout while measuring statistics
+        init_from_data(self, x, label, cond)
+        self.train(was_training)
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def draw(self, out, generator=None, temperature=1.0):
+        """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,)."""
+        if self.config.pixel_mode:
+            return mixture.sample(out, generator)[:, :, 0, 0]
+        probs = torch.softmax(out[:, :, 0, 0].float() / temperature, dim=1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0):
+        """n samples in raster order: (n, 3, H, W) in [-1, 1] or (n, H, W) codes.
+
+        This is the naive sampler: one full forward pass per position.
+        """
+        c = self.config
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if c.pixel_mode and temperature != 1.0:
+            raise ValueError("temperature applies to code mode only")
+        device = self.background.device
+        if c.pixel_mode:
+            x = torch.zeros(n, 3, *c.shape, device=device, dtype=self.head.bias.dtype)
+        else:
+            x = torch.zeros(n, *c.shape, dtype=torch.long, device=device)
+        was_training = self.training
+        self.eval()
+        for i in range(c.shape[0]):
+            for j in range(c.shape[1]):
+                out = self(x, label, cond)[:, :, i : i + 1, j : j + 1]
+                x[..., i, j] = self.draw(out, generator, temperature)
+        self.train(was_training)
+        return x
+
+
+def check_range(name, values, upper):
+    """Raises ValueError unless every integer in `values` lies in [0, upper)."""
+    if values.numel() and (values.min() < 0 or values.max() >= upper):
+        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{values.min()}, {values.max()}]")

@@ -1,0 +1,465 @@
+"""Tests for pipelines/data.py on tiny datasets written to tmp_path in the official layouts."""
+
+import io
+import os
+import pickle
+import shlex
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pipelines.data import (
+    BUILTIN_PHOTOS,
+    BUILTIN_TEST_PHOTOS,
+    BuiltinPhotos,
+    DataError,
+    ImageFolderDataset,
+    load_dataset,
+    to_model_range,
+    to_uint8,
+)
+
+IMAGES_PER_BATCH = 3
+
+
+def all_items(dataset):
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images), list(labels)
+
+
+def to_chw_rows(images_hwc):
+    """(N, S, S, 3) -> (N, 3*S*S) rows in the CHW order of the CIFAR and ImageNet files."""
+    return images_hwc.transpose(0, 3, 1, 2).reshape(len(images_hwc), -1)
+
+
+def assert_one_line_error(excinfo, *fragments):
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert str(fragment) in message, message
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+class Python2StylePickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` (BINSTRING), as the official CIFAR-10 batches hold them."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def official_cifar_pickle(batch):
+    """A batch pickled as the official (Python 2, numpy 1) files are: protocol 2, numpy.core names."""
+    buffer = io.BytesIO()
+    Python2StylePickler(buffer, protocol=2).dump(batch)
+    raw = buffer.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in raw and b"_codecs" not in raw
+    return raw
+
+
+@pytest.fixture
+def cifar_batches():
+    """{batch name: (images (N, 32, 32, 3) uint8, labels)} for the 5 train batches and test_batch."""
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    return {
+        name: (rng.integers(0, 256, (IMAGES_PER_BATCH, 32, 32, 3), dtype=np.uint8),
+               [int(label) for label in rng.integers(0, 10, IMAGES_PER_BATCH)])
+        for name in names
+    }
+
+
+def write_cifar_folder(folder, cifar_batches, pickle_batch=official_cifar_pickle):
+    folder.mkdir(parents=True)
+    for name, (images, labels) in cifar_batches.items():
+        batch = {b"batch_label": name.encode(), b"data": to_chw_rows(images), b"labels": labels,
+                 b"filenames": [b"x.png"] * len(labels)}
+        (folder / name).write_bytes(pickle_batch(batch))
+    return folder
+
+
+def write_cifar_tarball(path, batches_folder):
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(batches_folder, arcname="cifar-10-batches-py")
+    return path
+
+
+CIFAR_LAYOUTS = ["tarball", "folder with tarball", "batches folder", "folder with batches folder"]
+
+
+@pytest.mark.parametrize("layout", CIFAR_LAYOUTS)
+def test_cifar10_layouts_give_exact_pixels_and_labels(tmp_path, cifar_batches, layout):
+    batches_folder = write_cifar_folder(tmp_path / "extracted" / "cifar-10-batches-py", cifar_batches)
+    (tmp_path / "download").mkdir()
+    tarball = write_cifar_tarball(tmp_path / "download" / "cifar-10-python.tar.gz", batches_folder)
+    spec = {
+        "tarball": tarball,
+        "folder with tarball": tarball.parent,
+        "batches folder": batches_folder,
+        "folder with batches folder": batches_folder.parent,
+    }[layout]
+    for split, names in [("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])]:
+        dataset = load_dataset(str(spec), split)
+        images, labels = all_items(dataset)
+        assert images.dtype == torch.uint8 and images.shape == (IMAGES_PER_BATCH * len(names), 3, 32, 32)
+        expected_hwc = np.concatenate([cifar_batches[name][0] for name in names])
+        assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), expected_hwc)
+        assert labels == [label for name in names for label in cifar_batches[name][1]]
+        assert all(type(label) is int for label in labels)
+
+
+def test_cifar10_pickled_by_python3_and_numpy2_loads(tmp_path, cifar_batches):
+    def python3_pickle(batch):
+        return pickle.dumps(batch, protocol=4)
+
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_batches, python3_pickle)
+    image, label = load_dataset(str(folder), "test")[1]
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), cifar_batches["test_batch"][0][1])
+    assert label == cifar_batches["test_batch"][1][1]
+
+
+def test_cifar10_batches_through_a_dataloader(tmp_path, cifar_batches):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_batches)
+    images, labels = next(iter(DataLoader(load_dataset(str(folder), "train"), batch_size=4)))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == cifar_batches["data_batch_1"][1] + cifar_batches["data_batch_2"][1][:1]
+
+
+def test_cifar10_errors(tmp_path, cifar_batches):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_batches)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "train", size=64)
+    assert_one_line_error(excinfo, "32x32", "size=64")
+
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "train")
+    assert_one_line_error(excinfo, "data_batch_3")
+    assert len(load_dataset(str(folder), "test")) == IMAGES_PER_BATCH
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": [1, 2], b"labels": [0]}))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "test")
+    assert_one_line_error(excinfo, "test_batch", "not a CIFAR-10 batch")
+
+    (folder / "test_batch").write_bytes(b"\x80\x02 truncated garbage")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "test")
+    assert_one_line_error(excinfo, "test_batch")
+
+
+def test_tarball_other_than_cifar10_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with tarfile.open(tmp_path / "notes.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "notes.txt", arcname="notes.txt")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path / "notes.tar.gz"), "train")
+    assert_one_line_error(excinfo, "notes.tar.gz", "cifar-10-python.tar.gz")
+
+
+class ShellPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+class ExecPayload(ShellPayload):
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("payload_class", [ShellPayload, ExecPayload])
+@pytest.mark.parametrize("container", ["folder", "tarball"])
+def test_cifar10_pickle_that_would_run_code_is_refused_without_running(
+    tmp_path, cifar_batches, payload_class, container
+):
+    control_marker = tmp_path / "control_marker"
+    pickle.loads(pickle.dumps(payload_class(control_marker)))
+    assert control_marker.exists(), "the payload must be live for this test to prove anything"
+
+    marker = tmp_path / "marker"
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_batches)
+    evil_batch = {b"data": payload_class(marker), b"labels": [0]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(evil_batch, protocol=2))
+    if container == "tarball":
+        spec = write_cifar_tarball(tmp_path / "cifar-10-python.tar.gz", folder)
+    else:
+        spec = folder
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(spec), "train")
+    assert_one_line_error(excinfo, "data_batch_2", "only numpy arrays are allowed")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Downsampled ImageNet
+
+
+def write_imagenet_npz(path, images_hwc, labels_1_based, **extra_arrays):
+    np.savez(path, data=to_chw_rows(images_hwc), labels=np.asarray(labels_1_based), **extra_arrays)
+    return path
+
+
+def random_images(rng, count, side=32):
+    return rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+
+
+def test_imagenet32_folder_splits_order_and_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    train_files = {}
+    for number in (10, 2, 1):  # numeric order 1, 2, 10 must win over the file names' sort order
+        images, labels = random_images(rng, 2), rng.integers(1, 1001, 2)
+        npz = tmp_path / f"train_data_batch_{number}.npz"
+        write_imagenet_npz(npz, images, labels, mean=np.zeros(3072))
+        train_files[number] = images, labels
+    val_images, val_labels = random_images(rng, 3), np.array([1, 1000, 500])
+    write_imagenet_npz(tmp_path / "val_data.npz", val_images, val_labels)
+
+    images, labels = all_items(load_dataset(str(tmp_path), "train"))
+    assert images.dtype == torch.uint8 and images.shape == (6, 3, 32, 32)
+    expected = np.concatenate([train_files[number][0] for number in (1, 2, 10)])
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), expected)
+    assert labels == [int(label) - 1 for number in (1, 2, 10) for label in train_files[number][1]]
+
+    images, labels = all_items(load_dataset(str(tmp_path), "test"))
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), val_images)
+    assert labels == [0, 999, 499] and all(type(label) is int for label in labels)
+
+
+def test_imagenet_single_file_holds_out_every_tenth_image(tmp_path):
+    rng = np.random.default_rng(2)
+    images_hwc = random_images(rng, 12)
+    npz = write_imagenet_npz(tmp_path / "train_data_batch_1.npz", images_hwc, np.arange(1, 13))
+    train, test = load_dataset(str(npz), "train"), load_dataset(str(npz), "test")
+    test_images, test_labels = all_items(test)
+    assert test_labels == [0, 10] and len(train) == 10
+    assert np.array_equal(test_images.permute(0, 2, 3, 1).numpy(), images_hwc[[0, 10]])
+    assert sorted(all_items(train)[1] + test_labels) == list(range(12))
+
+
+def test_imagenet_size_is_read_from_the_files(tmp_path):
+    images_hwc = random_images(np.random.default_rng(3), 2, side=8)
+    write_imagenet_npz(tmp_path / "val_data.npz", images_hwc, [3, 4])
+    image, label = load_dataset(str(tmp_path), "test", size=8)[1]
+    assert image.shape == (3, 8, 8) and label == 3
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), images_hwc[1])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path), "test", size=32)
+    assert_one_line_error(excinfo, "8x8", "size=8")
+
+
+def test_imagenet_errors(tmp_path):
+    rng = np.random.default_rng(4)
+    write_imagenet_npz(tmp_path / "val_data.npz", random_images(rng, 2), [1, 2])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path), "train")
+    assert_one_line_error(excinfo, "train_data_batch_<k>.npz", str(tmp_path))
+
+    bad_labels = write_imagenet_npz(tmp_path / "zero_based.npz", random_images(rng, 2), [0, 1])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(bad_labels), "test")
+    assert_one_line_error(excinfo, "zero_based.npz", "1..1000")
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, data=np.array([{"not": "numbers"}], dtype=object), labels=np.array([1]))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(pickled), "test")
+    assert_one_line_error(excinfo, "pickled.npz")
+
+    other_npz = tmp_path / "weights.npz"
+    np.savez(other_npz, w=np.zeros(3))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(other_npz), "test")
+    assert_one_line_error(excinfo, "weights.npz")
+
+
+# ------------------------------------------------------------------------------------------------
+# Folders of images
+
+
+def save_image(path, pixels_hwc, mode=None, **save_options):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels_hwc)
+    (image.convert(mode) if mode else image).save(path, **save_options)
+    return path
+
+
+def three_stripes(width, height):
+    """Red | green | blue vertical stripes, the green one the centre `height` columns."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    side = (width - height) // 2
+    pixels[:, :side, 0] = 255
+    pixels[:, side:side + height, 1] = 255
+    pixels[:, side + height:, 2] = 255
+    return pixels
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """root/train/{cats,dogs}, root/test/{birds,dogs} in mixed sizes and formats, plus noise files."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "photos"
+    exact = random_images(rng, 1)[0]
+    save_image(root / "train" / "cats" / "exact.png", exact)
+    save_image(root / "train" / "cats" / "wide.JPG", random_images(rng, 1, 64)[0][:40])
+    save_image(root / "train" / "cats" / "deep" / "tall.bmp", random_images(rng, 1, 64)[0][:, :48])
+    save_image(root / "train" / "dogs" / "palette.gif", random_images(rng, 1, 50)[0], mode="P")
+    save_image(root / "train" / "dogs" / "alpha.png", random_images(rng, 1, 40)[0], mode="RGBA")
+    save_image(root / "train" / "dogs" / "gray.tiff", random_images(rng, 1, 33)[0], mode="L")
+    save_image(root / "train" / "dogs" / "photo.webp", random_images(rng, 1, 70)[0])
+    save_image(root / "train" / "stripes.png", three_stripes(64, 32))
+    save_image(root / "train" / ".hidden" / "skip.png", exact)
+    (root / "train" / "dogs" / "notes.txt").write_text("not an image")
+    save_image(root / "test" / "birds" / "a.jpeg", random_images(rng, 1, 48)[0])
+    save_image(root / "test" / "dogs" / "b.Png", random_images(rng, 1, 32)[0])
+    (root / "test" / "dogs" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return root, exact
+
+
+def test_image_folder_with_splits_and_classes(image_folder):
+    root, exact = image_folder
+    train = load_dataset(str(root), "train")
+    assert isinstance(train, ImageFolderDataset)
+    assert train.classes == ["birds", "cats", "dogs"]  # union of both splits: labels agree across splits
+    relative = [file.relative_to(root / "train").as_posix() for file in train.files]
+    assert relative == ["cats/deep/tall.bmp", "cats/exact.png", "cats/wide.JPG", "dogs/alpha.png",
+                        "dogs/gray.tiff", "dogs/palette.gif", "dogs/photo.webp", "stripes.png"]
+    images, labels = all_items(train)
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+    assert labels == [1, 1, 1, 2, 2, 2, 2, 0]
+    assert torch.equal(images[1], torch.from_numpy(exact).permute(2, 0, 1))  # 32x32 passes bit-for-bit
+    green = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    green[1] = 255
+    assert torch.equal(images[7], green)  # centre crop of a 64x32 image, no resize needed
+
+    test = load_dataset(str(root), "test", size=16)
+    assert [file.name for file in test.files] == ["a.jpeg", "b.Png", "corrupt.png"]
+    image, label = test[0]
+    assert image.shape == (3, 16, 16) and label == 0
+    assert test[1][1] == 2
+
+
+def test_image_folder_resizes_shorter_side_then_crops_centre(tmp_path):
+    save_image(tmp_path / "stripes.png", three_stripes(128, 64))
+    save_image(tmp_path / "other.png", three_stripes(128, 64))
+    image, label = ImageFolderDataset(tmp_path, "train", size=32)[0]
+    assert label == 0
+    centre = image[:, :, 2:30].int()  # away from the stripe edges, where bicubic rings
+    assert (centre[1] == 255).all() and (centre[0] == 0).all() and (centre[2] == 0).all()
+
+
+def test_corrupt_image_is_named_when_read(image_folder):
+    root, _ = image_folder
+    test = load_dataset(str(root), "test")
+    with pytest.raises(DataError) as excinfo:
+        test[2]
+    assert_one_line_error(excinfo, root / "test" / "dogs" / "corrupt.png")
+
+
+def test_folder_without_splits_holds_out_every_tenth_file(tmp_path):
+    rng = np.random.default_rng(6)
+    for i in range(12):
+        save_image(tmp_path / f"{i:02d}.png", random_images(rng, 1)[0])
+    train, test = load_dataset(str(tmp_path), "train"), load_dataset(str(tmp_path), "test")
+    assert [file.name for file in test.files] == ["00.png", "10.png"]
+    assert len(train) == 10 and not set(train.files) & set(test.files)
+    assert all_items(test)[1] == [0, 0]
+
+
+def test_folder_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(empty), "train")
+    assert_one_line_error(excinfo, "no images", empty)
+
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError):
+        load_dataset(str(empty), "test")
+
+    single = save_image(tmp_path / "single" / "only.png", np.zeros((32, 32, 3), np.uint8))
+    assert len(load_dataset(str(single.parent), "test")) == 1
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(single.parent), "train")
+    assert_one_line_error(excinfo, "1 image")
+
+
+# ------------------------------------------------------------------------------------------------
+# Builtin photos
+
+
+def test_builtin_photos_are_deterministic_and_split_by_photo():
+    train = BuiltinPhotos("train", size=16, n_images=40)
+    assert torch.equal(train.images, BuiltinPhotos("train", size=16, n_images=40).images)
+    assert not torch.equal(train.images, BuiltinPhotos("train", size=16, n_images=40, seed=1).images)
+    image, label = train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and type(label) is int
+
+    test = load_dataset("builtin", "test", size=16)
+    assert len(test) == 2000 and test.images.shape == (2000, 3, 16, 16)
+    test_labels = {BUILTIN_PHOTOS.index(name) for name in BUILTIN_TEST_PHOTOS}
+    assert set(test.labels.tolist()) == test_labels
+    assert not set(train.labels.tolist()) & test_labels
+    assert train.images.float().std() > 10  # real content, not a constant
+
+
+def test_builtin_photos_are_distinct_rgb_photos():
+    photos = {name: getattr(skimage.data, name)() for name in BUILTIN_PHOTOS}
+    assert all(photo.dtype == np.uint8 and photo.shape[2:] == (3,) for photo in photos.values())
+    for test_name in BUILTIN_TEST_PHOTOS:
+        for train_name in set(BUILTIN_PHOTOS) - set(BUILTIN_TEST_PHOTOS):
+            same_shape = photos[test_name].shape == photos[train_name].shape
+            assert not (same_shape and np.array_equal(photos[test_name], photos[train_name]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments, paths and value ranges
+
+
+def test_missing_path_wrong_format_and_bad_arguments(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(missing), "train")
+    assert_one_line_error(excinfo, "not found", missing)
+
+    text_file = tmp_path / "data.txt"
+    text_file.write_text("hello")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(text_file), "train")
+    assert_one_line_error(excinfo, text_file, "builtin", "cifar-10-python.tar.gz", ".npz", "png")
+
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("builtin", "validation")
+    assert_one_line_error(excinfo, "validation", "train", "test")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("builtin", "train", size=0)
+    assert_one_line_error(excinfo, "size")
+    assert issubclass(DataError, ValueError)
+
+
+def test_model_range_round_trip():
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    x = to_model_range(values)
+    assert x.dtype == torch.float32 and x.shape == values.shape
+    assert x.min() == -1 and x.max() == 1
+    assert torch.allclose(x, values.float() / 127.5 - 1)
+    assert torch.equal(to_uint8(x), values)
+    near_zero_and_one = [0.4 / 127.5 - 1, 0.6 / 127.5 - 1]
+    x = torch.tensor([-3.0, -1.0, 1.0, 3.0, *near_zero_and_one])
+    assert to_uint8(x).tolist() == [0, 0, 255, 255, 0, 1]

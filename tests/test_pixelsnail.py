@@ -1,0 +1,208 @@
+"""The PixelSNAIL model: causality, conditioning, configs, initialisation and sampling."""
+
+import math
+
+import pytest
+import torch
+
+from prior import PixelSNAIL, PixelSNAILConfig, get_preset
+from prior import mixture
+
+SMALL = dict(channels=16, n_blocks=2, n_res_blocks=1, key_channels=4, value_channels=8, dropout=0.0)
+
+
+def pixel_model(attention=True, shape=(5, 6), **overrides):
+    torch.manual_seed(0)
+    config = PixelSNAILConfig(shape=shape, n_mixtures=2, attention=attention, **{**SMALL, **overrides})
+    model = PixelSNAIL(config)
+    model.init_from_data(random_pixels(4, shape))
+    return model.double()
+
+
+def code_model(attention=True, **overrides):
+    torch.manual_seed(0)
+    config = PixelSNAILConfig(
+        shape=(4, 5), n_codes=7, n_classes=3, cond_codes=5, cond_shape=(2, 3), attention=attention,
+        embed_channels=8, cond_channels=8, cond_res_blocks=1, **{**SMALL, **overrides},
+    )
+    model = PixelSNAIL(config)
+    model.init_from_data(*code_inputs(4))
+    return model.double()
+
+
+def random_pixels(n, shape):
+    return torch.randint(0, 256, (n, 3, *shape)) / 127.5 - 1
+
+
+def code_inputs(n):
+    return torch.randint(0, 7, (n, 4, 5)), torch.randint(0, 3, (n,)), torch.randint(0, 5, (n, 2, 3))
+
+
+def pixel_dependence(model, x, i, j):
+    """|d output(i, j) / d x| summed over output and input channels: (H, W)."""
+    x = x.clone().double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x)[0, :, i, j].sum(), x)
+    return grad[0].abs().sum(0)
+
+
+def code_dependence(model, codes, label, cond, i, j):
+    """|d output(i, j) / d input embedding| per position: (H, W). Codes are discrete, so the
+    gradient is taken with respect to the embedding each code looks up."""
+    embedded = []
+    hook = model.embed.register_forward_hook(lambda m, inp, out: embedded.append(out.retain_grad() or out))
+    out = model(codes, label, cond)
+    hook.remove()
+    out[0, :, i, j].sum().backward()
+    return embedded[0].grad[0].abs().sum(-1)
+
+
+def check_causal(dependence, i, j, expect_full_past):
+    width = dependence.shape[1]
+    flat = dependence.flatten()
+    here = i * width + j
+    assert torch.all(flat[here:] == 0), f"output at {(i, j)} depends on itself or a later position"
+    if expect_full_past:
+        assert torch.all(flat[:here] > 0), f"output at {(i, j)} is blind to an earlier position"
+
+
+POSITIONS = [(0, 0), (0, 3), (2, 0), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_pixel_mode_is_causal_in_raster_order(attention):
+    model = pixel_model(attention)
+    x = random_pixels(2, (5, 6))
+    for i, j in POSITIONS:
+        check_causal(pixel_dependence(model, x, i, j), i, j, expect_full_past=attention)
+
+
+def test_without_attention_the_blind_spot_exists():
+    """Shows the dependence test can fail: 2x2 down-right convs never see up-right positions."""
+    model = pixel_model(attention=False)
+    dependence = pixel_dependence(model, random_pixels(2, (5, 6)), 4, 0)
+    assert dependence[0, 5] == 0 and dependence[3, 0] > 0
+
+
+def test_pixel_mode_is_causal_in_channel_order():
+    """The likelihood of channel c at a pixel depends on channels < c there, never on c' > c."""
+    model = pixel_model()
+    x = random_pixels(2, (5, 6)).double().requires_grad_(True)
+    log_probs = mixture.channel_log_probs(x, model(x))  # (B, 3, M, H, W)
+    i, j = 2, 3
+    for c in range(3):
+        (grad,) = torch.autograd.grad(log_probs[0, c, :, i, j].sum(), x, retain_graph=True)
+        assert torch.all(grad[0, c + 1 :, i, j] == 0), f"channel {c} sees a later channel"
+        assert torch.all(grad[0, :c, i, j] != 0), f"channel {c} is blind to an earlier channel"
+        assert torch.all(grad[0, :, i, j + 1 :] == 0) and torch.all(grad[0, :, i + 1 :] == 0)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_code_mode_is_causal(attention):
+    model = code_model(attention)
+    codes, label, cond = code_inputs(2)
+    for i, j in [(0, 0), (1, 2), (3, 4)]:
+        check_causal(code_dependence(model, codes, label, cond, i, j), i, j, expect_full_past=attention)
+
+
+def test_code_mode_output_and_nll():
+    model = code_model()
+    codes, label, cond = code_inputs(3)
+    logits = model(codes, label, cond)
+    assert logits.shape == (3, 7, 4, 5)
+    expected = torch.nn.functional.cross_entropy(logits, codes, reduction="none").mean(dim=(1, 2))
+    torch.testing.assert_close(model.nll(codes, label, cond).double(), expected / math.log(2), rtol=1e-5, atol=1e-6)
+
+
+def test_pixel_nll_is_bits_per_dim_of_the_mixture():
+    model = pixel_model()
+    x = random_pixels(3, (5, 6)).double()
+    bits = model.nll(x)
+    nats = -mixture.log_prob(x, model(x)).sum(dim=(1, 2))
+    torch.testing.assert_close(bits.double(), nats.double() / (3 * 30 * math.log(2)), rtol=1e-5, atol=1e-6)
+
+
+def test_label_and_top_codes_change_the_output():
+    model = code_model()
+    codes, label, cond = code_inputs(2)
+    base = model(codes, label, cond)
+    assert not torch.allclose(base, model(codes, (label + 1) % 3, cond))
+    assert not torch.allclose(base, model(codes, label, (cond + 1) % 5))
+
+
+def test_bad_inputs_are_refused_with_clear_messages():
+    model = code_model()
+    codes, label, cond = code_inputs(2)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        model(codes + 7, label, cond)
+    with pytest.raises(ValueError, match="label must lie in"):
+        model(codes, label + 3, cond)
+    with pytest.raises(ValueError, match="label must be given"):
+        model(codes, None, cond)
+    with pytest.raises(ValueError, match="cond must be integer codes of shape"):
+        model(codes, label, cond[:, :1])
+    with pytest.raises(ValueError, match="pixel mode expects"):
+        pixel_model()(torch.zeros(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_codes=1), "n_codes"),
+        (dict(cond_codes=5), "cond_codes and cond_shape"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(kernel_size=1), "kernel_size"),
+        (dict(n_heads=3), "divisible by n_heads"),
+        (dict(shape=(0, 4)), "shape"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PixelSNAILConfig(**fields)
+
+
+def test_config_json_round_trip():
+    config = PixelSNAILConfig(shape=(8, 4), n_codes=512, n_classes=10, cond_codes=512, cond_shape=(4, 2))
+    assert PixelSNAILConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown PixelSNAILConfig fields"):
+        PixelSNAILConfig.from_json('{"shape": [4, 4], "flux_capacitor": 1}')
+
+
+def test_cifar10_preset_has_the_papers_size():
+    model = PixelSNAIL(get_preset("cifar10").model)
+    n = model.num_parameters()
+    assert 45e6 < n < 47e6, n
+    assert get_preset("imagenet32").model.n_mixtures == 32 and get_preset("imagenet32").model.dropout == 0.0
+
+
+def test_data_dependent_init_normalises_the_output():
+    torch.manual_seed(0)
+    model = PixelSNAIL(PixelSNAILConfig(shape=(6, 6), n_mixtures=2, **SMALL))
+    x = random_pixels(16, (6, 6))
+    model.init_from_data(x)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(20), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(dim=(0, 2, 3), unbiased=False), torch.ones(20), atol=1e-3, rtol=0)
+
+
+def test_sampling_is_seeded_and_on_the_grid():
+    model = pixel_model(shape=(3, 3))
+    a = model.sample(2, generator=torch.Generator().manual_seed(1))
+    b = model.sample(2, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 3, 3) and torch.equal(a, b)
+    levels = (a + 1) * 127.5
+    torch.testing.assert_close(levels, levels.round())
+
+    codes = code_model()
+    _, label, cond = code_inputs(2)
+    drawn = codes.sample(2, label, cond, generator=torch.Generator().manual_seed(0), temperature=0.7)
+    assert drawn.shape == (2, 4, 5) and drawn.dtype == torch.long and drawn.max() < 7
+
+
+def test_sampling_follows_the_model():
+    """With near-zero temperature, sampled codes are the argmax of the model given the prefix."""
+    model = code_model()
+    _, label, cond = code_inputs(2)
+    drawn = model.sample(2, label, cond, generator=torch.Generator().manual_seed(0), temperature=1e-4)
+    greedy = model(drawn, label, cond).argmax(dim=1)
+    assert torch.equal(drawn, greedy)

@@ -1,0 +1,126 @@
+"""Training, checkpoints, exact resume, and the command-line scripts, on tiny generated data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines.checkpoint import CheckpointError, load_checkpoint, load_pixelsnail, save_checkpoint
+from pipelines.data import to_model_range
+from pipelines.train_pixel import TrainConfig, train
+from prior import PixelSNAIL, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """40 smooth random 8x8 RGB images (gradients plus noise), so there is something to learn."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 8)
+    for k in range(40):
+        colour = rng.uniform(0, 255, size=3)
+        image = colour * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{k:03d}.png")
+    return folder
+
+
+def tiny_config(image_folder, out, **changes):
+    fields = dict(data=str(image_folder), out=str(out), preset="tiny", steps=6, precision="fp32",
+                  eval_every=3, eval_batches=1, checkpoint_every=2, n_samples=2)
+    return TrainConfig(**{**fields, **changes})
+
+
+def test_a_few_steps_lower_the_loss(image_folder):
+    from pipelines.data import load_dataset
+
+    torch.manual_seed(0)
+    images = torch.stack([load_dataset(str(image_folder), "train", 8)[i][0] for i in range(16)])
+    x = to_model_range(images)
+    model = PixelSNAIL(get_preset("tiny").model)
+    model.init_from_data(x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.nll(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_resume_continues_exactly(image_folder, tmp_path):
+    """Stopping at step 3 and resuming gives bit-identical weights: the data order, the dropout
+    RNG, Adam, the EMA and the learning-rate schedule are all restored. (3 steps is mid-epoch.)"""
+    train(tiny_config(image_folder, tmp_path / "straight", dropout=0.3))
+    train(tiny_config(image_folder, tmp_path / "split", steps=3, dropout=0.3))
+    train(tiny_config(image_folder, tmp_path / "split", steps=6, resume=True))
+    for name in ("model.safetensors", "state/model.safetensors", "state/ema.safetensors"):
+        straight, split = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
+        assert straight.keys() == split.keys()
+        for key in straight:
+            assert torch.equal(straight[key], split[key]), f"{name}:{key} differs after resume"
+
+
+def test_a_run_is_not_overwritten_without_resume(image_folder, tmp_path):
+    train(tiny_config(image_folder, tmp_path / "run", steps=2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(image_folder, tmp_path / "run", steps=4))
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = PixelSNAIL(get_preset("tiny").model)
+    save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), "pixelsnail", model.config, step=7)
+    loaded, extra = load_pixelsnail(tmp_path / "m.safetensors")
+    assert extra == {"step": 7} and loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+    save_checkpoint(tmp_path / "other.safetensors", model.state_dict(), "vqvae2", model.config)
+    with pytest.raises(CheckpointError, match="holds a 'vqvae2' model"):
+        load_pixelsnail(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors", "pixelsnail")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing", "pixelsnail")
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_end_to_end(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--data", str(image_folder), "--out", str(run_dir), "--preset", "tiny", "--precision", "fp32"]
+    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "4", "--eval-every", "2", "--n-samples", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("test bits/dim: ")
+    assert (run_dir / "samples.png").is_file() and (run_dir / "model.safetensors").is_file()
+    assert Image.open(run_dir / "samples.png").size[0] > 8
+
+    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "6", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resumed" in result.stdout and "at step 4" in result.stdout
+
+    result = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder))
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("test bits/dim: ") and 0 < float(last.split(": ")[1]) < 16
+
+    result = run_script("scripts/evaluate.py", "--ckpt", str(tmp_path / "nowhere"), "--data", str(image_folder))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "checkpoint not found" in result.stderr
+
+    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "4")
+    assert result.returncode == 2 and "--resume" in result.stderr
+
+    result = run_script("scripts/train_pixelsnail.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "not found" in result.stderr
