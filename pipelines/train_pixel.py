@@ -166,6 +166,7 @@ def train(cfg: TrainConfig):
         accelerator.print(f"resumed {out} at step {progress['step']}")
     else:
         accelerator.print(f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters")
+    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     step = progress["step"]
 
     def checkpoint():

@@ -70,7 +70,7 @@ def make_accelerator(precision):
     if accelerator.num_processes != world_size:
         raise RuntimeError(
             f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
-            "on CPU use `accelerate launch --cpu --multi_gpu --num_processes N` or torchrun"
+            "on CPU use `accelerate launch --multi_gpu --num_processes N` (this code selects the CPU) or torchrun"
         )
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         # several processes with several threads each thrash the cores

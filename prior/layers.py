@@ -119,17 +119,30 @@ def causal_attention(query, key, value, n_heads=1):
 
     query, key: (B, Ck, H, W); value: (B, Cv, H, W) -> (B, Cv, H, W). Position 0 has nothing
     to attend to and gets zeros. The keys hold the raw input of their position, so the diagonal
-    must stay masked: this is what keeps the model autoregressive.
+    must stay excluded: this is what keeps the model autoregressive.
+
+    Computed without an N x N mask, so the fused (flash) kernel can run with memory linear in N:
+    keys and values move one position later and a "null" key with value zero takes position 0.
+    Ordinary causal attention (j' <= i) over the moved sequence is then attention over the null
+    key and the original keys j < i. The null key has one extra coordinate, -1e9, which only the
+    queries' extra coordinate 1 meets: its score is -1e9 against any real score, so it gets
+    weight exp(-1e9 - max) = 0, except at position 0 where it is alone and returns its value 0.
+    Head sizes are zero-padded to one width (zeros change no dot product): the fused kernel
+    wants q, k and v of equal width.
     """
     height, width = query.shape[-2:]
-    n = height * width
     q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=n_heads) for t in (query, key, value))
-    allowed = torch.ones(n, n, dtype=torch.bool, device=query.device).tril(-1)
-    allowed[0, 0] = True  # row 0 needs one allowed key for a finite softmax; zeroed below
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    not_first = torch.ones(n, 1, dtype=out.dtype, device=out.device)
-    not_first[0] = 0
-    return rearrange(out * not_first, "b h (x y) d -> b (h d) x y", x=height)
+    key_width, value_width = k.shape[-1], v.shape[-1]
+    head_width = max(key_width + 1, value_width)
+    q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
+    k = torch.cat([k, torch.zeros_like(k[..., :1])], dim=-1)
+    q, k, v = (F.pad(t, (0, head_width - t.shape[-1])) for t in (q, k, v))
+    null_key = torch.zeros_like(k[:, :, :1])
+    null_key[..., key_width] = -1e9
+    k = torch.cat([null_key, k[:, :, :-1]], dim=2)
+    v = torch.cat([torch.zeros_like(v[:, :, :1]), v[:, :, :-1]], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=key_width**-0.5)
+    return rearrange(out[..., :value_width], "b h (x y) d -> b (h d) x y", x=height)
 
 
 class AttentionBlock(nn.Module):

@@ -60,11 +60,13 @@ def _channel_log_probs(x: Tensor, means: Tensor, log_scales: Tensor, coeffs: Ten
     Every branch is computed everywhere and kept finite, so torch.where never routes NaN or inf
     into values or gradients.
     """
-    centered = rearrange(x, "b c h w -> b c 1 h w") - _coupled_means(means, coeffs, x)
+    values = rearrange(x, "b c h w -> b c 1 h w")  # broadcasts over components
+    centered = values - _coupled_means(means, coeffs, x)
     inv_scale = torch.exp(-log_scales)
-    plus_in = inv_scale * (centered + BIN_HALF_WIDTH)  # standardised upper bin edge
-    min_in = inv_scale * (centered - BIN_HALF_WIDTH)  # standardised lower bin edge
-    mid_in = inv_scale * centered
+    half_bin_in = BIN_HALF_WIDTH * inv_scale  # half the bin width, standardised
+    mid_in = inv_scale * centered  # standardised bin centre
+    plus_in = mid_in + half_bin_in  # standardised upper bin edge
+    min_in = mid_in - half_bin_in  # standardised lower bin edge
 
     log_cdf_plus = F.logsigmoid(plus_in)  # value 0: log P(X < upper edge)
     log_one_minus_cdf_min = F.logsigmoid(-min_in)  # value 255: log P(X > lower edge)
@@ -72,14 +74,14 @@ def _channel_log_probs(x: Tensor, means: Tensor, log_scales: Tensor, coeffs: Ten
     # sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)). The plain difference
     # loses all fp32 precision in the upper tail, where both sigmoids round to ~1. The clamp only
     # bites when a == b in fp32 (enormous scales), a bin that is under MIN_CDF_DELTA anyway.
-    width_factor = -torch.expm1(-2 * BIN_HALF_WIDTH * inv_scale)
+    width_factor = -torch.expm1(-2 * half_bin_in)
     log_cdf_delta = log_cdf_plus + log_one_minus_cdf_min + torch.log(width_factor.clamp(min=1e-12))
     log_pdf_mid = mid_in - log_scales - 2 * F.softplus(mid_in)
     interior = torch.where(
         log_cdf_delta > math.log(MIN_CDF_DELTA), log_cdf_delta, log_pdf_mid - math.log(127.5)
     )
-    x = rearrange(x, "b c h w -> b c 1 h w")
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, interior))
+    high_or_interior = torch.where(values > 0.999, log_one_minus_cdf_min, interior)
+    return torch.where(values < -0.999, log_cdf_plus, high_or_interior)
 
 
 def channel_log_probs(x: Tensor, params: Tensor) -> Tensor:
@@ -142,9 +144,8 @@ def sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         gumbel = -torch.log(-torch.log(component_noise))
         component = (logits + gumbel).argmax(dim=1)  # (B, H, W), Gumbel-max: ~ softmax(logits)
         index = repeat(component, "b h w -> b c 1 h w", c=3)
-        means, log_scales, coeffs = (
-            rearrange(t.gather(2, index), "b c 1 h w -> b c h w") for t in (means, log_scales, coeffs)
-        )
+        picked = (t.gather(2, index) for t in (means, log_scales, coeffs))
+        means, log_scales, coeffs = (rearrange(t, "b c 1 h w -> b c h w") for t in picked)
         logistic = torch.log(channel_noise) - torch.log1p(-channel_noise)  # standard logistic
         noise = torch.exp(log_scales) * logistic  # (B, 3, H, W)
 

@@ -1,7 +1,7 @@
 """Train pixel-space PixelSNAIL on CIFAR-10, ImageNet 32x32, an image folder or built-in photos.
 
 Runs as `python scripts/train_pixelsnail.py ...` or `accelerate launch scripts/train_pixelsnail.py ...`
-(on CPU, several real processes: `accelerate launch --cpu --multi_gpu --num_processes 2 ...`).
+(on CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`).
 """
 
 import argparse

@@ -3,8 +3,8 @@
 import functools
 import math
 
-import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from prior.mixture import channel_log_probs, log_prob, nll_bits_per_dim, sample
@@ -19,7 +19,7 @@ def pack_params(logits, means, log_scales, coeffs):
 
 
 def random_params(batch, n_components, height, width, seed):
-    """Wide-ranging params: log_scales from below the -7 clamp up to 3, means often outside [-1, 1]."""
+    """Wide-ranging params: log_scales from below the -7 clamp up to 3, means often beyond +-1."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, 3, n_components, height, width)
     logits = 2 * torch.randn(batch, n_components, height, width, generator=g)
@@ -105,7 +105,8 @@ def reference_log_probs(x, params):
                     ]
                     term = logits[m] - log_norm
                     for c, value in enumerate((x_r, x_g, x_b)):
-                        lp, branch, cdf_delta = reference_channel_log_prob(value, mu[c], param(b, c, 1, m, h, w))
+                        log_scale = param(b, c, 1, m, h, w)
+                        lp, branch, cdf_delta = reference_channel_log_prob(value, mu[c], log_scale)
                         channel_out[b, c, m, h, w] = lp
                         branches.add(branch)
                         if cdf_delta is not None and abs(cdf_delta / 1e-5 - 1) < 1e-3:
@@ -126,9 +127,10 @@ def test_matches_scalar_reference():
     keep = ~borderline
     channels = channel_log_probs(x, params)
     keep_channels = repeat(keep, "b h w -> b c m h w", c=3, m=4)
-    # Relative tolerance too: far-tail log-probs reach -1e4, where fp32 has ~1e-3 absolute resolution.
-    torch.testing.assert_close(channels[keep_channels].double(), ref_channels[keep_channels], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(log_prob(x, params)[keep].double(), ref_joint[keep], rtol=1e-5, atol=1e-4)
+    # Relative tolerance too: far-tail log-probs reach about -1e3, beyond fp32's 1e-4 resolution.
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-4)
+    close(channels[keep_channels].double(), ref_channels[keep_channels])
+    close(log_prob(x, params)[keep].double(), ref_joint[keep])
 
 
 def test_nll_bits_per_dim():
@@ -141,50 +143,52 @@ def test_nll_bits_per_dim():
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation and sampling, on single pixels with M = 3 whose full 256^3 joint we enumerate
-# (about 3 s per pixel on 2 cores, so only two of them; the per-channel test covers many more).
+# Normalisation, and sampling against the enumerated joint.
 
 
 def coupled_pixel():
-    """Broad R, and a narrow G coupled to R with coefficient ~ +-1 and a mean offset on the grid.
+    """One hand-built pixel with M = 3, whose full 256^3 joint the tests below enumerate.
 
-    For the first two components G given R then peaks on one value, which it would not if the
-    sampler coupled G to R before rounding R: that bug shows up in the (R, G) histogram.
+    In the first two components R is broad and G narrow, coupled to R with coefficient ~ +-1 and
+    a mean offset on the grid, so G given R peaks on one value; it would not if the sampler
+    coupled G to R before rounding R. The third component puts mass on both edge values, has a
+    G scale below the clamp and a very wide B.
     """
     logits = torch.tensor([1.0, 0.0, -0.5])
-    means = torch.tensor([[-0.2, 0.1, 0.3], [8 / 127.5, 0.0, 0.2], [0.0, 0.4, -0.6]])  # (c, m)
-    log_scales = torch.tensor([[-3.5, -3.0, -4.0], [-7.0, -7.0, -5.0], [-4.0, -3.0, -4.5]])
+    means = torch.tensor([[-0.2, 0.1, 1.3], [8 / 127.5, 0.0, -1.2], [0.0, 0.4, 0.5]])  # (c, m)
+    log_scales = torch.tensor([[-3.5, -3.0, 0.0], [-7.0, -7.0, -9.0], [-4.0, -3.0, 2.0]])
     coeffs = torch.tensor([[10.0, -10.0, 2.0], [0.5, -1.0, 1.0], [1.0, 0.3, -2.0]])
-    return pack_params(*(rearrange(t, "... -> 1 ... 1 1") for t in (logits, means, log_scales, coeffs)))[0, :, 0, 0]
-
-
-PIXELS = {
-    "coupled": coupled_pixel,
-    "random": lambda: random_params(1, 3, 1, 1, seed=4)[0, :, 0, 0],
-}
+    as_pixel = (rearrange(t, "... -> 1 ... 1 1") for t in (logits, means, log_scales, coeffs))
+    return pack_params(*as_pixel)[0, :, 0, 0]
 
 
 @functools.cache
-def joint_probs(name):
-    """P(R, G, B) of pixel `name` over all 256^3 values, via log_prob: (256, 256, 256) float64."""
-    pixel = PIXELS[name]()
+def coupled_joint():
+    """P(R, G, B) of coupled_pixel() over all 256^3 values, via log_prob: (256, 256, 256) float64.
+
+    One such enumeration costs several CPU-seconds, hence a single pixel; the per-channel test
+    below covers many random ones.
+    """
     probs = []
     for r in GRID.split(8):
-        x = torch.stack(torch.broadcast_tensors(r[:, None, None], GRID[None, :, None], GRID[None, None, :]), dim=1)
-        params = repeat(pixel, "p -> b p g bl", b=len(r), g=256, bl=256)
+        rgb = torch.broadcast_tensors(r[:, None, None], GRID[None, :, None], GRID[None, None, :])
+        x = torch.stack(rgb, dim=1)  # (chunk, 3, 256, 256): every (G, B) for each R in the chunk
+        params = repeat(coupled_pixel(), "p -> r p g b", r=len(r), g=256, b=256)
         probs.append(log_prob(x, params).double().exp())  # (chunk of R, G, B)
     return torch.cat(probs)
 
 
-@pytest.mark.parametrize("name", PIXELS)
-def test_joint_sums_to_one(name):
-    assert abs(joint_probs(name).sum().item() - 1) < 1e-4
+def test_joint_sums_to_one():
+    joint = coupled_joint()
+    assert abs(joint.sum().item() - 1) < 1e-4
+    assert joint[0].sum() > 0.01 and joint[255].sum() > 0.01  # both edges carry mass
 
 
 def test_channel_marginals_sum_to_one():
     """For fixed earlier channels, each component's distribution of a channel sums to 1."""
     n_pixels, n_components = 64, 3
-    params = repeat(random_params(n_pixels, n_components, 1, 1, seed=5), "b p 1 1 -> b p 1 w", w=256)
+    params = random_params(n_pixels, n_components, 1, 1, seed=5)
+    params = repeat(params, "b p 1 1 -> b p 1 w", w=256)
     for c in range(3):
         x = repeat(random_images(n_pixels, 1, 1, seed=6 + c), "b c 1 1 -> b c 1 w", w=256).clone()
         x[:, c] = GRID
@@ -198,20 +202,19 @@ def total_variation(p, q):
 
 def test_sample_histogram_matches_log_prob():
     n_samples = 2**17
-    pixel = PIXELS["coupled"]()
-    params = repeat(pixel, "p -> b p 1 1", b=n_samples)
+    params = repeat(coupled_pixel(), "p -> b p 1 1", b=n_samples)
     k = to_index(sample(params, torch.Generator().manual_seed(7)))[:, :, 0, 0]  # (N, 3)
-    joint = joint_probs("coupled")
+    joint = coupled_joint()
 
     p_r = joint.sum(dim=(1, 2))
     empirical_r = torch.bincount(k[:, 0], minlength=256).double() / n_samples
-    assert total_variation(empirical_r, p_r) < 0.02
+    assert total_variation(empirical_r, p_r) < 0.03  # ~0.01 expected from 2^17 draws
 
-    r = int(p_r.argmax())
-    p_g_given_r = joint[r].sum(dim=1) / p_r[r]
-    g_at_r = k[k[:, 0] == r, 1]
-    empirical_g = torch.bincount(g_at_r, minlength=256).double() / len(g_at_r)
-    assert total_variation(empirical_g, p_g_given_r) < 0.03
+    # (R, G) jointly, i.e. G given R weighted by P(R): ~0.015 here from sampling noise, but ~0.12
+    # for a sampler that couples G to R before rounding R.
+    p_rg = joint.sum(dim=2)
+    empirical_rg = torch.bincount(k[:, 0] * 256 + k[:, 1], minlength=256**2).double() / n_samples
+    assert total_variation(empirical_rg, p_rg.flatten()) < 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,15 +246,15 @@ def test_peaked_sample_equals_rounded_coupled_means():
 
     The logistic noise is not negligible even at log_scale -7: a channel lands one value off its
     target with probability 2 * sigmoid(-(1/255) / exp(-7)) ~ 3%, so we ask for most pixels to
-    hit all three targets exactly and for the rest to be close.
+    hit all three targets exactly and for the rest to be within a few values (an R or G miss
+    shifts the later coupled means by up to one value each).
     """
     batch, n_components, height, width = 2, 4, 16, 16
     g = torch.Generator().manual_seed(11)
     shape = (batch, 3, n_components, height, width)
     target = GRID[torch.randint(0, 256, (batch, 3, height, width), generator=g)]
     dominant = torch.randint(0, n_components, (batch, height, width), generator=g)
-    is_dominant = rearrange(torch.nn.functional.one_hot(dominant, n_components), "b h w m -> b m h w").bool()
-    logits = torch.where(is_dominant, 30.0, 0.0)
+    logits = 30.0 * rearrange(F.one_hot(dominant, n_components), "b h w m -> b m h w").float()
     coeffs = 2 * torch.randn(shape, generator=g)
     c0, c1, c2 = torch.tanh(coeffs).unbind(dim=1)  # (B, M, H, W)
     t_r, t_g, t_b = rearrange(target, "b c h w -> c b 1 h w")
@@ -262,7 +265,7 @@ def test_peaked_sample_equals_rounded_coupled_means():
 
     off_by = (to_index(x) - to_index(target)).abs()
     assert (off_by.amax(dim=1) == 0).float().mean() > 0.85
-    assert off_by.max() <= 3
+    assert off_by.max() <= 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -124,3 +124,17 @@ def test_command_line_end_to_end(image_folder, tmp_path):
 
     result = run_script("scripts/train_pixelsnail.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_two_real_processes_on_cpu(image_folder, tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train_pixelsnail.py",
+         "--data", str(image_folder), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "4",
+         "--precision", "fp32", "--n-samples", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 process(es) on cpu" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("test bits/dim: ")
