@@ -109,9 +109,13 @@ class GatedResBlock(nn.Module):
             h = h + self.aux(F.elu(aux))
         if self.cond is not None:
             h = h + self.cond(cond)
-        h = self.conv2(self.dropout(F.elu(h)))
-        a, b = h.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return gate(x, self.conv2(self.dropout(F.elu(h))))
+
+
+def gate(x, h):
+    """The gated residual update x + a * sigmoid(b), (a, b) = h split in two along channels."""
+    a, b = h.chunk(2, dim=1)
+    return x + a * torch.sigmoid(b)
 
 
 def causal_attention(query, key, value, n_heads=1):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from prior import mixture
+from prior import mixture, sampling
 from prior.layers import (
     AttentionBlock,
     CausalInput,
@@ -256,31 +256,15 @@ class PixelSNAIL(nn.Module):
         probs = torch.softmax(out[:, :, 0, 0].float() / temperature, dim=1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    @torch.no_grad()
-    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0):
+    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True):
         """n samples in raster order: (n, 3, H, W) in [-1, 1] or (n, H, W) codes.
 
-        This is the naive sampler: one full forward pass per position.
+        cache=True computes only the new position at each step (prior.sampling); cache=False
+        runs the whole network once per position. Both draw the same samples for the same
+        generator state.
         """
-        c = self.config
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if c.pixel_mode and temperature != 1.0:
-            raise ValueError("temperature applies to code mode only")
-        device = self.background.device
-        if c.pixel_mode:
-            x = torch.zeros(n, 3, *c.shape, device=device, dtype=self.head.bias.dtype)
-        else:
-            x = torch.zeros(n, *c.shape, dtype=torch.long, device=device)
-        was_training = self.training
-        self.eval()
-        for i in range(c.shape[0]):
-            for j in range(c.shape[1]):
-                out = self(x, label, cond)[:, :, i : i + 1, j : j + 1]
-                x[..., i, j] = self.draw(out, generator, temperature)
-        self.train(was_training)
-        return x
-
+        sampler = sampling.sample_cached if cache else sampling.sample_naive
+        return sampler(self, n, label, cond, generator, temperature)
 
 def check_range(name, values, upper):
     """Raises ValueError unless every integer in `values` lies in [0, upper)."""

@@ -138,3 +138,21 @@ def test_two_real_processes_on_cpu(image_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2 process(es) on cpu" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("test bits/dim: ")
+
+
+def test_evaluation_covers_the_whole_split_exactly():
+    """Mean over every example, also when the last batch is partial."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.train_pixel import evaluate_bits_per_dim
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    model = PixelSNAIL(get_preset("tiny").model)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(DataLoader(TensorDataset(images, torch.zeros(10)), batch_size=4))
+    expected = model.eval().nll(to_model_range(images)).double().mean().item()
+    assert abs(evaluate_bits_per_dim(model, loader, accelerator) - expected) < 1e-6
+    first_two = model.nll(to_model_range(images[:8])).double().mean().item()
+    assert abs(evaluate_bits_per_dim(model, loader, accelerator, max_batches=2) - first_two) < 1e-6
