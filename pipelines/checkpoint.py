@@ -16,9 +16,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prior import PixelSNAIL, PixelSNAILConfig
+from vqvae import VQVAE2, VQVAE2Config
 
 CHECKPOINT_NAME = "model.safetensors"
 PIXELSNAIL_KIND = "pixelsnail"
+VQVAE_KIND = "vqvae2"
 
 
 class CheckpointError(ValueError):
@@ -77,12 +79,20 @@ def load_checkpoint(path, kind):
     return state_dict, metadata["config"], json.loads(metadata.get("extra", "{}"))
 
 
-def load_pixelsnail(path):
-    """A PixelSNAIL checkpoint (run directory or file) -> (model in eval mode, extra metadata)."""
-    state_dict, config_json, extra = load_checkpoint(path, PIXELSNAIL_KIND)
-    model = PixelSNAIL(PixelSNAILConfig.from_json(config_json))
+def load_model(path, kind, model_class, config_class):
+    """A checkpoint (run directory or file) -> (model of `kind` in eval mode, extra metadata)."""
+    state_dict, config_json, extra = load_checkpoint(path, kind)
+    model = model_class(config_class.from_json(config_json))
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         raise CheckpointError(f"{resolve_checkpoint(path)}: weights do not fit its config ({error})") from None
     return model.eval(), extra
+
+
+def load_pixelsnail(path):
+    return load_model(path, PIXELSNAIL_KIND, PixelSNAIL, PixelSNAILConfig)
+
+
+def load_vqvae(path):
+    return load_model(path, VQVAE_KIND, VQVAE2, VQVAE2Config)

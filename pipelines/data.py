@@ -97,6 +97,7 @@ BUILTIN_PHOTOS = (
 )
 BUILTIN_TEST_PHOTOS = ("chelsea", "coffee")
 BUILTIN_DEFAULT_COUNTS = {"train": 20_000, "test": 2_000}
+BUILTIN_MAX_BYTES = 256 * 2**20  # larger crops come in smaller numbers: at most this much memory
 
 
 class BuiltinPhotos(ImageTensorDataset):
@@ -106,12 +107,15 @@ class BuiltinPhotos(ImageTensorDataset):
     when the photo allows it (no upsampling blur); it is resized to S x S with antialiasing. Test
     crops come only from BUILTIN_TEST_PHOTOS, which train never sees, so test bits/dim measures
     generalisation. All crops are made at construction from a fixed seed (about 2 s for 20,000
-    at S=32). Example: `BuiltinPhotos("test", 32).images.shape == (2000, 3, 32, 32)`.
+    at S=32). By default at most BUILTIN_MAX_BYTES of crops are made (at S=256: 1365 train,
+    136 test). Example: `BuiltinPhotos("test", 32).images.shape == (2000, 3, 32, 32)`.
     """
 
     def __init__(self, split: str, size: int = 32, n_images: int | None = None, seed: int = 0):
         _check_split_and_size(split, size)
-        n_images = BUILTIN_DEFAULT_COUNTS[split] if n_images is None else n_images
+        if n_images is None:
+            fitting = BUILTIN_MAX_BYTES // (3 * size * size) // (10 if split == "test" else 1)
+            n_images = min(BUILTIN_DEFAULT_COUNTS[split], fitting)
         if n_images < 1:
             raise DataError(f"n_images must be at least 1, got {n_images}")
         names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]

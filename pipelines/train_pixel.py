@@ -8,7 +8,6 @@ A run directory holds:
   log.jsonl           one line per evaluation
 """
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -82,18 +80,6 @@ def resolved(cfg):
     return cfg, preset.model
 
 
-def make_loader(dataset, batch_size, workers, sampler=None):
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=sampler is not None,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 @torch.no_grad()
 def evaluate_bits_per_dim(model, loader, accelerator, max_batches=None, desc="test"):
     """Mean bits/dim over the loader's examples (all of them unless max_batches), every process's share."""
@@ -126,14 +112,7 @@ def write_samples(model, path, n, seed):
 
 def start_or_resume(cfg):
     """Returns the run's TrainConfig and model config: new, or as the run directory stored them."""
-    out = Path(cfg.out)
-    if training.has_state(out):
-        if not cfg.resume:
-            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        stored = training.read_progress(out)
-        kept = {name: stored["train_config"][name] for name in RUN_FIELDS}
-        return replace(cfg, **kept), PixelSNAILConfig.from_json(stored["model_config"])
-    return resolved(cfg)
+    return training.stored_run(cfg, RUN_FIELDS, PixelSNAILConfig) or resolved(cfg)
 
 
 def train(cfg: TrainConfig):
@@ -145,8 +124,8 @@ def train(cfg: TrainConfig):
     train_set = load_dataset(cfg.data, "train", size)
     test_set = load_dataset(cfg.data, "test", size)
     sampler = training.EpochShuffle(len(train_set), cfg.seed)
-    train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
-    test_loader = make_loader(test_set, cfg.batch_size, cfg.workers)
+    train_loader = training.make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
+    test_loader = training.make_loader(test_set, cfg.batch_size, cfg.workers)
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model = PixelSNAIL(model_config)
@@ -171,14 +150,9 @@ def train(cfg: TrainConfig):
 
     def checkpoint():
         progress["step"] = step
-        training.save_state(accelerator, out, ema, progress)
+        training.save_state(accelerator, out, progress, ema)
         if accelerator.is_main_process:
             save_checkpoint(out / CHECKPOINT_NAME, ema.module.state_dict(), PIXELSNAIL_KIND, model_config, step=step)
-
-    def log(record):
-        if accelerator.is_main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
 
     started = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
@@ -197,20 +171,17 @@ def train(cfg: TrainConfig):
         ema.update_parameters(net)
         step += 1
 
-        mean_bits = accelerator.reduce(bits.detach(), "mean").item()
-        if not math.isfinite(mean_bits):
-            raise FloatingPointError(f"loss became {mean_bits} at step {step}; the last checkpoint is kept")
+        mean_bits = training.global_mean(accelerator, bits, step)
         running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
         bar.update()
         bar.set_postfix(bpd=f"{running:.3f}")
 
-        out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
-        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
+        out_of_time = training.time_is_up(accelerator, started, cfg.max_minutes)
         last = step == cfg.steps or out_of_time
         if step % cfg.eval_every == 0 and not last:
             test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator, cfg.eval_batches)
             bar.write(f"step {step}: train bits/dim {running:.4f}, test bits/dim (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
-            log({"train_bpd": running, "test_bpd_partial": test_bits})
+            training.append_log(accelerator, out, {"step": step, "train_bpd": running, "test_bpd_partial": test_bits})
         if step % cfg.checkpoint_every == 0 or last:
             checkpoint()
         if out_of_time:
@@ -219,7 +190,7 @@ def train(cfg: TrainConfig):
     bar.close()
 
     test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator)
-    log({"train_bpd": running, "test_bpd": test_bits})
+    training.append_log(accelerator, out, {"step": step, "train_bpd": running, "test_bpd": test_bits})
     if accelerator.is_main_process and cfg.n_samples:
         write_samples(ema.module, out / "samples.png", cfg.n_samples, cfg.seed)
         accelerator.print(f"samples: {out / 'samples.png'}")

@@ -8,14 +8,17 @@ The state directory is replaced atomically: a kill while saving leaves the previ
 """
 
 import json
+import math
 import os
 import shutil
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, skip_first_batches
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -97,7 +100,7 @@ def has_state(run_dir):
     return (run_dir / STATE_DIR).is_dir() or (run_dir / f"{STATE_DIR}.old").is_dir()
 
 
-def save_state(accelerator, run_dir, ema, progress):
+def save_state(accelerator, run_dir, progress, ema=None):
     """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically."""
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.tmp", run_dir / f"{STATE_DIR}.old"
@@ -106,7 +109,8 @@ def save_state(accelerator, run_dir, ema, progress):
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+        if ema is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
         if final.exists():
             os.replace(final, old)
@@ -129,9 +133,57 @@ def read_progress(run_dir):
     return json.loads((state_dir(run_dir) / PROGRESS_FILE).read_text())
 
 
-def load_state(accelerator, run_dir, ema):
-    """Restores weights, optimizer, RNG and EMA from RUN_DIR/state; returns the progress dict."""
+def load_state(accelerator, run_dir, ema=None):
+    """Restores weights, optimizer, RNG (and EMA) from RUN_DIR/state; returns the progress dict."""
     directory = state_dir(run_dir)
     accelerator.load_state(str(directory))
-    ema.load_state_dict(load_file(directory / EMA_FILE))
+    if ema is not None:
+        ema.load_state_dict(load_file(directory / EMA_FILE))
     return json.loads((directory / PROGRESS_FILE).read_text())
+
+
+def make_loader(dataset, batch_size, workers, sampler=None):
+    """A DataLoader; with an EpochShuffle sampler it is a training loader (incomplete batches dropped)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler is not None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def stored_run(cfg, run_fields, config_class):
+    """For a run directory that already holds a run: (cfg with the run's own `run_fields`, the
+    stored model config). None for a new run. Refuses to touch an existing run without --resume."""
+    out = Path(cfg.out)
+    if not has_state(out):
+        return None
+    if not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    stored = read_progress(out)
+    kept = {name: stored["train_config"][name] for name in run_fields}
+    return replace(cfg, **kept), config_class.from_json(stored["model_config"])
+
+
+def global_mean(accelerator, value, step):
+    """The mean of a scalar loss over processes, as a float; stops the run if it is not finite."""
+    mean = accelerator.reduce(value.detach(), "mean").item()
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"loss became {mean} at step {step}; the last checkpoint is kept")
+    return mean
+
+
+def time_is_up(accelerator, started, max_minutes):
+    """True on every process once any process has run past the budget (time.monotonic() based)."""
+    over = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
+    return accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "sum").item() > 0
+
+
+def append_log(accelerator, run_dir, record):
+    """Appends one JSON line to RUN_DIR/log.jsonl (main process only)."""
+    if accelerator.is_main_process:
+        with open(Path(run_dir) / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

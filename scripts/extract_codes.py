@@ -1,0 +1,62 @@
+"""Encode a dataset with a trained VQ-VAE-2 into an LMDB database of top and bottom codes.
+
+The database is what PixelSNAIL trains on in the second stage. Extraction is resumable: if it is
+stopped, running the same command again continues after the last batch written; a database made
+from another checkpoint, split or image size is refused.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pipelines.checkpoint import load_vqvae, resolve_checkpoint
+from pipelines.cli import run
+from pipelines.codes import count_classes, extract_codes, file_sha256
+from pipelines.data import load_dataset, to_model_range
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vqvae", required=True, help="VQ-VAE-2 run directory or checkpoint file")
+    p.add_argument("--data", required=True, help="'builtin' (crops of scikit-image's sample photos), "
+                   "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
+    p.add_argument("--out", required=True, help="code database to write (an LMDB directory)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--size", type=int, default=None,
+                   help="image size (default: the size the VQ-VAE was trained on)")
+    p.add_argument("--n-classes", type=int, default=None,
+                   help="number of classes (default: largest label of the split + 1, or 0 when the "
+                        "dataset does not list its labels); give the train split's value for test")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (and per transaction)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    model, extra = load_vqvae(args.vqvae)
+    image_size = args.size or extra.get("image_size")
+    if image_size is None:
+        raise ValueError(f"{args.vqvae} does not record the image size it was trained on: pass --size")
+    dataset = load_dataset(args.data, args.split, image_size)
+    top_shape, bottom_shape = model.code_shapes(image_size)
+    data = args.data if args.data == "builtin" else str(Path(args.data).expanduser().resolve())
+    plan = dict(
+        top_shape=list(top_shape), bottom_shape=list(bottom_shape),
+        top_codes=model.config.top_codes, bottom_codes=model.config.bottom_codes,
+        n_classes=count_classes(dataset) if args.n_classes is None else args.n_classes,
+        vqvae_sha256=file_sha256(resolve_checkpoint(args.vqvae)), image_size=image_size,
+        source={"data": data, "split": args.split, "images": len(dataset)},
+    )
+
+    @torch.no_grad()
+    def encode(images_uint8):
+        return model.encode(to_model_range(images_uint8))
+
+    count = extract_codes(encode, dataset, args.out, plan, args.batch_size, args.workers)
+    print(f"wrote {count} records to {args.out}")
+
+
+if __name__ == "__main__":
+    run(main)

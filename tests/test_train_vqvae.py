@@ -1,0 +1,82 @@
+"""The VQ-VAE trainer and its script on a tiny generated image folder."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines.checkpoint import load_vqvae
+from pipelines.train_vqvae import VQVAETrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """30 smooth 16x16 images: colour gradients, something a tiny VQ-VAE can learn."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 16)
+    for k in range(30):
+        start, end = rng.uniform(0, 255, size=(2, 3))
+        image = start + (end - start) * ramp[None, :, None] * ramp[:, None, None]
+        Image.fromarray(np.broadcast_to(image, (16, 16, 3)).astype(np.uint8)).save(folder / f"{k:02d}.png")
+    return folder
+
+
+def tiny(image_folder, out, **changes):
+    fields = dict(data=str(image_folder), out=str(out), preset="cpu-small", size=16, steps=4, batch_size=4,
+                  precision="fp32", eval_every=2, eval_batches=1, checkpoint_every=2, n_images=2)
+    return VQVAETrainConfig(**{**fields, **changes})
+
+
+def test_checkpoint_carries_config_and_image_size(image_folder, tmp_path):
+    """(That training lowers the error is tested on the model itself in test_vqvae.py.)"""
+    train(tiny(image_folder, tmp_path / "run", steps=2))
+    model, extra = load_vqvae(tmp_path / "run")
+    assert extra["image_size"] == 16 and extra["step"] == 2
+    top, bottom = model.encode(torch.zeros(1, 3, 16, 16))
+    assert top.shape == (1, 2, 2) and bottom.shape == (1, 4, 4)
+
+
+def test_resume_continues_exactly(image_folder, tmp_path):
+    train(tiny(image_folder, tmp_path / "straight", steps=6))
+    train(tiny(image_folder, tmp_path / "split", steps=3))
+    train(tiny(image_folder, tmp_path / "split", steps=6, resume=True))
+    straight, split = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), f"{key} differs after resume"
+
+
+def test_bad_sizes_are_refused():
+    for size in (0, 12, -8):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            VQVAETrainConfig(size=size)
+
+
+def test_command_line_and_two_processes(image_folder, tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    args = ["scripts/train_vqvae.py", "--data", str(image_folder), "--preset", "cpu-small", "--size", "16",
+            "--steps", "4", "--batch-size", "4", "--precision", "fp32", "--eval-every", "2"]
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.strip().splitlines()[-1].startswith("test reconstruction mse: ")
+    assert (tmp_path / "one" / "reconstructions.png").is_file()
+
+    double = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--out", str(tmp_path / "two")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert double.returncode == 0, double.stderr
+    assert "2 process(es) on cpu" in double.stdout
+
+    bad = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "bad"), "--size", "20"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "multiple of 8" in bad.stderr and "Traceback" not in bad.stderr

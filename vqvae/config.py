@@ -1,0 +1,65 @@
+"""The VQ-VAE-2 configuration: one dataclass that describes a model completely.
+
+The defaults are the settings of Razavi, van den Oord and Vinyals 2019 ("Generating Diverse
+High-Fidelity Images with VQ-VAE-2"): two codebooks of 512 codes x 64 dimensions, EMA codebook
+updates (decay 0.99, eps 1e-5), commitment cost 0.25, 128 hidden channels and residual stacks of
+2 blocks with 64 channels.
+
+    >>> config = VQVAE2Config()                      # the paper's model
+    >>> config.top_codes, config.bottom_codes, config.code_dim
+    (512, 512, 64)
+    >>> VQVAE2Config.from_json(config.to_json()) == config
+    True
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class VQVAE2Config:
+    top_codes: int = 512  # codebook size of the top level (S/8 x S/8 grid)
+    bottom_codes: int = 512  # codebook size of the bottom level (S/4 x S/4 grid)
+    code_dim: int = 64  # dimension of every code vector, both levels
+    channels: int = 128  # hidden channels of the encoders and decoders
+    res_channels: int = 64  # bottleneck channels inside each residual block
+    n_res_blocks: int = 2  # residual blocks per residual stack
+    decay: float = 0.99  # EMA decay of the codebook statistics
+    eps: float = 1e-5  # Laplace smoothing of the EMA code counts
+    commitment: float = 0.25  # beta: weight of ||z_e - sg(e)||^2 in the loss
+    # A code whose EMA count (assignments per training batch, summed over processes) falls below
+    # this restarts from an encoder output of the current batch. 1e-3 restarts only codes that
+    # are practically never chosen: a count of 1 left unused decays below it after ~690 steps,
+    # and at the first training step every code no input chose (count 0) restarts, which acts as
+    # a data-dependent initialisation. 0 disables restarts.
+    dead_code_threshold: float = 1e-3
+
+    def __post_init__(self):
+        for name in ("top_codes", "bottom_codes"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        for name in ("code_dim", "res_channels", "n_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.channels < 2 or self.channels % 2:
+            raise ValueError(f"channels must be even and >= 2 (the outer layers use channels/2), got {self.channels}")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+        if self.eps <= 0.0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.commitment < 0.0:
+            raise ValueError(f"commitment must be >= 0, got {self.commitment}")
+        if self.dead_code_threshold < 0.0:
+            raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}")
+
+    def to_json(self):
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        values = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown VQVAE2Config fields {unknown}: written by a newer version?")
+        return cls(**values)
