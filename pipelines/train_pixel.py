@@ -1,6 +1,7 @@
-"""Training pixel-space PixelSNAIL with accelerate, and evaluating its exact test bits/dim.
+"""Training PixelSNAIL with accelerate: on images (here) or on VQ-VAE codes (train_prior.py).
 
-A run directory holds:
+The loop (`fit`) is the same for both; a `Source` says what the data is and how a batch becomes
+the model's inputs (x, label, cond). A run directory holds:
   model.safetensors   the Polyak-averaged (EMA) weights with the model config: what evaluation
                       and sampling use
   state/              everything `--resume` needs (weights, optimizer, EMA, RNG, progress)
@@ -10,12 +11,14 @@ A run directory holds:
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -26,8 +29,9 @@ from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 
 
 @dataclass
-class TrainConfig:
-    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+class RunConfig:
+    """What every PixelSNAIL run has, whatever it trains on."""
+
     out: str = "runs/pixelsnail"
     preset: str = "cpu-small"
     steps: int = 1000  # total optimizer steps of the run
@@ -61,13 +65,19 @@ class TrainConfig:
             raise ValueError("n_samples and workers must be >= 0")
 
 
+@dataclass
+class TrainConfig(RunConfig):
+    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+
+
 # Fields a resumed run keeps from its first session, whatever the command line says now.
-RUN_FIELDS = ("data", "preset", "batch_size", "lr", "lr_decay", "ema_decay", "dropout", "grad_clip", "seed")
+RUN_FIELDS = ("preset", "batch_size", "lr", "lr_decay", "ema_decay", "dropout", "grad_clip", "seed")
 
 
-def resolved(cfg):
-    """Fills the fields left to the preset; returns (TrainConfig, PixelSNAILConfig)."""
-    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+def resolved(cfg, **model_fields):
+    """Fills the fields left to the preset; returns (config, PixelSNAILConfig). `model_fields`
+    replace the preset's model fields (a prior takes its grid and codebook from its data)."""
+    overrides = model_fields if cfg.dropout is None else {**model_fields, "dropout": cfg.dropout}
     preset = get_preset(cfg.preset, **overrides)
     cfg = replace(
         cfg,
@@ -80,19 +90,39 @@ def resolved(cfg):
     return cfg, preset.model
 
 
+@dataclass
+class Source:
+    """The data a PixelSNAIL run trains on."""
+
+    train_set: Dataset
+    test_set: Dataset
+    inputs: Callable  # a batch from the loader -> (x, label or None, cond or None)
+    metadata: dict = field(default_factory=dict)  # stored with every checkpoint
+
+
+def image_inputs(batch):
+    images, _ = batch
+    return to_model_range(images), None, None
+
+
+def image_source(data, size):
+    return Source(load_dataset(data, "train", size), load_dataset(data, "test", size), image_inputs, {"data": data})
+
+
 @torch.no_grad()
-def evaluate_bits_per_dim(model, loader, accelerator, max_batches=None, desc="test"):
-    """Mean bits/dim over the loader's examples (all of them unless max_batches), every process's share."""
+def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test"):
+    """Mean bits per dimension (per code) over the loader's examples, all of them unless
+    max_batches, every process's share counted once."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
     bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
-    for i, (images, _) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i == n_batches:
             break
         with accelerator.autocast():
-            bits = model.nll(to_model_range(images.to(accelerator.device)))
+            bits = model.nll(*inputs(batch))
         bits = accelerator.gather_for_metrics(bits)
         total += bits.double().sum().item()
         count += bits.numel()
@@ -112,25 +142,29 @@ def write_samples(model, path, n, seed):
 
 def start_or_resume(cfg):
     """Returns the run's TrainConfig and model config: new, or as the run directory stored them."""
-    return training.stored_run(cfg, RUN_FIELDS, PixelSNAILConfig) or resolved(cfg)
+    return training.stored_run(cfg, RUN_FIELDS + ("data",), PixelSNAILConfig) or resolved(cfg)
 
 
 def train(cfg: TrainConfig):
-    """Trains (or resumes) a run; returns the final test bits/dim with the EMA weights."""
+    """Trains (or resumes) a run on images; returns the final test bits/dim with the EMA weights."""
     cfg, model_config = start_or_resume(cfg)
+    if model_config.shape[0] != model_config.shape[1] or not model_config.pixel_mode:
+        raise ValueError(f"image training needs a square pixel-mode model, got {model_config.shape}")
+    return fit(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim")
+
+
+def fit(cfg, model_config, source, unit):
+    """The training loop shared by images and codes; returns the final test bits per `unit`."""
     accelerator = training.make_accelerator(training.resolve_precision(cfg.precision))
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
-    size = model_config.shape[0]
-    train_set = load_dataset(cfg.data, "train", size)
-    test_set = load_dataset(cfg.data, "test", size)
-    sampler = training.EpochShuffle(len(train_set), cfg.seed)
-    train_loader = training.make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
-    test_loader = training.make_loader(test_set, cfg.batch_size, cfg.workers)
+    sampler = training.EpochShuffle(len(source.train_set), cfg.seed)
+    train_loader = training.make_loader(source.train_set, cfg.batch_size, cfg.workers, sampler)
+    test_loader = training.make_loader(source.test_set, cfg.batch_size, cfg.workers)
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model = PixelSNAIL(model_config)
-    init_images = torch.stack([train_set[i][0] for i in range(min(len(train_set), 4 * cfg.batch_size))])
-    model.init_from_data(to_model_range(init_images))
+    init_batch = next(iter(training.make_loader(source.train_set, 4 * cfg.batch_size, 0)))
+    model.init_from_data(*source.inputs(init_batch))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.95, 0.9995))
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     net = accelerator.unwrap_model(model)
@@ -152,18 +186,18 @@ def train(cfg: TrainConfig):
         progress["step"] = step
         training.save_state(accelerator, out, progress, ema)
         if accelerator.is_main_process:
-            save_checkpoint(out / CHECKPOINT_NAME, ema.module.state_dict(), PIXELSNAIL_KIND, model_config, step=step)
+            state = ema.module.state_dict()
+            save_checkpoint(out / CHECKPOINT_NAME, state, PIXELSNAIL_KIND, model_config, step=step, **source.metadata)
 
     started = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     batches = training.batches_from(train_loader, step)
     running = None
     while step < cfg.steps:
-        images, _ = next(batches)[1]
-        x = to_model_range(images)
+        x, label, cond = source.inputs(next(batches)[1])
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cfg.lr_decay**step
-        bits = net.output_nll(x, model(x)).mean()
+        bits = net.output_nll(x, model(x, label, cond)).mean()
         accelerator.backward(bits)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -174,14 +208,14 @@ def train(cfg: TrainConfig):
         mean_bits = training.global_mean(accelerator, bits, step)
         running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
         bar.update()
-        bar.set_postfix(bpd=f"{running:.3f}")
+        bar.set_postfix({f"bits/{unit}": f"{running:.3f}"})
 
         out_of_time = training.time_is_up(accelerator, started, cfg.max_minutes)
         last = step == cfg.steps or out_of_time
         if step % cfg.eval_every == 0 and not last:
-            test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator, cfg.eval_batches)
-            bar.write(f"step {step}: train bits/dim {running:.4f}, test bits/dim (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
-            training.append_log(accelerator, out, {"step": step, "train_bpd": running, "test_bpd_partial": test_bits})
+            test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs, cfg.eval_batches)
+            bar.write(f"step {step}: train bits/{unit} {running:.4f}, test bits/{unit} (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
+            training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits_partial": test_bits})
         if step % cfg.checkpoint_every == 0 or last:
             checkpoint()
         if out_of_time:
@@ -189,13 +223,12 @@ def train(cfg: TrainConfig):
             break
     bar.close()
 
-    test_bits = evaluate_bits_per_dim(ema.module, test_loader, accelerator)
-    training.append_log(accelerator, out, {"step": step, "train_bpd": running, "test_bpd": test_bits})
-    if accelerator.is_main_process and cfg.n_samples:
+    test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs)
+    training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits": test_bits})
+    if accelerator.is_main_process and cfg.n_samples and model_config.pixel_mode:
         write_samples(ema.module, out / "samples.png", cfg.n_samples, cfg.seed)
         accelerator.print(f"samples: {out / 'samples.png'}")
     accelerator.wait_for_everyone()
-    accelerator.print(f"test bits/dim: {test_bits:.4f}")
+    accelerator.print(f"test bits/{unit}: {test_bits:.4f}")
     accelerator.end_training()
     return test_bits
-

@@ -200,7 +200,8 @@ def init_from_data(model, *inputs, **kwargs):
         gain = conv.parametrizations.weight.original0  # (C_out, 1, 1, 1)
         raw = output - conv.bias.view(1, -1, 1, 1)
         mean = raw.mean(dim=(0, 2, 3))
-        scale = conv.init_scale * torch.rsqrt(raw.var(dim=(0, 2, 3), unbiased=False) + 1e-6)
+        # a channel that barely varies on this batch (degenerate data) is not blown up: at most 10x
+        scale = conv.init_scale * torch.rsqrt(raw.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-2))
         gain.mul_(scale.view(-1, 1, 1, 1))
         conv.bias.copy_(-mean * scale)
         return (raw - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)

@@ -256,15 +256,16 @@ class PixelSNAIL(nn.Module):
         probs = torch.softmax(out[:, :, 0, 0].float() / temperature, dim=1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True):
+    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True, progress=False):
         """n samples in raster order: (n, 3, H, W) in [-1, 1] or (n, H, W) codes.
 
         cache=True computes only the new position at each step (prior.sampling); cache=False
         runs the whole network once per position. Both draw the same samples for the same
-        generator state.
+        generator state. progress=True shows a bar over positions.
         """
         sampler = sampling.sample_cached if cache else sampling.sample_naive
-        return sampler(self, n, label, cond, generator, temperature)
+        return sampler(self, n, label, cond, generator, temperature, progress)
+
 
 def check_range(name, values, upper):
     """Raises ValueError unless every integer in `values` lies in [0, upper)."""

@@ -37,6 +37,52 @@ PRESETS = {
         lr=2e-3,
         lr_decay=0.9995,
     ),
+    # VQ-VAE-2 priors, after the paper's appendix for ImageNet 256 (grid and codebook come from the
+    # code database): the top prior with 8-head attention, 5x5 causal convs, dropout 0.1
+    "vqvae2-top": Preset(
+        model=PixelSNAILConfig(
+            shape=(32, 32), n_codes=512, channels=256, n_blocks=5, n_res_blocks=4, kernel_size=5,
+            attention=True, n_heads=8, key_channels=128, value_channels=256, dropout=0.1,
+            embed_channels=128, cond_channels=256,
+        ),
+        batch_size=16,
+        ema_decay=0.9995,
+        lr=3e-4,
+    ),
+    # the bottom prior: no attention, conditioned on the top codes through a deep residual stack
+    "vqvae2-bottom": Preset(
+        model=PixelSNAILConfig(
+            shape=(64, 64), n_codes=512, cond_codes=512, cond_shape=(32, 32), channels=256, n_blocks=5,
+            n_res_blocks=4, kernel_size=5, attention=False, dropout=0.1, embed_channels=128,
+            cond_channels=256, cond_res_blocks=20,
+        ),
+        batch_size=16,
+        ema_decay=0.9995,
+        lr=3e-4,
+    ),
+    # small priors that learn in minutes on 2 CPU cores
+    "cpu-top": Preset(
+        model=PixelSNAILConfig(
+            shape=(8, 8), n_codes=256, channels=64, n_blocks=2, n_res_blocks=2, kernel_size=3,
+            attention=True, n_heads=2, key_channels=16, value_channels=32, dropout=0.1,
+            embed_channels=32, cond_channels=32,
+        ),
+        batch_size=32,
+        ema_decay=0.995,
+        lr=2e-3,
+        lr_decay=0.9995,
+    ),
+    "cpu-bottom": Preset(
+        model=PixelSNAILConfig(
+            shape=(16, 16), n_codes=256, cond_codes=256, cond_shape=(8, 8), channels=64, n_blocks=2,
+            n_res_blocks=2, kernel_size=3, attention=False, dropout=0.1, embed_channels=32,
+            cond_channels=64, cond_res_blocks=2,
+        ),
+        batch_size=32,
+        ema_decay=0.995,
+        lr=2e-3,
+        lr_decay=0.9995,
+    ),
     # for smoke tests: 8x8 images, seconds per hundred steps; learns little
     "tiny": Preset(
         model=PixelSNAILConfig(

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, WNConv2d, gate
 
@@ -228,6 +229,13 @@ class IncrementalPixelSNAIL:
                 block.attention.write(i, j, raw, background)
 
 
+def raster_order(shape, progress=False):
+    """Yields the positions (i, j) of a grid row by row, with a progress bar if asked."""
+    height, width = shape
+    positions = ((i, j) for i in range(height) for j in range(width))
+    return tqdm(positions, total=height * width, desc="positions", leave=False) if progress else positions
+
+
 def empty_grid(model, n, temperature):
     """Checks the sampling arguments; returns the grid to fill, (n, 3, H, W) or (n, H, W)."""
     c = model.config
@@ -242,22 +250,20 @@ def empty_grid(model, n, temperature):
 
 
 @torch.no_grad()
-def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.0) -> Tensor:
+def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False) -> Tensor:
     """The reference sampler: one full forward pass per position, O(N) forwards for N positions."""
     x = empty_grid(model, n, temperature)
     was_training = model.training
     model.eval()
-    height, width = model.config.shape
-    for i in range(height):
-        for j in range(width):
-            out = model(x, label, cond)[:, :, i : i + 1, j : j + 1]
-            x[..., i, j] = model.draw(out, generator, temperature)
+    for i, j in raster_order(model.config.shape, progress):
+        out = model(x, label, cond)[:, :, i : i + 1, j : j + 1]
+        x[..., i, j] = model.draw(out, generator, temperature)
     model.train(was_training)
     return x
 
 
 @torch.no_grad()
-def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1.0) -> Tensor:
+def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False) -> Tensor:
     """n samples in raster order, (n, 3, H, W) in [-1, 1] or (n, H, W) codes: exactly what
     `sample_naive` returns for the same arguments and generator state, computing one new
     position per step instead of the whole grid."""
@@ -265,10 +271,8 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
     was_training = model.training
     model.eval()
     network = IncrementalPixelSNAIL(model, n, model.condition(n, label, cond))
-    height, width = model.config.shape
-    for i in range(height):
-        for j in range(width):
-            x[..., i, j] = model.draw(network.output_at(i, j), generator, temperature)
-            network.write(i, j, x[..., i : i + 1, j : j + 1])
+    for i, j in raster_order(model.config.shape, progress):
+        x[..., i, j] = model.draw(network.output_at(i, j), generator, temperature)
+        network.write(i, j, x[..., i : i + 1, j : j + 1])
     model.train(was_training)
     return x

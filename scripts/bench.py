@@ -4,11 +4,17 @@ Subcommands:
   train   matmul peak (fp32, bf16) and PixelSNAIL training steps/s in fp32 and in bf16 autocast,
           measured in one run (interleaved, so background load hits both alike), plus the
           model's counted FLOPs per step, the achieved FLOP/s and its fraction of the peak.
+  sample  naive (one full forward per position) vs cached (prior.sampling, one new position per
+          step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
+          code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
+          timed on a prefix of positions and scaled to the whole grid.
 
 Examples:
   python scripts/bench.py train                 # the cifar10 preset, a few minutes
   python scripts/bench.py train --quick         # smoke run with the tiny preset, seconds
   python scripts/bench.py train --steps 10 --out /tmp/bench
+  python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
+  python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
 """
 
 import argparse
@@ -22,6 +28,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from prior import PRESETS, PixelSNAIL, get_preset  # noqa: E402
+from prior import PRESETS, PixelSNAIL, PixelSNAILConfig, get_preset  # noqa: E402
+from prior.sampling import sample_cached, sample_naive  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")  # bf16 means bf16 autocast, the loss staying fp32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -323,6 +331,244 @@ def run_train(args):
     print(format_train_table(results))
     write_results(results, Path(args.out), "train", format_train_markdown(results))
 
+# -- sampling ---------------------------------------------------------------------------------
+
+SAMPLERS = {"naive": sample_naive, "cached": sample_cached}
+SAMPLING_SCALING = (
+    "A sampler timed on its first K of the grid's N positions (raster order, the real sampler "
+    "stopped after its K-th draw) is scaled to the whole grid as: time to the first draw (setup and "
+    "position 0) + (time from the first to the K-th draw) x (N - 1) / (K - 1). Each naive step is a "
+    "full forward over the whole grid, whose cost does not depend on the position, so its prefix is "
+    "a faithful per-position cost. The cached sampler is timed on the whole grid unless marked "
+    "'scaled'; without attention its per-position cost does not depend on the position either."
+)
+
+
+def sample_cases(quick):
+    """name -> (what it stands for, config, batch size, naive positions timed, cached positions
+    timed: None for the whole grid). --quick: tiny shapes, the numbers mean nothing."""
+    if quick:
+        tiny = dict(channels=16, n_blocks=1, n_res_blocks=1, key_channels=4, value_channels=8, dropout=0.0)
+        return {
+            "top": ("top-prior-like codes, class label (quick: tiny)",
+                    PixelSNAILConfig(shape=(4, 4), n_codes=16, n_classes=3, embed_channels=8,
+                                     cond_channels=8, kernel_size=3, **tiny), 4, 3, None),
+            "bottom": ("bottom-prior-like codes, label + top codes (quick: tiny)",
+                       PixelSNAILConfig(shape=(6, 6), n_codes=16, n_classes=3, cond_codes=16, cond_shape=(3, 3),
+                                        embed_channels=8, cond_channels=8, cond_res_blocks=1, kernel_size=3,
+                                        **{**tiny, "attention": False}), 4, 3, 12),
+            "cpu-small": ("tiny pixel preset (quick)", get_preset("tiny").model, 4, 3, None),
+        }
+    return {
+        "top": ("top-prior-like codes 32x32, class label",
+                PixelSNAILConfig(shape=(32, 32), n_codes=512, n_classes=10, channels=128, n_blocks=2,
+                                 n_res_blocks=4, kernel_size=5, attention=True, dropout=0.1), 16, 8, None),
+        "bottom": ("bottom-prior-like codes 64x64, class label + random 32x32 top codes",
+                   PixelSNAILConfig(shape=(64, 64), n_codes=512, n_classes=10, cond_codes=512, cond_shape=(32, 32),
+                                    channels=128, n_blocks=2, n_res_blocks=4, kernel_size=5, attention=False,
+                                    cond_channels=128, cond_res_blocks=4), 16, 4, 128),
+        "cpu-small": ("cpu-small pixel preset", get_preset("cpu-small").model, 16, 32, None),
+    }
+
+
+def random_inputs(config, batch_size, generator):
+    """(x, label, cond) of the model's kinds, label and cond None where the model takes none."""
+    if config.pixel_mode:
+        x = random_pixels(batch_size, config.shape, generator)
+    else:
+        x = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
+    label = torch.randint(0, config.n_classes, (batch_size,), generator=generator) if config.n_classes else None
+    cond = None
+    if config.cond_codes is not None:
+        cond = torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
+    return x, label, cond
+
+
+class StopSampling(Exception):
+    pass
+
+
+class DrawRecorder:
+    """Runs a sampler with `model.draw` wrapped: timestamps each draw, keeps the first `keep`
+    draws and the outputs they were drawn from, and stops the sampler after `limit` draws.
+
+    The sampler itself is untouched: an instance attribute shadows the method while the
+    recorder is active, and the real `draw` does the drawing (so generators are consumed as usual).
+    """
+
+    def __init__(self, model, limit, keep):
+        self.model, self.limit, self.keep = model, limit, keep
+        self.times, self.draws, self.outputs = [], [], []
+        self.start = None
+
+    def draw(self, out, generator=None, temperature=1.0):
+        drawn = type(self.model).draw(self.model, out, generator, temperature)
+        self.times.append(time.perf_counter())
+        if len(self.draws) < self.keep:
+            self.draws.append(drawn.clone())
+            self.outputs.append(out.float().clone())
+        if len(self.times) == self.limit:
+            raise StopSampling
+        return drawn
+
+    def run(self, sampler, *args):
+        self.model.draw = self.draw
+        try:
+            self.start = time.perf_counter()
+            sampler(self.model, *args)
+        except StopSampling:
+            pass
+        finally:
+            del self.model.draw
+        return self
+
+
+def time_sampler(name, model, batch_size, label, cond, positions, keep, seed):
+    """One run of a sampler on its first `positions` positions, scaled to the whole grid."""
+    n_positions = model.config.shape[0] * model.config.shape[1]
+    recorder = DrawRecorder(model, positions, keep)
+    generator = torch.Generator().manual_seed(seed)
+    with OtherCpuUse() as contention:
+        recorder.run(SAMPLERS[name], batch_size, label, cond, generator)
+    times = recorder.times
+    assert len(times) == positions, (name, len(times), positions)
+    first = times[0] - recorder.start  # setup + position 0
+    per_position = (times[-1] - times[0]) / (positions - 1) if positions > 1 else first
+    return {
+        "timed_positions": positions,
+        "seconds": times[-1] - recorder.start,
+        "first_draw_s": first,
+        "seconds_per_position": per_position,
+        "total_s": first + per_position * (n_positions - 1),
+        "scaled": positions < n_positions,
+        "other_cpu_use": contention.fraction,
+    }, recorder
+
+
+def compare_draws(naive, cached):
+    """Identity of the draws both samplers made on the positions both recorded."""
+    n = min(len(naive.draws), len(cached.draws))
+    identical = all(torch.equal(a, b) for a, b in zip(naive.draws[:n], cached.draws[:n]))
+    diff = max((float((a - b).abs().max()) for a, b in zip(naive.outputs[:n], cached.outputs[:n])), default=0.0)
+    return {
+        "positions_compared": n,
+        "values_compared": sum(d.numel() for d in naive.draws[:n]),
+        "identical_draws": identical,
+        "max_abs_output_diff": diff,
+    }
+
+
+def make_sampling_model(config, batch_size, seed):
+    """Random weights after the data-dependent init on random inputs, in eval mode; and the
+    label and condition to sample with."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PixelSNAIL(config)
+    x, label, cond = random_inputs(config, batch_size, generator)
+    model.init_from_data(x, label, cond)
+    model.eval()
+    _, label, cond = random_inputs(config, batch_size, generator)  # fresh ones to sample with
+    return model, label, cond
+
+
+def bench_sampling_case(name, case, rounds, naive_positions, cached_positions, seed):
+    title, config, batch_size, default_naive, default_cached = case
+    n_positions = config.shape[0] * config.shape[1]
+    positions = {
+        "naive": min(naive_positions or default_naive, n_positions),
+        "cached": min(cached_positions or default_cached or n_positions, n_positions),
+    }
+    model, label, cond = make_sampling_model(config, batch_size, seed)
+    check = min(positions.values())
+    log(f"{name}: {title}, {model.num_parameters() / 1e6:.2f}M parameters, batch {batch_size}, "
+        f"{n_positions} positions; naive timed on {positions['naive']}, cached on {positions['cached']}")
+    for sampler in SAMPLERS:  # warm-up: thread pool, kernels, page faults
+        time_sampler(sampler, model, batch_size, label, cond, min(2, n_positions), 0, seed)
+    runs = {sampler: [] for sampler in SAMPLERS}
+    recorders = {}
+    for round_index in range(rounds):
+        order = list(SAMPLERS) if round_index % 2 == 0 else list(SAMPLERS)[::-1]
+        for sampler in order:
+            run, recorder = time_sampler(sampler, model, batch_size, label, cond, positions[sampler],
+                                         check if round_index == 0 else 0, seed)
+            runs[sampler].append(run)
+            if round_index == 0:
+                recorders[sampler] = recorder
+            log(f"  round {round_index + 1}/{rounds} {sampler}: {run['seconds']:.3g} s for {run['timed_positions']} "
+                f"positions, {run['seconds_per_position'] * 1e3:.4g} ms/position, whole grid "
+                f"{'~' if run['scaled'] else ''}{run['total_s']:.4g} s, other processes' CPU {run['other_cpu_use']:.0%}")
+    return summarise_sampling_case(title, config, model, batch_size, label, cond, runs,
+                                   compare_draws(recorders["naive"], recorders["cached"]))
+
+
+def summarise_sampling_case(title, config, model, batch_size, label, cond, runs, check):
+    summary = {}
+    for sampler, sampler_runs in runs.items():
+        summary[sampler] = {
+            "timed_positions": sampler_runs[0]["timed_positions"],
+            "scaled": sampler_runs[0]["scaled"],
+            "seconds_per_position": statistics.median(r["seconds_per_position"] for r in sampler_runs),
+            "total_s": statistics.median(r["total_s"] for r in sampler_runs),
+            "other_cpu_use_median": statistics.median(r["other_cpu_use"] for r in sampler_runs),
+            "runs": sampler_runs,
+        }
+    naive, cached = summary["naive"], summary["cached"]
+    paired = [n["total_s"] / c["total_s"] for n, c in zip(naive["runs"], cached["runs"])]
+    return {
+        "title": title,
+        "config": asdict(config),
+        "parameters": model.num_parameters(),
+        "batch_size": batch_size,
+        "positions": config.shape[0] * config.shape[1],
+        "label": label is not None,
+        "cond_shape": None if cond is None else list(cond.shape),
+        **summary,
+        "speedup": naive["total_s"] / cached["total_s"],
+        "speedup_paired_median": statistics.median(paired),
+        "speedup_paired": paired,
+        "per_position_speedup": naive["seconds_per_position"] / cached["seconds_per_position"],
+        "check": check,
+    }
+
+
+def run_sample(args):
+    """Times, in one run, the naive sampler (prior.sampling.sample_naive: one full forward per
+    position) against the cached one (sample_cached: one new position per step) for three models
+    with random weights (data-dependent init on random inputs, eval mode), batch 16:
+      top        top-prior-like code model, 32x32 codes, 512 codes, class label, attention
+      bottom     bottom-prior-like code model, 64x64 codes, class label + a random 32x32 top-code
+                 condition, no attention
+      cpu-small  the cpu-small pixel preset (32x32 RGB)
+    The naive sampler is far too slow to run whole: it is timed on a prefix of positions and
+    scaled linearly to the grid (each naive step is a full forward whose cost does not depend on
+    the position). The cached sampler runs the whole grid, except for `bottom`, timed on its first
+    2 rows and scaled. Naive and cached runs alternate (round 1 naive first, round 2 cached
+    first, ...) and other processes' CPU use is recorded for each. With the same seed both
+    samplers draw the same values: checked on the positions both timed. Prints a table and
+    writes sample.json and sample.md to --out."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (1 if args.quick else 2)
+    info = machine_info()
+    cases = sample_cases(args.quick)
+    if args.models:
+        cases = {name: cases[name] for name in args.models}
+    results = {
+        "benchmark": "sample",
+        **info,
+        "quick": args.quick,
+        "rounds": rounds,
+        "seed": args.seed,
+        "scaling": SAMPLING_SCALING,
+        "models": {
+            name: bench_sampling_case(name, case, rounds, args.naive_positions, args.cached_positions, args.seed)
+            for name, case in cases.items()
+        },
+        "load_average_after": load_average(),
+    }
+    print(format_sample_table(results))
+    write_results(results, Path(args.out), "sample", format_sample_markdown(results))
+
 
 # -- output -----------------------------------------------------------------------------------
 
@@ -402,6 +648,91 @@ def format_train_markdown(results):
     return "\n".join(lines)
 
 
+SAMPLE_TARGETS = {"top": "target >= 50x (goal 100x)", "bottom": "target: more than top"}
+
+
+def seconds(value):
+    if value >= 100:
+        return f"{value:.0f} s"
+    return f"{value:.3g} s" if value >= 0.1 else f"{value * 1e3:.3g} ms"
+
+
+def sample_rows(results):
+    """(model, positions x batch, naive per position, naive total, cached per position, cached
+    total, speed-up, other CPU, draws) rows shared by the terminal table and the markdown."""
+    rows = []
+    for name, r in results["models"].items():
+        naive, cached = r["naive"], r["cached"]
+
+        def total(s):
+            how = f"scaled from {s['timed_positions']}" if s["scaled"] else "measured"
+            return f"{'~' if s['scaled'] else ''}{seconds(s['total_s'])} ({how})"
+
+        check = r["check"]
+        rows.append((
+            f"{name} ({r['parameters'] / 1e6:.2f}M)",
+            f"{r['positions']} x {r['batch_size']}",
+            seconds(naive["seconds_per_position"]),
+            total(naive),
+            seconds(cached["seconds_per_position"]),
+            total(cached),
+            f"{r['speedup']:.0f}x" if r["speedup"] >= 10 else f"{r['speedup']:.2g}x",
+            f"{naive['other_cpu_use_median']:.0%} / {cached['other_cpu_use_median']:.0%}",
+            f"{'identical' if check['identical_draws'] else 'DIFFER'} ({check['positions_compared']} positions)",
+        ))
+    return rows
+
+
+SAMPLE_HEADER = ("model (params)", "positions x batch", "naive s/position", "naive whole grid",
+                 "cached s/position", "cached whole grid", "speed-up", "other CPU naive/cached", "draws")
+
+
+def sample_summary_lines(results):
+    lines = []
+    for name, r in results["models"].items():
+        target = SAMPLE_TARGETS.get(name)
+        lines.append(
+            f"{name}: {r['title']}; speed-up {r['speedup']:.1f}x (whole grid, medians of {results['rounds']} "
+            f"rounds; per-round paired median {r['speedup_paired_median']:.1f}x, per position "
+            f"{r['per_position_speedup']:.1f}x){'; ' + target if target else ''}; draws on the first "
+            f"{r['check']['positions_compared']} positions ({r['check']['values_compared']} values) "
+            f"{'identical' if r['check']['identical_draws'] else 'DIFFER'}, max |output difference| "
+            f"{r['check']['max_abs_output_diff']:.2g}"
+        )
+    lines += [
+        f"scaling: {results['scaling']}",
+        f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
+        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
+    ]
+    if results["quick"]:
+        lines.insert(0, "--quick: tiny models, the numbers mean nothing")
+    return lines
+
+
+def format_sample_table(results):
+    rows = [SAMPLE_HEADER, *sample_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SAMPLE_HEADER))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(["", *lines, "", *sample_summary_lines(results), ""])
+
+
+def format_sample_markdown(results):
+    lines = [
+        "# Sampling benchmark: naive vs cached",
+        "",
+        f"`{results['command']}`",
+        "",
+        "| " + " | ".join(SAMPLE_HEADER) + " |",
+        "|" + "---|" * len(SAMPLE_HEADER),
+        *("| " + " | ".join(row) + " |" for row in sample_rows(results)),
+        "",
+        *(f"- {line}" for line in sample_summary_lines(results)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_results(results, out_dir, name, markdown):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -433,10 +764,30 @@ def add_train_parser(subparsers):
     p.set_defaults(run=run_train)
 
 
+def add_sample_parser(subparsers):
+    p = subparsers.add_parser(
+        "sample", help="naive vs cached sampling time for three models",
+        description=inspect.cleandoc(run_sample.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round")
+    p.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all)")
+    p.add_argument("--rounds", type=int, help="timed runs per sampler and model, interleaved (default 2)")
+    p.add_argument("--naive-positions", type=int,
+                   help="positions the naive sampler is timed on (default top 8, bottom 4, cpu-small 32)")
+    p.add_argument("--cached-positions", type=int,
+                   help="positions the cached sampler is timed on (default the whole grid; bottom 128)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the inputs and the draws")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                   help="directory for sample.json and sample.md (default bench/results)")
+    p.set_defaults(run=run_sample)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train}")
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample}")
     add_train_parser(subparsers)
+    add_sample_parser(subparsers)
     return parser.parse_args(argv)
 
 

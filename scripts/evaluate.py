@@ -11,7 +11,7 @@ from pipelines import training
 from pipelines.checkpoint import load_pixelsnail
 from pipelines.cli import run
 from pipelines.data import load_dataset
-from pipelines.train_pixel import evaluate_bits_per_dim
+from pipelines.train_pixel import evaluate_bits
 
 
 def parse_args():
@@ -36,7 +36,7 @@ def main():
     dataset = load_dataset(args.data, args.split, model.config.shape[0])
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
     model = model.to(accelerator.device)
-    bits = evaluate_bits_per_dim(model, loader, accelerator, desc=args.split)
+    bits = evaluate_bits(model, loader, accelerator, desc=args.split)
     accelerator.print(f"{len(dataset)} images, checkpoint step {extra.get('step', '?')}")
     accelerator.print(f"{args.split} bits/dim: {bits:.4f}")
 

@@ -32,3 +32,33 @@ def test_train_quick_writes_positive_numbers(tmp_path):
     assert any("attention" in op for op in results["flops_per_step"]["fp32"]["by_op"])
     for key in ("bf16_speedup", "bf16_speedup_paired_median", "matmul_bf16_speedup"):
         assert results[key] > 0, key
+
+
+def test_sample_quick_writes_positive_numbers(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "sample", "--quick", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=30,
+    )
+    results = json.loads((tmp_path / "sample.json").read_text())
+    assert (tmp_path / "sample.md").read_text().startswith("# Sampling benchmark")
+
+    for key in ("date", "torch", "cpu", "threads", "command", "scaling"):
+        assert results[key], key
+    assert "sample --quick" in results["command"] and results["quick"]
+    assert set(results["models"]) == {"top", "bottom", "cpu-small"}
+    for name, model in results["models"].items():
+        assert model["positions"] > 0 and model["parameters"] > 0, name
+        for sampler in ("naive", "cached"):
+            timing = model[sampler]
+            for key in ("seconds_per_position", "total_s"):
+                assert timing[key] > 0, (name, sampler, key)
+            assert len(timing["runs"]) == results["rounds"]
+            for run in timing["runs"]:
+                assert 0 < run["timed_positions"] <= model["positions"]
+                assert run["scaled"] == (run["timed_positions"] < model["positions"])
+                assert run["other_cpu_use"] >= 0
+        assert model["naive"]["scaled"]  # the naive sampler is timed on a prefix
+        for key in ("speedup", "speedup_paired_median", "per_position_speedup"):
+            assert model[key] > 0, (name, key)
+        # same seed, same draws: the cached sampler is exact
+        assert model["check"]["positions_compared"] > 0 and model["check"]["identical_draws"], name

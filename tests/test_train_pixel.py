@@ -145,7 +145,7 @@ def test_evaluation_covers_the_whole_split_exactly():
     from accelerate import Accelerator
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipelines.train_pixel import evaluate_bits_per_dim
+    from pipelines.train_pixel import evaluate_bits
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
@@ -153,6 +153,6 @@ def test_evaluation_covers_the_whole_split_exactly():
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(DataLoader(TensorDataset(images, torch.zeros(10)), batch_size=4))
     expected = model.eval().nll(to_model_range(images)).double().mean().item()
-    assert abs(evaluate_bits_per_dim(model, loader, accelerator) - expected) < 1e-6
+    assert abs(evaluate_bits(model, loader, accelerator) - expected) < 1e-6
     first_two = model.nll(to_model_range(images[:8])).double().mean().item()
-    assert abs(evaluate_bits_per_dim(model, loader, accelerator, max_batches=2) - first_two) < 1e-6
+    assert abs(evaluate_bits(model, loader, accelerator, max_batches=2) - first_two) < 1e-6
