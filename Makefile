@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-pixels test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
+
+demo-pixels: $(VENV)/.installed
+	$(PY) scripts/demo_pixels.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -25,6 +25,9 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from pipelines.checkpoint import load_vqvae, resolve_checkpoint
+from pipelines.data import load_dataset, to_model_range
+
 FORMAT = "pixelsnail-codes"
 FORMAT_VERSION = 1
 META_KEY = b"__meta__"
@@ -400,3 +403,31 @@ def _check_same_job(path, stored: dict, wanted: dict) -> None:
     ]
     if differences:
         raise CodeStoreError(f"{path} was made by a different job: {'; '.join(differences)}")
+
+
+def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classes=None, batch_size=64, workers=0):
+    """Encodes a dataset split with a VQ-VAE checkpoint into the database `out` (resumably).
+
+    size defaults to the image size the VQ-VAE was trained on; n_classes to the split's largest
+    label + 1 (give the train split's value when extracting test). Returns the record count.
+    """
+    model, extra = load_vqvae(vqvae_path)
+    image_size = size or extra.get("image_size")
+    if image_size is None:
+        raise ValueError(f"{vqvae_path} does not record the image size it was trained on: pass --size")
+    dataset = load_dataset(data, split, image_size)
+    top_shape, bottom_shape = model.code_shapes(image_size)
+    source = data if data == "builtin" else str(Path(data).expanduser().resolve())
+    plan = dict(
+        top_shape=list(top_shape), bottom_shape=list(bottom_shape),
+        top_codes=model.config.top_codes, bottom_codes=model.config.bottom_codes,
+        n_classes=count_classes(dataset) if n_classes is None else n_classes,
+        vqvae_sha256=file_sha256(resolve_checkpoint(vqvae_path)), image_size=image_size,
+        source={"data": source, "split": split, "images": len(dataset)},
+    )
+
+    @torch.no_grad()
+    def encode(images_uint8):
+        return model.encode(to_model_range(images_uint8))
+
+    return extract_codes(encode, dataset, out, plan, batch_size, workers)

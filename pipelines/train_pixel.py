@@ -228,6 +228,8 @@ def fit(cfg, model_config, source, unit):
     if accelerator.is_main_process and cfg.n_samples and model_config.pixel_mode:
         write_samples(ema.module, out / "samples.png", cfg.n_samples, cfg.seed)
         accelerator.print(f"samples: {out / 'samples.png'}")
+    if accelerator.num_processes > 1:
+        training.check_replicas_agree(accelerator, net)
     accelerator.wait_for_everyone()
     accelerator.print(f"test bits/{unit}: {test_bits:.4f}")
     accelerator.end_training()

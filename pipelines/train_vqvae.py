@@ -185,6 +185,8 @@ def train(cfg: VQVAETrainConfig):
 
     metrics = evaluate_reconstruction(net, test_loader, accelerator)
     training.append_log(accelerator, out, {"step": step, "train_mse": running, "final": True, **metrics})
+    if accelerator.num_processes > 1:
+        training.check_replicas_agree(accelerator, net)
     accelerator.wait_for_everyone()
     accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
     accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")

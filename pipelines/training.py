@@ -7,6 +7,7 @@ are written beside them as safetensors and JSON, so loading never unpickles anyt
 The state directory is replaced atomically: a kill while saving leaves the previous one.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -187,3 +188,15 @@ def append_log(accelerator, run_dir, record):
     if accelerator.is_main_process:
         with open(Path(run_dir) / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def check_replicas_agree(accelerator, model):
+    """Raises unless every process holds the same parameters and buffers (codebooks included)."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()[:16]), device=accelerator.device)
+    every = accelerator.gather(mine).view(accelerator.num_processes, -1)
+    if not bool((every == every[0]).all()):
+        raise RuntimeError("the processes ended with different parameters: distributed training went wrong")
+    accelerator.print(f"parameters identical on all {accelerator.num_processes} processes")

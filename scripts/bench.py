@@ -8,6 +8,8 @@ Subcommands:
           step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
           code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
           timed on a prefix of positions and scaled to the whole grid.
+  vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
+          vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
 
 Examples:
   python scripts/bench.py train                 # the cifar10 preset, a few minutes
@@ -15,11 +17,14 @@ Examples:
   python scripts/bench.py train --steps 10 --out /tmp/bench
   python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
+  python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
+  python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
 """
 
 import argparse
 import copy
 import datetime
+import functools
 import inspect
 import json
 import os
@@ -39,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from prior import PRESETS, PixelSNAIL, PixelSNAILConfig, get_preset  # noqa: E402
 from prior.sampling import sample_cached, sample_naive  # noqa: E402
+from vqvae import VQVAE2, VQVAE2Config  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")  # bf16 means bf16 autocast, the loss staying fp32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -231,23 +237,36 @@ def make_models(preset_name, x, seed):
     return models, optimizers, model.num_parameters()
 
 
-def time_training(models, optimizers, x, steps, warmup):
-    """Seconds per step for each precision. Rounds alternate the order (fp32 then bf16, then
-    bf16 then fp32, ...) so drifting background load hits both alike."""
+def time_interleaved(runs, rounds, warmup, progress=None):
+    """Seconds of each call of several variants (runs: name -> callable), and other processes'
+    CPU use during each. `warmup` untimed calls of each first; then `rounds` rounds of one timed
+    call of each, the order alternating (a, b, c, then c, b, a, ...) so drifting background load
+    hits all alike. progress: a label to log each round's times under (None: silent)."""
+    names = list(runs)
     for _ in range(warmup):
-        for name in PRECISIONS:
-            train_step(models[name], optimizers[name], x, name)
-    seconds = {name: [] for name in PRECISIONS}
-    other_cpu = {name: [] for name in PRECISIONS}
-    for round_index in range(steps):
-        order = PRECISIONS if round_index % 2 == 0 else PRECISIONS[::-1]
+        for name in names:
+            runs[name]()
+    seconds = {name: [] for name in names}
+    other_cpu = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
             with OtherCpuUse() as contention:
                 start = time.perf_counter()
-                train_step(models[name], optimizers[name], x, name)
+                runs[name]()
                 seconds[name].append(time.perf_counter() - start)
             other_cpu[name].append(contention.fraction)
+        if progress:
+            log(f"  {progress} round {round_index + 1}/{rounds}: " + ", ".join(
+                f"{name} {seconds[name][-1]:.3g} s (other CPU {other_cpu[name][-1]:.0%})" for name in names))
     return seconds, other_cpu
+
+
+def time_training(models, optimizers, x, steps, warmup):
+    """Seconds per step for each precision. Rounds alternate the order (fp32 then bf16, then
+    bf16 then fp32, ...) so drifting background load hits both alike."""
+    runs = {name: functools.partial(train_step, models[name], optimizers[name], x, name) for name in PRECISIONS}
+    return time_interleaved(runs, steps, warmup)
 
 
 def summarise_training(seconds, other_cpu, step_flops, peaks):
@@ -269,9 +288,17 @@ def summarise_training(seconds, other_cpu, step_flops, peaks):
     return results
 
 
-def paired_speedups(seconds):
-    """fp32 time / bf16 time of each round: the ratio with the least exposure to load drift."""
-    return [fp32 / bf16 for fp32, bf16 in zip(seconds["fp32"], seconds["bf16"])]
+def paired_speedups(seconds, base="fp32", other="bf16"):
+    """base time / other time of each round (fp32 / bf16 by default): the ratio with the least
+    exposure to load drift."""
+    return [b / o for b, o in zip(seconds[base], seconds[other])]
+
+
+def apply_defaults(args, defaults):
+    """Fills the options left unset (None) on the command line from `defaults`."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def run_train(args):
@@ -280,10 +307,7 @@ def run_train(args):
     Adam step, zero_grad; interleaved, median of the timed steps), the model FLOPs of a step as
     FlopCounterMode counts them, the achieved FLOP/s and its fraction of the matmul peak.
     Prints a table and writes train.json and train.md to --out."""
-    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
@@ -570,6 +594,175 @@ def run_sample(args):
     write_results(results, Path(args.out), "sample", format_sample_markdown(results))
 
 
+# -- VQ-VAE-2 ---------------------------------------------------------------------------------
+
+# variant -> (precision, channels_last): bf16 is bf16 autocast, the quantizer staying fp32 inside
+VQVAE_VARIANTS = {
+    "fp32": ("fp32", False),
+    "bf16": ("bf16", False),
+    "bf16_channels_last": ("bf16", True),
+    "fp32_channels_last": ("fp32", True),
+}
+VQVAE_DEFAULT_VARIANTS = ["fp32", "bf16", "bf16_channels_last"]
+VQVAE_LR = 3e-4  # Adam with torch's default betas, as pipelines/train_vqvae.py
+VQVAE_QUICK_MODEL = VQVAE2Config(channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8)
+VQVAE_QUICK_DEFAULTS = dict(size=32, batch_size=4, steps=2, warmup=1, extract_batch_size=8, extract_batches=2)
+VQVAE_FULL_DEFAULTS = dict(size=256, batch_size=8, steps=8, warmup=2, extract_batch_size=32, extract_batches=5)
+
+
+def to_memory_format(variant, model, x):
+    """The model and the input in the variant's memory format (channels_last or as they are)."""
+    if VQVAE_VARIANTS[variant][1]:
+        return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
+def vqvae_train_step(model, optimizer, x, precision):
+    """As pipelines/train_vqvae.py runs a step (without its gradient clipping): the forward,
+    with its fp32 losses, under autocast; backward, Adam step and zero_grad outside it."""
+    with autocast(precision):
+        loss = model(x).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def vqvae_extract(model, x, precision):
+    """(top codes, bottom codes) of a batch: eval mode, no gradients, as code extraction runs."""
+    with torch.no_grad(), autocast(precision):
+        return model.encode(x)
+
+
+def summarise_variants(seconds, other_cpu, images, variants):
+    """Per variant: images/s from the median time of a call of `images` images, and its spread;
+    speed-ups against fp32 (ratio of medians and the per-round paired median)."""
+    summary = {}
+    for name in variants:
+        median_seconds = statistics.median(seconds[name])
+        summary[name] = {
+            "images_per_s": images / median_seconds,
+            "median_s": median_seconds,
+            "min_s": min(seconds[name]),
+            "max_s": max(seconds[name]),
+            "seconds": seconds[name],
+            "other_cpu_use": other_cpu[name],
+            "other_cpu_use_median": statistics.median(other_cpu[name]),
+        }
+    for name in variants:
+        for base in ("fp32", "bf16"):
+            if base in variants and base != name:
+                summary[name][f"speedup_vs_{base}"] = summary[base]["median_s"] / summary[name]["median_s"]
+                summary[name][f"speedup_vs_{base}_paired_median"] = statistics.median(
+                    paired_speedups(seconds, base, name))
+    return summary
+
+
+def bench_vqvae_training(config, variants, x, steps, warmup, seed):
+    """Training seconds per step of each variant, one model and Adam optimizer each, the same
+    initial weights. Returns the summary and the fp32 model (or the first variant's)."""
+    torch.manual_seed(seed)
+    base = VQVAE2(config).train()
+    models, optimizers, inputs = {}, {}, {}
+    for name in variants:
+        models[name], inputs[name] = to_memory_format(name, copy.deepcopy(base), x)
+        optimizers[name] = torch.optim.Adam(models[name].parameters(), lr=VQVAE_LR)
+    runs = {name: functools.partial(vqvae_train_step, models[name], optimizers[name], inputs[name],
+                                    VQVAE_VARIANTS[name][0]) for name in variants}
+    seconds, other_cpu = time_interleaved(runs, steps, warmup, progress="train")
+    trained = models["fp32" if "fp32" in variants else variants[0]]
+    return summarise_variants(seconds, other_cpu, len(x), variants), trained
+
+
+def code_agreement(codes, reference):
+    """Fraction of positions where a variant chose the same top and bottom codes as the reference."""
+    return {level: float((a == b).float().mean()) for level, a, b in zip(("top", "bottom"), codes, reference)}
+
+
+def bench_vqvae_extraction(trained, variants, x, batches, warmup):
+    """Code-extraction seconds per batch of each variant, all from copies of the same weights
+    (the trained model's, its codebooks initialised from encoder outputs by its first steps),
+    and how often each variant's codes equal fp32's on that batch."""
+    base = copy.deepcopy(trained).to(memory_format=torch.contiguous_format).eval()
+    models, inputs, codes = {}, {}, {}
+    for name in variants:
+        models[name], inputs[name] = to_memory_format(name, copy.deepcopy(base), x)
+
+    def extract(name):
+        codes[name] = vqvae_extract(models[name], inputs[name], VQVAE_VARIANTS[name][0])
+
+    runs = {name: functools.partial(extract, name) for name in variants}
+    seconds, other_cpu = time_interleaved(runs, batches, warmup, progress="extract")
+    summary = summarise_variants(seconds, other_cpu, len(x), variants)
+    reference = codes["fp32"] if "fp32" in codes else vqvae_extract(base, x, "fp32")
+    for name in variants:
+        summary[name]["codes_equal_to_fp32"] = code_agreement(codes[name], reference)
+    return summary
+
+
+def run_vqvae(args):
+    """Measures, in one run, VQ-VAE-2 images/s for several variants: fp32, bf16 autocast, and bf16
+    autocast with the model and the input in channels_last memory format (fp32_channels_last on
+    request). Random weights, random images on the 256-value grid of [-1, 1].
+      training    the paper's model (VQVAE2Config()), 256x256, batch 8: forward (its fp32 losses
+                  inside), loss.backward, Adam step, zero_grad; 2 warm-up steps per variant, then
+                  timed steps, interleaved; median
+      extraction  model.eval(), no gradients, model.encode(images) on batches of 32, the same
+                  weights for every variant (the fp32 model after its training steps); 1 warm-up
+                  batch, then timed batches, interleaved; median; and the fraction of codes each
+                  variant chooses equal to fp32's (untrained model, noise images: indicative only)
+    Ratios are against fp32: of the medians, and the median of the per-round ratios. Other
+    processes' CPU use is recorded for every timed call. Prints a table and writes vqvae.json and
+    vqvae.md to --out. --quick: 32x32 images and a tiny model, seconds; the numbers mean nothing."""
+    apply_defaults(args, VQVAE_QUICK_DEFAULTS if args.quick else VQVAE_FULL_DEFAULTS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = list(dict.fromkeys(args.variants or VQVAE_DEFAULT_VARIANTS))
+    config = VQVAE_QUICK_MODEL if args.quick else VQVAE2Config()
+    info = machine_info()
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.size, args.size)
+    n_parameters = VQVAE2(config).num_parameters()
+
+    log(f"VQ-VAE-2 training, {n_parameters / 1e6:.2f}M parameters, {args.size}x{args.size}, batch {args.batch_size}: "
+        f"{args.warmup} warm-up + {args.steps} timed steps per variant ({', '.join(variants)}), interleaved")
+    train, trained = bench_vqvae_training(config, variants, random_pixels(args.batch_size, shape, generator),
+                                          args.steps, args.warmup, args.seed)
+    log(f"code extraction, batch {args.extract_batch_size}: {args.extract_warmup} warm-up + "
+        f"{args.extract_batches} timed batches per variant, interleaved")
+    extract = bench_vqvae_extraction(trained, variants, random_pixels(args.extract_batch_size, shape, generator),
+                                     args.extract_batches, args.extract_warmup)
+    results = {
+        "benchmark": "vqvae",
+        **info,
+        "load_average_after": load_average(),
+        "quick": args.quick,
+        "config": {
+            "model": asdict(config),
+            "paper_model": config == VQVAE2Config(),
+            "parameters": n_parameters,
+            "image_size": args.size,
+            "variants": {name: {"precision": VQVAE_VARIANTS[name][0], "channels_last": VQVAE_VARIANTS[name][1]}
+                         for name in variants},
+            "train_batch_size": args.batch_size,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "extract_batch_size": args.extract_batch_size,
+            "extract_warmup_batches": args.extract_warmup,
+            "extract_timed_batches": args.extract_batches,
+            "optimizer": f"Adam lr={VQVAE_LR}, torch's default betas (no gradient clipping)",
+            "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward (or encode); "
+                    "the quantizer and the losses in fp32",
+            "channels_last": "model.to(memory_format=torch.channels_last) and the input "
+                             ".contiguous(memory_format=torch.channels_last)",
+            "seed": args.seed,
+        },
+        "train": train,
+        "extract": extract,
+    }
+    print(format_vqvae_table(results))
+    write_results(results, Path(args.out), "vqvae", format_vqvae_markdown(results))
+
+
 # -- output -----------------------------------------------------------------------------------
 
 
@@ -618,16 +811,35 @@ def train_summary_lines(results):
         f"matmul peak bf16/fp32: {results['matmul_bf16_speedup']:.2f}x",
         f"attention (SDPA, counted with torch's formulas registered for the CPU kernel): "
         f"{attention_share(results):.1%} of the step's FLOPs",
+        *machine_lines(results),
+    ]
+
+
+def text_table(header, rows):
+    """Left-aligned columns two spaces apart, a dashed line under the header."""
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
+def markdown_table(header, rows):
+    def line(cells):
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def machine_lines(results):
+    return [
         f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
         f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
     ]
 
 
 def format_train_table(results):
-    rows = [("", "fp32", "bf16 autocast"), *train_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = text_table(("", "fp32", "bf16 autocast"), train_rows(results))
     return "\n".join(["", *lines, "", *train_summary_lines(results), ""])
 
 
@@ -637,9 +849,7 @@ def format_train_markdown(results):
         "",
         f"`{results['command']}`",
         "",
-        "| | fp32 | bf16 autocast |",
-        "|---|---|---|",
-        *(f"| {label} | {fp32} | {bf16} |" for label, fp32, bf16 in train_rows(results)),
+        *markdown_table(("", "fp32", "bf16 autocast"), train_rows(results)),
         "",
         *(f"- {line}" for line in train_summary_lines(results)),
         f"- FLOP count: {results['flop_count_method']}",
@@ -701,8 +911,7 @@ def sample_summary_lines(results):
         )
     lines += [
         f"scaling: {results['scaling']}",
-        f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
-        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
+        *machine_lines(results),
     ]
     if results["quick"]:
         lines.insert(0, "--quick: tiny models, the numbers mean nothing")
@@ -710,10 +919,7 @@ def sample_summary_lines(results):
 
 
 def format_sample_table(results):
-    rows = [SAMPLE_HEADER, *sample_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SAMPLE_HEADER))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = text_table(SAMPLE_HEADER, sample_rows(results))
     return "\n".join(["", *lines, "", *sample_summary_lines(results), ""])
 
 
@@ -723,11 +929,108 @@ def format_sample_markdown(results):
         "",
         f"`{results['command']}`",
         "",
-        "| " + " | ".join(SAMPLE_HEADER) + " |",
-        "|" + "---|" * len(SAMPLE_HEADER),
-        *("| " + " | ".join(row) + " |" for row in sample_rows(results)),
+        *markdown_table(SAMPLE_HEADER, sample_rows(results)),
         "",
         *(f"- {line}" for line in sample_summary_lines(results)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ratio(value):
+    return f"{value:.2f}x"
+
+
+def vqvae_rows(results):
+    """(label, one text per variant) rows shared by the terminal table and the markdown."""
+    variants = list(results["config"]["variants"])
+    train, extract = results["train"], results["extract"]
+
+    def each(format_one):
+        return tuple(format_one(name) for name in variants)
+
+    def speedup(phase, base):
+        def text(name):
+            if f"speedup_vs_{base}" not in phase[name]:
+                return "-"
+            return (f"{ratio(phase[name][f'speedup_vs_{base}'])} "
+                    f"(paired {ratio(phase[name][f'speedup_vs_{base}_paired_median'])})")
+        return text
+
+    def spread(phase, unit):
+        return lambda name: (f"{seconds(phase[name]['median_s'])} [{seconds(phase[name]['min_s'])}, "
+                             f"{seconds(phase[name]['max_s'])}]")
+
+    rows = []
+    for label, phase, unit in (("training", train, "step"), ("extraction", extract, "batch")):
+        rows += [
+            (f"{label} images/s (median)", *each(lambda n, p=phase: f"{p[n]['images_per_s']:.3g}")),
+            (f"{label} s/{unit} (median [min, max])", *each(spread(phase, unit))),
+            (f"{label} speed-up vs fp32", *each(speedup(phase, "fp32"))),
+        ]
+        if "bf16" in variants and any(VQVAE_VARIANTS[n][1] for n in variants):
+            rows.append((f"{label} speed-up vs bf16", *each(speedup(phase, "bf16"))))
+        rows.append((f"{label}: other processes' CPU (median)",
+                     *each(lambda n, p=phase: f"{p[n]['other_cpu_use_median']:.0%}")))
+    rows.append(("extraction codes equal to fp32's (top / bottom)",
+                 *each(lambda n: "{top:.1%} / {bottom:.1%}".format(**extract[n]["codes_equal_to_fp32"]))))
+    return [("", *variants), *rows]
+
+
+def channels_last_verdict(phase, name):
+    """Whether channels_last helped bf16 in one phase, from the paired median against bf16."""
+    paired = phase[name]["speedup_vs_bf16_paired_median"]
+    verdict = "helps" if paired > 1.05 else "hurts" if paired < 0.95 else "makes no clear difference"
+    return f"{verdict} ({ratio(phase[name]['speedup_vs_bf16'])} of bf16's speed, paired {ratio(paired)})"
+
+
+def vqvae_summary_lines(results):
+    c = results["config"]
+    model = "the paper's model (VQVAE2Config())" if c["paper_model"] else "a tiny model (--quick)"
+    lines = [
+        f"{model}, {c['parameters'] / 1e6:.2f}M parameters, {c['image_size']}x{c['image_size']} random images; "
+        f"training batch {c['train_batch_size']}, {c['timed_steps']} timed steps per variant after "
+        f"{c['warmup_steps']} warm-up; extraction batch {c['extract_batch_size']}, {c['extract_timed_batches']} "
+        f"timed batches after {c['extract_warmup_batches']} warm-up; variants interleaved, order alternating",
+        f"training step: forward (losses in fp32), loss.backward, {c['optimizer']}, zero_grad; "
+        f"extraction: eval mode, no_grad, model.encode",
+        f"bf16: {c['bf16']}; channels_last: {c['channels_last']}",
+        "speed-ups: ratio of the median times (paired: median of the per-round ratios, least exposed to load drift)",
+    ]
+    for name in c["variants"]:
+        if name in ("fp32", "bf16"):
+            continue
+        lines.append(f"{name}: " + ", ".join(
+            f"{label} {ratio(results[phase][name]['speedup_vs_fp32'])} vs fp32"
+            for phase, label in (("train", "training"), ("extract", "extraction"))))
+        if VQVAE_VARIANTS[name] == ("bf16", True) and "bf16" in c["variants"]:
+            lines.append(f"channels_last with bf16: training {channels_last_verdict(results['train'], name)}; "
+                         f"extraction {channels_last_verdict(results['extract'], name)}")
+    lines += [
+        "codes equal to fp32's: on one extraction batch, same weights; the model is untrained and the images "
+        "are noise, so this only shows that lower precision can flip near-tied nearest codes",
+        *machine_lines(results),
+    ]
+    if results["quick"]:
+        lines.insert(0, "--quick: 32x32 images and a tiny model, the numbers mean nothing")
+    return lines
+
+
+def format_vqvae_table(results):
+    header, *rows = vqvae_rows(results)
+    return "\n".join(["", *text_table(header, rows), "", *vqvae_summary_lines(results), ""])
+
+
+def format_vqvae_markdown(results):
+    header, *rows = vqvae_rows(results)
+    lines = [
+        "# VQ-VAE-2 benchmark: training and code extraction, fp32 vs bf16 autocast vs channels_last",
+        "",
+        f"`{results['command']}`",
+        "",
+        *markdown_table(header, rows),
+        "",
+        *(f"- {line}" for line in vqvae_summary_lines(results)),
         "",
     ]
     return "\n".join(lines)
@@ -783,11 +1086,38 @@ def add_sample_parser(subparsers):
     p.set_defaults(run=run_sample)
 
 
+def add_vqvae_parser(subparsers):
+    p = subparsers.add_parser(
+        "vqvae", help="VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last",
+        description=inspect.cleandoc(run_vqvae.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    full, quick = VQVAE_FULL_DEFAULTS, VQVAE_QUICK_DEFAULTS
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run in seconds with a tiny model: {', '.join(f'{k}={v}' for k, v in quick.items())}")
+    p.add_argument("--variants", nargs="+", choices=list(VQVAE_VARIANTS),
+                   help=f"what to compare (default {' '.join(VQVAE_DEFAULT_VARIANTS)})")
+    p.add_argument("--size", type=int, help=f"image side, a multiple of 8 (default {full['size']})")
+    p.add_argument("--batch-size", type=int, help=f"training images per step (default {full['batch_size']})")
+    p.add_argument("--steps", type=int, help=f"timed training steps per variant (default {full['steps']})")
+    p.add_argument("--warmup", type=int, help=f"untimed training steps per variant first (default {full['warmup']})")
+    p.add_argument("--extract-batch-size", type=int,
+                   help=f"images per extraction batch (default {full['extract_batch_size']})")
+    p.add_argument("--extract-batches", type=int,
+                   help=f"timed extraction batches per variant (default {full['extract_batches']})")
+    p.add_argument("--extract-warmup", type=int, default=1, help="untimed extraction batches per variant first")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the images")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                   help="directory for vqvae.json and vqvae.md (default bench/results)")
+    p.set_defaults(run=run_vqvae)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample}")
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample,vqvae}")
     add_train_parser(subparsers)
     add_sample_parser(subparsers)
+    add_vqvae_parser(subparsers)
     return parser.parse_args(argv)
 
 

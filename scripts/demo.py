@@ -1,24 +1,67 @@
-"""The main job on built-in data, nothing to download.
+"""The main job on built-in data, nothing to download: the whole VQ-VAE-2 pipeline in ~10 minutes.
 
-Trains the `cpu-small` pixel-space PixelSNAIL for a few minutes on 32x32 crops of scikit-image's
-bundled sample photos, then prints the exact test bits/dim (EMA weights, over held-out photos)
-and writes a grid of samples. Running it again resumes the same run and trains further.
+1. trains a small VQ-VAE on 64x64 crops of scikit-image's sample photos (two held-out photos
+   are the test set) and writes RUN/vqvae/reconstructions.png (originals above reconstructions);
+2. encodes the training crops into an LMDB code database (8x8 top and 16x16 bottom codes);
+3. trains a small top prior (class-conditional: the class is the source photo) and a bottom prior
+   conditioned on the top codes and the class;
+4. samples top codes, then bottom codes (cached sampler), decodes them, and writes
+   RUN/samples.png: one row per class.
+Every stage resumes when the command is run again. The pixel-space demo is scripts/demo_pixels.py.
 """
 
 import argparse
+import math
+from pathlib import Path
 
+import torch
+from torchvision.utils import save_image
+
+from pipelines import train_prior, train_vqvae
+from pipelines.checkpoint import atomic_path
 from pipelines.cli import run
-from pipelines.train_pixel import TrainConfig, train
+from pipelines.codes import extract_with_vqvae
+from pipelines.generation import generate, load_pipeline
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="directory for all stages (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=9.0,
+                   help="training time of the three models together (default 9; extraction and sampling come on top)")
+    p.add_argument("--size", type=int, default=64, help="image side (default 64: 8x8 top, 16x16 bottom codes)")
+    p.add_argument("--per-class", type=int, default=6, help="samples per class in samples.png (default 6)")
+    return p.parse_args()
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--steps", type=int, default=600, help="total training steps of the run")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget of this session")
-    args = p.parse_args()
-    train(TrainConfig(data="builtin", out=args.out, preset="cpu-small", steps=args.steps,
-                      max_minutes=args.minutes, eval_every=200, checkpoint_every=100, resume=True))
+    args = parse_args()
+    out = Path(args.out)
+    budget = {"vqvae": 0.4 * args.minutes, "top": 0.25 * args.minutes, "bottom": 0.35 * args.minutes}
+
+    print("== 1/4 VQ-VAE")
+    train_vqvae.train(train_vqvae.VQVAETrainConfig(
+        data="builtin", out=str(out / "vqvae"), preset="cpu-small", size=args.size, steps=3000,
+        max_minutes=budget["vqvae"], batch_size=16, lr=1e-3, eval_every=1000, checkpoint_every=200, resume=True))
+
+    print("== 2/4 codes")
+    count = extract_with_vqvae(out / "vqvae", "builtin", out / "codes.lmdb")
+    print(f"{count} records in {out / 'codes.lmdb'}")
+
+    for level in ("top", "bottom"):
+        print(f"== 3/4 {level} prior")
+        train_prior.train(train_prior.PriorTrainConfig(
+            codes=str(out / "codes.lmdb"), level=level, out=str(out / level), preset=f"cpu-{level}",
+            steps=3000, max_minutes=budget[level], eval_every=1000, checkpoint_every=200, resume=True))
+
+    print("== 4/4 samples")
+    pipeline = load_pipeline(out / "vqvae", out / "top", out / "bottom")
+    generator = torch.Generator().manual_seed(0)
+    rows = [generate(pipeline, args.per_class, label, generator=generator)[0] for label in range(pipeline.n_classes)]
+    with atomic_path(out / "samples.png") as tmp:
+        save_image((torch.cat(rows) + 1) / 2, tmp, format="png", nrow=args.per_class)
+    print(f"reconstructions: {out / 'vqvae' / 'reconstructions.png'}")
+    print(f"samples ({pipeline.n_classes} classes x {args.per_class}): {out / 'samples.png'}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,9 @@ from another checkpoint, split or image size is refused.
 """
 
 import argparse
-from pathlib import Path
 
-import torch
-
-from pipelines.checkpoint import load_vqvae, resolve_checkpoint
 from pipelines.cli import run
-from pipelines.codes import count_classes, extract_codes, file_sha256
-from pipelines.data import load_dataset, to_model_range
+from pipelines.codes import extract_with_vqvae
 
 
 def parse_args():
@@ -35,26 +30,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    model, extra = load_vqvae(args.vqvae)
-    image_size = args.size or extra.get("image_size")
-    if image_size is None:
-        raise ValueError(f"{args.vqvae} does not record the image size it was trained on: pass --size")
-    dataset = load_dataset(args.data, args.split, image_size)
-    top_shape, bottom_shape = model.code_shapes(image_size)
-    data = args.data if args.data == "builtin" else str(Path(args.data).expanduser().resolve())
-    plan = dict(
-        top_shape=list(top_shape), bottom_shape=list(bottom_shape),
-        top_codes=model.config.top_codes, bottom_codes=model.config.bottom_codes,
-        n_classes=count_classes(dataset) if args.n_classes is None else args.n_classes,
-        vqvae_sha256=file_sha256(resolve_checkpoint(args.vqvae)), image_size=image_size,
-        source={"data": data, "split": args.split, "images": len(dataset)},
-    )
-
-    @torch.no_grad()
-    def encode(images_uint8):
-        return model.encode(to_model_range(images_uint8))
-
-    count = extract_codes(encode, dataset, args.out, plan, args.batch_size, args.workers)
+    count = extract_with_vqvae(args.vqvae, args.data, args.out, args.split, args.size, args.n_classes,
+                               args.batch_size, args.workers)
     print(f"wrote {count} records to {args.out}")
 
 

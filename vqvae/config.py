@@ -28,11 +28,12 @@ class VQVAE2Config:
     eps: float = 1e-5  # Laplace smoothing of the EMA code counts
     commitment: float = 0.25  # beta: weight of ||z_e - sg(e)||^2 in the loss
     # A code whose EMA count (assignments per training batch, summed over processes) falls below
-    # this restarts from an encoder output of the current batch. 1e-3 restarts only codes that
-    # are practically never chosen: a count of 1 left unused decays below it after ~690 steps,
-    # and at the first training step every code no input chose (count 0) restarts, which acts as
-    # a data-dependent initialisation. 0 disables restarts.
-    dead_code_threshold: float = 1e-3
+    # this restarts from an encoder output of the current batch. At 1.0 a code chosen less than
+    # once per batch on average keeps being re-placed among current encoder outputs until it is
+    # used (as in Jukebox); at the first step every code no input chose restarts, which acts as a
+    # data-dependent initialisation. On 64x64 photo crops (batch 16, 256 codes, 150 steps) this
+    # kept 27% / 58% of the top / bottom codes in use against 3% / 7% at 1e-3. 0 disables restarts.
+    dead_code_threshold: float = 1.0
 
     def __post_init__(self):
         for name in ("top_codes", "bottom_codes"):

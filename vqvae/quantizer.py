@@ -52,7 +52,7 @@ class VectorQuantizerEMA(nn.Module):
     perplexity and usage describe this batch on this process (no communication).
     """
 
-    def __init__(self, n_codes, dim, decay=0.99, eps=1e-5, commitment=0.25, dead_code_threshold=1e-3):
+    def __init__(self, n_codes, dim, decay=0.99, eps=1e-5, commitment=0.25, dead_code_threshold=1.0):
         super().__init__()
         if n_codes < 2:
             raise ValueError(f"n_codes must be >= 2, got {n_codes}")

@@ -1,0 +1,124 @@
+"""The VQ-VAE-2 pipeline end to end through its scripts, on tiny generated data:
+train a VQ-VAE, extract codes, train top and bottom priors (one of them on two processes),
+sample and decode; and the refusals of checkpoints that do not belong together."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines.checkpoint import save_checkpoint
+from pipelines.generation import generate, load_pipeline
+from prior import PixelSNAIL, PixelSNAILConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--precision", "fp32", "--batch-size", "4", "--eval-every", "2"]
+
+
+def run(*args, processes=1):
+    if processes == 1:
+        command = [sys.executable, *args]
+    else:
+        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return result
+
+
+def ok(*args, processes=1):
+    result = run(*args, processes=processes)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    """Two classes of 16x16 images in class folders -> VQ-VAE, codes, top and bottom priors."""
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 16)
+    for label, name in enumerate(("reds", "blues")):
+        (root / "images" / name).mkdir(parents=True)
+        for k in range(15):
+            colour = np.array([200, 40, 40]) if label == 0 else np.array([40, 40, 200])
+            image = colour * (0.5 + 0.5 * ramp[None, :, None]) + rng.normal(0, 10, (16, 16, 3))
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / name / f"{k}.png")
+    images = str(root / "images")
+    ok("scripts/train_vqvae.py", "--data", images, "--preset", "cpu-small", "--size", "16", "--steps", "4",
+       "--out", str(root / "vqvae"), *FAST)
+    out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out", str(root / "codes.lmdb"))
+    assert out.strip().splitlines()[-1].startswith("wrote 27 records")
+    top = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "top", "--preset", "cpu-top",
+             "--steps", "4", "--out", str(root / "top"), *FAST)
+    bottom = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "bottom",
+                "--preset", "cpu-bottom", "--steps", "4", "--out", str(root / "bottom"), *FAST, processes=2)
+    return root, top, bottom
+
+
+def test_priors_train_and_report_bits_per_code(pipeline_runs):
+    _, top, bottom = pipeline_runs
+    for out in (top, bottom):
+        assert out.strip().splitlines()[-1].startswith("test bits/code: ")
+    assert "2 process(es) on cpu" in bottom and "parameters identical on all 2 processes" in bottom
+
+
+def test_sample_script_writes_images_and_codes(pipeline_runs):
+    root, _, _ = pipeline_runs
+    args = ["scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"),
+            "--bottom", str(root / "bottom"), "--n", "4", "--label", "1", "--out", str(root / "samples.png"),
+            "--save-codes", str(root / "codes.safetensors")]
+    assert ok(*args).strip().endswith(f"to {root / 'samples.png'}")
+    assert Image.open(root / "samples.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+    codes = load_file(root / "codes.safetensors")
+    assert codes["top_codes"].shape == (4, 2, 2) and codes["bottom_codes"].shape == (4, 4, 4)
+
+    result = run(*args[:-4], "--label", "2", "--out", str(root / "x.png"))
+    assert result.returncode == 2 and "label must lie in [0, 2)" in result.stderr
+    swapped = run("scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "bottom"),
+                  "--bottom", str(root / "top"), "--out", str(root / "x.png"))
+    assert swapped.returncode == 2 and "is not a top prior" in swapped.stderr
+
+
+def test_generation_is_seeded(pipeline_runs):
+    root, _, _ = pipeline_runs
+    pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
+    first = generate(pipeline, 2, 0, generator=torch.Generator().manual_seed(5))
+    again = generate(pipeline, 2, 0, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert first[0].shape == (2, 3, 16, 16) and first[0].abs().max() <= 1
+
+
+def test_priors_that_do_not_fit_are_refused(pipeline_runs, tmp_path):
+    root, _, _ = pipeline_runs
+    state = load_file(root / "top" / "model.safetensors")
+    from pipelines.checkpoint import load_checkpoint
+
+    _, config_json, extra = load_checkpoint(root / "top", "pixelsnail")
+    config = PixelSNAILConfig.from_json(config_json)
+
+    foreign = dict(extra, codes=dict(extra["codes"], vqvae_sha256="0" * 64))
+    save_checkpoint(tmp_path / "foreign.safetensors", state, "pixelsnail", config, **foreign)
+    with pytest.raises(ValueError, match="codes of another VQ-VAE"):
+        load_pipeline(root / "vqvae", tmp_path / "foreign.safetensors", root / "bottom")
+
+    wider = PixelSNAILConfig.from_json(config_json)
+    wider.n_codes = config.n_codes * 2
+    save_checkpoint(tmp_path / "wider.safetensors", PixelSNAIL(wider).state_dict(), "pixelsnail", wider, **extra)
+    with pytest.raises(ValueError, match=f"n_codes={2 * config.n_codes} but .* has {config.n_codes}"):
+        load_pipeline(root / "vqvae", tmp_path / "wider.safetensors", root / "bottom")
+
+
+def test_a_prior_refuses_a_database_it_does_not_fit(pipeline_runs, tmp_path):
+    root, _, _ = pipeline_runs
+    from pipelines.codes import read_metadata
+    from pipelines.train_prior import check_fits
+
+    metadata = read_metadata(root / "codes.lmdb")
+    config = PixelSNAILConfig(shape=(3, 3), n_codes=metadata["top_codes"], n_classes=2)
+    with pytest.raises(ValueError, match=r"shape=\(3, 3\) but the code database has \(2, 2\)"):
+        check_fits(config, metadata, "top", "the code database")
