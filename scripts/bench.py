@@ -355,6 +355,7 @@ def run_train(args):
     print(format_train_table(results))
     write_results(results, Path(args.out), "train", format_train_markdown(results))
 
+
 # -- sampling ---------------------------------------------------------------------------------
 
 SAMPLERS = {"naive": sample_naive, "cached": sample_cached}
@@ -364,8 +365,11 @@ SAMPLING_SCALING = (
     "position 0) + (time from the first to the K-th draw) x (N - 1) / (K - 1). Each naive step is a "
     "full forward over the whole grid, whose cost does not depend on the position, so its prefix is "
     "a faithful per-position cost. The cached sampler is timed on the whole grid unless marked "
-    "'scaled'; without attention its per-position cost does not depend on the position either."
+    "'scaled' (a run is cut short and scaled when it exceeds --cached-budget seconds); with "
+    "attention its per-position cost grows with the position (keys 0..p-1), without attention it "
+    "does not depend on the position either."
 )
+CACHED_BUDGET_S = 180
 
 
 def sample_cases(quick):
@@ -386,12 +390,12 @@ def sample_cases(quick):
     return {
         "top": ("top-prior-like codes 32x32, class label",
                 PixelSNAILConfig(shape=(32, 32), n_codes=512, n_classes=10, channels=128, n_blocks=2,
-                                 n_res_blocks=4, kernel_size=5, attention=True, dropout=0.1), 16, 8, None),
+                                 n_res_blocks=4, kernel_size=5, attention=True, dropout=0.1), 16, 16, None),
         "bottom": ("bottom-prior-like codes 64x64, class label + random 32x32 top codes",
                    PixelSNAILConfig(shape=(64, 64), n_codes=512, n_classes=10, cond_codes=512, cond_shape=(32, 32),
                                     channels=128, n_blocks=2, n_res_blocks=4, kernel_size=5, attention=False,
-                                    cond_channels=128, cond_res_blocks=4), 16, 4, 128),
-        "cpu-small": ("cpu-small pixel preset", get_preset("cpu-small").model, 16, 32, None),
+                                    cond_channels=128, cond_res_blocks=4), 16, 6, None),
+        "cpu-small": ("cpu-small pixel preset", get_preset("cpu-small").model, 16, 64, None),
     }
 
 
@@ -414,14 +418,15 @@ class StopSampling(Exception):
 
 class DrawRecorder:
     """Runs a sampler with `model.draw` wrapped: timestamps each draw, keeps the first `keep`
-    draws and the outputs they were drawn from, and stops the sampler after `limit` draws.
+    draws and the outputs they were drawn from, and stops the sampler after `limit` draws or
+    once `budget_s` seconds have passed.
 
     The sampler itself is untouched: an instance attribute shadows the method while the
     recorder is active, and the real `draw` does the drawing (so generators are consumed as usual).
     """
 
-    def __init__(self, model, limit, keep):
-        self.model, self.limit, self.keep = model, limit, keep
+    def __init__(self, model, limit, keep, budget_s=None):
+        self.model, self.limit, self.keep, self.budget_s = model, limit, keep, budget_s
         self.times, self.draws, self.outputs = [], [], []
         self.start = None
 
@@ -432,6 +437,8 @@ class DrawRecorder:
             self.draws.append(drawn.clone())
             self.outputs.append(out.float().clone())
         if len(self.times) == self.limit:
+            raise StopSampling
+        if self.budget_s is not None and self.times[-1] - self.start > self.budget_s and len(self.times) > 1:
             raise StopSampling
         return drawn
 
@@ -447,15 +454,11 @@ class DrawRecorder:
         return self
 
 
-def time_sampler(name, model, batch_size, label, cond, positions, keep, seed):
-    """One run of a sampler on its first `positions` positions, scaled to the whole grid."""
-    n_positions = model.config.shape[0] * model.config.shape[1]
-    recorder = DrawRecorder(model, positions, keep)
-    generator = torch.Generator().manual_seed(seed)
-    with OtherCpuUse() as contention:
-        recorder.run(SAMPLERS[name], batch_size, label, cond, generator)
+def prefix_timing(recorder, n_positions):
+    """A sampler run's times from its draws' timestamps, scaled to the whole grid when the run
+    stopped early (see SAMPLING_SCALING)."""
     times = recorder.times
-    assert len(times) == positions, (name, len(times), positions)
+    positions = len(times)
     first = times[0] - recorder.start  # setup + position 0
     per_position = (times[-1] - times[0]) / (positions - 1) if positions > 1 else first
     return {
@@ -465,8 +468,7 @@ def time_sampler(name, model, batch_size, label, cond, positions, keep, seed):
         "seconds_per_position": per_position,
         "total_s": first + per_position * (n_positions - 1),
         "scaled": positions < n_positions,
-        "other_cpu_use": contention.fraction,
-    }, recorder
+    }
 
 
 def compare_draws(naive, cached):
@@ -495,7 +497,7 @@ def make_sampling_model(config, batch_size, seed):
     return model, label, cond
 
 
-def bench_sampling_case(name, case, rounds, naive_positions, cached_positions, seed):
+def bench_sampling_case(name, case, rounds, naive_positions, cached_positions, cached_budget_s, seed):
     title, config, batch_size, default_naive, default_cached = case
     n_positions = config.shape[0] * config.shape[1]
     positions = {
@@ -503,34 +505,46 @@ def bench_sampling_case(name, case, rounds, naive_positions, cached_positions, s
         "cached": min(cached_positions or default_cached or n_positions, n_positions),
     }
     model, label, cond = make_sampling_model(config, batch_size, seed)
+    budgets = {"naive": None, "cached": cached_budget_s}
     check = min(positions.values())
     log(f"{name}: {title}, {model.num_parameters() / 1e6:.2f}M parameters, batch {batch_size}, "
-        f"{n_positions} positions; naive timed on {positions['naive']}, cached on {positions['cached']}")
-    for sampler in SAMPLERS:  # warm-up: thread pool, kernels, page faults
-        time_sampler(sampler, model, batch_size, label, cond, min(2, n_positions), 0, seed)
-    runs = {sampler: [] for sampler in SAMPLERS}
-    recorders = {}
-    for round_index in range(rounds):
-        order = list(SAMPLERS) if round_index % 2 == 0 else list(SAMPLERS)[::-1]
-        for sampler in order:
-            run, recorder = time_sampler(sampler, model, batch_size, label, cond, positions[sampler],
-                                         check if round_index == 0 else 0, seed)
-            runs[sampler].append(run)
-            if round_index == 0:
-                recorders[sampler] = recorder
-            log(f"  round {round_index + 1}/{rounds} {sampler}: {run['seconds']:.3g} s for {run['timed_positions']} "
-                f"positions, {run['seconds_per_position'] * 1e3:.4g} ms/position, whole grid "
-                f"{'~' if run['scaled'] else ''}{run['total_s']:.4g} s, other processes' CPU {run['other_cpu_use']:.0%}")
-    return summarise_sampling_case(title, config, model, batch_size, label, cond, runs,
-                                   compare_draws(recorders["naive"], recorders["cached"]))
+        f"{n_positions} positions; naive timed on {positions['naive']}, cached on {positions['cached']} "
+        f"(or {cached_budget_s:g} s)")
+    recorders = {sampler: [] for sampler in SAMPLERS}
+
+    def sample(sampler, limit, keep, budget_s=None):
+        recorder = DrawRecorder(model, limit, keep, budget_s)
+        recorders[sampler].append(recorder)
+        recorder.run(SAMPLERS[sampler], batch_size, label, cond, torch.Generator().manual_seed(seed))
+
+    for sampler in SAMPLERS:  # warm-up on 2 positions: thread pool, kernels, page faults
+        sample(sampler, 2, 0)
+        recorders[sampler].clear()
+    runs = {  # the first run of each keeps its draws on the first `check` positions, to compare
+        sampler: lambda sampler=sampler: sample(sampler, positions[sampler], 0 if recorders[sampler] else check,
+                                                budgets[sampler])
+        for sampler in SAMPLERS
+    }
+    _, other_cpu = time_interleaved(runs, rounds, 0, progress=name)
+    timings = {
+        sampler: [{**prefix_timing(recorder, n_positions), "other_cpu_use": other}
+                  for recorder, other in zip(recorders[sampler], other_cpu[sampler])]
+        for sampler in SAMPLERS
+    }
+    for sampler, sampler_timings in timings.items():
+        log(f"  {name} {sampler}: " + "; ".join(
+            f"{t['seconds_per_position'] * 1e3:.4g} ms/position, whole grid {'~' if t['scaled'] else ''}"
+            f"{t['total_s']:.4g} s" for t in sampler_timings))
+    return summarise_sampling_case(title, config, model, batch_size, label, cond, timings,
+                                   compare_draws(recorders["naive"][0], recorders["cached"][0]))
 
 
 def summarise_sampling_case(title, config, model, batch_size, label, cond, runs, check):
     summary = {}
     for sampler, sampler_runs in runs.items():
         summary[sampler] = {
-            "timed_positions": sampler_runs[0]["timed_positions"],
-            "scaled": sampler_runs[0]["scaled"],
+            "timed_positions": min(r["timed_positions"] for r in sampler_runs),
+            "scaled": any(r["scaled"] for r in sampler_runs),
             "seconds_per_position": statistics.median(r["seconds_per_position"] for r in sampler_runs),
             "total_s": statistics.median(r["total_s"] for r in sampler_runs),
             "other_cpu_use_median": statistics.median(r["other_cpu_use"] for r in sampler_runs),
@@ -565,14 +579,17 @@ def run_sample(args):
       cpu-small  the cpu-small pixel preset (32x32 RGB)
     The naive sampler is far too slow to run whole: it is timed on a prefix of positions and
     scaled linearly to the grid (each naive step is a full forward whose cost does not depend on
-    the position). The cached sampler runs the whole grid, except for `bottom`, timed on its first
-    2 rows and scaled. Naive and cached runs alternate (round 1 naive first, round 2 cached
-    first, ...) and other processes' CPU use is recorded for each. With the same seed both
+    the position). The cached sampler runs the whole grid, unless a run takes longer than
+    --cached-budget seconds: then it stops there and is scaled the same way. Naive and cached
+    runs alternate (round 1 naive first, round 2 cached first, ...), other processes' CPU use is
+    recorded for each, and the medians over the rounds are reported. With the same seed both
     samplers draw the same values: checked on the positions both timed. Prints a table and
     writes sample.json and sample.md to --out."""
+    if args.quick and args.threads is None:
+        args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     info = machine_info()
     cases = sample_cases(args.quick)
     if args.models:
@@ -584,8 +601,10 @@ def run_sample(args):
         "rounds": rounds,
         "seed": args.seed,
         "scaling": SAMPLING_SCALING,
+        "cached_budget_s": args.cached_budget,
         "models": {
-            name: bench_sampling_case(name, case, rounds, args.naive_positions, args.cached_positions, args.seed)
+            name: bench_sampling_case(name, case, rounds, args.naive_positions, args.cached_positions,
+                                      args.cached_budget, args.seed)
             for name, case in cases.items()
         },
         "load_average_after": load_average(),
@@ -606,8 +625,11 @@ VQVAE_VARIANTS = {
 VQVAE_DEFAULT_VARIANTS = ["fp32", "bf16", "bf16_channels_last"]
 VQVAE_LR = 3e-4  # Adam with torch's default betas, as pipelines/train_vqvae.py
 VQVAE_QUICK_MODEL = VQVAE2Config(channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8)
-VQVAE_QUICK_DEFAULTS = dict(size=32, batch_size=4, steps=2, warmup=1, extract_batch_size=8, extract_batches=2)
-VQVAE_FULL_DEFAULTS = dict(size=256, batch_size=8, steps=8, warmup=2, extract_batch_size=32, extract_batches=5)
+# --quick runs one thread: on a tiny model two threads mostly wait on each other, seconds per step
+# when other jobs hold the cores
+VQVAE_QUICK_DEFAULTS = dict(size=32, batch_size=4, steps=2, warmup=1, extract_batch_size=8, extract_batches=2, threads=1)
+VQVAE_FULL_DEFAULTS = dict(size=256, batch_size=8, steps=10, warmup=2, extract_batch_size=32, extract_batches=6,
+                           threads=None)
 
 
 def to_memory_format(variant, model, x):
@@ -633,9 +655,16 @@ def vqvae_extract(model, x, precision):
         return model.encode(x)
 
 
+QUIET = 0.10  # a round is quiet when other processes took less than this share of the CPU during every call
+
+
 def summarise_variants(seconds, other_cpu, images, variants):
     """Per variant: images/s from the median time of a call of `images` images, and its spread;
-    speed-ups against fp32 (ratio of medians and the per-round paired median)."""
+    speed-ups against fp32 and bf16 (ratio of medians and the per-round paired median); and the
+    same over the quiet rounds only (other processes' CPU use < QUIET during every call of the
+    round; None when no round was quiet): two threads stall badly when another job takes a core."""
+    n_rounds = len(seconds[variants[0]])
+    quiet = [i for i in range(n_rounds) if all(other_cpu[name][i] < QUIET for name in variants)]
     summary = {}
     for name in variants:
         median_seconds = statistics.median(seconds[name])
@@ -647,13 +676,17 @@ def summarise_variants(seconds, other_cpu, images, variants):
             "seconds": seconds[name],
             "other_cpu_use": other_cpu[name],
             "other_cpu_use_median": statistics.median(other_cpu[name]),
+            "quiet_rounds": quiet,
+            "images_per_s_quiet": images / statistics.median(seconds[name][i] for i in quiet) if quiet else None,
         }
     for name in variants:
         for base in ("fp32", "bf16"):
             if base in variants and base != name:
+                paired = paired_speedups(seconds, base, name)
                 summary[name][f"speedup_vs_{base}"] = summary[base]["median_s"] / summary[name]["median_s"]
-                summary[name][f"speedup_vs_{base}_paired_median"] = statistics.median(
-                    paired_speedups(seconds, base, name))
+                summary[name][f"speedup_vs_{base}_paired_median"] = statistics.median(paired)
+                summary[name][f"speedup_vs_{base}_quiet_paired_median"] = (
+                    statistics.median(paired[i] for i in quiet) if quiet else None)
     return summary
 
 
@@ -858,7 +891,16 @@ def format_train_markdown(results):
     return "\n".join(lines)
 
 
-SAMPLE_TARGETS = {"top": "target >= 50x (goal 100x)", "bottom": "target: more than top"}
+def sample_target(name, models):
+    """The issue's target for a model's speed-up and whether this run met it (None: no target)."""
+    speedup = models[name]["speedup"]
+    if name == "top":
+        verdict = "goal met" if speedup >= 100 else "target met, goal not" if speedup >= 50 else "NOT met"
+        return f"target >= 50x, goal 100x: {verdict}"
+    if name == "bottom" and "top" in models:
+        top = models["top"]["speedup"]
+        return f"target more than top's {top:.0f}x: {'met' if speedup > top else 'NOT met'}"
+    return None
 
 
 def seconds(value):
@@ -900,15 +942,22 @@ SAMPLE_HEADER = ("model (params)", "positions x batch", "naive s/position", "nai
 def sample_summary_lines(results):
     lines = []
     for name, r in results["models"].items():
-        target = SAMPLE_TARGETS.get(name)
+        target = sample_target(name, results["models"])
         lines.append(
-            f"{name}: {r['title']}; speed-up {r['speedup']:.1f}x (whole grid, medians of {results['rounds']} "
+            f"{name}: {r['title']}; speed-up {r['speedup']:.1f}x (whole grid, median times of {results['rounds']} "
             f"rounds; per-round paired median {r['speedup_paired_median']:.1f}x, per position "
             f"{r['per_position_speedup']:.1f}x){'; ' + target if target else ''}; draws on the first "
             f"{r['check']['positions_compared']} positions ({r['check']['values_compared']} values) "
             f"{'identical' if r['check']['identical_draws'] else 'DIFFER'}, max |output difference| "
             f"{r['check']['max_abs_output_diff']:.2g}"
         )
+    for name, r in results["models"].items():
+        rounds = "; ".join(
+            f"{n['total_s']:.4g} s / {c['total_s']:.4g} s = {n['total_s'] / c['total_s']:.1f}x "
+            f"(other CPU {n['other_cpu_use']:.0%} / {c['other_cpu_use']:.0%})"
+            for n, c in zip(r["naive"]["runs"], r["cached"]["runs"])
+        )
+        lines.append(f"{name} per round, naive / cached whole grid: {rounds}")
     lines += [
         f"scaling: {results['scaling']}",
         *machine_lines(results),
@@ -951,10 +1000,20 @@ def vqvae_rows(results):
 
     def speedup(phase, base):
         def text(name):
-            if f"speedup_vs_{base}" not in phase[name]:
+            precision, channels_last = VQVAE_VARIANTS[name]
+            if f"speedup_vs_{base}" not in phase[name] or (base != "fp32" and (precision, channels_last) != (base, True)):
                 return "-"
             return (f"{ratio(phase[name][f'speedup_vs_{base}'])} "
                     f"(paired {ratio(phase[name][f'speedup_vs_{base}_paired_median'])})")
+        return text
+
+    def quiet_speedup(phase, base):
+        def text(name):
+            precision, channels_last = VQVAE_VARIANTS[name]
+            value = phase[name].get(f"speedup_vs_{base}_quiet_paired_median")
+            if value is None or (base != "fp32" and (precision, channels_last) != (base, True)):
+                return "-"
+            return ratio(value)
         return text
 
     def spread(phase, unit):
@@ -968,20 +1027,37 @@ def vqvae_rows(results):
             (f"{label} s/{unit} (median [min, max])", *each(spread(phase, unit))),
             (f"{label} speed-up vs fp32", *each(speedup(phase, "fp32"))),
         ]
-        if "bf16" in variants and any(VQVAE_VARIANTS[n][1] for n in variants):
+        with_bf16_channels_last = "bf16" in variants and "bf16_channels_last" in variants
+        if with_bf16_channels_last:
             rows.append((f"{label} speed-up vs bf16", *each(speedup(phase, "bf16"))))
         rows.append((f"{label}: other processes' CPU (median)",
                      *each(lambda n, p=phase: f"{p[n]['other_cpu_use_median']:.0%}")))
+        quiet, n_rounds = phase[variants[0]]["quiet_rounds"], len(phase[variants[0]]["seconds"])
+        if quiet and len(quiet) < n_rounds:
+            where = f"quiet rounds only ({len(quiet)} of {n_rounds})"
+            rows += [
+                (f"{label} images/s, {where}", *each(lambda n, p=phase: f"{p[n]['images_per_s_quiet']:.3g}")),
+                (f"{label} speed-up vs fp32, {where}, paired", *each(quiet_speedup(phase, "fp32"))),
+            ]
+            if with_bf16_channels_last:
+                rows.append((f"{label} speed-up vs bf16, {where}, paired", *each(quiet_speedup(phase, "bf16"))))
     rows.append(("extraction codes equal to fp32's (top / bottom)",
                  *each(lambda n: "{top:.1%} / {bottom:.1%}".format(**extract[n]["codes_equal_to_fp32"]))))
     return [("", *variants), *rows]
 
 
-def channels_last_verdict(phase, name):
-    """Whether channels_last helped bf16 in one phase, from the paired median against bf16."""
-    paired = phase[name]["speedup_vs_bf16_paired_median"]
+def channels_last_verdict(phase, name, base):
+    """Whether channels_last helped in one phase: from the paired median against the same
+    precision without it, over the quiet rounds when at least two were quiet."""
+    timing = phase[name]
+    quiet, n_rounds = timing["quiet_rounds"], len(timing["seconds"])
+    if len(quiet) >= 2:
+        paired, source = timing[f"speedup_vs_{base}_quiet_paired_median"], f"quiet rounds ({len(quiet)} of {n_rounds}), paired"
+    else:
+        paired, source = timing[f"speedup_vs_{base}_paired_median"], f"all {n_rounds} rounds, paired"
     verdict = "helps" if paired > 1.05 else "hurts" if paired < 0.95 else "makes no clear difference"
-    return f"{verdict} ({ratio(phase[name]['speedup_vs_bf16'])} of bf16's speed, paired {ratio(paired)})"
+    return (f"{verdict}: {ratio(paired)} {base}'s speed ({source}; ratio of all medians "
+            f"{ratio(timing[f'speedup_vs_{base}'])})")
 
 
 def vqvae_summary_lines(results):
@@ -1000,12 +1076,21 @@ def vqvae_summary_lines(results):
     for name in c["variants"]:
         if name in ("fp32", "bf16"):
             continue
-        lines.append(f"{name}: " + ", ".join(
-            f"{label} {ratio(results[phase][name]['speedup_vs_fp32'])} vs fp32"
+        lines.append(f"{name} vs fp32: " + ", ".join(
+            f"{label} {ratio(results[phase][name]['speedup_vs_fp32'])} (paired "
+            f"{ratio(results[phase][name]['speedup_vs_fp32_paired_median'])}"
+            + (f"; quiet rounds paired {ratio(quiet)})" if (quiet := results[phase][name]["speedup_vs_fp32_quiet_paired_median"])
+               is not None and len(results[phase][name]["quiet_rounds"]) < len(results[phase][name]["seconds"]) else ")")
             for phase, label in (("train", "training"), ("extract", "extraction"))))
-        if VQVAE_VARIANTS[name] == ("bf16", True) and "bf16" in c["variants"]:
-            lines.append(f"channels_last with bf16: training {channels_last_verdict(results['train'], name)}; "
-                         f"extraction {channels_last_verdict(results['extract'], name)}")
+        base, channels_last = VQVAE_VARIANTS[name]
+        if channels_last and base in c["variants"]:
+            lines.append(f"channels_last with {base}: training {channels_last_verdict(results['train'], name, base)}; "
+                         f"extraction {channels_last_verdict(results['extract'], name, base)}")
+    busy = max(results[phase][name]["other_cpu_use_median"] for phase in ("train", "extract") for name in c["variants"])
+    if busy >= QUIET:
+        lines.append(f"other processes took up to {busy:.0%} of the CPU (median of a variant's calls): two threads "
+                     f"stall badly when a core is taken, so the quiet rounds (every call of the round < "
+                     f"{QUIET:.0%} other CPU) are the figures to trust")
     lines += [
         "codes equal to fp32's: on one extraction batch, same weights; the model is untrained and the images "
         "are noise, so this only shows that lower precision can flip near-tied nearest codes",
@@ -1072,13 +1157,14 @@ def add_sample_parser(subparsers):
         "sample", help="naive vs cached sampling time for three models",
         description=inspect.cleandoc(run_sample.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round")
+    p.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round, 1 thread")
     p.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all)")
-    p.add_argument("--rounds", type=int, help="timed runs per sampler and model, interleaved (default 2)")
+    p.add_argument("--rounds", type=int, help="timed runs per sampler and model, interleaved (default 3)")
     p.add_argument("--naive-positions", type=int,
-                   help="positions the naive sampler is timed on (default top 8, bottom 4, cpu-small 32)")
-    p.add_argument("--cached-positions", type=int,
-                   help="positions the cached sampler is timed on (default the whole grid; bottom 128)")
+                   help="positions the naive sampler is timed on (default top 16, bottom 6, cpu-small 64)")
+    p.add_argument("--cached-positions", type=int, help="positions the cached sampler is timed on (default the whole grid)")
+    p.add_argument("--cached-budget", type=float, default=CACHED_BUDGET_S,
+                   help=f"seconds after which a cached run stops and is scaled (default {CACHED_BUDGET_S})")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the inputs and the draws")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"),

@@ -11,7 +11,6 @@ Every stage resumes when the command is run again. The pixel-space demo is scrip
 """
 
 import argparse
-import math
 from pathlib import Path
 
 import torch

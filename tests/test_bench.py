@@ -62,3 +62,35 @@ def test_sample_quick_writes_positive_numbers(tmp_path):
             assert model[key] > 0, (name, key)
         # same seed, same draws: the cached sampler is exact
         assert model["check"]["positions_compared"] > 0 and model["check"]["identical_draws"], name
+
+
+def test_vqvae_quick_writes_positive_numbers(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "vqvae", "--quick", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=30,
+    )
+    results = json.loads((tmp_path / "vqvae.json").read_text())
+    assert (tmp_path / "vqvae.md").read_text().startswith("# VQ-VAE-2 benchmark")
+
+    for key in ("date", "torch", "cpu", "threads", "command", "config"):
+        assert results[key], key
+    assert "vqvae --quick" in results["command"] and results["quick"]
+    config = results["config"]
+    assert config["image_size"] == 32 and config["parameters"] > 0 and not config["paper_model"]
+    variants = ["fp32", "bf16", "bf16_channels_last"]
+    assert list(config["variants"]) == variants
+    assert config["variants"]["bf16_channels_last"] == {"precision": "bf16", "channels_last": True}
+    for phase, calls in (("train", config["timed_steps"]), ("extract", config["extract_timed_batches"])):
+        assert list(results[phase]) == variants, phase
+        for name, timing in results[phase].items():
+            for key in ("images_per_s", "median_s", "min_s", "max_s"):
+                assert timing[key] > 0, (phase, name, key)
+            assert len(timing["seconds"]) == len(timing["other_cpu_use"]) == calls
+            assert all(v >= 0 for v in timing["other_cpu_use"])
+            if name != "fp32":
+                assert timing["speedup_vs_fp32"] > 0 and timing["speedup_vs_fp32_paired_median"] > 0, (phase, name)
+        assert results[phase]["bf16_channels_last"]["speedup_vs_bf16"] > 0, phase
+    for name, timing in results["extract"].items():
+        agreement = timing["codes_equal_to_fp32"]
+        assert set(agreement) == {"top", "bottom"} and all(0 <= v <= 1 for v in agreement.values()), name
+    assert results["extract"]["fp32"]["codes_equal_to_fp32"] == {"top": 1.0, "bottom": 1.0}
