@@ -144,7 +144,12 @@ def load_state(accelerator, run_dir, ema=None):
 
 
 def make_loader(dataset, batch_size, workers, sampler=None):
-    """A DataLoader; with an EpochShuffle sampler it is a training loader (incomplete batches dropped)."""
+    """A DataLoader; with an EpochShuffle sampler it is a training loader (incomplete batches dropped).
+
+    It has a generator of its own, so starting an iterator (which draws the workers' base seed)
+    leaves the global RNG alone: that RNG drives dropout and codebook restarts, and a resumed run
+    starts its iterator at another moment than an uninterrupted one.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -153,6 +158,7 @@ def make_loader(dataset, batch_size, workers, sampler=None):
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),
     )
 
 
