@@ -12,8 +12,8 @@ the model's inputs (x, label, cond). A run directory holds:
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate.utils import set_seed

@@ -122,3 +122,20 @@ def test_a_prior_refuses_a_database_it_does_not_fit(pipeline_runs, tmp_path):
     config = PixelSNAILConfig(shape=(3, 3), n_codes=metadata["top_codes"], n_classes=2)
     with pytest.raises(ValueError, match=r"shape=\(3, 3\) but the code database has \(2, 2\)"):
         check_fits(config, metadata, "top", "the code database")
+
+
+def test_high_resolution_path_256():
+    """256x256 images: 32x32 top and 64x64 bottom grids, sampled (cached) and decoded."""
+    from pipelines.generation import Pipeline
+    from vqvae import VQVAE2, VQVAE2Config
+
+    torch.manual_seed(0)
+    vqvae = VQVAE2(VQVAE2Config(channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8))
+    small = dict(channels=8, n_blocks=1, n_res_blocks=1, kernel_size=3, key_channels=4, value_channels=4,
+                 embed_channels=4, cond_channels=4, cond_res_blocks=1, dropout=0.0, n_classes=3)
+    top = PixelSNAIL(PixelSNAILConfig(shape=(32, 32), n_codes=16, **small))
+    bottom = PixelSNAIL(PixelSNAILConfig(shape=(64, 64), n_codes=16, cond_codes=16, cond_shape=(32, 32),
+                                         attention=False, **small))
+    images, top_codes, bottom_codes = generate(Pipeline(vqvae.eval(), top, bottom, 256), 1, 2,
+                                               generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 256, 256) and top_codes.shape == (1, 32, 32) and bottom_codes.shape == (1, 64, 64)
