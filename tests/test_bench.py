@@ -5,21 +5,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import sample, train, vqvae
+
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
 
 
-def test_train_quick_writes_positive_numbers(tmp_path):
+def run_quick(benchmark, out_dir, heading):
+    """Runs `bench.py <benchmark> --quick`, checks the markdown's heading and the machine's
+    description in the JSON, and returns the JSON."""
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "train", "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), benchmark, "--quick", "--out", str(out_dir)],
         check=True, capture_output=True, text=True, timeout=30,
     )
-    results = json.loads((tmp_path / "train.json").read_text())
-    assert (tmp_path / "train.md").read_text().startswith("# Training benchmark")
-
-    for key in ("date", "torch", "cpu", "threads", "command", "config"):
+    results = json.loads((out_dir / f"{benchmark}.json").read_text())
+    assert (out_dir / f"{benchmark}.md").read_text().startswith(heading)
+    for key in ("date", "torch", "cpu", "threads", "command"):
         assert results[key], key
-    assert "train --quick" in results["command"]
+    assert f"{benchmark} --quick" in results["command"]
+    return results
+
+
+def test_train_quick_writes_positive_numbers(tmp_path):
+    results = run_quick("train", tmp_path, "# Training benchmark")
     assert results["config"]["preset"] == "tiny"
     for precision in PRECISIONS:
         assert results["matmul_peak"][precision]["flops_per_s"] > 0
@@ -35,16 +45,8 @@ def test_train_quick_writes_positive_numbers(tmp_path):
 
 
 def test_sample_quick_writes_positive_numbers(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "sample", "--quick", "--out", str(tmp_path)],
-        check=True, capture_output=True, text=True, timeout=30,
-    )
-    results = json.loads((tmp_path / "sample.json").read_text())
-    assert (tmp_path / "sample.md").read_text().startswith("# Sampling benchmark")
-
-    for key in ("date", "torch", "cpu", "threads", "command", "scaling"):
-        assert results[key], key
-    assert "sample --quick" in results["command"] and results["quick"]
+    results = run_quick("sample", tmp_path, "# Sampling benchmark")
+    assert results["scaling"] and results["quick"]
     assert set(results["models"]) == {"top", "bottom", "cpu-small"}
     for name, model in results["models"].items():
         assert model["positions"] > 0 and model["parameters"] > 0, name
@@ -65,16 +67,8 @@ def test_sample_quick_writes_positive_numbers(tmp_path):
 
 
 def test_vqvae_quick_writes_positive_numbers(tmp_path):
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "vqvae", "--quick", "--out", str(tmp_path)],
-        check=True, capture_output=True, text=True, timeout=30,
-    )
-    results = json.loads((tmp_path / "vqvae.json").read_text())
-    assert (tmp_path / "vqvae.md").read_text().startswith("# VQ-VAE-2 benchmark")
-
-    for key in ("date", "torch", "cpu", "threads", "command", "config"):
-        assert results[key], key
-    assert "vqvae --quick" in results["command"] and results["quick"]
+    results = run_quick("vqvae", tmp_path, "# VQ-VAE-2 benchmark")
+    assert results["quick"]
     config = results["config"]
     assert config["image_size"] == 32 and config["parameters"] > 0 and not config["paper_model"]
     variants = ["fp32", "bf16", "bf16_channels_last"]
@@ -94,3 +88,10 @@ def test_vqvae_quick_writes_positive_numbers(tmp_path):
         agreement = timing["codes_equal_to_fp32"]
         assert set(agreement) == {"top", "bottom"} and all(0 <= v <= 1 for v in agreement.values()), name
     assert results["extract"]["fp32"]["codes_equal_to_fp32"] == {"top": 1.0, "bottom": 1.0}
+
+
+@pytest.mark.parametrize("module", [train, sample, vqvae], ids=["train", "sample", "vqvae"])
+def test_committed_markdown_is_made_from_committed_json(module):
+    name = module.__name__.rsplit(".", 1)[1]
+    results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+    assert module.format_markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()

@@ -1,0 +1,219 @@
+"""What every benchmark shares: the machine's description, other processes' CPU use, interleaved
+timing, the tables (terminal and markdown) and the results files."""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_average():
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def machine_info():
+    flags = cpu_flags()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "load_average_before": load_average(),
+    }
+
+
+class OtherCpuUse:
+    """Measures how much of the machine's CPU other processes (and the hypervisor) took.
+
+    busy time of all CPUs (/proc/stat, steal included) minus this process's own CPU time,
+    as a fraction of wall time x CPU count: 0 means we had the machine to ourselves.
+    """
+
+    def __enter__(self):
+        self.start = (self.machine_busy_seconds(), self.own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        machine, own, wall = self.machine_busy_seconds(), self.own_seconds(), time.perf_counter()
+        elapsed = wall - self.start[2]
+        others = (machine - self.start[0]) - (own - self.start[1])
+        self.fraction = max(0.0, others) / (elapsed * (os.cpu_count() or 1)) if elapsed > 0 else 0.0
+
+    @staticmethod
+    def machine_busy_seconds():
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return 0.0
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_seconds():
+        times = os.times()
+        return times.user + times.system
+
+
+# -- inputs and timing ------------------------------------------------------------------------
+
+
+def random_pixels(batch_size, shape, generator):
+    """Images on the 256-value grid of [-1, 1], like the data loader produces."""
+    return torch.randint(0, 256, (batch_size, 3, *shape), generator=generator) / 127.5 - 1
+
+
+def autocast(precision):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def time_interleaved(runs, rounds, warmup, progress=None):
+    """Seconds of each call of several variants (runs: name -> callable), and other processes'
+    CPU use during each. `warmup` untimed calls of each first; then `rounds` rounds of one timed
+    call of each, the order alternating (a, b, c, then c, b, a, ...) so drifting background load
+    hits all alike. progress: a label to log each round's times under (None: silent)."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    seconds = {name: [] for name in names}
+    other_cpu = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            with OtherCpuUse() as contention:
+                start = time.perf_counter()
+                runs[name]()
+                seconds[name].append(time.perf_counter() - start)
+            other_cpu[name].append(contention.fraction)
+        if progress:
+            log(f"  {progress} round {round_index + 1}/{rounds}: " + ", ".join(
+                f"{name} {seconds[name][-1]:.3g} s (other CPU {other_cpu[name][-1]:.0%})" for name in names))
+    return seconds, other_cpu
+
+
+def paired_speedups(seconds, base="fp32", other="bf16"):
+    """base time / other time of each round (fp32 / bf16 by default): the ratio with the least
+    exposure to load drift."""
+    return [b / o for b, o in zip(seconds[base], seconds[other])]
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def apply_defaults(args, defaults):
+    """Fills the options left unset (None) on the command line from `defaults`."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def add_common_arguments(parser, name, seed_help):
+    """The options every benchmark ends with: --threads, --seed, and --out for name.json and name.md."""
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                        help=f"directory for {name}.json and {name}.md (default bench/results)")
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def seconds(value):
+    if value >= 100:
+        return f"{value:.0f} s"
+    return f"{value:.3g} s" if value >= 0.1 else f"{value * 1e3:.3g} ms"
+
+
+def text_table(header, rows):
+    """Left-aligned columns two spaces apart, a dashed line under the header."""
+    rows = [header, *rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
+def markdown_table(header, rows):
+    def line(cells):
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def machine_lines(results):
+    return [
+        f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
+        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
+    ]
+
+
+def format_text_report(header, rows, summary_lines):
+    """The terminal report: the table, then the summary lines."""
+    return "\n".join(["", *text_table(header, rows), "", *summary_lines, ""])
+
+
+def format_markdown_report(title, results, header, rows, notes):
+    """The markdown file: a title, the command that made the results, the table and the notes as a list."""
+    lines = [
+        f"# {title}",
+        "",
+        f"`{results['command']}`",
+        "",
+        *markdown_table(header, rows),
+        "",
+        *(f"- {line}" for line in notes),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results, out_dir, name, markdown):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+    log(f"wrote {out_dir / name}.json and .md")
