@@ -206,3 +206,15 @@ def test_sampling_follows_the_model():
     drawn = model.sample(2, label, cond, generator=torch.Generator().manual_seed(0), temperature=1e-4)
     greedy = model(drawn, label, cond).argmax(dim=1)
     assert torch.equal(drawn, greedy)
+
+
+def test_dropout_keeps_one_minus_p_and_the_mean():
+    from prior.layers import Dropout
+
+    dropout = Dropout(0.3)
+    x = torch.ones(200_000)
+    y = dropout(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert torch.equal(dropout.eval()(x), x)
