@@ -218,3 +218,22 @@ def test_dropout_keeps_one_minus_p_and_the_mean():
     assert abs(kept - 0.7) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
     torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
     assert torch.equal(dropout.eval()(x), x)
+
+
+@pytest.mark.parametrize("n_heads, key_channels, value_channels", [(1, 16, 128), (2, 8, 4), (4, 16, 16), (1, 16, 8)])
+def test_causal_attention_equals_the_masked_softmax_reference(n_heads, key_channels, value_channels):
+    """The fused null-key formulation against the plain one: scores, strict lower-triangular mask,
+    softmax, zeros at position 0."""
+    from einops import rearrange
+
+    from prior.layers import causal_attention
+
+    torch.manual_seed(0)
+    query, key = torch.randn(2, key_channels, 5, 7) * 3, torch.randn(2, key_channels, 5, 7) * 3
+    value = torch.randn(2, value_channels, 5, 7)
+    q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=n_heads) for t in (query, key, value))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(35, 35, dtype=torch.bool).tril(-1)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    expected = rearrange(weights @ v, "b h (x y) d -> b (h d) x y", x=5)
+    torch.testing.assert_close(causal_attention(query, key, value, n_heads), expected, atol=1e-5, rtol=1e-5)
