@@ -80,7 +80,7 @@ def evaluate_reconstruction(model, loader, accelerator, max_batches=None):
                                          disable=not accelerator.is_main_process)):
         if i == n_batches:
             break
-        x = to_model_range(images)
+        x = channels_last(to_model_range(images))
         with accelerator.autocast():
             out = model(x)
         errors = accelerator.gather_for_metrics((out.reconstruction.float() - x).square().mean(dim=(1, 2, 3)))
@@ -118,7 +118,8 @@ def train(cfg: VQVAETrainConfig):
     test_loader = training.make_loader(test_set, cfg.batch_size, cfg.workers)
 
     set_seed(cfg.seed)
-    model = VQVAE2(model_config)
+    # channels_last: 1.6x faster bf16 training here (bench/results/vqvae.md)
+    model = VQVAE2(model_config).to(memory_format=torch.channels_last)
     top_shape, bottom_shape = model.code_shapes(cfg.size)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
@@ -154,7 +155,7 @@ def train(cfg: VQVAETrainConfig):
     running = None
     while step < cfg.steps:
         images, _ = next(batches)[1]
-        result = model(to_model_range(images))
+        result = model(channels_last(to_model_range(images)))
         accelerator.backward(result.loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -192,6 +193,10 @@ def train(cfg: VQVAETrainConfig):
     accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
     accelerator.end_training()
     return metrics["mse"]
+
+
+def channels_last(images):
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def psnr(mse):
