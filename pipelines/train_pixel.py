@@ -156,6 +156,8 @@ def train(cfg: TrainConfig):
 def fit(cfg, model_config, source, unit):
     """The training loop shared by images and codes; returns the final test bits per `unit`."""
     accelerator = training.make_accelerator(training.resolve_precision(cfg.precision))
+    out = Path(cfg.out)
+    resuming = training.has_state(out)
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
     sampler = training.EpochShuffle(len(source.train_set), cfg.seed)
     train_loader = training.make_loader(source.train_set, cfg.batch_size, cfg.workers, sampler)
@@ -163,18 +165,18 @@ def fit(cfg, model_config, source, unit):
 
     set_seed(cfg.seed)  # the same initial weights on every process
     model = PixelSNAIL(model_config)
-    init_batch = next(iter(training.make_loader(source.train_set, 4 * cfg.batch_size, 0)))
-    model.init_from_data(*source.inputs(init_batch))
+    if not resuming:  # a resumed run loads its weights below
+        init_batch = next(iter(training.make_loader(source.train_set, 4 * cfg.batch_size, 0)))
+        model.init_from_data(*source.inputs(init_batch))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.95, 0.9995))
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     net = accelerator.unwrap_model(model)
     set_seed(cfg.seed, device_specific=True)  # but different dropout masks
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = {"step": 0, "train_config": asdict(cfg), "model_config": model_config.to_json()}
-    if training.has_state(out):
+    if resuming:
         progress.update(training.load_state(accelerator, out, ema), train_config=asdict(cfg))
         accelerator.print(f"resumed {out} at step {progress['step']}")
     else:
