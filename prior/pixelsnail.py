@@ -217,7 +217,8 @@ class PixelSNAIL(nn.Module):
         """(B, 3, H, W) pixels or (B, H, W) codes -> (B, P, H, W); P = 10 * n_mixtures or n_codes."""
         self.check_input(x)
         cond_map = self.condition(x.shape[0], label, cond)
-        raw = self.raw_input(x)
+        # channels_last from here on: oneDNN's convolutions run several times faster on it
+        raw = self.raw_input(x).contiguous(memory_format=torch.channels_last)
         ones = torch.ones_like(raw[:, :1])
         h = self.input(torch.cat([raw, ones], dim=1))
         for block in self.blocks:

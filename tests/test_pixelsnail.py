@@ -208,16 +208,30 @@ def test_sampling_follows_the_model():
     assert torch.equal(drawn, greedy)
 
 
-def test_dropout_keeps_one_minus_p_and_the_mean():
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_keeps_one_minus_p_and_the_mean(p):
     from prior.layers import Dropout
 
-    dropout = Dropout(0.3)
-    x = torch.ones(200_000)
+    dropout = Dropout(p)
+    x = torch.ones(400_000)
     y = dropout(x)
-    kept = (y != 0).float().mean().item()
-    assert abs(kept - 0.7) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
-    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
+    # both halves of every 32-bit draw keep at the same rate
+    pairs = kept.view(-1, 2).float().mean(dim=0)
+    assert abs(pairs[0] - pairs[1]) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)), rtol=1e-4, atol=0)
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_dropout_mask_follows_the_memory_layout():
+    from prior.layers import keep_mask
+
+    x = torch.randn(4, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    keep, keep_probability = keep_mask(x, 0.5)
+    assert keep.shape == x.shape and keep.stride() == x.stride() and keep_probability == 0.5
+    odd = torch.randn(4, 7, 5, 3)[:, 1:]  # neither layout: falls back to a plain mask
+    assert keep_mask(odd, 0.5)[0].shape == odd.shape
 
 
 @pytest.mark.parametrize("n_heads, key_channels, value_channels", [(1, 16, 128), (2, 8, 4), (4, 16, 16), (1, 16, 8)])
@@ -237,3 +251,40 @@ def test_causal_attention_equals_the_masked_softmax_reference(n_heads, key_chann
     weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     expected = rearrange(weights @ v, "b h (x y) d -> b (h d) x y", x=5)
     torch.testing.assert_close(causal_attention(query, key, value, n_heads), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_under_bf16_autocast_computes_in_fp32():
+    """Under CPU autocast the attention runs in fp32 on the bf16 inputs and returns their dtype."""
+    from prior.layers import causal_attention
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 8, 4, 6).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_attention(query, key, value, n_heads=2)
+    expected = causal_attention(query.float(), key.float(), value.float(), n_heads=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make_model", [pixel_model, code_model], ids=["pixels", "codes"])
+def test_bf16_autocast_forward_is_close_to_fp32(make_model):
+    """The fast path (bf16 autocast, fp32 likelihood) against fp32: the same bits/dim to 2%."""
+    model = make_model().float().eval()
+    if model.config.pixel_mode:
+        inputs = (random_pixels(4, model.config.shape).float(),)
+    else:
+        inputs = code_inputs(4)
+    fp32_bits = model.nll(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_bits = model.nll(*inputs)
+    assert bf16_bits.dtype == torch.float32
+    torch.testing.assert_close(bf16_bits, fp32_bits, rtol=0.02, atol=0)
+
+
+def test_compiled_model_matches_eager():
+    """torch.compile (the trainers' --compile) computes what the eager model computes."""
+    model = pixel_model(shape=(4, 4)).float().eval()
+    x = random_pixels(2, (4, 4)).float()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
