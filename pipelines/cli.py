@@ -29,12 +29,17 @@ def add_run_arguments(parser, defaults):
     p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the hardware has native bf16 (AMX, recent GPUs); "
                    "likelihoods and quantizers always compute in fp32")
+    p.add_argument("--compile", action="store_true", default=d.compile,
+                   help="torch.compile the model: compiles for a minute or more at the start, then "
+                   "runs each step faster where it pays (see bench/results/train.md)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test evaluations")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,
                    help="test batches per periodic evaluation (the final one uses the whole split)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader worker processes per process (default: none on CPU, whose cores the "
+                   "model needs; up to 8 with a GPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
 
 

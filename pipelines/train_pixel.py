@@ -43,12 +43,13 @@ class RunConfig:
     dropout: float | None = None  # None takes the preset's
     grad_clip: float = 1.0
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model (minutes of compilation first)
     eval_every: int = 500
     eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
     checkpoint_every: int = 500
     n_samples: int = 16
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers per process; None: training.default_workers()
     resume: bool = False
 
     def __post_init__(self):
@@ -61,7 +62,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.n_samples < 0 or self.workers < 0:
+        if self.n_samples < 0 or (self.workers or 0) < 0:
             raise ValueError("n_samples and workers must be >= 0")
 
 
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig):
 
 def fit(cfg, model_config, source, unit):
     """The training loop shared by images and codes; returns the final test bits per `unit`."""
-    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision))
+    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
     out = Path(cfg.out)
     resuming = training.has_state(out)
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes

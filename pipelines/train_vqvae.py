@@ -41,12 +41,13 @@ class VQVAETrainConfig:
     lr: float = 3e-4
     grad_clip: float = 1.0
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model (minutes of compilation first)
     eval_every: int = 500
     eval_batches: int | None = 20  # periodic evaluations use this many test batches; the last uses all
     checkpoint_every: int = 500
     n_images: int = 8  # test images shown in reconstructions.png
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers per process; None: training.default_workers()
     resume: bool = False
 
     def __post_init__(self):
@@ -61,7 +62,7 @@ class VQVAETrainConfig:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.lr <= 0 or self.n_images < 0 or self.workers < 0:
+        if self.lr <= 0 or self.n_images < 0 or (self.workers or 0) < 0:
             raise ValueError("lr must be > 0; n_images and workers >= 0")
 
 
@@ -109,7 +110,7 @@ def write_reconstructions(model, images, path):
 def train(cfg: VQVAETrainConfig):
     """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
     cfg, model_config = training.stored_run(cfg, RUN_FIELDS, VQVAE2Config) or (cfg, PRESETS[cfg.preset])
-    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision))
+    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
     train_set = load_dataset(cfg.data, "train", cfg.size)
     test_set = load_dataset(cfg.data, "test", cfg.size)

@@ -64,11 +64,13 @@ def resolve_precision(precision):
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def make_accelerator(precision):
-    """An Accelerator for 'bf16' or 'fp32'; refuses a launch that silently ran several copies."""
+def make_accelerator(precision, compile=False):
+    """An Accelerator for 'bf16' or 'fp32'; refuses a launch that silently ran several copies.
+    compile=True has `prepare` wrap the model in torch.compile (inductor)."""
     accelerator = Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),
+        dynamo_backend="inductor" if compile else "no",
     )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if accelerator.num_processes != world_size:
@@ -143,13 +145,24 @@ def load_state(accelerator, run_dir, ema=None):
     return json.loads((directory / PROGRESS_FILE).read_text())
 
 
-def make_loader(dataset, batch_size, workers, sampler=None):
+def default_workers():
+    """DataLoader workers per process when the user gives none: on a GPU, enough CPU cores to keep
+    it fed; on CPU none, as the cores are the model's and a batch costs little against a step."""
+    if not torch.cuda.is_available():
+        return 0
+    processes = max(1, int(os.environ.get("WORLD_SIZE", 1)))
+    return min(8, max(1, (os.cpu_count() or 1) // processes - 1))
+
+
+def make_loader(dataset, batch_size, workers=None, sampler=None):
     """A DataLoader; with an EpochShuffle sampler it is a training loader (incomplete batches dropped).
+    workers=None takes `default_workers()`; workers persist across epochs, batches are pinned on GPU.
 
     It has a generator of its own, so starting an iterator (which draws the workers' base seed)
     leaves the global RNG alone: that RNG drives dropout and codebook restarts, and a resumed run
     starts its iterator at another moment than an uninterrupted one.
     """
+    workers = default_workers() if workers is None else workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
