@@ -1,9 +1,13 @@
 """Benchmarks of this code on this machine, with the numbers written to JSON and markdown.
 
 Subcommands:
-  train   matmul peak (fp32, bf16) and PixelSNAIL training steps/s in fp32 and in bf16 autocast,
-          measured in one run (interleaved, so background load hits both alike), plus the
-          model's counted FLOPs per step, the achieved FLOP/s and its fraction of the peak.
+  train   training steps/s of every model the project trains (a top prior of the public
+          implementation's size, the cifar10, vqvae2-top and vqvae2-bottom presets, the VQ-VAE at
+          256x256), fp32 vs the bf16 fast path (optionally compiled), interleaved in one run, with
+          each step's counted FLOPs, the achieved FLOP/s and its fraction of the matmul peak
+          measured in the same run.
+  precision  the real trainer in fp32 and in bf16 for two seeds, each checkpoint evaluated in
+          fp32: is the bf16 - fp32 gap within the seed-to-seed noise?
   sample  naive (one full forward per position) vs cached (prior.sampling, one new position per
           step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
           code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
@@ -12,9 +16,10 @@ Subcommands:
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
 
 Examples:
-  python scripts/bench.py train                 # the cifar10 preset, a few minutes
-  python scripts/bench.py train --quick         # smoke run with the tiny preset, seconds
-  python scripts/bench.py train --steps 10 --out /tmp/bench
+  python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
+  python scripts/bench.py train --cases top-11m --compile   # one model, torch.compile too
+  python scripts/bench.py train --quick         # smoke run with tiny models, seconds
+  python scripts/bench.py precision             # four cpu-small runs, about 10 minutes
   python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
@@ -29,10 +34,11 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import sample, train, vqvae  # noqa: E402
+from bench import precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
-    "train": (train, "matmul peak and training steps/s, fp32 vs bf16 autocast"),
+    "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
+    "precision": (precision, "bf16 against fp32: final test bits/dim of the real trainer, two seeds"),
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
 }
@@ -40,7 +46,7 @@ SUBCOMMANDS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample,vqvae}")
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, summary) in SUBCOMMANDS.items():
         p = subparsers.add_parser(name, help=summary, description=inspect.cleandoc(module.run.__doc__),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,128 @@
+"""The `precision` benchmark: does bf16 autocast train as well as fp32? The real trainer runs the
+same short training in fp32 and in bf16 for two seeds; every final checkpoint is then evaluated
+in fp32 over the whole test split. The bf16 - fp32 gap is read against the gap between seeds."""
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (ROOT, apply_defaults, format_markdown_report, format_text_report,
+                          load_average, log, machine_info, machine_lines, write_results)
+
+PRECISIONS = ("fp32", "bf16")
+SEEDS = (0, 1)
+QUICK_DEFAULTS = dict(preset="tiny", steps=20)
+FULL_DEFAULTS = dict(preset="cpu-small", steps=400)
+
+
+def last_line_value(output, prefix):
+    """The number after `prefix` on the last line of a command's output that starts with it."""
+    lines = [line for line in output.splitlines() if line.startswith(prefix)]
+    if not lines:
+        raise RuntimeError(f"no line starting with {prefix!r} in:\n{output[-2000:]}")
+    return float(lines[-1][len(prefix):])
+
+
+def run_script(*args):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def train_and_evaluate(run_dir, preset, data, steps, precision, seed):
+    """Trains with scripts/train_pixelsnail.py, evaluates its checkpoint in fp32; returns the numbers."""
+    start = time.perf_counter()
+    output = run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--preset", preset, "--data", data,
+                        "--steps", str(steps), "--precision", precision, "--seed", str(seed),
+                        "--eval-every", str(steps), "--checkpoint-every", str(steps), "--n-samples", "0")
+    train_seconds = time.perf_counter() - start
+    trainer_bits = last_line_value(output, "test bits/dim: ")
+    output = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", data, "--precision", "fp32")
+    return {
+        "precision": precision,
+        "seed": seed,
+        "train_seconds": train_seconds,
+        "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation, in the run's precision
+        "test_bits_fp32": last_line_value(output, "test bits/dim: "),
+    }
+
+
+def run(args):
+    """Trains a preset for --steps steps with scripts/train_pixelsnail.py in fp32 and in bf16
+    autocast, for two seeds, on --data; evaluates every final (EMA) checkpoint in fp32 over the
+    whole test split with scripts/evaluate.py. Reports the bf16 - fp32 gap of each seed next to
+    the fp32 gap between the seeds. Writes precision.json and precision.md to --out."""
+    apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
+    info = machine_info()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in SEEDS:
+            for precision in PRECISIONS:
+                log(f"training {args.preset} for {args.steps} steps in {precision}, seed {seed}")
+                runs.append(train_and_evaluate(Path(tmp) / f"{precision}-{seed}", args.preset, args.data,
+                                               args.steps, precision, seed))
+    bits = {(r["precision"], r["seed"]): r["test_bits_fp32"] for r in runs}
+    precision_gaps = [bits["bf16", seed] - bits["fp32", seed] for seed in SEEDS]
+    results = {
+        "benchmark": "precision",
+        **info,
+        "load_average_after": load_average(),
+        "config": {"preset": args.preset, "data": args.data, "steps": args.steps, "seeds": list(SEEDS)},
+        "runs": runs,
+        "bf16_minus_fp32": precision_gaps,
+        "fp32_seed_gap": abs(bits["fp32", 1] - bits["fp32", 0]),
+        "bf16_seed_gap": abs(bits["bf16", 1] - bits["bf16", 0]),
+    }
+    print(format_table(results))
+    write_results(results, Path(args.out), "precision", format_markdown(results))
+
+
+def add_arguments(parser):
+    full, quick = FULL_DEFAULTS, QUICK_DEFAULTS
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run in seconds: {', '.join(f'{k}={v}' for k, v in quick.items())}")
+    parser.add_argument("--preset", help=f"the pixel preset to train (default {full['preset']})")
+    parser.add_argument("--steps", type=int, help=f"training steps of each run (default {full['steps']})")
+    parser.add_argument("--data", default="builtin", help="the dataset, as the trainer takes it")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                        help="directory for precision.json and precision.md (default bench/results)")
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+HEADER = ("precision", "seed", "training s", "test bits/dim (trainer, own precision)", "test bits/dim (fp32 eval)")
+
+
+def precision_rows(results):
+    return [(r["precision"], str(r["seed"]), f"{r['train_seconds']:.1f}", f"{r['test_bits_trainer']:.4f}",
+             f"{r['test_bits_fp32']:.4f}") for r in results["runs"]]
+
+
+def summary_lines(results):
+    c = results["config"]
+    gaps = results["bf16_minus_fp32"]
+    noise = max(results["fp32_seed_gap"], results["bf16_seed_gap"])
+    verdict = "within" if max(abs(g) for g in gaps) <= noise else "beyond"
+    return [
+        f"{c['preset']} preset, {c['steps']} steps on {c['data']}, seeds {c['seeds']}; every checkpoint evaluated "
+        "in fp32 over the whole test split",
+        f"bf16 - fp32 test bits/dim: {', '.join(f'{g:+.4f}' for g in gaps)} (seeds {c['seeds']}), mean "
+        f"{statistics.mean(gaps):+.4f}",
+        f"seed-to-seed gap: fp32 {results['fp32_seed_gap']:.4f}, bf16 {results['bf16_seed_gap']:.4f}: the bf16 - fp32 "
+        f"gap is {verdict} the seed-to-seed noise",
+        *machine_lines(results),
+    ]
+
+
+def format_table(results):
+    return format_text_report(HEADER, precision_rows(results), summary_lines(results))
+
+
+def format_markdown(results):
+    return format_markdown_report("Precision benchmark: bf16 autocast against fp32", results, HEADER,
+                                  precision_rows(results), summary_lines(results))
