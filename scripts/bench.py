@@ -10,6 +10,8 @@ Subcommands:
           timed on a prefix of positions and scaled to the whole grid.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
+  lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
+          DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
 Examples:
   python scripts/bench.py train                 # the cifar10 preset, a few minutes
@@ -19,6 +21,8 @@ Examples:
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
+  python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
+  python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
 """
 
 import argparse
@@ -29,18 +33,19 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import sample, train, vqvae  # noqa: E402
+from bench import lmdb, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "matmul peak and training steps/s, fp32 vs bf16 autocast"),
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
+    "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample,vqvae}")
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{train,sample,vqvae,lmdb}")
     for name, (module, summary) in SUBCOMMANDS.items():
         p = subparsers.add_parser(name, help=summary, description=inspect.cleandoc(module.run.__doc__),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
