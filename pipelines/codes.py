@@ -9,7 +9,9 @@ A database is an LMDB directory (`subdir=True`) holding:
 - `__meta__`, written last: the plan plus `count`. Its presence marks the database complete.
 
 Example: 32x32 images with 4x4 top and 8x8 bottom grids give 4 + 2*(16 + 64) = 164-byte records.
-Every problem with a database raises CodeStoreError with a one-line message naming the path.
+Records are written one transaction per batch, so a kill or a full disk leaves whole batches, and
+running the extraction again continues after them. Every problem with a database raises
+CodeStoreError with a one-line message naming the path (and the record, for a damaged one).
 """
 
 import hashlib
@@ -348,7 +350,7 @@ class CodeWriter:
     def _write_failed(self, error: lmdb.Error) -> CodeStoreError:
         """A failed commit as one line. A full disk raises lmdb.DiskError (ENOSPC), or lmdb.Error
         'Input/output error' when a page was written in part (LMDB counts a short write as EIO).
-        LMDB writes the new root page only after the data pages, so what was committed before stays."""
+        LMDB writes its meta page (the new root) only after the data pages, so what was committed before stays."""
         try:
             kept = f"the {self.count_records()} records committed before are kept"
         except (lmdb.Error, CodeStoreError):
