@@ -68,7 +68,12 @@ class OtherCpuUse:
 
     busy time of all CPUs (/proc/stat, steal included) minus this process's own CPU time,
     as a fraction of wall time x CPU count: 0 means we had the machine to ourselves.
+    include_children: this process's children count as its own too (DataLoader workers; only
+    children that ended and were waited for before __exit__ are counted by the system).
     """
+
+    def __init__(self, include_children=False):
+        self.include_children = include_children
 
     def __enter__(self):
         self.start = (self.machine_busy_seconds(), self.own_seconds(), time.perf_counter())
@@ -89,10 +94,10 @@ class OtherCpuUse:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def own_seconds():
+    def own_seconds(self):
         times = os.times()
-        return times.user + times.system
+        children = times.children_user + times.children_system if self.include_children else 0.0
+        return times.user + times.system + children
 
 
 # -- inputs and timing ------------------------------------------------------------------------

@@ -9,11 +9,21 @@ def run(main):
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message. An error raised in a DataLoader worker (a damaged code record, say) is
+    raised again in the main process with the message 'Caught X in DataLoader worker process N.'
+    followed by the worker's traceback, whose last line is 'module.X: message': that message."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 2 and lines[0].startswith("Caught ") and lines[1].startswith("Original Traceback"):
+        return lines[-1].split(": ", 1)[-1]
+    return str(error)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -9,7 +9,9 @@ A database is an LMDB directory (`subdir=True`) holding:
 - `__meta__`, written last: the plan plus `count`. Its presence marks the database complete.
 
 Example: 32x32 images with 4x4 top and 8x8 bottom grids give 4 + 2*(16 + 64) = 164-byte records.
-Every problem with a database raises CodeStoreError with a one-line message naming the path.
+Records are written one transaction per batch, so a kill or a full disk leaves whole batches, and
+running the extraction again continues after them. Every problem with a database raises
+CodeStoreError with a one-line message naming the path (and the record, for a damaged one).
 """
 
 import hashlib
@@ -204,9 +206,34 @@ def _open_readonly(path) -> lmdb.Environment:
     if not (path / "data.mdb").is_file():
         raise CodeStoreError(f"{path} is not an LMDB database: expected a directory holding data.mdb")
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
     except lmdb.Error as error:
         raise CodeStoreError(f"{path} is not a readable LMDB database ({error})") from None
+    try:
+        _check_not_truncated(env, path)
+    except CodeStoreError:
+        env.close()
+        raise
+    return env
+
+
+def _check_not_truncated(env: lmdb.Environment, path) -> None:
+    """Refuses a data.mdb shorter than the pages its last commit uses (a file cut short by a copy or
+    a full disk): LMDB reads pages through mmap, so touching a missing one kills the process with
+    SIGBUS instead of raising."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (Path(path) / "data.mdb").stat().st_size
+    if size < needed:
+        raise CodeStoreError(f"{path} is truncated: data.mdb holds {size} bytes but its last commit uses {needed}")
+
+
+@contextmanager
+def _lmdb_read_errors(where: str):
+    """lmdb's own exceptions (neither ValueError nor OSError) as a one-line CodeStoreError."""
+    try:
+        yield
+    except lmdb.Error as error:
+        raise CodeStoreError(f"{where} is damaged: LMDB says {error}") from None
 
 
 def _shared_reader(path: str) -> lmdb.Environment:
@@ -232,7 +259,7 @@ def _reading(path):
 
 def read_metadata(path) -> dict:
     """The metadata of a complete code database, checked (format, version, fields, record count)."""
-    with _reading(path) as env, env.begin() as txn:
+    with _reading(path) as env, _lmdb_read_errors(path), env.begin() as txn:
         metadata = _load_json(txn.get(META_KEY), path, META_KEY)
         if metadata is None:
             if txn.get(PLAN_KEY) is None:
@@ -262,11 +289,12 @@ class CodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
-        with _shared_reader(self.path).begin() as txn:
+        where = _record_name(self.path, index)
+        with _lmdb_read_errors(where), _shared_reader(self.path).begin() as txn:
             value = txn.get(record_key(index))
         if value is None:
-            raise CodeStoreError(f"{_record_name(self.path, index)} is missing")
-        label, top, bottom = decode_record(value, self.metadata, _record_name(self.path, index))
+            raise CodeStoreError(f"{where} is missing")
+        label, top, bottom = decode_record(value, self.metadata, where)
         return torch.from_numpy(top.astype(np.int64)), torch.from_numpy(bottom.astype(np.int64)), torch.tensor(label)
 
 
@@ -290,6 +318,11 @@ class CodeWriter:
             self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True)
         except lmdb.Error as error:
             raise CodeStoreError(f"cannot open {self.path} for writing ({error})") from None
+        try:
+            _check_not_truncated(self.env, self.path)
+        except CodeStoreError:
+            self.env.close()
+            raise
 
     def __enter__(self):
         return self
@@ -298,11 +331,10 @@ class CodeWriter:
         self.close()
 
     def close(self) -> None:
-        self.env.sync()
-        self.env.close()
+        self.env.close()  # every commit was synced already (lmdb.open's sync=True)
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Writes all items in one transaction, so a kill leaves all of them or none."""
+        """Writes all items in one transaction, so a kill, or a full disk, leaves all of them or none."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -312,6 +344,22 @@ class CodeWriter:
                 return
             except lmdb.MapFullError:
                 self.env.set_mapsize(2 * self.env.info()["map_size"])
+            except lmdb.Error as error:
+                raise self._write_failed(error) from None
+
+    def _write_failed(self, error: lmdb.Error) -> CodeStoreError:
+        """A failed commit as one line. A full disk raises lmdb.DiskError (ENOSPC), or lmdb.Error
+        'Input/output error' when a page was written in part (LMDB counts a short write as EIO).
+        LMDB writes its meta page (the new root) only after the data pages, so what was committed before stays."""
+        try:
+            kept = f"the {self.count_records()} records committed before are kept"
+        except (lmdb.Error, CodeStoreError):
+            kept = "what was committed before is kept"
+        if isinstance(error, lmdb.DiskError):
+            return CodeStoreError(f"disk full while writing {self.path} ({error}): {kept}; "
+                                  "free space and run the same command again to resume")
+        return CodeStoreError(f"writing {self.path} failed ({error}; is the disk full?): {kept}; "
+                              "fix that and run the same command again to resume")
 
     def get_json(self, key: bytes):
         with self.env.begin() as txn:
@@ -355,16 +403,41 @@ def extract_codes(
         if start > 0:
             print(f"{out}: resuming after {start} of {total} records")
         loader = DataLoader(Subset(dataset, range(start, total)), batch_size=batch_size, num_workers=workers)
-        index = start
+        batches = ((labels, *encode(images)) for images, labels in loader)
         with tqdm(total=total, initial=start, unit="img", desc="extracting codes", disable=not progress) as bar:
-            for images, labels in loader:
-                top_codes, bottom_codes = encode(images)
-                rows = encode_records(labels, top_codes.cpu(), bottom_codes.cpu(), plan)
-                writer.put_many([(record_key(index + i), row.tobytes()) for i, row in enumerate(rows)])
-                index += len(rows)
-                bar.update(len(rows))
+            _write_batches(writer, batches, start, plan, bar)
         writer.put_many([(META_KEY, _json_bytes({**job, "count": total}))])
     return total
+
+
+def write_codes(out, plan: dict, batches, map_size: int = DEFAULT_MAP_SIZE) -> int:
+    """Writes a complete code database from codes at hand, without a VQ-VAE (tests, benchmarks); -> the count.
+
+    `batches` yields (labels (B,), top_codes (B, Ht, Wt), bottom_codes (B, Hb, Wb)) integer tensors;
+    `plan` holds PLAN_FIELDS. `out` must not exist: there is no job to resume.
+    """
+    plan = _normalised_plan(plan, out)
+    if Path(out).exists():
+        raise CodeStoreError(f"{out} exists already: write_codes makes a new database")
+    job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
+    with CodeWriter(out, map_size) as writer:
+        writer.put_many([(PLAN_KEY, _json_bytes(job))])
+        count = _write_batches(writer, batches, 0, plan)
+        writer.put_many([(META_KEY, _json_bytes({**job, "count": count}))])
+    return count
+
+
+def _write_batches(writer: CodeWriter, batches, start: int, plan: dict, bar=None) -> int:
+    """Writes each batch of (labels, top_codes, bottom_codes) as records start, start+1, ... in one
+    transaction per batch; -> the index after the last record."""
+    index = start
+    for labels, top_codes, bottom_codes in batches:
+        rows = encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan)
+        writer.put_many([(record_key(index + i), row.tobytes()) for i, row in enumerate(rows)])
+        index += len(rows)
+        if bar is not None:
+            bar.update(len(rows))
+    return index
 
 
 def _normalised_plan(plan: dict, out) -> dict:

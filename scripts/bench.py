@@ -14,6 +14,8 @@ Subcommands:
           timed on a prefix of positions and scaled to the whole grid.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
+  lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
+          DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
 Examples:
   python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
@@ -24,6 +26,8 @@ Examples:
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
+  python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
+  python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
 """
 
 import argparse
@@ -34,13 +38,14 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import precision, sample, train, vqvae  # noqa: E402
+from bench import lmdb, precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
     "precision": (precision, "bf16 against fp32: final test bits/dim of the real trainer, two seeds"),
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
+    "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
 }
 
 

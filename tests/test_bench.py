@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import sample, train, vqvae
+from bench import lmdb, sample, train, vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -91,7 +91,23 @@ def test_vqvae_quick_writes_positive_numbers(tmp_path):
     assert results["extract"]["fp32"]["codes_equal_to_fp32"] == {"top": 1.0, "bottom": 1.0}
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae], ids=["train", "sample", "vqvae"])
+def test_lmdb_quick_writes_positive_numbers(tmp_path):
+    results = run_quick("lmdb", tmp_path, "# LMDB code database benchmark")
+    assert results["quick"]
+    config, build = results["config"], results["build"]
+    assert config["record_bytes"] == 4 + 2 * (4 * 4 + 8 * 8)
+    assert build["records_per_s"] > 0 and build["database_bytes"] >= config["records"] * config["record_bytes"]
+    assert list(results["read"]) == ["main process", "fork, 2 workers", "spawn, 2 workers"]
+    for name, variant in results["read"].items():
+        assert (variant["workers"], variant["context"]) == ((0, None) if name == "main process" else (2, name.split(",")[0]))
+        for key in ("records_per_s", "speedup_vs_main_process"):
+            assert variant[key] > 0, (name, key)
+        assert len(variant["runs"]) == config["rounds"]
+        assert variant["records_read"] == sum(run["records"] for run in variant["runs"]) > 0
+        assert all(run["startup_s"] > 0 and run["other_cpu_use"] >= 0 for run in variant["runs"])
+
+
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb], ids=["train", "sample", "vqvae", "lmdb"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())

@@ -1,9 +1,15 @@
-"""The code database: round trip, DataLoader workers, resume after SIGKILL, map growth, refusals."""
+"""The code database: round trip, DataLoader workers, resume after SIGKILL and a full disk, map
+growth, refusals."""
 
 import json
+import os
+import random
+import re
+import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -11,12 +17,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pipelines.cli import run
 from pipelines.codes import (
-    META_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
+    META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
+    write_codes,
 )
 from pipelines.data import ImageTensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # scripts import this checkout's packages
 N_IMAGES = 40
 
 
@@ -64,7 +73,8 @@ def complete_db(tmp_path):
 
 def record_bytes(label: int, top_codes: list[int], bottom_codes: list[int]) -> bytes:
     """The record format spelled out: int32 label, then uint16 codes, all little-endian."""
-    return label.to_bytes(4, "little") + b"".join(code.to_bytes(2, "little") for code in top_codes + bottom_codes)
+    codes = b"".join(code.to_bytes(2, "little") for code in top_codes + bottom_codes)
+    return label.to_bytes(4, "little", signed=True) + codes
 
 
 def rewrite(path, key: bytes, value: bytes | None) -> None:
@@ -74,6 +84,12 @@ def rewrite(path, key: bytes, value: bytes | None) -> None:
             txn.delete(key)
         else:
             txn.put(key, value)
+
+
+def stored_items(path) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of an LMDB database, in key order."""
+    with lmdb.open(str(path), subdir=True, readonly=True, lock=False) as env, env.begin() as txn:
+        return list(txn.cursor().iternext())
 
 
 def rewrite_metadata(path, **changes) -> None:
@@ -100,16 +116,45 @@ def test_two_datasets_on_one_path_read_in_one_process(complete_db):
     assert read_metadata(complete_db)["count"] == N_IMAGES
 
 
+def indexed_batches(n_records: int, batch_size: int = 100):
+    """Batches of (labels, top, bottom) codes whose bottom grid spells the record's index."""
+    for start in range(0, n_records, batch_size):
+        index = torch.arange(start, min(start + batch_size, n_records))
+        yield indexed_codes(index)
+
+
+def indexed_codes(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Label, top (B, 2, 2) and bottom (B, 4, 4) codes of records `index`; index = bottom[0, 0] + 300 * bottom[0, 1]."""
+    top = (index[:, None, None] + torch.arange(4).reshape(1, 2, 2)) % 5
+    bottom = (index[:, None, None] * 7 + torch.arange(16).reshape(1, 4, 4)) % 300
+    bottom[:, 0, 0], bottom[:, 0, 1] = index % 300, index // 300
+    return index % 3, top, bottom
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_dataloader_workers_read_every_record(complete_db, context):
-    codes = CodeDataset(complete_db)
+def test_dataloader_workers_read_every_record_epoch_after_epoch(tmp_path, context):
+    n_records, epochs = 2000, 3
+    path = tmp_path / "codes.lmdb"
+    assert write_codes(path, make_plan(), indexed_batches(n_records)) == n_records
+    codes = CodeDataset(path)
     codes[0]  # the parent holds the database open when it forks
-    loader = DataLoader(codes, batch_size=8, num_workers=2, multiprocessing_context=context)
-    tops, bottoms, labels = (torch.cat(parts) for parts in zip(*loader))
-    dataset = make_dataset()
-    want = [torch.stack(parts) for parts in zip(*(expected_item(dataset, i)[:2] for i in range(N_IMAGES)))]
-    assert torch.equal(tops, want[0]) and torch.equal(bottoms, want[1])
-    assert torch.equal(labels, dataset.labels)
+    loader = DataLoader(codes, batch_size=32, shuffle=True, num_workers=2, multiprocessing_context=context,
+                        persistent_workers=True, generator=torch.Generator().manual_seed(0))
+    for epoch in range(epochs):
+        orders = []
+        for top, bottom, label in loader:
+            index = bottom[:, 0, 0] + 300 * bottom[:, 0, 1]
+            want_label, want_top, want_bottom = indexed_codes(index)
+            assert torch.equal(top, want_top) and torch.equal(bottom, want_bottom) and torch.equal(label, want_label)
+            orders.append(index)
+        order = torch.cat(orders)
+        assert sorted(order.tolist()) == list(range(n_records)), f"epoch {epoch}: not every record exactly once"
+        assert not torch.equal(order, torch.arange(n_records))  # shuffled: random reads, not a scan
+
+
+def test_write_codes_refuses_an_existing_path(complete_db):
+    with pytest.raises(CodeStoreError, match="exists already"):
+        write_codes(complete_db, make_plan(), indexed_batches(4))
 
 
 KILLED_RUN = """
@@ -118,43 +163,66 @@ sys.path.insert(0, {tests!r})
 from test_codes import fake_encode, make_dataset, make_plan
 from pipelines.codes import extract_codes
 
-calls = 0
-def encode_then_hang(images):
-    global calls
-    calls += 1
-    if calls == 3:  # two batches are committed by now
-        print("hanging", flush=True)
-        time.sleep(60)
+def slow_encode(images):
+    if not slow_encode.started:
+        print("encoding", flush=True)
+        slow_encode.started = True
+    time.sleep(0.004)
     return fake_encode(images)
 
-extract_codes(encode_then_hang, make_dataset(), {out!r}, make_plan(), batch_size=4, progress=False)
+slow_encode.started = False
+extract_codes(slow_encode, make_dataset({n_images}), {out!r}, make_plan(), batch_size=2, progress=False)
 """
 
 
+def committed_records(path, reference: dict) -> int:
+    """The number of records in an interrupted database, after checking that they are exactly keys
+    0..k-1 beside __plan__, each byte for byte as an uninterrupted extraction wrote it."""
+    items = stored_items(path)
+    assert items[-1] == (PLAN_KEY, reference[PLAN_KEY])
+    records = items[:-1]
+    assert [key for key, _ in records] == [record_key(i) for i in range(len(records))]
+    assert all(value == reference[key] for key, value in records)
+    return len(records)
+
+
 def test_killed_extraction_resumes_to_every_record_once(tmp_path):
+    """SIGKILL three times at random (seeded) moments, each run resuming the previous one's database;
+    then a last run completes it, equal byte for byte to an uninterrupted extraction."""
+    n_images = 400  # 200 transactions of 2 records, at least 4 ms each: the run outlasts the kills
+    uninterrupted = tmp_path / "uninterrupted.lmdb"
+    extract_codes(fake_encode, make_dataset(n_images), uninterrupted, make_plan(), batch_size=2, progress=False)
+    reference = dict(stored_items(uninterrupted))
     out = tmp_path / "codes.lmdb"
-    script = KILLED_RUN.format(tests=str(ROOT / "tests"), out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "hanging"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
-    with pytest.raises(CodeStoreError, match="incomplete: extraction did not finish"):
-        read_metadata(out)
+    script = KILLED_RUN.format(tests=str(ROOT / "tests"), out=str(out), n_images=n_images)
+    rng = random.Random(0)
+    delays = [rng.uniform(0.05, 0.25) for _ in range(3)]  # seconds after the first encode call
+    progress = []
+    for delay in delays:
+        child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            while (line := child.stdout.readline()) not in ("encoding\n", ""):
+                assert "resuming after" in line, line
+            assert line == "encoding\n"
+            time.sleep(delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        with pytest.raises(CodeStoreError, match="incomplete: extraction did not finish"):
+            read_metadata(out)
+        progress.append(committed_records(out, reference))
+    assert 0 < progress[0] <= progress[1] <= progress[2] < n_images, progress
 
     encoded = []
     def counting_encode(images):
         encoded.append(len(images))
         return fake_encode(images)
 
-    assert extract_codes(counting_encode, make_dataset(), out, make_plan(), batch_size=4, progress=False) == N_IMAGES
-    assert sum(encoded) == N_IMAGES - 8  # continued after the two committed batches
-    with lmdb.open(str(out), subdir=True, readonly=True, lock=False) as env, env.begin() as txn:
-        keys = list(txn.cursor().iternext(values=False))
-    assert keys == [record_key(i) for i in range(N_IMAGES)] + [b"__meta__", b"__plan__"]
-    assert_holds_dataset(out, make_dataset())
+    assert extract_codes(counting_encode, make_dataset(n_images), out, make_plan(), batch_size=2,
+                         progress=False) == n_images
+    assert sum(encoded) == n_images - progress[-1]  # continued after the last committed batch
+    assert stored_items(out) == stored_items(uninterrupted)
 
 
 def test_map_grows_when_full(tmp_path):
@@ -223,6 +291,23 @@ def test_reader_refuses_bad_metadata(complete_db, changes, message):
         CodeDataset(complete_db)
 
 
+@pytest.mark.parametrize("keep", [
+    pytest.param(lambda size: size - 1, id="one-byte-short"),
+    pytest.param(lambda size: 2 * 4096, id="only-the-meta-pages"),
+])
+def test_a_truncated_file_is_refused_not_a_crash(complete_db, keep):
+    """Reading a page past the end of data.mdb through LMDB's mmap would kill the process (SIGBUS)."""
+    data = complete_db / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "r+b") as file:
+        file.truncate(keep(size))
+    message = f"is truncated: data.mdb holds {keep(size)} bytes but its last commit uses {size}"
+    with pytest.raises(CodeStoreError, match=message):
+        CodeDataset(complete_db)
+    with pytest.raises(CodeStoreError, match=message):  # nor is it resumed
+        extract_codes(fake_encode, make_dataset(), complete_db, make_plan(), progress=False)
+
+
 def test_reader_refuses_an_incomplete_database(complete_db):
     rewrite(complete_db, META_KEY, None)
     with pytest.raises(CodeStoreError, match="incomplete: extraction did not finish; re-run extract_codes.py"):
@@ -238,6 +323,7 @@ def record_with(label: int, top_code: int, bottom_code: int) -> bytes:
     pytest.param(record_with(0, 0, 300), "bottom code 300 >= codebook size 300", id="bottom-code"),
     pytest.param(record_with(0, 5, 0), "top code 5 >= codebook size 5", id="top-code"),
     pytest.param(record_with(3, 0, 0), r"label 3 outside \[0, 3\)", id="label"),
+    pytest.param(record_with(-1, 0, 0), r"label -1 outside \[0, 3\)", id="negative-label"),
 ])
 def test_reader_refuses_a_damaged_record_naming_its_key(complete_db, value, message):
     rewrite(complete_db, record_key(7), value)
@@ -245,6 +331,84 @@ def test_reader_refuses_a_damaged_record_naming_its_key(complete_db, value, mess
     codes[6]
     with pytest.raises(CodeStoreError, match=f"record 7 \\(key 0000000000000007\\) .*{message}"):
         codes[7]
+
+
+def test_a_damaged_record_read_in_a_worker_ends_a_script_with_one_line(complete_db, capsys):
+    """A DataLoader raises a worker's error again with the worker's traceback in its message."""
+    rewrite(complete_db, record_key(7), record_with(0, 5, 0))
+
+    def main():
+        for _ in DataLoader(CodeDataset(complete_db), batch_size=8, num_workers=1):
+            pass
+
+    with pytest.raises(SystemExit) as stop:
+        run(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {complete_db} record 7 (key 0000000000000007) has top code 5 >= codebook size 5: damaged record\n"
+    )
+
+
+class DiskFillsAfter:
+    """An lmdb Environment whose write transactions fail to commit with lmdb.DiskError, as LMDB does
+    on a full disk (ENOSPC from the page writes of mdb_txn_commit), once `commits` have succeeded."""
+
+    def __init__(self, env, commits: int):
+        self.env, self.commits = env, commits
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def begin(self, write=False, **kwargs):
+        txn = self.env.begin(write=write, **kwargs)
+        return FailingCommit(txn, self) if write else txn
+
+
+class FailingCommit:
+    def __init__(self, txn, disk: DiskFillsAfter):
+        self.txn, self.disk = txn, disk
+
+    def __getattr__(self, name):
+        return getattr(self.txn, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None and self.disk.commits == 0:
+            self.txn.abort()  # what mdb_txn_commit does when a write fails
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        self.disk.commits -= exc_type is None
+        return self.txn.__exit__(exc_type, exc, traceback)
+
+
+@pytest.mark.parametrize("commits, kept", [
+    pytest.param(1 + 3, 12, id="during-records"),  # __plan__, then 3 batches of 4
+    pytest.param(1 + 10, 40, id="at-the-completion-marker"),
+])
+def test_full_disk_stops_with_one_line_and_a_rerun_completes(tmp_path, monkeypatch, commits, kept):
+    real_open = lmdb.open
+    monkeypatch.setattr(lmdb, "open", lambda path, **kwargs: DiskFillsAfter(real_open(path, **kwargs), commits))
+    out = tmp_path / "codes.lmdb"
+    with pytest.raises(CodeStoreError) as stop:
+        extract_codes(fake_encode, make_dataset(), out, make_plan(), batch_size=4, progress=False)
+    monkeypatch.undo()
+    assert str(stop.value) == (
+        f"disk full while writing {out} (mdb_txn_commit: No space left on device): the {kept} records committed "
+        "before are kept; free space and run the same command again to resume"
+    )
+    uninterrupted = tmp_path / "uninterrupted.lmdb"
+    extract_codes(fake_encode, make_dataset(), uninterrupted, make_plan(), batch_size=4, progress=False)
+    assert committed_records(out, dict(stored_items(uninterrupted))) == kept
+
+    encoded = []
+    def counting_encode(images):
+        encoded.append(len(images))
+        return fake_encode(images)
+
+    assert extract_codes(counting_encode, make_dataset(), out, make_plan(), batch_size=4, progress=False) == N_IMAGES
+    assert sum(encoded) == N_IMAGES - kept
+    assert stored_items(out) == stored_items(uninterrupted)
 
 
 def test_writer_refuses_a_key_twice(tmp_path):
@@ -257,7 +421,7 @@ def test_writer_refuses_a_key_twice(tmp_path):
 
 def run_script(*args):
     return subprocess.run([sys.executable, "scripts/extract_codes.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
 
 
 def test_script_help():
@@ -266,24 +430,38 @@ def test_script_help():
     assert "--vqvae" in result.stdout and "--out" in result.stdout
 
 
-def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_vqvae(tmp_path_factory):
+    """-> (folder of 12 random 32x32 images in two classes, a tiny VQ-VAE's run directory, the VQ-VAE)."""
     from PIL import Image
 
     from pipelines.checkpoint import save_checkpoint
-    from pipelines.data import load_dataset, to_model_range
     from vqvae import VQVAE2, VQVAE2Config
 
+    root = tmp_path_factory.mktemp("tiny_vqvae")
     for k in range(12):
-        folder = tmp_path / "images" / ("cats" if k % 2 else "dogs")
+        folder = root / "images" / ("cats" if k % 2 else "dogs")
         folder.mkdir(parents=True, exist_ok=True)
         pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
         Image.fromarray(pixels.numpy()).save(folder / f"{k:02d}.png")
     torch.manual_seed(0)
     model = VQVAE2(VQVAE2Config(top_codes=8, bottom_codes=300, code_dim=4, channels=8, res_channels=4,
                                 n_res_blocks=1)).eval()
-    save_checkpoint(tmp_path / "vqvae" / "model.safetensors", model.state_dict(), "vqvae2", model.config, image_size=32)
+    save_checkpoint(root / "vqvae" / "model.safetensors", model.state_dict(), "vqvae2", model.config, image_size=32)
+    return root / "images", root / "vqvae", model
+
+
+def extract_args(tiny_vqvae, out, batch_size=4) -> list[str]:
+    images, vqvae, _ = tiny_vqvae
+    return ["--vqvae", str(vqvae), "--data", str(images), "--out", str(out), "--batch-size", str(batch_size)]
+
+
+def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, tmp_path):
+    from pipelines.data import load_dataset, to_model_range
+
+    image_folder, _, model = tiny_vqvae
     out = tmp_path / "codes.lmdb"
-    args = ["--vqvae", str(tmp_path / "vqvae"), "--data", str(tmp_path / "images"), "--out", str(out), "--batch-size", "4"]
+    args = extract_args(tiny_vqvae, out)
 
     result = run_script(*args)
     assert result.returncode == 0, result.stderr
@@ -291,7 +469,7 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tmp_path):
     codes = CodeDataset(out)
     assert codes.metadata["top_shape"] == [4, 4] and codes.metadata["bottom_shape"] == [8, 8]
     assert codes.metadata["n_classes"] == 2 and codes.metadata["bottom_codes"] == 300
-    images = load_dataset(str(tmp_path / "images"), "train", 32)
+    images = load_dataset(str(image_folder), "train", 32)
     with torch.no_grad():
         top, bottom = model.encode(to_model_range(torch.stack([images[i][0] for i in range(10)])))
     assert torch.equal(torch.stack([codes[i][0] for i in range(10)]), top)
@@ -303,3 +481,81 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tmp_path):
     assert "is complete already" in again.stdout
     other_split = run_script(*args, "--split", "test")
     assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
+
+
+def test_script_stops_with_one_line_when_the_file_cannot_grow_and_a_rerun_completes(tiny_vqvae, tmp_path):
+    """A real write failure, not a simulated one: the child may not grow files past 28 KiB
+    (RLIMIT_FSIZE; Python ignores SIGXFSZ), so a commit fails part way through the database, as on
+    a disk that fills (LMDB reports EFBIG, or EIO where a page was written in part)."""
+    limit = 7 * 4096  # data.mdb's two meta pages, then about a page per commit of one record
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "codes.lmdb"
+    args = extract_args(tiny_vqvae, out, batch_size=1)
+    result = subprocess.run([sys.executable, "scripts/extract_codes.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=SCRIPT_ENV, preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith(f"error: writing {out} failed (mdb_txn_commit: "), result.stderr
+    assert "is the disk full?" in error and error.endswith("run the same command again to resume")
+    kept = int(error.split("): the ")[1].split(" records committed")[0])
+    assert 0 < kept < 10
+
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after {kept} of 10 records" in result.stdout
+    uninterrupted = tmp_path / "uninterrupted.lmdb"
+    assert run_script(*extract_args(tiny_vqvae, uninterrupted)).returncode == 0
+    assert stored_items(out) == stored_items(uninterrupted)
+
+
+def damage(path, problem: str) -> str:
+    """Damages a complete database the way `problem` says; -> the message a reader must give."""
+    if problem == "foreign":
+        for key, _ in stored_items(path):
+            rewrite(path, key, None)
+        rewrite(path, b"image-0", b"\x00" * 10)
+        return "is not a code database: it has no __meta__ record"
+    if problem == "truncated":
+        with open(path / "data.mdb", "r+b") as file:
+            file.truncate(3 * 4096)
+        return "is truncated: data.mdb holds 12288 bytes"
+    if problem == "newer-version":
+        rewrite_metadata(path, format_version=2)
+        return "has format_version 2, newer than this code reads"
+    if problem == "incomplete":
+        rewrite(path, META_KEY, None)
+        return "is incomplete: extraction did not finish"
+    records = {"top-code": record_with(0, 5, 0), "bottom-code": record_with(0, 0, 300), "label": record_with(3, 0, 0)}
+    for index in range(N_IMAGES):  # every record: the first batch read meets one
+        rewrite(path, record_key(index), records[problem])
+    return {"top-code": "top code 5 >= codebook size 5", "bottom-code": "bottom code 300 >= codebook size 300",
+            "label": r"label 3 outside \[0, 3\)"}[problem]
+
+
+@pytest.mark.parametrize("problem", ["foreign", "truncated", "newer-version", "incomplete"])
+def test_train_prior_refuses_a_bad_database_before_training(complete_db, tmp_path, problem):
+    from pipelines.train_prior import PriorTrainConfig, train
+
+    message = damage(complete_db, problem)
+    with pytest.raises(CodeStoreError, match=message):
+        train(PriorTrainConfig(codes=str(complete_db), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("problem", ["top-code", "label"])
+def test_train_prior_script_stops_at_a_damaged_record_with_one_line(complete_db, tmp_path, problem):
+    """Records are checked as they are read: training stops at the first damaged one, naming it."""
+    message = damage(complete_db, problem)
+    result = subprocess.run(
+        [sys.executable, "scripts/train_prior.py", "--codes", str(complete_db), "--out", str(tmp_path / "run"),
+         "--preset", "cpu-top", "--steps", "2", "--batch-size", "4", "--workers", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=SCRIPT_ENV,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {complete_db} record \d+ \(key [0-9a-f]{{16}}\) has {message}: damaged record", error)
