@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
+LOG_FILE = "log.jsonl"
 
 
 class EpochShuffle(Sampler):
@@ -189,10 +190,17 @@ def time_is_up(accelerator, started, max_minutes):
     return accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "sum").item() > 0
 
 
+def start_new_log(accelerator, run_dir):
+    """A new run starts RUN_DIR/log.jsonl afresh: lines there are from a run that stopped before its
+    first checkpoint (else the directory would hold its state), and are not this run's."""
+    if accelerator.is_main_process:
+        (Path(run_dir) / LOG_FILE).unlink(missing_ok=True)
+
+
 def append_log(accelerator, run_dir, record):
     """Appends one JSON line to RUN_DIR/log.jsonl (main process only)."""
     if accelerator.is_main_process:
-        with open(Path(run_dir) / "log.jsonl", "a") as f:
+        with open(Path(run_dir) / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
