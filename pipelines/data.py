@@ -428,14 +428,24 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, skipping hidden files and folders."""
-    return sorted(
-        file
-        for file in folder.rglob("*")
-        if file.suffix.lower() in IMAGE_EXTENSIONS
-        and file.is_file()
-        and not any(part.startswith(".") for part in file.relative_to(folder).parts)
-    )
+    """Image files under `folder`, recursively and sorted, skipping hidden files and folders.
+
+    A subfolder that cannot be listed stops the search (Path.rglob would skip it silently).
+    """
+
+    def refuse(error: OSError):
+        raise DataError(f"cannot read {error.filename}: {error.strerror}")
+
+    files = []
+    for directory, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [
+            Path(directory) / name
+            for name in names
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            and (Path(directory) / name).is_file()
+        ]
+    return sorted(files)
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:

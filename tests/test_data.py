@@ -602,6 +602,15 @@ def test_unreadable_folder_and_file_are_named(tmp_path):
         load_dataset(str(folder), "test", size=8)[0]
     assert_one_line_error(excinfo, folder / "a.png")
 
+    locked_subfolder = save_image(folder / "more" / "c.png", np.zeros((8, 8, 3), np.uint8)).parent
+    locked_subfolder.chmod(0)
+    try:
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(folder), "train", size=8)
+        assert_one_line_error(excinfo, locked_subfolder, "Permission denied")
+    finally:
+        locked_subfolder.chmod(0o755)
+
 
 # ------------------------------------------------------------------------------------------------
 # CIFAR-10 and ImageNet files of the wrong format
