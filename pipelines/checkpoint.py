@@ -64,25 +64,50 @@ def resolve_checkpoint(path):
 
 
 def load_checkpoint(path, kind):
-    """Reads a checkpoint of the given kind -> (state_dict, config JSON text, extra dict)."""
+    """Reads a checkpoint of the given kind -> (state_dict, config JSON text, extra dict).
+
+    Only safetensors is read: a pickle or a torch.save file is refused unopened, as unpickling
+    runs whatever code the file names.
+    """
     path = resolve_checkpoint(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             state_dict = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({error})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_what_it_is(path, error)})") from None
     if "kind" not in metadata or "config" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project (no kind/config)")
     if metadata["kind"] != kind:
         raise CheckpointError(f"{path} holds a {metadata['kind']!r} model, expected {kind!r}")
-    return state_dict, metadata["config"], json.loads(metadata.get("extra", "{}"))
+    try:
+        extra = json.loads(metadata.get("extra", "{}"))
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
+    return state_dict, metadata["config"], extra
+
+
+def _what_it_is(path, error):
+    """Why a file is not safetensors, in words: pickles and torch.save files are named as such."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, as torch.save writes: not loaded, since unpickling it could run code"
+    if start[:1] == b"\x80":
+        return "it is a pickle: not loaded, since unpickling it could run code"
+    return str(error)
 
 
 def load_model(path, kind, model_class, config_class):
     """A checkpoint (run directory or file) -> (model of `kind` in eval mode, extra metadata)."""
     state_dict, config_json, extra = load_checkpoint(path, kind)
-    model = model_class(config_class.from_json(config_json))
+    try:
+        config = config_class.from_json(config_json)
+    except (ValueError, TypeError) as error:  # not JSON, unknown fields, values of the wrong type
+        raise CheckpointError(f"{resolve_checkpoint(path)} has a damaged {config_class.__name__} ({error})") from None
+    model = model_class(config)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -16,14 +16,17 @@ def run(main):
         sys.exit(130)
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message. An error raised in a DataLoader worker (a damaged code record, say) is
-    raised again in the main process with the message 'Caught X in DataLoader worker process N.'
-    followed by the worker's traceback, whose last line is 'module.X: message': that message."""
-    lines = str(error).strip().splitlines()
-    if len(lines) > 2 and lines[0].startswith("Caught ") and lines[1].startswith("Original Traceback"):
+def one_line(error):
+    """An error's message on one line.
+
+    An exception raised in a DataLoader worker is raised again in the main process with the
+    worker's whole traceback as its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."); its last line, "module.DataError: <message>", holds the message.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
         return lines[-1].split(": ", 1)[-1]
-    return str(error)
+    return " ".join(lines)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -392,6 +392,7 @@ def extract_codes(
     `dataset` yields (image uint8 (3, S, S), label int); `plan` holds PLAN_FIELDS. An incomplete `out`
     made with the same plan is continued after its last record; a complete one is left as it is.
     """
+    _check_loader_arguments(batch_size, workers)
     plan = _normalised_plan(plan, out)
     job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
     total = len(dataset)
@@ -440,6 +441,13 @@ def _write_batches(writer: CodeWriter, batches, start: int, plan: dict, bar=None
     return index
 
 
+def _check_loader_arguments(batch_size: int, workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+
+
 def _normalised_plan(plan: dict, out) -> dict:
     """The plan as it reads back from JSON (tuples become lists), after checking its fields."""
     extra = sorted(set(plan) - set(PLAN_FIELDS))
@@ -484,17 +492,23 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
     size defaults to the image size the VQ-VAE was trained on; n_classes to the split's largest
     label + 1 (give the train split's value when extracting test). Returns the record count.
     """
+    _check_loader_arguments(batch_size, workers)
+    if n_classes is not None and n_classes < 0:
+        raise ValueError(f"n_classes must be >= 0, got {n_classes}")
     model, extra = load_vqvae(vqvae_path)
-    image_size = size or extra.get("image_size")
+    image_size = extra.get("image_size") if size is None else size
     if image_size is None:
         raise ValueError(f"{vqvae_path} does not record the image size it was trained on: pass --size")
+    top_shape, bottom_shape = model.code_shapes(image_size)  # refuses sizes that are not multiples of 8
     dataset = load_dataset(data, split, image_size)
-    top_shape, bottom_shape = model.code_shapes(image_size)
     source = data if data == "builtin" else str(Path(data).expanduser().resolve())
+    labels_seen = count_classes(dataset)
+    if n_classes is not None and n_classes > 0 and labels_seen > n_classes:
+        raise ValueError(f"the {split} split of {data} has labels up to {labels_seen - 1}: --n-classes {n_classes} is too few")
     plan = dict(
         top_shape=list(top_shape), bottom_shape=list(bottom_shape),
         top_codes=model.config.top_codes, bottom_codes=model.config.bottom_codes,
-        n_classes=count_classes(dataset) if n_classes is None else n_classes,
+        n_classes=labels_seen if n_classes is None else n_classes,
         vqvae_sha256=file_sha256(resolve_checkpoint(vqvae_path)), image_size=image_size,
         source={"data": source, "split": split, "images": len(dataset)},
     )

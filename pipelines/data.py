@@ -12,13 +12,20 @@ the source has no labels). `load_dataset(spec, split, size)` accepts as `spec`:
 
 `split` is "train" or "test". A source without splits of its own (one .npz file, a folder without
 train/ and test/) holds out every 10th item (0, 10, 20, ...) as test. Every user error raises
-DataError with a one-line message.
+DataError with a one-line message naming the file or folder at fault.
+
+Damaged input stops the job; nothing is skipped silently, since a dataset that shrinks without
+notice changes what a run trains or evaluates on. An unreadable path, a damaged CIFAR-10 or
+ImageNet file and an empty image file are refused when the dataset is built; an image file that
+cannot be decoded (corrupt, truncated) is refused when it is first read.
 """
 
 import io
+import os
 import pickle
 import re
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +85,13 @@ def _holdout_split(index: int) -> str:
 def _one_line(err: Exception) -> str:
     """An exception's message fit for a one-line DataError."""
     return " ".join(str(err).split())
+
+
+def _check_readable(path: Path) -> None:
+    """Refuses a path this process may not read (a folder must also be searchable)."""
+    mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+    if not os.access(path, mode):
+        raise DataError(f"cannot read {path}: permission denied")
 
 
 def _check_split_and_size(split: str, size: int) -> None:
@@ -216,10 +230,13 @@ def _read_files(folder: Path, names: list[str]) -> list[bytes]:
 def _read_tar_members(tarball: Path, names: list[str]) -> list[bytes]:
     """Bytes of the members called `names` (in any folder of the tarball), in that order."""
     found = {}
-    with tarfile.open(tarball) as archive:
-        for member in archive:
-            if member.isfile() and Path(member.name).name in names:
-                found[Path(member.name).name] = archive.extractfile(member).read()
+    try:
+        with tarfile.open(tarball) as archive:
+            for member in archive:
+                if member.isfile() and Path(member.name).name in names:
+                    found[Path(member.name).name] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # truncated or damaged archive
+        raise DataError(f"cannot read tarball {tarball}: {_one_line(err)} (damaged or incomplete download?)") from err
     missing = [name for name in names if name not in found]
     if missing:
         raise DataError(
@@ -331,9 +348,10 @@ class ImageFolderDataset(Dataset):
     Splits: `root/train` and `root/test` when both exist, else every 10th file in sorted order is
     test. Label = index of the image's first-level subfolder under the split folder among the
     sorted subfolder names of both splits (so train and test agree); 0 for images lying directly
-    in it. Each image becomes RGB (EXIF rotation applied), its shorter side is resized to S
-    (antialiased) and the centre S x S kept; S x S images pass unchanged. Files are read when
-    accessed, so construction is fast; an unreadable file raises DataError naming it then.
+    in it. Each image becomes 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter side is
+    resized to S (antialiased) and the centre S x S kept; S x S images pass unchanged. Files are
+    decoded when accessed, so construction is fast: an empty file is refused at construction, a
+    file that cannot be decoded (corrupt, truncated) raises DataError naming it when it is read.
     """
 
     def __init__(self, root: str | Path, split: str, size: int = 32):
@@ -356,6 +374,9 @@ class ImageFolderDataset(Dataset):
         if not self.files:
             extensions = ", ".join(IMAGE_EXTENSIONS)
             raise DataError(f"no images in {split_root}: expected files ending in {extensions}")
+        empty = [file for file in self.files if file.stat().st_size == 0]
+        if empty:
+            raise DataError(f"empty image file {empty[0]} (0 bytes; {len(empty)} such in {split_root}): remove or replace it")
         self.labels = [self._label(file.relative_to(split_root)) for file in self.files]
 
     def _label(self, relative_path: Path) -> int:
@@ -368,11 +389,38 @@ class ImageFolderDataset(Dataset):
         file = self.files[index]
         try:
             with Image.open(file) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
+                image = to_rgb8(ImageOps.exif_transpose(image))
         except Exception as err:  # PIL raises many types for truncated or foreign files
             raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
         pixels = np.array(_resize_center_crop(image, self.size))  # (S, S, 3)
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), self.labels[index]
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, as old Pillows open 16-bit PNGs
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, as it looks.
+
+    Grayscale becomes three equal channels. 16-bit values v are scaled to round(v / 257) (65535 ->
+    255), never clipped (PIL's own convert clips them at 255); Pillow itself reduces 16-bit RGB to
+    its high bytes (v // 256). Transparent images (alpha channel or palette transparency) are
+    composited over white, the background they are usually shown on, instead of showing whatever
+    colour their transparent pixels happen to hold. Float images have no 8-bit scale: refused.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{image.mode} image with values {values.min()}..{values.max()}: expected 16-bit 0..65535")
+        image = Image.fromarray(np.round(values / 257).astype(np.uint8))  # mode L
+    elif image.mode == "F":
+        raise DataError("floating-point image (mode F): no defined 8-bit scale; convert it to 8 or 16 bits")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -380,14 +428,24 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, skipping hidden files and folders."""
-    return sorted(
-        file
-        for file in folder.rglob("*")
-        if file.suffix.lower() in IMAGE_EXTENSIONS
-        and file.is_file()
-        and not any(part.startswith(".") for part in file.relative_to(folder).parts)
-    )
+    """Image files under `folder`, recursively and sorted, skipping hidden files and folders.
+
+    A subfolder that cannot be listed stops the search (Path.rglob would skip it silently).
+    """
+
+    def refuse(error: OSError):
+        raise DataError(f"cannot read {error.filename}: {error.strerror}")
+
+    files = []
+    for directory, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [
+            Path(directory) / name
+            for name in names
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            and (Path(directory) / name).is_file()
+        ]
+    return sorted(files)
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -414,6 +472,7 @@ def load_dataset(spec: str, split: str, size: int = 32) -> Dataset:
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"dataset not found: {path} (expected {ACCEPTED_FORMATS})")
+    _check_readable(path)
     if _find_cifar10(path) is not None:
         return load_cifar10(path, split, size)
     if _is_downsampled_imagenet(path):

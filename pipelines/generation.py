@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.checkpoint import load_pixelsnail, load_vqvae, resolve_checkpoint
+from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
 from pipelines.codes import file_sha256
 from pipelines.train_prior import check_fits
 from prior import PixelSNAIL
@@ -39,13 +39,17 @@ def load_pipeline(vqvae_path, top_path, bottom_path):
     """Loads and cross-checks the three checkpoints (run directories or files) -> Pipeline."""
     vqvae, vqvae_extra = load_vqvae(vqvae_path)
     vqvae_hash = file_sha256(resolve_checkpoint(vqvae_path))
-    image_size = vqvae_extra["image_size"]
+    image_size = vqvae_extra.get("image_size")
+    if not isinstance(image_size, int):
+        raise CheckpointError(f"{vqvae_path} does not record the image size it was trained on: not a VQ-VAE run's checkpoint")
     priors = {}
     for level, path in (("top", top_path), ("bottom", bottom_path)):
         prior, extra = load_pixelsnail(path)
         if extra.get("level") != level:
             raise ValueError(f"{path} is not a {level} prior (its level: {extra.get('level', 'none, a pixel model')})")
-        if extra["codes"]["vqvae_sha256"] != vqvae_hash:
+        if not isinstance(extra.get("codes"), dict):
+            raise CheckpointError(f"{path} does not record the code database it was trained on")
+        if extra["codes"].get("vqvae_sha256") != vqvae_hash:
             raise ValueError(f"the {level} prior {path} was trained on codes of another VQ-VAE than {vqvae_path}")
         priors[level] = prior
     n_classes = priors["top"].config.n_classes
@@ -63,6 +67,8 @@ def generate(pipeline, n, label=None, temperature=1.0, generator=None, progress=
     """
     if pipeline.n_classes and label is None:
         raise ValueError(f"the priors are class-conditional: give a label in [0, {pipeline.n_classes})")
+    if not pipeline.n_classes and label is not None:
+        raise ValueError(f"the priors are not class-conditional: give no label (got {label})")
     if label is not None and not 0 <= label < pipeline.n_classes:
         raise ValueError(f"label must lie in [0, {pipeline.n_classes}), got {label}")
     device = pipeline.top.background.device

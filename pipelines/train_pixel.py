@@ -181,6 +181,7 @@ def fit(cfg, model_config, source, unit):
         progress.update(training.load_state(accelerator, out, ema), train_config=asdict(cfg))
         accelerator.print(f"resumed {out} at step {progress['step']}")
     else:
+        training.start_new_log(accelerator, out)
         accelerator.print(f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters")
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     step = progress["step"]

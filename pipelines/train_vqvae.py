@@ -134,6 +134,7 @@ def train(cfg: VQVAETrainConfig):
         progress.update(training.load_state(accelerator, out), train_config=asdict(cfg))
         accelerator.print(f"resumed {out} at step {progress['step']}")
     else:
+        training.start_new_log(accelerator, out)
         accelerator.print(
             f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters, "
             f"{cfg.size}x{cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"

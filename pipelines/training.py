@@ -5,6 +5,10 @@ skips the batches its epoch already used, and `accelerator.save_state` keeps the
 optimizer and every process's RNG. Our own extras (EMA weights, progress counters, the config)
 are written beside them as safetensors and JSON, so loading never unpickles anything of ours.
 The state directory is replaced atomically: a kill while saving leaves the previous one.
+
+Loading the state runs no code from it: accelerate torch.loads the optimizer and RNG files, and
+every such file is first checked to load with `weights_only=True` (plain tensors and containers);
+a file that does not, or any other damage, stops the resume with StateError naming it.
 """
 
 import hashlib
@@ -18,12 +22,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
+LOG_FILE = "log.jsonl"
+PICKLED_STATE_PATTERNS = ("*.bin", "*.pkl")  # what accelerate's load_state torch.loads (optimizer, RNG, ...)
+
+
+class StateError(ValueError):
+    """A run's state directory that cannot be resumed from: damaged, foreign, or holding code."""
 
 
 class EpochShuffle(Sampler):
@@ -133,16 +145,61 @@ def state_dir(run_dir):
 
 
 def read_progress(run_dir):
-    return json.loads((state_dir(run_dir) / PROGRESS_FILE).read_text())
+    """The progress dict of a run's state (step, train and model configs), checked to be one."""
+    file = state_dir(run_dir) / PROGRESS_FILE
+    try:
+        progress = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        progress = None
+    if not (isinstance(progress, dict) and {"step", "train_config", "model_config"} <= progress.keys()):
+        raise StateError(f"{file} is damaged: expected JSON with step, train_config and model_config")
+    return progress
+
+
+def check_pickled_state(directory):
+    """Refuses, naming it, any file of `directory` that accelerate would torch.load and that does not
+    load with weights_only=True, as accelerate saved it (a torch.save zip of tensors and containers).
+
+    accelerate 1.x loads these files with weights_only=True too, but skips an RNG file it cannot
+    load without a word (the resume would be silently inexact) and loads custom_checkpoint_*.pkl
+    with weights_only=False; after this check, no file it reads can hold code. With mmap=True the
+    tensors' bytes are mapped, not read, so the check costs little even for a large optimizer.
+    """
+    for pattern in PICKLED_STATE_PATTERNS:
+        for file in sorted(directory.glob(pattern)):
+            try:
+                accelerate_load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # an unpickling error, a damaged zip, ...: all mean "not ours"
+                raise StateError(
+                    f"{file} is not plain tensor data as accelerate saves it (refused; nothing in it was run): "
+                    f"{_torch_load_reason(error)}"
+                ) from None
+
+
+def _torch_load_reason(error):
+    """The line of a torch.load error that says what is wrong (not its advice to load unsafely)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip()
+    if "mmap can only be used" in str(error):
+        return "not a torch.save zip archive"
+    return lines[0] if lines else type(error).__name__
 
 
 def load_state(accelerator, run_dir, ema=None):
     """Restores weights, optimizer, RNG (and EMA) from RUN_DIR/state; returns the progress dict."""
     directory = state_dir(run_dir)
-    accelerator.load_state(str(directory))
-    if ema is not None:
-        ema.load_state_dict(load_file(directory / EMA_FILE))
-    return json.loads((directory / PROGRESS_FILE).read_text())
+    progress = read_progress(run_dir)
+    check_pickled_state(directory)
+    try:
+        accelerator.load_state(str(directory))
+        if ema is not None:
+            ema.load_state_dict(load_file(directory / EMA_FILE))
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
+        message = " ".join(str(error).split())
+        raise StateError(f"cannot resume from {directory}: {message}") from None
+    return progress
 
 
 def default_workers():
@@ -184,8 +241,11 @@ def stored_run(cfg, run_fields, config_class):
     if not cfg.resume:
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     stored = read_progress(out)
-    kept = {name: stored["train_config"][name] for name in run_fields}
-    return replace(cfg, **kept), config_class.from_json(stored["model_config"])
+    try:
+        kept = {name: stored["train_config"][name] for name in run_fields}
+        return replace(cfg, **kept), config_class.from_json(stored["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise StateError(f"{state_dir(out) / PROGRESS_FILE} does not describe a run of this kind ({error!r})") from None
 
 
 def global_mean(accelerator, value, step):
@@ -202,10 +262,17 @@ def time_is_up(accelerator, started, max_minutes):
     return accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "sum").item() > 0
 
 
+def start_new_log(accelerator, run_dir):
+    """A new run starts RUN_DIR/log.jsonl afresh: lines there are from a run that stopped before its
+    first checkpoint (else the directory would hold its state), and are not this run's."""
+    if accelerator.is_main_process:
+        (Path(run_dir) / LOG_FILE).unlink(missing_ok=True)
+
+
 def append_log(accelerator, run_dir, record):
     """Appends one JSON line to RUN_DIR/log.jsonl (main process only)."""
     if accelerator.is_main_process:
-        with open(Path(run_dir) / "log.jsonl", "a") as f:
+        with open(Path(run_dir) / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 

@@ -463,3 +463,215 @@ def test_model_range_round_trip():
     near_zero_and_one = [0.4 / 127.5 - 1, 0.6 / 127.5 - 1]
     x = torch.tensor([-3.0, -1.0, 1.0, 3.0, *near_zero_and_one])
     assert to_uint8(x).tolist() == [0, 0, 255, 255, 0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Image modes and damaged files (policy: convert what has a meaning as 8-bit RGB, stop on the rest)
+
+
+def folder_with(tmp_path, name, image):
+    """A folder with `image` saved as `name` and a plain 8x8 image, so that `name` is test item 0."""
+    folder = tmp_path / "modes"
+    folder.mkdir(exist_ok=True)
+    image.save(folder / name)
+    save_image(folder / "zz_other.png", np.zeros((8, 8, 3), np.uint8))
+    return folder
+
+
+def read_only_item(folder):
+    dataset = load_dataset(str(folder), "test", size=8)
+    assert len(dataset) == 1
+    image, _ = dataset[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+    return image.permute(1, 2, 0).numpy().astype(int)  # (8, 8, 3)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    rgb = read_only_item(folder_with(tmp_path, "gray.png", Image.fromarray(gray)))
+    for channel in range(3):
+        assert np.array_equal(rgb[..., channel], gray)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([0, 257, 1000, 32768, 40000, 65278, 65535, 128], np.uint16)
+    sixteen_bit = np.tile(values, (8, 1))
+    image = Image.fromarray(sixteen_bit)
+    assert image.mode == "I;16"
+    rgb = read_only_item(folder_with(tmp_path, "deep.png", image))
+    expected = np.round(values / 257).astype(int)  # 0, 1, 4, 128, 156, 254, 255, 0
+    assert expected.tolist() == [0, 1, 4, 128, 156, 254, 255, 0]
+    for channel in range(3):
+        assert np.array_equal(rgb[..., channel], np.tile(expected, (8, 1)))
+
+
+def test_32_bit_integer_image_is_read_as_16_bit_and_out_of_range_refused(tmp_path):
+    values = np.tile(np.array([0, 257, 65535, 32768, 0, 0, 0, 0], np.int32), (8, 1))
+    rgb = read_only_item(folder_with(tmp_path, "wide.tif", Image.fromarray(values)))
+    assert rgb[0, :4, 1].tolist() == [0, 1, 255, 128]
+
+    values[0, 0] = 70000
+    Image.fromarray(values).save(tmp_path / "modes" / "wide.tif")
+    with pytest.raises(DataError) as excinfo:
+        read_only_item(tmp_path / "modes")
+    assert_one_line_error(excinfo, tmp_path / "modes" / "wide.tif", "0..65535")
+
+
+def test_float_image_is_refused_naming_it(tmp_path):
+    folder = folder_with(tmp_path, "float.tif", Image.fromarray(np.full((8, 8), 0.5, np.float32)))
+    with pytest.raises(DataError) as excinfo:
+        read_only_item(folder)
+    assert_one_line_error(excinfo, folder / "float.tif", "mode F")
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red everywhere, also under transparent pixels
+    rgba[:, :4, 3] = 255  # opaque left half
+    rgba[:, 4:6, 3] = 0  # transparent: white
+    rgba[:, 6:, 3] = 128  # half: 200 * 128/255 + 255 * 127/255 in red, 255 * 127/255 elsewhere
+    rgb = read_only_item(folder_with(tmp_path, "alpha.png", Image.fromarray(rgba)))
+    assert (rgb[:, :4] == [200, 0, 0]).all()
+    assert (rgb[:, 4:6] == 255).all()
+    assert np.abs(rgb[:, 6:] - [227.6, 127, 127]).max() <= 1
+
+    gray_alpha = Image.merge("LA", [Image.fromarray(rgba[..., 0]), Image.fromarray(rgba[..., 3])])
+    rgb = read_only_item(folder_with(tmp_path, "alpha.png", gray_alpha))
+    assert (rgb[:, :4] == 200).all() and (rgb[:, 4:6] == 255).all()
+
+
+def test_palette_transparency_is_composited_over_white(tmp_path):
+    palette_image = Image.new("P", (8, 8), 1)
+    palette_image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette_image.paste(0, (0, 0, 4, 8))  # left half: index 0, declared transparent
+    palette_image.info["transparency"] = 0
+    folder = folder_with(tmp_path, "palette.png", palette_image)
+    palette_image.save(folder / "palette.png", transparency=0)
+    rgb = read_only_item(folder)
+    assert (rgb[:, :4] == 255).all() and (rgb[:, 4:] == [10, 20, 30]).all()
+
+
+def png_bytes(pixels_hwc):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels_hwc).save(buffer, format="png")
+    return buffer.getvalue()
+
+
+DAMAGED_FILES = {
+    "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+    "random.jpg": bytes(np.random.default_rng(7).integers(0, 256, 2000, dtype=np.uint8)),
+    "truncated.png": png_bytes(np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:3000],
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_FILES)
+def test_undecodable_image_stops_reading_naming_the_file(tmp_path, name):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / name).write_bytes(DAMAGED_FILES[name])
+    save_image(folder / "zz_fine.png", np.zeros((8, 8, 3), np.uint8))
+    dataset = load_dataset(str(folder), "test", size=8)
+    with pytest.raises(DataError) as excinfo:
+        dataset[0]
+    assert_one_line_error(excinfo, folder / name, "cannot read image")
+
+
+def test_empty_image_file_is_refused_when_the_dataset_is_built(tmp_path):
+    folder = tmp_path / "damaged"
+    save_image(folder / "fine.png", np.zeros((8, 8, 3), np.uint8))
+    (folder / "empty.png").write_bytes(b"")  # item 0: the test split
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "test", size=8)
+    assert_one_line_error(excinfo, folder / "empty.png", "0 bytes")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_folder_and_file_are_named(tmp_path):
+    folder = tmp_path / "locked"
+    save_image(folder / "a.png", np.zeros((8, 8, 3), np.uint8))
+    save_image(folder / "b.png", np.zeros((8, 8, 3), np.uint8))
+    folder.chmod(0)
+    try:
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(folder), "train", size=8)
+        assert_one_line_error(excinfo, folder, "permission denied")
+    finally:
+        folder.chmod(0o755)
+    (folder / "a.png").chmod(0)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "test", size=8)[0]
+    assert_one_line_error(excinfo, folder / "a.png")
+
+    locked_subfolder = save_image(folder / "more" / "c.png", np.zeros((8, 8, 3), np.uint8)).parent
+    locked_subfolder.chmod(0)
+    try:
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(folder), "train", size=8)
+        assert_one_line_error(excinfo, locked_subfolder, "Permission denied")
+    finally:
+        locked_subfolder.chmod(0o755)
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR-10 and ImageNet files of the wrong format
+
+
+def test_truncated_cifar10_tarball_is_named(tmp_path, cifar_batches):
+    folder = write_cifar_folder(tmp_path / "extracted" / "cifar-10-batches-py", cifar_batches)
+    whole = write_cifar_tarball(tmp_path / "whole.tar.gz", folder).read_bytes()
+    truncated = tmp_path / "cifar-10-python.tar.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(truncated), "test")
+    assert_one_line_error(excinfo, truncated, "cannot read tarball")
+
+
+CIFAR_BATCHES_OF_THE_WRONG_FORMAT = {
+    "a list": [np.zeros((2, 3072), np.uint8), [0, 1]],
+    "str keys": {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]},
+    "wrong width": {b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 1]},
+    "images as HWC": {b"data": np.zeros((2, 32, 32, 3), np.uint8), b"labels": [0, 1]},
+    "float data": {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]},
+    "label 10": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+    "negative label": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [-1, 0]},
+    "fewer labels": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]},
+}
+
+
+@pytest.mark.parametrize("case", CIFAR_BATCHES_OF_THE_WRONG_FORMAT)
+def test_cifar10_batch_of_the_wrong_format_is_named(tmp_path, cifar_batches, case):
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_batches)
+    (folder / "test_batch").write_bytes(official_cifar_pickle(CIFAR_BATCHES_OF_THE_WRONG_FORMAT[case]))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "test")
+    assert_one_line_error(excinfo, folder / "test_batch", "not a CIFAR-10 batch")
+
+
+IMAGENET_FILES_OF_THE_WRONG_FORMAT = {
+    "float data": dict(data=np.zeros((20, 3072), np.float32), labels=np.ones(20, np.int64)),
+    "images as NCHW": dict(data=np.zeros((20, 3, 32, 32), np.uint8), labels=np.ones(20, np.int64)),
+    "rows not 3*S*S": dict(data=np.zeros((20, 3000), np.uint8), labels=np.ones(20, np.int64)),
+    "fewer labels": dict(data=np.zeros((20, 3072), np.uint8), labels=np.ones(19, np.int64)),
+    "float labels": dict(data=np.zeros((20, 3072), np.uint8), labels=np.ones(20, np.float32)),
+    "labels as a matrix": dict(data=np.zeros((20, 3072), np.uint8), labels=np.ones((20, 1), np.int64)),
+    "no labels": dict(data=np.zeros((20, 3072), np.uint8)),
+}
+
+
+@pytest.mark.parametrize("case", IMAGENET_FILES_OF_THE_WRONG_FORMAT)
+def test_imagenet_file_of_the_wrong_format_is_named(tmp_path, case):
+    npz = tmp_path / "val_data.npz"
+    np.savez(npz, **IMAGENET_FILES_OF_THE_WRONG_FORMAT[case])
+    for spec in (npz, tmp_path):
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(spec), "test")
+        assert_one_line_error(excinfo, npz)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip", b"\x93NUMPY not an npz"])
+def test_imagenet_file_that_is_not_an_npz_is_named(tmp_path, content):
+    npz = tmp_path / "train_data_batch_1.npz"
+    npz.write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path), "train")
+    assert_one_line_error(excinfo, npz, "cannot read downsampled-ImageNet file")
