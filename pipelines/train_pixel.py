@@ -63,6 +63,16 @@ class RunConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.n_samples < 0 or self.workers < 0:
             raise ValueError("n_samples and workers must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+        for name in ("ema_decay", "dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {value}")
 
 
 @dataclass

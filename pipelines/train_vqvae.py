@@ -61,8 +61,10 @@ class VQVAETrainConfig:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.lr <= 0 or self.n_images < 0 or self.workers < 0:
-            raise ValueError("lr must be > 0; n_images and workers >= 0")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ValueError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
+        if self.n_images < 0 or self.workers < 0:
+            raise ValueError("n_images and workers must be >= 0")
 
 
 # Fields a resumed run keeps from its first session, whatever the command line says now.
