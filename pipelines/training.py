@@ -102,18 +102,31 @@ def has_state(run_dir):
 
 
 def save_state(accelerator, run_dir, progress, ema=None):
-    """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically."""
+    """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically.
+
+    The new state is written whole into state.tmp (removed again if writing fails, a full disk
+    say), then swapped in by two renames; a state.old left by an interrupted clean-up is stale
+    while state exists, and the live state while it does not (see `state_dir`).
+    """
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.tmp", run_dir / f"{STATE_DIR}.old"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if ema is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
         if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         if old.exists():
