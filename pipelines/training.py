@@ -5,6 +5,10 @@ skips the batches its epoch already used, and `accelerator.save_state` keeps the
 optimizer and every process's RNG. Our own extras (EMA weights, progress counters, the config)
 are written beside them as safetensors and JSON, so loading never unpickles anything of ours.
 The state directory is replaced atomically: a kill while saving leaves the previous one.
+
+A run stops without corrupting anything: on SIGINT / SIGTERM after the current step, having saved
+(`StopSignals`, `Stopped`); on a NaN or infinite loss or gradient before the update reaches the
+weights (`check_finite`); on a failed save (full disk) with the previous state in place (`save_failed`).
 """
 
 import hashlib
@@ -12,6 +16,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -191,15 +197,74 @@ def stored_run(cfg, run_fields, config_class):
 def global_mean(accelerator, value, step):
     """The mean of a scalar loss over processes, as a float; stops the run if it is not finite."""
     mean = accelerator.reduce(value.detach(), "mean").item()
-    if not math.isfinite(mean):
-        raise FloatingPointError(f"loss became {mean} at step {step}; the last checkpoint is kept")
+    check_finite(mean, "the loss", step)
     return mean
 
 
-def time_is_up(accelerator, started, max_minutes):
-    """True on every process once any process has run past the budget (time.monotonic() based)."""
+def check_finite(value, what, step):
+    """Raises FloatingPointError naming the step when `value` is NaN or infinite. Called before the
+    optimizer step, so the weights (and every checkpoint written later) never hold the bad update."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value} at step {step}: stopped before updating the weights; "
+                                 "the last checkpoint is kept")
+
+
+class Stopped(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving its state. `exit_code` is 128 + the
+    signal number, as a shell reports a process the signal ended: 130 (SIGINT), 143 (SIGTERM)."""
+
+    def __init__(self, signum, step):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, state saved: continue with --resume")
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only set `received` (the signal number); the loop
+    reads it after each step, saves and raises `Stopped`. Nothing is saved inside the handler,
+    which could interrupt a save in progress.
+
+    A second SIGINT at least REPEAT_SECONDS after the first raises KeyboardInterrupt: Ctrl-C
+    pressed again stops at once, without saving (the state on disk stays the previous complete one).
+    Sooner repeats are the same Ctrl-C delivered twice: `accelerate launch` (torchrun) forwards the
+    terminal's SIGINT to its workers, which have already received it themselves.
+    """
+
+    REPEAT_SECONDS = 1.0
+
+    def __init__(self):
+        self.received, self.received_at, self.previous = 0, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if not self.received:
+            self.received, self.received_at = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.received_at >= self.REPEAT_SECONDS:
+            raise KeyboardInterrupt
+
+
+def agreed_stop(accelerator, started, max_minutes, signals):
+    """Whether to stop after this step, the same on every process: (out of time, signal number or
+    0), each the maximum over processes, from one all-gather of two numbers."""
     over = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
-    return accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "sum").item() > 0
+    mine = torch.tensor([int(over), signals.received], device=accelerator.device)
+    out_of_time, signum = accelerator.gather(mine).view(-1, 2).amax(dim=0).tolist()
+    return bool(out_of_time), signum
+
+
+def save_failed(error, run_dir, step):
+    """An OSError raised while saving step `step` -> one line saying what failed and what is kept."""
+    kept = f"the state of step {read_progress(run_dir)['step']} is kept" if has_state(run_dir) else "no state was saved"
+    return OSError(f"saving step {step} in {run_dir} failed ({error.strerror or error}); {kept}")
 
 
 def append_log(accelerator, run_dir, record):
