@@ -222,18 +222,15 @@ class Stopped(Exception):
 class StopSignals:
     """While active, SIGINT (Ctrl-C) and SIGTERM only set `received` (the signal number); the loop
     reads it after each step, saves and raises `Stopped`. Nothing is saved inside the handler,
-    which could interrupt a save in progress.
+    which could interrupt a save in progress. A second SIGINT (Ctrl-C pressed again) raises
+    KeyboardInterrupt: stop at once, unsaved; the state on disk stays the previous complete one.
 
-    A second SIGINT at least REPEAT_SECONDS after the first raises KeyboardInterrupt: Ctrl-C
-    pressed again stops at once, without saving (the state on disk stays the previous complete one).
-    Sooner repeats are the same Ctrl-C delivered twice: `accelerate launch` (torchrun) forwards the
-    terminal's SIGINT to its workers, which have already received it themselves.
+    Under `accelerate launch` (torchrun) the workers run in sessions of their own: a terminal's
+    Ctrl-C reaches them once, forwarded by the launcher.
     """
 
-    REPEAT_SECONDS = 1.0
-
     def __init__(self):
-        self.received, self.received_at, self.previous = 0, None, {}
+        self.received, self.previous = 0, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -246,10 +243,9 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame):
-        if not self.received:
-            self.received, self.received_at = signum, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self.received_at >= self.REPEAT_SECONDS:
+        if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        self.received = self.received or signum
 
 
 def agreed_stop(accelerator, started, max_minutes, signals):
