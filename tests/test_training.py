@@ -251,8 +251,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
     kill_points = 0
     for kill_at in range(1, 20):
         run_dir = tmp_path / f"run{kill_at}"
-        save(run_dir, 1)
-        save(run_dir, 2)  # so that there is a state to replace and the rename sequence runs fully
+        save(run_dir, 2)  # the state the interrupted save replaces
         counter = {"calls": 0, "kill_at": kill_at, "dead": False}
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", interruptible("replace", counter))
