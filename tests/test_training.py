@@ -39,7 +39,7 @@ from vqvae import VQVAE2
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-STEPS = 8
+STEPS = 12
 # Subprocesses run this checkout's packages (python puts scripts/ first on sys.path, not the
 # checkout, so an editable install of another checkout would be imported instead), and, like this
 # process here, one thread: tiny models run 10x faster so on a busy machine, and the runs in
@@ -186,7 +186,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
     rng = random.Random(f"kill-{trainer}")
     run_dir, previous = tmp_path / "run", 0
     for _ in range(2):
-        target, delay = previous + rng.randint(1, 3), rng.uniform(0.0, 0.2)
+        target, delay = previous + rng.randint(1, 3), rng.uniform(0.0, 0.05)
         process = start(command(trainer, data, run_dir) + ["--resume"])
         assert wait_until(lambda: (saved_step(run_dir) or 0) >= target, process), process.communicate()[1][-2000:]
         time.sleep(delay)
