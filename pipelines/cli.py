@@ -3,11 +3,18 @@
 import argparse
 import sys
 
+from pipelines.training import Stopped
+
 
 def run(main):
-    """Calls main(); a user error (bad path, bad file, bad value) exits 2 with one line on stderr."""
+    """Calls main(); a user error (bad path, bad file, bad value), a full disk or a NaN loss exits 2
+    with one line on stderr; a training stopped by SIGINT / SIGTERM after saving exits 130 / 143,
+    as does a second Ctrl-C (130) that stops at once."""
     try:
         main()
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

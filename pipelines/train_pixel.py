@@ -64,6 +64,16 @@ class RunConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.n_samples < 0 or (self.workers or 0) < 0:
             raise ValueError("n_samples and workers must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+        for name in ("ema_decay", "dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {value}")
 
 
 @dataclass
@@ -188,44 +198,50 @@ def fit(cfg, model_config, source, unit):
 
     def checkpoint():
         progress["step"] = step
-        training.save_state(accelerator, out, progress, ema)
-        if accelerator.is_main_process:
-            state = ema.module.state_dict()
-            save_checkpoint(out / CHECKPOINT_NAME, state, PIXELSNAIL_KIND, model_config, step=step, **source.metadata)
+        try:
+            training.save_state(accelerator, out, progress, ema)
+            if accelerator.is_main_process:
+                state = ema.module.state_dict()
+                save_checkpoint(out / CHECKPOINT_NAME, state, PIXELSNAIL_KIND, model_config, step=step, **source.metadata)
+        except OSError as error:
+            raise training.save_failed(error, out, step) from error
 
     started = time.monotonic()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     batches = training.batches_from(train_loader, step)
     running = None
-    while step < cfg.steps:
-        x, label, cond = source.inputs(next(batches)[1])
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * cfg.lr_decay**step
-        bits = net.output_nll(x, model(x, label, cond)).mean()
-        accelerator.backward(bits)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update_parameters(net)
-        step += 1
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    with training.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
+        while step < cfg.steps:
+            x, label, cond = source.inputs(next(batches)[1])
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * cfg.lr_decay**step
+            bits = net.output_nll(x, model(x, label, cond)).mean()
+            mean_bits = training.global_mean(accelerator, bits, step + 1)
+            accelerator.backward(bits)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            training.check_finite(grad_norm, "the gradient norm", step + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update_parameters(net)
+            step += 1
 
-        mean_bits = training.global_mean(accelerator, bits, step)
-        running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
-        bar.update()
-        bar.set_postfix({f"bits/{unit}": f"{running:.3f}"})
+            running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
+            bar.update()
+            bar.set_postfix({f"bits/{unit}": f"{running:.3f}"})
 
-        out_of_time = training.time_is_up(accelerator, started, cfg.max_minutes)
-        last = step == cfg.steps or out_of_time
-        if step % cfg.eval_every == 0 and not last:
-            test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs, cfg.eval_batches)
-            bar.write(f"step {step}: train bits/{unit} {running:.4f}, test bits/{unit} (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
-            training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits_partial": test_bits})
-        if step % cfg.checkpoint_every == 0 or last:
-            checkpoint()
-        if out_of_time:
-            bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
-            break
-    bar.close()
+            out_of_time, signum = training.agreed_stop(accelerator, started, cfg.max_minutes, signals)
+            last = step == cfg.steps or out_of_time or signum
+            if step % cfg.eval_every == 0 and not last:
+                test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs, cfg.eval_batches)
+                bar.write(f"step {step}: train bits/{unit} {running:.4f}, test bits/{unit} (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
+                training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits_partial": test_bits})
+            if step % cfg.checkpoint_every == 0 or last:
+                checkpoint()
+            if signum:
+                raise training.Stopped(signum, step)
+            if out_of_time:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
+                break
 
     test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs)
     training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits": test_bits})

@@ -62,8 +62,10 @@ class VQVAETrainConfig:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.lr <= 0 or self.n_images < 0 or (self.workers or 0) < 0:
-            raise ValueError("lr must be > 0; n_images and workers >= 0")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ValueError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
+        if self.n_images < 0 or (self.workers or 0) < 0:
+            raise ValueError("n_images and workers must be >= 0")
 
 
 # Fields a resumed run keeps from its first session, whatever the command line says now.
@@ -141,50 +143,57 @@ def train(cfg: VQVAETrainConfig):
         )
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
     step = progress["step"]
-    shown = torch.stack([test_set[i][0] for i in range(min(cfg.n_images, len(test_set)))])
+    shown = [test_set[i][0] for i in range(min(cfg.n_images, len(test_set)))]  # none with --n-images 0
 
     def checkpoint():
         progress["step"] = step
-        training.save_state(accelerator, out, progress)
-        if accelerator.is_main_process:
-            save_checkpoint(out / CHECKPOINT_NAME, net.state_dict(), VQVAE_KIND, model_config, step=step, image_size=cfg.size)
-            if len(shown):
-                write_reconstructions(net, shown.to(accelerator.device), out / "reconstructions.png")
+        try:
+            training.save_state(accelerator, out, progress)
+            if accelerator.is_main_process:
+                save_checkpoint(out / CHECKPOINT_NAME, net.state_dict(), VQVAE_KIND, model_config, step=step, image_size=cfg.size)
+                if shown:
+                    write_reconstructions(net, torch.stack(shown).to(accelerator.device), out / "reconstructions.png")
+        except OSError as error:
+            raise training.save_failed(error, out, step) from error
 
     started = time.monotonic()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     batches = training.batches_from(train_loader, step)
     running = None
-    while step < cfg.steps:
-        images, _ = next(batches)[1]
-        result = model(channels_last(to_model_range(images)))
-        accelerator.backward(result.loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    with training.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
+        while step < cfg.steps:
+            images, _ = next(batches)[1]
+            result = model(channels_last(to_model_range(images)))
+            mse = training.global_mean(accelerator, result.reconstruction_loss, step + 1)
+            training.global_mean(accelerator, result.loss, step + 1)  # stops on a NaN or inf loss
+            accelerator.backward(result.loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            training.check_finite(grad_norm, "the gradient norm", step + 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        mse = training.global_mean(accelerator, result.reconstruction_loss, step)
-        running = mse if running is None else 0.98 * running + 0.02 * mse
-        bar.update()
-        bar.set_postfix(
-            mse=f"{running:.4f}",
-            ppl=f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
-            used=f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}",
-        )
+            running = mse if running is None else 0.98 * running + 0.02 * mse
+            bar.update()
+            bar.set_postfix(
+                mse=f"{running:.4f}",
+                ppl=f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
+                used=f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}",
+            )
 
-        out_of_time = training.time_is_up(accelerator, started, cfg.max_minutes)
-        last = step == cfg.steps or out_of_time
-        if step % cfg.eval_every == 0 and not last:
-            metrics = evaluate_reconstruction(net, test_loader, accelerator, cfg.eval_batches)
-            bar.write(f"step {step}: train mse {running:.4f}, " + ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()))
-            training.append_log(accelerator, out, {"step": step, "train_mse": running, **metrics})
-        if step % cfg.checkpoint_every == 0 or last:
-            checkpoint()
-        if out_of_time:
-            bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
-            break
-    bar.close()
+            out_of_time, signum = training.agreed_stop(accelerator, started, cfg.max_minutes, signals)
+            last = step == cfg.steps or out_of_time or signum
+            if step % cfg.eval_every == 0 and not last:
+                metrics = evaluate_reconstruction(net, test_loader, accelerator, cfg.eval_batches)
+                bar.write(f"step {step}: train mse {running:.4f}, " + ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()))
+                training.append_log(accelerator, out, {"step": step, "train_mse": running, **metrics})
+            if step % cfg.checkpoint_every == 0 or last:
+                checkpoint()
+            if signum:
+                raise training.Stopped(signum, step)
+            if out_of_time:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
+                break
 
     metrics = evaluate_reconstruction(net, test_loader, accelerator)
     training.append_log(accelerator, out, {"step": step, "train_mse": running, "final": True, **metrics})

@@ -9,6 +9,10 @@ The state directory is replaced atomically: a kill while saving leaves the previ
 Loading the state runs no code from it: accelerate torch.loads the optimizer and RNG files, and
 every such file is first checked to load with `weights_only=True` (plain tensors and containers);
 a file that does not, or any other damage, stops the resume with StateError naming it.
+
+A run stops without corrupting anything: on SIGINT / SIGTERM after the current step, having saved
+(`StopSignals`, `Stopped`); on a NaN or infinite loss or gradient before the update reaches the
+weights (`check_finite`); on a failed save (full disk) with the previous state in place (`save_failed`).
 """
 
 import hashlib
@@ -16,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -116,18 +122,31 @@ def has_state(run_dir):
 
 
 def save_state(accelerator, run_dir, progress, ema=None):
-    """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically."""
+    """Saves everything `--resume` needs into RUN_DIR/state, replacing the old state atomically.
+
+    The new state is written whole into state.tmp (removed again if writing fails, a full disk
+    say), then swapped in by two renames; a state.old left by an interrupted clean-up is stale
+    while state exists, and the live state while it does not (see `state_dir`).
+    """
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.tmp", run_dir / f"{STATE_DIR}.old"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
+            (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if ema is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / EMA_FILE)
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
         if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         if old.exists():
@@ -251,15 +270,70 @@ def stored_run(cfg, run_fields, config_class):
 def global_mean(accelerator, value, step):
     """The mean of a scalar loss over processes, as a float; stops the run if it is not finite."""
     mean = accelerator.reduce(value.detach(), "mean").item()
-    if not math.isfinite(mean):
-        raise FloatingPointError(f"loss became {mean} at step {step}; the last checkpoint is kept")
+    check_finite(mean, "the loss", step)
     return mean
 
 
-def time_is_up(accelerator, started, max_minutes):
-    """True on every process once any process has run past the budget (time.monotonic() based)."""
+def check_finite(value, what, step):
+    """Raises FloatingPointError naming the step when `value` is NaN or infinite. Called before the
+    optimizer step, so the weights (and every checkpoint written later) never hold the bad update."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value} at step {step}: stopped before updating the weights; "
+                                 "the last checkpoint is kept")
+
+
+class Stopped(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving its state. `exit_code` is 128 + the
+    signal number, as a shell reports a process the signal ended: 130 (SIGINT), 143 (SIGTERM)."""
+
+    def __init__(self, signum, step):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, state saved: continue with --resume")
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only set `received` (the signal number); the loop
+    reads it after each step, saves and raises `Stopped`. Nothing is saved inside the handler,
+    which could interrupt a save in progress. A second SIGINT (Ctrl-C pressed again) raises
+    KeyboardInterrupt: stop at once, unsaved; the state on disk stays the previous complete one.
+
+    Under `accelerate launch` (torchrun) the workers run in sessions of their own: a terminal's
+    Ctrl-C reaches them once, forwarded by the launcher.
+    """
+
+    def __init__(self):
+        self.received, self.previous = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+
+def agreed_stop(accelerator, started, max_minutes, signals):
+    """Whether to stop after this step, the same on every process: (out of time, signal number or
+    0), each the maximum over processes, from one all-gather of two numbers."""
     over = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
-    return accelerator.reduce(torch.tensor(float(over), device=accelerator.device), "sum").item() > 0
+    mine = torch.tensor([int(over), signals.received], device=accelerator.device)
+    out_of_time, signum = accelerator.gather(mine).view(-1, 2).amax(dim=0).tolist()
+    return bool(out_of_time), signum
+
+
+def save_failed(error, run_dir, step):
+    """An OSError raised while saving step `step` -> one line saying what failed and what is kept."""
+    kept = f"the state of step {read_progress(run_dir)['step']} is kept" if has_state(run_dir) else "no state was saved"
+    return OSError(f"saving step {step} in {run_dir} failed ({error.strerror or error}); {kept}")
 
 
 def start_new_log(accelerator, run_dir):

@@ -1,0 +1,508 @@
+"""What the trainers guarantee when things go wrong: SIGKILL at random moments and `--resume`,
+a kill while the state is being saved, SIGTERM and Ctrl-C (also under `accelerate launch`), a full
+disk, a NaN or infinite loss or gradient, and nonsensical budgets. Tiny models on 8x8 data."""
+
+import errno
+import json
+import math
+import os
+import random
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
+from safetensors.torch import load_file
+
+from pipelines import cli, training
+from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
+from pipelines.codes import extract_codes
+from pipelines.data import ImageTensorDataset
+from pipelines.train_pixel import TrainConfig
+from pipelines.train_pixel import train as train_pixel
+from pipelines.train_prior import PriorTrainConfig
+from pipelines.train_prior import train as train_prior
+from pipelines.train_vqvae import VQVAETrainConfig
+from pipelines.train_vqvae import train as train_vqvae
+from prior import PixelSNAIL
+from vqvae import VQVAE2
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+STEPS = 12
+# Subprocesses run this checkout's packages (python puts scripts/ first on sys.path, not the
+# checkout, so an editable install of another checkout would be imported instead), and, like this
+# process here, one thread: tiny models run 10x faster so on a busy machine, and the runs in
+# subprocesses and in this process compute the same numbers.
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 smooth 8x8 images (an image folder), and a code database of 40 records made from them by
+    a fixed function (2x2 top codes of 5, 4x4 bottom codes of 300, 3 classes): no VQ-VAE needed."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 8)
+    (root / "images").mkdir()
+    pixels = []
+    for k in range(40):
+        image = rng.uniform(0, 255, size=3) * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
+        pixels.append(image.clip(0, 255).astype(np.uint8))
+        Image.fromarray(pixels[-1]).save(root / "images" / f"{k:03d}.png")
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+
+    def encode(batch):
+        return batch[:, 0, ::4, ::4].long() % 5, (batch[:, 1, ::2, ::2].long() + batch[:, 2, ::2, ::2].long()) % 300
+
+    plan = dict(top_shape=(2, 2), bottom_shape=(4, 4), top_codes=5, bottom_codes=300, n_classes=3,
+                vqvae_sha256="ab" * 32, image_size=8, source={"data": "generated", "split": "train"})
+    extract_codes(encode, ImageTensorDataset(images, torch.arange(40) % 3), root / "codes.lmdb", plan,
+                  batch_size=8, progress=False)
+    return root
+
+
+# Each trainer: its script, its in-process train() and config, and tiny run options.
+TRAINERS = {
+    "pixel": ("scripts/train_pixelsnail.py", train_pixel, TrainConfig,
+              dict(preset="tiny", dropout=0.3, n_samples=0)),
+    "vqvae": ("scripts/train_vqvae.py", train_vqvae, VQVAETrainConfig,
+              dict(preset="cpu-small", size=8, batch_size=4, n_images=0)),
+    "prior": ("scripts/train_prior.py", train_prior, PriorTrainConfig,
+              dict(level="bottom", preset="cpu-bottom", batch_size=4, dropout=0.3)),
+}
+
+
+def options(trainer, data, out, **changes):
+    """The trainer's tiny run as config fields."""
+    source = {"codes": str(data / "codes.lmdb")} if trainer == "prior" else {"data": str(data / "images")}
+    fields = dict(out=str(out), steps=STEPS, precision="fp32", eval_every=1000, eval_batches=1, checkpoint_every=1)
+    return {**source, **TRAINERS[trainer][3], **fields, **changes}
+
+
+def config(trainer, data, out, **changes):
+    return TRAINERS[trainer][2](**options(trainer, data, out, **changes))
+
+
+def command(trainer, data, out, **changes):
+    """The same run as a command line."""
+    args = [TRAINERS[trainer][0]]
+    for name, value in options(trainer, data, out, **changes).items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted runs (in this process), one per trainer, made when first asked for."""
+    runs = {}
+
+    def run(trainer):
+        if trainer not in runs:
+            runs[trainer] = tmp_path_factory.mktemp(f"reference-{trainer}")
+            TRAINERS[trainer][1](config(trainer, data, runs[trainer]))
+        return runs[trainer]
+
+    return run
+
+
+def assert_same_weights(run_dir, reference_dir):
+    """model.safetensors and every tensor file of the state are bit-identical."""
+    names = ["model.safetensors"] + [p.name for p in (reference_dir / "state").glob("*.safetensors")]
+    assert len(names) >= 2
+    for name in names:
+        theirs = load_file(reference_dir / (name if name == "model.safetensors" else f"state/{name}"))
+        ours = load_file(run_dir / (name if name == "model.safetensors" else f"state/{name}"))
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), f"{name}:{key} differs from the uninterrupted run"
+
+
+def saved_step(run_dir):
+    """The step of the state `--resume` would load, or None (none yet, or being renamed right now)."""
+    try:
+        return training.read_progress(run_dir)["step"]
+    except (OSError, ValueError):
+        return None
+
+
+def assert_state_loads(run_dir):
+    """The latest state is complete: progress, finite weights, optimizer and RNG files that load
+    (as accelerate loads them: weights_only=True), and a model.safetensors that loads. Returns its step."""
+    directory = training.state_dir(run_dir)
+    step = json.loads((directory / training.PROGRESS_FILE).read_text())["step"]
+    for path in directory.glob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
+    for path in [*directory.glob("*.bin"), *directory.glob("*.pkl")]:
+        load_weights_only(path)
+    assert (directory / "model.safetensors").is_file() and list(directory.glob("optimizer*.bin"))
+    assert list(directory.glob("random_states_*.pkl"))
+    load_file(run_dir / "model.safetensors")
+    return step
+
+
+def start(args):
+    return subprocess.Popen([PYTHON, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_until(condition, process, timeout=120):
+    """Polls until condition() holds or the process ends; True if the condition held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise TimeoutError("the training did not get there in time")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(trainer, data, reference, tmp_path):
+    """The script, killed (SIGKILL) twice at random moments (after a random number of saved
+    steps plus a random delay, so that kills land in steps and in saves) and resumed with
+    --resume: after every kill the latest state loads, and the finished run's weights, optimizer
+    and EMA are bit-identical to those of an uninterrupted run."""
+    rng = random.Random(f"kill-{trainer}")
+    run_dir, previous = tmp_path / "run", 0
+    for _ in range(2):
+        target, delay = previous + rng.randint(1, 3), rng.uniform(0.0, 0.05)
+        process = start(command(trainer, data, run_dir) + ["--resume"])
+        assert wait_until(lambda: (saved_step(run_dir) or 0) >= target, process), process.communicate()[1][-2000:]
+        time.sleep(delay)
+        process.kill()
+        process.communicate(timeout=120)
+        assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
+        step = assert_state_loads(run_dir)
+        assert previous < step < STEPS
+        previous = step
+    TRAINERS[trainer][1](config(trainer, data, run_dir, resume=True))  # the last session, in this process
+    assert saved_step(run_dir) == STEPS
+    assert_same_weights(run_dir, reference(trainer))
+
+
+class Killed(BaseException):
+    """The simulated death of the process (not an Exception: nothing may catch it)."""
+
+
+def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeypatch):
+    """save_state is interrupted at each of its file operations in turn (a kill there: the
+    operation and everything after it never happen; a directory removal dies half-way). Every time,
+    the state to resume from is a complete one, the old or the new, with the weights of its step;
+    and the next save succeeds and leaves no temporary directory behind."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+
+    def save(run_dir, step):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(step)
+        training.save_state(accelerator, run_dir, {"step": step}, ema=model)
+
+    def load(run_dir):
+        progress = training.load_state(accelerator, run_dir, ema=model)
+        assert all(torch.all(p == progress["step"]) for p in model.parameters()), "weights of another step"
+        return progress["step"]
+
+    real = {"replace": os.replace, "rmtree": shutil.rmtree, "save_state": accelerator.save_state,
+            "save_file": training.save_file}
+
+    def interruptible(name, counter):
+        def operation(*args, **kwargs):
+            if counter["dead"]:
+                raise Killed
+            counter["calls"] += 1
+            if counter["calls"] == counter["kill_at"]:
+                counter["dead"] = True
+                if name == "rmtree":  # dies half-way through removing the directory
+                    files = sorted(Path(args[0]).rglob("*"))
+                    for path in files[: len(files) // 2]:
+                        if path.is_file():
+                            path.unlink()
+                if name == "save_state":  # dies after accelerate wrote its files
+                    real[name](*args, **kwargs)
+                raise Killed
+            return real[name](*args, **kwargs)
+        return operation
+
+    kill_points = 0
+    for kill_at in range(1, 20):
+        run_dir = tmp_path / f"run{kill_at}"
+        save(run_dir, 2)  # the state the interrupted save replaces
+        counter = {"calls": 0, "kill_at": kill_at, "dead": False}
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", interruptible("replace", counter))
+            patch.setattr(shutil, "rmtree", interruptible("rmtree", counter))
+            patch.setattr(accelerator, "save_state", interruptible("save_state", counter))
+            patch.setattr(training, "save_file", interruptible("save_file", counter))
+            try:
+                save(run_dir, 3)
+            except Killed:
+                pass
+        if not counter["dead"]:
+            break
+        kill_points += 1
+        assert load(run_dir) in (2, 3), f"kill at operation {kill_at}"
+        save(run_dir, 4)
+        assert load(run_dir) == 4
+        assert sorted(p.name for p in run_dir.iterdir()) == ["state"]
+    assert kill_points >= 5  # save_state, EMA file, rename old away, rename new in, remove old
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_the_state_and_exit(signum, data, reference, tmp_path):
+    """The signal lands mid-run (checkpoints every 1000 steps, so only the stop saves): the
+    script saves the state of the step it was on, says so in one line and exits 128 + signal
+    (143 / 130). Resumed, the run ends bit-identical to an uninterrupted one."""
+    run_dir = tmp_path / "run"
+    process = start(command("pixel", data, run_dir, checkpoint_every=1000, eval_every=1))
+    log = run_dir / "log.jsonl"
+    assert wait_until(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    stopped = re.fullmatch(rf"stopped by {signal.Signals(signum).name} at step (\d+), state saved: continue with --resume",
+                           last_line)
+    assert stopped, last_line
+    assert "Traceback" not in stderr
+    step = int(stopped.group(1))
+    assert 2 <= step < STEPS and assert_state_loads(run_dir) == step
+    assert load_checkpoint(run_dir, PIXELSNAIL_KIND)[2]["step"] == step
+
+    train_pixel(config("pixel", data, run_dir, resume=True))
+    assert_same_weights(run_dir, reference("pixel"))
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT (or SIGTERM) only sets the flag; a second SIGINT raises KeyboardInterrupt
+    (cli.run: "interrupted", exit 130), a second SIGTERM changes nothing. The previous handlers
+    are back afterwards."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with training.StopSignals() as signals:
+        assert signals.received == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with training.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
+def worker_pids(launcher_pid):
+    """{rank: pid} of the processes `accelerate launch` started (children with RANK in their env)."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == launcher_pid:
+                env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+                workers[int(env["RANK"])] = int(entry.name)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return workers
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to rank 1 only", "Ctrl-C to the process group"])
+def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
+    """Under `accelerate launch` with two processes, a signal to one worker stops both at the
+    same step (the flag is all-gathered every step), and so does a terminal's Ctrl-C (sent to the
+    launcher's process group; torchrun forwards it to its workers): both processes report the
+    same step, and its state is saved by both (one RNG file each)."""
+    run_dir = tmp_path / "run"
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = command("pixel", data, run_dir, checkpoint_every=1000, eval_every=1, steps=200)
+    process = subprocess.Popen([*launch, *args], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log = run_dir / "log.jsonl"
+        assert wait_until(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, process)
+        if how.startswith("SIGTERM"):
+            signum = signal.SIGTERM
+            os.kill(worker_pids(process.pid)[1], signum)
+        else:
+            signum = signal.SIGINT
+            os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    name = signal.Signals(signum).name
+    steps = re.findall(rf"stopped by {name} at step (\d+), state saved", stderr)  # one line per process
+    assert len(steps) == 2 and steps[0] == steps[1], stderr[-3000:]
+    assert process.returncode != 0  # the launcher reports its workers' exit (143 / 130) as a failure
+    assert assert_state_loads(run_dir) == int(steps[0]) < 200
+    assert sorted(p.name for p in training.state_dir(run_dir).glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk_on_call(function, failing_call, written):
+    """`function` (a writer taking (obj, path, ...)) that, on its `failing_call`-th call, writes a
+    few bytes and then fails as a full disk does."""
+    calls = {"n": 0}
+
+    def writer(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            Path(path).write_bytes(b"\0" * 10)
+            written.append(Path(path))
+            raise ENOSPC
+        return function(obj, path, *args, **kwargs)
+
+    return writer
+
+
+def run_cli(train, cfg, capsys):
+    """train(cfg) as a script runs it (cli.run): (exit status, the last line on stderr), after
+    checking that stderr holds no traceback (only the progress bar before that line)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: train(cfg))
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and stderr.count("error:") == 1
+    return exit_info.value.code, stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("trainer, writer, state_kept", [
+    ("pixel", "torch.save", 2),                   # accelerate's optimizer file, inside the new state
+    ("pixel", "training.save_file", 2),           # our EMA file, inside the new state
+    ("pixel", "checkpoint.save_file", 4),         # model.safetensors, after the state was saved
+    ("vqvae", "torch.save", 2),
+])
+def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, state_kept, data, reference, tmp_path,
+                                                          monkeypatch, capsys):
+    """ENOSPC in the middle of the second save (step 4; saves every 2 steps): one line naming the
+    step, the error and the state kept, exit status 2; the state and model.safetensors on disk
+    are complete and resumable, nothing half-written is left, and the resumed run ends
+    bit-identical to an uninterrupted one."""
+    import pipelines.checkpoint
+
+    module, name = {"torch.save": (torch, "save"), "training.save_file": (training, "save_file"),
+                    "checkpoint.save_file": (pipelines.checkpoint, "save_file")}[writer]
+    train = TRAINERS[trainer][1]
+    run_dir, written = tmp_path / "run", []
+    train(config(trainer, data, run_dir, steps=2, checkpoint_every=2))
+    assert saved_step(run_dir) == 2
+    monkeypatch.setattr(module, name, full_disk_on_call(getattr(module, name), 1, written))
+    status, last_line = run_cli(train, config(trainer, data, run_dir, checkpoint_every=2, resume=True), capsys)
+    monkeypatch.undo()
+    assert status == 2 and written
+    assert last_line == (f"error: saving step 4 in {run_dir} failed (No space left on device); "
+                      f"the state of step {state_kept} is kept")
+    assert assert_state_loads(run_dir) == state_kept
+    assert load_checkpoint(run_dir, VQVAE_KIND if trainer == "vqvae" else PIXELSNAIL_KIND)[2]["step"] == 2
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")) == []
+
+    train(config(trainer, data, run_dir, resume=True))
+    assert_same_weights(run_dir, reference(trainer))
+
+
+
+def poison_training_call(monkeypatch, cls, method, at_call, poison):
+    """Makes the `at_call`-th call of cls.method in training mode return poison(its result)."""
+    original, calls = getattr(cls, method), {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                return poison(result)
+        return result
+
+    monkeypatch.setattr(cls, method, poisoned)
+
+
+@pytest.mark.parametrize("trainer, what, message", [
+    ("pixel", "nan loss", "the loss is nan at step 3"),
+    ("pixel", "inf gradient", "the gradient norm is (inf|nan) at step 3"),  # inf * 0 -> nan on the way
+    ("prior", "nan loss", "the loss is nan at step 3"),
+    ("vqvae", "nan loss", "the loss is nan at step 3"),
+])
+def test_a_nan_or_infinite_loss_stops_the_run_and_keeps_the_checkpoint(trainer, what, message, data, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The loss of step 3 (or its gradient) is made non-finite: the run stops with one line
+    naming the step, exit status 2, before the update; the state and model.safetensors stay those
+    of step 2, with finite weights."""
+    run_dir = tmp_path / "run"
+    if trainer == "vqvae":
+        poison_training_call(monkeypatch, VQVAE2, "forward", 3, lambda out: out._replace(loss=out.loss * math.nan))
+    elif what == "nan loss":
+        poison_training_call(monkeypatch, PixelSNAIL, "output_nll", 3, lambda bits: bits * math.nan)
+    else:
+        def infinite_gradient(bits):
+            bits.register_hook(lambda g: torch.full_like(g, math.inf))
+            return bits
+        poison_training_call(monkeypatch, PixelSNAIL, "output_nll", 3, infinite_gradient)
+    status, last_line = run_cli(TRAINERS[trainer][1], config(trainer, data, run_dir, checkpoint_every=2), capsys)
+    assert status == 2
+    assert re.fullmatch(f"error: {message}: stopped before updating the weights; the last checkpoint is kept", last_line)
+    assert assert_state_loads(run_dir) == 2
+    state, _, extra = load_checkpoint(run_dir, VQVAE_KIND if trainer == "vqvae" else PIXELSNAIL_KIND)
+    assert extra["step"] == 2 and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+BAD_VALUES = [
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--steps", "-5"], "steps must be >= 1, got -5"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--batch-size", "-2"], "batch_size must be >= 1, got -2"),
+    (["--max-minutes", "-1"], "max_minutes must be > 0, got -1.0"),
+    (["--max-minutes", "0"], "max_minutes must be > 0, got 0.0"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be >= 1, got 0"),
+    (["--eval-every", "0"], "eval_every must be >= 1, got 0"),
+    (["--eval-batches", "0"], "eval_batches must be >= 1, got 0"),
+    (["--lr", "0"], "lr"),
+    (["--grad-clip", "-1"], "grad_clip"),
+]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("bad, message", BAD_VALUES, ids=[" ".join(b) for b, _ in BAD_VALUES])
+def test_nonsensical_budgets_are_refused_before_anything_is_written(trainer, bad, message, data, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Each script, run as from the command line (in this process), refuses the value with one
+    line naming it and exit status 2, and creates no run directory."""
+    run_dir = tmp_path / "run"
+    args = command(trainer, data, run_dir)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:], *bad])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
+    assert not run_dir.exists()
