@@ -220,7 +220,8 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(step)
-        training.save_state(accelerator, run_dir, {"step": step}, ema=model)
+        progress = {"step": step, "train_config": {}, "model_config": "{}"}
+        training.save_state(accelerator, run_dir, progress, ema=model)
 
     def load(run_dir):
         progress = training.load_state(accelerator, run_dir, ema=model)
