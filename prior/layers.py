@@ -105,21 +105,21 @@ class Dropout(nn.Module):
 def keep_mask(x, p):
     """Booleans of x's shape and memory layout, each True with probability 1 - p', independently.
 
-    Every 32-bit draw of the generator gives two elements (its low 16 bits and its high 15), so
-    this costs half of torch.rand's draws. p' is p rounded to a multiple of 1/32768 (0.1 becomes
+    Every 32-bit draw of the generator gives two elements, so this costs half of torch.rand's
+    draws. A draw holds 31 random bits; shifted left by one, its high 16 bits are uniform over
+    all int16 values and its low 16 bits uniform over the even ones, so one threshold keeps each
+    half with the same probability. p' is p rounded to a multiple of 1/32768 (0.1 becomes
     0.100006, 0.5 stays exact); returns (mask, 1 - p').
     """
     n = x.numel()
-    threshold = round(p * 32768)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # in [0, 2^31)
-    halves = bits.view(torch.int16).view(-1, 2)  # (low half: any int16, high half: [0, 2^15))
-    thresholds = torch.tensor([2 * threshold - 32768, threshold], dtype=torch.int16, device=x.device)
-    keep = (halves >= thresholds).view(-1)[:n]
+    dropped = round(p * 32768)  # out of 32768
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_().bitwise_left_shift_(1)
+    keep = (bits.view(torch.int16) >= 2 * dropped - 32768)[:n]
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         keep = keep.as_strided(x.shape, x.stride())  # the draws are iid: any order of them will do
     else:
         keep = keep.view(x.shape)
-    return keep, 1 - threshold / 32768
+    return keep, 1 - dropped / 32768
 
 
 class GatedResBlock(nn.Module):
