@@ -95,6 +95,8 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
+        if torch.compiler.is_compiling():  # inductor fuses its own mask into the neighbouring ops
+            return F.dropout(x, self.p, training=True)
         keep, keep_probability = keep_mask(x, self.p)
         return x * keep.to(x.dtype).mul_(1 / keep_probability)
 

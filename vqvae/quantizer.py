@@ -76,6 +76,7 @@ class VectorQuantizerEMA(nn.Module):
     def extra_repr(self):
         return f"n_codes={self.n_codes}, dim={self.dim}, decay={self.decay}, commitment={self.commitment}"
 
+    @torch.compiler.disable  # data-dependent (bincount, restarts): runs eagerly in a compiled model
     def forward(self, x):
         """(B, D, H, W) -> QuantizerOutput; updates the codebook in training mode."""
         self.check_input(x)
