@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from launch import launch_command
 from pipelines.checkpoint import save_checkpoint
 from pipelines.generation import generate, load_pipeline
 from prior import PixelSNAIL, PixelSNAILConfig
@@ -24,8 +25,7 @@ def run(*args, processes=1):
     if processes == 1:
         command = [sys.executable, *args]
     else:
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+        command = launch_command(processes, *args)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return result
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from launch import launch_command
 from pipelines.checkpoint import CheckpointError, load_checkpoint, load_pixelsnail, save_checkpoint
 from pipelines.data import to_model_range
 from pipelines.train_pixel import TrainConfig, train
@@ -127,12 +128,9 @@ def test_command_line_end_to_end(image_folder, tmp_path):
 
 
 def test_two_real_processes_on_cpu(image_folder, tmp_path):
-    accelerate = Path(sys.executable).parent / "accelerate"
     result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train_pixelsnail.py",
-         "--data", str(image_folder), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "4",
-         "--precision", "fp32", "--n-samples", "0"],
+        launch_command(2, "scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(tmp_path / "run"),
+                       "--preset", "tiny", "--steps", "4", "--precision", "fp32", "--n-samples", "0"),
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

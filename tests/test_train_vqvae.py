@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from launch import launch_command
 from pipelines.checkpoint import load_vqvae
 from pipelines.train_vqvae import VQVAETrainConfig, train
 
@@ -60,7 +61,6 @@ def test_bad_sizes_are_refused():
 
 
 def test_command_line_and_two_processes(image_folder, tmp_path):
-    accelerate = Path(sys.executable).parent / "accelerate"
     args = ["scripts/train_vqvae.py", "--data", str(image_folder), "--preset", "cpu-small", "--size", "16",
             "--steps", "4", "--batch-size", "4", "--precision", "fp32", "--eval-every", "2"]
     single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")],
@@ -70,8 +70,7 @@ def test_command_line_and_two_processes(image_folder, tmp_path):
     assert (tmp_path / "one" / "reconstructions.png").is_file()
 
     double = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", *args, "--out", str(tmp_path / "two")],
+        launch_command(2, *args, "--out", str(tmp_path / "two")),
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert double.returncode == 0, double.stderr

@@ -23,6 +23,7 @@ from PIL import Image
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
+from launch import launch_command
 from pipelines import cli, training
 from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
 from pipelines.codes import extract_codes
@@ -38,7 +39,6 @@ from vqvae import VQVAE2
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 STEPS = 12
 # Subprocesses run this checkout's packages (python puts scripts/ first on sys.path, not the
 # checkout, so an editable install of another checkout would be imported instead), and, like this
@@ -341,10 +341,8 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
     launcher's process group; torchrun forwards it to its workers): both processes report the
     same step, and its state is saved by both (one RNG file each)."""
     run_dir = tmp_path / "run"
-    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = command("pixel", data, run_dir, checkpoint_every=1000, eval_every=1, steps=200)
-    process = subprocess.Popen([*launch, *args], cwd=ROOT, env=ENV,
+    process = subprocess.Popen(launch_command(2, *args), cwd=ROOT, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         log = run_dir / "log.jsonl"
