@@ -114,7 +114,7 @@ def keep_mask(x, p):
     0.100006, 0.5 stays exact); returns (mask, 1 - p').
     """
     n = x.numel()
-    dropped = round(p * 32768)  # out of 32768
+    dropped = min(round(p * 32768), 32767)  # out of 32768
     bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_().bitwise_left_shift_(1)
     keep = (bits.view(torch.int16) >= 2 * dropped - 32768)[:n]
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
