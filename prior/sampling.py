@@ -217,7 +217,9 @@ class IncrementalPixelSNAIL:
         h = self.input.output_at(i, j)  # (B, C)
         for block in self.blocks:
             h = block(i, j, h, background, cond)
-        return rearrange(self.head(F.elu(h)), "b p -> b p 1 1")
+        with torch.autocast(h.device.type, enabled=False):  # in fp32, as PixelSNAIL.output
+            out = self.head(F.elu(h.to(self.model.head.bias.dtype)))
+        return rearrange(out, "b p -> b p 1 1")
 
     def write(self, i, j, drawn):
         """Feeds the values drawn at (i, j) back in: (B, 3, 1, 1) pixels or (B, 1, 1) codes."""
