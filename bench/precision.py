@@ -108,13 +108,15 @@ def summary_lines(results):
     gaps = results["bf16_minus_fp32"]
     noise = max(results["fp32_seed_gap"], results["bf16_seed_gap"])
     verdict = "within" if max(abs(g) for g in gaps) <= noise else "beyond"
+    same_sign = all(g > 0 for g in gaps) or all(g < 0 for g in gaps)
+    sign = f"the same sign for every seed (bf16 {'behind' if gaps[0] > 0 else 'ahead'})" if same_sign else "mixed signs"
     return [
         f"{c['preset']} preset, {c['steps']} steps on {c['data']}, seeds {c['seeds']}; every checkpoint evaluated "
         "in fp32 over the whole test split",
-        f"bf16 - fp32 test bits/dim: {', '.join(f'{g:+.4f}' for g in gaps)} (seeds {c['seeds']}), mean "
-        f"{statistics.mean(gaps):+.4f}",
+        f"bf16 - fp32 test bits/dim at equal steps: {', '.join(f'{g:+.4f}' for g in gaps)} (seeds {c['seeds']}), mean "
+        f"{statistics.mean(gaps):+.4f}: {sign}",
         f"seed-to-seed gap: fp32 {results['fp32_seed_gap']:.4f}, bf16 {results['bf16_seed_gap']:.4f}: the bf16 - fp32 "
-        f"gap is {verdict} the seed-to-seed noise",
+        f"gap is {verdict} the seed-to-seed spread",
         *machine_lines(results),
     ]
 

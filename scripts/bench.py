@@ -21,7 +21,7 @@ Examples:
   python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
   python scripts/bench.py train --cases top-11m --compile   # one model, torch.compile too
   python scripts/bench.py train --quick         # smoke run with tiny models, seconds
-  python scripts/bench.py precision             # four cpu-small runs, about 10 minutes
+  python scripts/bench.py precision             # four cpu-small runs, about 20 minutes
   python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes

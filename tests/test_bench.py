@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import lmdb, sample, train, vqvae
+from bench import lmdb, precision, sample, train, vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -107,8 +107,16 @@ def test_lmdb_quick_writes_positive_numbers(tmp_path):
         assert all(run["startup_s"] > 0 and run["other_cpu_use"] >= 0 for run in variant["runs"])
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb], ids=["train", "sample", "vqvae", "lmdb"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
     assert module.format_markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
+
+
+def test_precision_reads_the_last_result_line_of_a_script():
+    output = "new run\ntest bits/dim: 9.1000\nsamples: x.png\ntest bits/dim: 5.2675\n"
+    assert precision.last_line_value(output, "test bits/dim: ") == 5.2675
+    with pytest.raises(RuntimeError, match="no line starting with"):
+        precision.last_line_value("error: bad data\n", "test bits/dim: ")
