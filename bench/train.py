@@ -203,7 +203,7 @@ def train_step(case, model, forward, optimizer, inputs, precision):
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_case(case, batch_size, names, steps, warmup, seed):
+def bench_case(case, batch_size, names, steps, warmup, seed, profile_fast_path=False):
     """Seconds per step of each variant of one model (identical initial weights), the seconds of
     the first call of each (a compiled variant compiles in it), and the step's counted FLOPs."""
     generator = torch.Generator().manual_seed(seed)
@@ -222,10 +222,22 @@ def bench_case(case, batch_size, names, steps, warmup, seed):
         runs[name]()
         first_call[name] = time.perf_counter() - start
     seconds, other_cpu = time_interleaved(runs, steps, max(warmup - 1, 0), progress="train")
-    return seconds, other_cpu, first_call, flops, n_parameters
+    profile = profile_step(runs["bf16"]) if profile_fast_path else None
+    return seconds, other_cpu, first_call, flops, n_parameters, profile
 
 
-def summarise_case(case, batch_size, seconds, other_cpu, first_call, flops, n_parameters, peaks):
+def profile_step(run, top=12):
+    """The ops that took the most self CPU time in one call of `run` (a training step), with
+    their share of the step: where the time goes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:top]]
+
+
+def summarise_case(case, batch_size, seconds, other_cpu, first_call, flops, n_parameters, profile, peaks):
     timings = {}
     for name, times in seconds.items():
         median_seconds = statistics.median(times)
@@ -246,8 +258,11 @@ def summarise_case(case, batch_size, seconds, other_cpu, first_call, flops, n_pa
         if name != "fp32":
             timings[name]["speedup_vs_fp32"] = timings["fp32"]["median_step_s"] / median_seconds
             timings[name]["speedup_vs_fp32_paired_median"] = statistics.median(paired_speedups(seconds, "fp32", name))
-    return {"description": case.description, "batch_size": batch_size, "parameters": n_parameters,
-            "flops_per_step": flops, "train": timings}
+    summary = {"description": case.description, "batch_size": batch_size, "parameters": n_parameters,
+               "flops_per_step": flops, "train": timings}
+    if profile is not None:
+        summary["profile_bf16"] = profile
+    return summary
 
 
 def run(args):
@@ -273,8 +288,12 @@ def run(args):
         case = CASES[name]
         batch_size = args.batch_size or case.batch_size
         log(f"{name}: {case.description}, batch {batch_size}")
-        measured = bench_case(case, batch_size, variants(args.compile), args.steps, args.warmup, args.seed)
+        measured = bench_case(case, batch_size, variants(args.compile), args.steps, args.warmup, args.seed,
+                              args.profile)
         cases[name] = summarise_case(case, batch_size, *measured, peaks)
+        if args.profile:
+            log(f"{name}, one bf16 step, self CPU time: " + ", ".join(
+                f"{row['op']} {row['share']:.0%}" for row in cases[name]["profile_bf16"]))
     results = {
         "benchmark": "train",
         **info,
@@ -309,6 +328,9 @@ def add_arguments(parser):
                         help=f"timed matmuls per shape and precision (default {full['matmul_repeats']})")
     parser.add_argument("--compile", action="store_true",
                         help="also time the fast path under torch.compile (compiles for minutes per model)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one bf16 step of each model (torch.profiler, top ops by self CPU "
+                        "time, into the JSON): where the time goes")
     add_common_arguments(parser, "train", seed_help="seed of the weights and the batch")
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import lmdb, precision, sample, train, vqvae
 
@@ -31,8 +32,8 @@ def run_quick(benchmark, out_dir, heading):
 def test_train_quick_writes_positive_numbers(tmp_path):
     results = run_quick("train", tmp_path, "# Training benchmark")
     assert results["config"]["cases"] == train.QUICK_CASES
-    for precision in ("fp32", "bf16"):
-        assert results["matmul_peak"][precision]["flops_per_s"] > 0
+    for dtype in PRECISIONS:
+        assert results["matmul_peak"][dtype]["flops_per_s"] > 0
     for name, case in results["cases"].items():
         assert case["flops_per_step"]["total"] > 0 and case["parameters"] > 0, name
         assert set(case["train"]) == {"fp32", "bf16"}, name
@@ -120,3 +121,10 @@ def test_precision_reads_the_last_result_line_of_a_script():
     assert precision.last_line_value(output, "test bits/dim: ") == 5.2675
     with pytest.raises(RuntimeError, match="no line starting with"):
         precision.last_line_value("error: bad data\n", "test bits/dim: ")
+
+
+def test_train_profile_names_the_ops_of_a_step():
+    x = torch.randn(64, 64, requires_grad=True)
+    rows = train.profile_step(lambda: (x @ x).sum().backward(), top=3)
+    assert len(rows) == 3 and any("mm" in row["op"] for row in rows)
+    assert all(0 < row["share"] <= 1 and row["calls"] >= 1 for row in rows)
