@@ -209,21 +209,18 @@ def _open_readonly(path) -> lmdb.Environment:
         env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
     except lmdb.Error as error:
         raise CodeStoreError(f"{path} is not a readable LMDB database ({error})") from None
-    try:
-        _check_not_truncated(env, path)
-    except CodeStoreError:
-        env.close()
-        raise
+    _check_not_truncated(env, path)
     return env
 
 
 def _check_not_truncated(env: lmdb.Environment, path) -> None:
-    """Refuses a data.mdb shorter than the pages its last commit uses (a file cut short by a copy or
-    a full disk): LMDB reads pages through mmap, so touching a missing one kills the process with
-    SIGBUS instead of raising."""
+    """Refuses (closing `env`) a data.mdb shorter than the pages its last commit uses (a file cut
+    short by a copy or a full disk): LMDB reads pages through mmap, so touching a missing one kills
+    the process with SIGBUS instead of raising."""
     needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     size = (Path(path) / "data.mdb").stat().st_size
     if size < needed:
+        env.close()
         raise CodeStoreError(f"{path} is truncated: data.mdb holds {size} bytes but its last commit uses {needed}")
 
 
@@ -318,11 +315,7 @@ class CodeWriter:
             self.env = lmdb.open(str(self.path), map_size=map_size, subdir=True)
         except lmdb.Error as error:
             raise CodeStoreError(f"cannot open {self.path} for writing ({error})") from None
-        try:
-            _check_not_truncated(self.env, self.path)
-        except CodeStoreError:
-            self.env.close()
-            raise
+        _check_not_truncated(self.env, self.path)
 
     def __enter__(self):
         return self
