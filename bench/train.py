@@ -21,10 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from bench.common import (add_common_arguments, apply_defaults, autocast, format_markdown_report,
                           format_text_report, load_average, log, machine_info, machine_lines, paired_speedups,
                           random_pixels, time_interleaved, write_results)
+from bench.vqvae import VQVAE_QUICK_MODEL
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
-PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PIXELSNAIL_BETAS = (0.95, 0.9995)  # Adam as pipelines/train_pixel.py; the VQ-VAE takes torch's defaults
 
@@ -113,8 +113,7 @@ CASES = {
     "vqvae-256": vqvae_case("the paper's VQ-VAE-2 at 256x256", VQVAE2Config(), 256, 8),
     # for --quick: seconds
     "tiny": pixelsnail_case("tiny preset", get_preset("tiny").model, 8),
-    "vqvae-tiny": vqvae_case("a small VQ-VAE-2 at 32x32", VQVAE2Config(
-        channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8), 32, 4),
+    "vqvae-tiny": vqvae_case("a small VQ-VAE-2 at 32x32", VQVAE_QUICK_MODEL, 32, 4),
 }
 FULL_CASES = ["top-11m", "cifar10", "vqvae2-top", "vqvae2-bottom", "vqvae-256"]
 QUICK_CASES = ["tiny", "vqvae-tiny"]
