@@ -1,7 +1,9 @@
 """The `precision` benchmark: does bf16 autocast train as well as fp32? The real trainer runs the
-same short training in fp32 and in bf16 for two seeds; every final checkpoint is then evaluated
-in fp32 over the whole test split. The bf16 - fp32 gap is read against the gap between seeds."""
+same short training in fp32 and in bf16 for three seeds; every final checkpoint is then evaluated
+in fp32 over the whole test split. The bf16 - fp32 gaps, in training loss and in test bits/dim,
+are read against the spread between seeds."""
 
+import json
 import statistics
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from bench.common import (ROOT, apply_defaults, format_markdown_report, format_t
                           load_average, log, machine_info, machine_lines, write_results)
 
 PRECISIONS = ("fp32", "bf16")
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 QUICK_DEFAULTS = dict(preset="tiny", steps=20)
 FULL_DEFAULTS = dict(preset="cpu-small", steps=400)
 
@@ -33,6 +35,12 @@ def run_script(*args):
     return result.stdout
 
 
+def last_train_bits(run_dir):
+    """The trainer's smoothed training loss at its last step, from the run's log.jsonl."""
+    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return records[-1]["train_bits"]
+
+
 def train_and_evaluate(run_dir, preset, data, steps, precision, seed):
     """Trains with scripts/train_pixelsnail.py, evaluates its checkpoint in fp32; returns the numbers."""
     start = time.perf_counter()
@@ -46,6 +54,7 @@ def train_and_evaluate(run_dir, preset, data, steps, precision, seed):
         "precision": precision,
         "seed": seed,
         "train_seconds": train_seconds,
+        "train_bits": last_train_bits(run_dir),  # raw weights, the run's precision, smoothed over ~50 steps
         "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation, in the run's precision
         "test_bits_fp32": last_line_value(output, "test bits/dim: "),
     }
@@ -53,9 +62,10 @@ def train_and_evaluate(run_dir, preset, data, steps, precision, seed):
 
 def run(args):
     """Trains a preset for --steps steps with scripts/train_pixelsnail.py in fp32 and in bf16
-    autocast, for two seeds, on --data; evaluates every final (EMA) checkpoint in fp32 over the
-    whole test split with scripts/evaluate.py. Reports the bf16 - fp32 gap of each seed next to
-    the fp32 gap between the seeds. Writes precision.json and precision.md to --out."""
+    autocast, for three seeds, on --data; evaluates every final (EMA) checkpoint in fp32 over the
+    whole test split with scripts/evaluate.py. Reports the bf16 - fp32 gap of each seed, in the
+    final training loss and in test bits/dim, next to the spread of fp32 over the seeds. Writes
+    precision.json and precision.md to --out."""
     apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     info = machine_info()
     runs = []
@@ -65,20 +75,28 @@ def run(args):
                 log(f"training {args.preset} for {args.steps} steps in {precision}, seed {seed}")
                 runs.append(train_and_evaluate(Path(tmp) / f"{precision}-{seed}", args.preset, args.data,
                                                args.steps, precision, seed))
-    bits = {(r["precision"], r["seed"]): r["test_bits_fp32"] for r in runs}
-    precision_gaps = [bits["bf16", seed] - bits["fp32", seed] for seed in SEEDS]
     results = {
         "benchmark": "precision",
         **info,
         "load_average_after": load_average(),
         "config": {"preset": args.preset, "data": args.data, "steps": args.steps, "seeds": list(SEEDS)},
         "runs": runs,
-        "bf16_minus_fp32": precision_gaps,
-        "fp32_seed_gap": abs(bits["fp32", 1] - bits["fp32", 0]),
-        "bf16_seed_gap": abs(bits["bf16", 1] - bits["bf16", 0]),
+        **{measure: compare(runs, measure) for measure in MEASURES},
     }
     print(format_table(results))
     write_results(results, Path(args.out), "precision", format_markdown(results))
+
+
+MEASURES = {"train_bits": "training loss (bits/dim)", "test_bits_fp32": "test bits/dim"}
+
+
+def compare(runs, measure):
+    """The bf16 - fp32 gap of each seed, and the fp32 spread between seeds, in one measure."""
+    value = {(r["precision"], r["seed"]): r[measure] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    fp32 = [value["fp32", seed] for seed in seeds]
+    return {"bf16_minus_fp32": [value["bf16", seed] - value["fp32", seed] for seed in seeds],
+            "fp32_seed_range": max(fp32) - min(fp32)}
 
 
 def add_arguments(parser):
@@ -95,28 +113,31 @@ def add_arguments(parser):
 # -- output -----------------------------------------------------------------------------------
 
 
-HEADER = ("precision", "seed", "training s", "test bits/dim (trainer, own precision)", "test bits/dim (fp32 eval)")
+HEADER = ("precision", "seed", "training s", "final training loss (bits/dim)",
+          "test bits/dim (trainer, own precision)", "test bits/dim (fp32 eval)")
 
 
 def precision_rows(results):
-    return [(r["precision"], str(r["seed"]), f"{r['train_seconds']:.1f}", f"{r['test_bits_trainer']:.4f}",
-             f"{r['test_bits_fp32']:.4f}") for r in results["runs"]]
+    return [(r["precision"], str(r["seed"]), f"{r['train_seconds']:.1f}", f"{r['train_bits']:.4f}",
+             f"{r['test_bits_trainer']:.4f}", f"{r['test_bits_fp32']:.4f}") for r in results["runs"]]
+
+
+def gap_line(name, gaps, seed_range):
+    """One measure's bf16 - fp32 gaps, their mean and sign, against the fp32 spread between seeds."""
+    signs = {g > 0 for g in gaps}
+    sign = f"bf16 {'behind' if gaps[0] > 0 else 'ahead'} for every seed" if len(signs) == 1 else "mixed signs"
+    verdict = "within" if max(abs(g) for g in gaps) <= seed_range else "beyond"
+    return (f"bf16 - fp32 {name} at equal steps: {', '.join(f'{g:+.4f}' for g in gaps)}, mean "
+            f"{statistics.mean(gaps):+.4f} ({sign}); fp32 range over seeds {seed_range:.4f}: {verdict} it")
 
 
 def summary_lines(results):
     c = results["config"]
-    gaps = results["bf16_minus_fp32"]
-    noise = max(results["fp32_seed_gap"], results["bf16_seed_gap"])
-    verdict = "within" if max(abs(g) for g in gaps) <= noise else "beyond"
-    same_sign = all(g > 0 for g in gaps) or all(g < 0 for g in gaps)
-    sign = f"the same sign for every seed (bf16 {'behind' if gaps[0] > 0 else 'ahead'})" if same_sign else "mixed signs"
     return [
-        f"{c['preset']} preset, {c['steps']} steps on {c['data']}, seeds {c['seeds']}; every checkpoint evaluated "
-        "in fp32 over the whole test split",
-        f"bf16 - fp32 test bits/dim at equal steps: {', '.join(f'{g:+.4f}' for g in gaps)} (seeds {c['seeds']}), mean "
-        f"{statistics.mean(gaps):+.4f}: {sign}",
-        f"seed-to-seed gap: fp32 {results['fp32_seed_gap']:.4f}, bf16 {results['bf16_seed_gap']:.4f}: the bf16 - fp32 "
-        f"gap is {verdict} the seed-to-seed spread",
+        f"{c['preset']} preset, {c['steps']} steps on {c['data']}, seeds {c['seeds']}; the training loss is the "
+        "trainer's own (running mean over ~50 steps, raw weights, the run's precision); every final (EMA) checkpoint "
+        "is evaluated in fp32 over the whole test split",
+        *(gap_line(name, results[measure]["bf16_minus_fp32"], results[measure]["fp32_seed_range"]) for measure, name in MEASURES.items()),
         *machine_lines(results),
     ]
 
