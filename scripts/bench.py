@@ -6,8 +6,9 @@ Subcommands:
           256x256), fp32 vs the bf16 fast path (optionally compiled), interleaved in one run, with
           each step's counted FLOPs, the achieved FLOP/s and its fraction of the matmul peak
           measured in the same run.
-  precision  the real trainer in fp32 and in bf16 for three seeds, each checkpoint evaluated in
-          fp32: is the bf16 - fp32 gap within the seed-to-seed noise?
+  precision  the real trainer in fp32, in bf16 and in fp32 with a 0.1% higher learning rate (a
+          control) for three seeds, each checkpoint evaluated in fp32: is the bf16 - fp32 gap
+          within the control's drift?
   sample  naive (one full forward per position) vs cached (prior.sampling, one new position per
           step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
           code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
@@ -21,7 +22,7 @@ Examples:
   python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
   python scripts/bench.py train --cases top-11m --compile   # one model, torch.compile too
   python scripts/bench.py train --quick         # smoke run with tiny models, seconds
-  python scripts/bench.py precision             # six cpu-small runs, about 30 minutes
+  python scripts/bench.py precision             # nine cpu-small runs, about 40 minutes
   python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
@@ -42,7 +43,7 @@ from bench import lmdb, precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
-    "precision": (precision, "bf16 against fp32: training loss and test bits/dim of the real trainer, three seeds"),
+    "precision": (precision, "bf16 against fp32: training loss and test bits/dim of the real trainer, against a control, three seeds"),
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
