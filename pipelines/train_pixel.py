@@ -216,7 +216,7 @@ def fit(cfg, model_config, source, unit):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * cfg.lr_decay**step
             bits = net.output_nll(x, model(x, label, cond)).mean()
-            mean_bits = training.global_mean(accelerator, bits, step + 1)
+            [mean_bits] = training.global_means(accelerator, step + 1, bits)
             accelerator.backward(bits)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             training.check_finite(grad_norm, "the gradient norm", step + 1)

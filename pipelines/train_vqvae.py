@@ -164,8 +164,8 @@ def train(cfg: VQVAETrainConfig):
         while step < cfg.steps:
             images, _ = next(batches)[1]
             result = model(channels_last(to_model_range(images)))
-            mse = training.global_mean(accelerator, result.reconstruction_loss, step + 1)
-            training.global_mean(accelerator, result.loss, step + 1)  # stops on a NaN or inf loss
+            # the total loss only for its check: a NaN or inf stops the run
+            mse, _ = training.global_means(accelerator, step + 1, result.reconstruction_loss, result.loss)
             accelerator.backward(result.loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             training.check_finite(grad_norm, "the gradient norm", step + 1)

@@ -267,11 +267,13 @@ def stored_run(cfg, run_fields, config_class):
         raise StateError(f"{state_dir(out) / PROGRESS_FILE} does not describe a run of this kind ({error!r})") from None
 
 
-def global_mean(accelerator, value, step):
-    """The mean of a scalar loss over processes, as a float; stops the run if it is not finite."""
-    mean = accelerator.reduce(value.detach(), "mean").item()
-    check_finite(mean, "the loss", step)
-    return mean
+def global_means(accelerator, step, *losses):
+    """The means of scalar losses over processes, as floats, in one reduction; stops the run if
+    any is not finite."""
+    means = accelerator.reduce(torch.stack([loss.detach().float() for loss in losses]), "mean").tolist()
+    for mean in means:
+        check_finite(mean, "the loss", step)
+    return means
 
 
 def check_finite(value, what, step):
