@@ -49,7 +49,9 @@ class ShiftedConv(nn.Module):
         self.conv = WNConv2d(in_channels, out_channels, kernel_size, init_scale)
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.padding))
+        if any(self.padding):  # F.pad copies even when it pads nothing (the 1x1 convs)
+            x = F.pad(x, self.padding)
+        return self.conv(x)
 
 
 def causal_conv(in_channels, out_channels, kernel_size, init_scale=1.0):

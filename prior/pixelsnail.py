@@ -242,9 +242,12 @@ class PixelSNAIL(nn.Module):
         """`nll` from an output already computed (a trainer calls its wrapped model itself)."""
         if self.config.pixel_mode:
             return mixture.nll_bits_per_dim(x, out)
+        # over (B*H*W, K) rows: a view of channels_last logits, where the per-pixel softmax of a
+        # (B, K, H, W) cross_entropy would first copy them to the contiguous layout
+        logits = rearrange(out.float(), "b k h w -> (b h w) k")
         with torch.autocast(x.device.type, enabled=False):
-            nats = F.cross_entropy(out.float(), x, reduction="none")  # (B, H, W)
-        return nats.mean(dim=(1, 2)) / math.log(2)
+            nats = F.cross_entropy(logits, rearrange(x, "b h w -> (b h w)"), reduction="none")
+        return rearrange(nats, "(b n) -> b n", b=x.shape[0]).mean(dim=1) / math.log(2)
 
     @torch.no_grad()
     def init_from_data(self, x, label=None, cond=None):
