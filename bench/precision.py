@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, apply_defaults, format_markdown_report, format_text_report,
                           load_average, log, machine_info, machine_lines, write_results)
+from pipelines.training import LOG_FILE
 from prior import get_preset
 
 # name -> (precision, learning rate factor) of the runs made for every seed
@@ -43,8 +44,8 @@ def run_script(*args):
 
 
 def last_train_bits(run_dir):
-    """The trainer's smoothed training loss at its last step, from the run's log.jsonl."""
-    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    """The trainer's smoothed training loss at its last step, from the run's log (log.jsonl)."""
+    records = [json.loads(line) for line in (Path(run_dir) / LOG_FILE).read_text().splitlines()]
     return records[-1]["train_bits"]
 
 
