@@ -128,3 +128,15 @@ def test_train_profile_names_the_ops_of_a_step():
     rows = train.profile_step(lambda: (x @ x).sum().backward(), top=3)
     assert len(rows) == 3 and any("mm" in row["op"] for row in rows)
     assert all(0 < row["share"] <= 1 and row["calls"] >= 1 for row in rows)
+
+
+def test_precision_compares_bf16_and_the_control_with_fp32_of_the_same_seed():
+    test_bits = {("fp32", 0): 5.0, ("bf16", 0): 5.1, ("control", 0): 4.9,
+                 ("fp32", 1): 5.5, ("bf16", 1): 5.4, ("control", 1): 5.8}
+    runs = [{"run": name, "seed": seed, "test_bits_fp32": bits} for (name, seed), bits in test_bits.items()]
+    comparison = precision.compare(runs, "test_bits_fp32")
+    assert comparison["bf16_minus_fp32"] == pytest.approx([0.1, -0.1])
+    assert comparison["control_minus_fp32"] == pytest.approx([-0.1, 0.3])
+    assert comparison["fp32_seed_range"] == pytest.approx(0.5)
+    line = precision.gap_line("test bits/dim", comparison)
+    assert "bf16 +0.1000, -0.1000 (mean +0.0000)" in line and line.endswith("within the largest control gap (0.3000)")

@@ -446,6 +446,15 @@ def poison_training_call(monkeypatch, cls, method, at_call, poison):
     monkeypatch.setattr(cls, method, poisoned)
 
 
+def test_global_means_reduces_several_losses_at_once_and_stops_on_any_non_finite():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert training.global_means(accelerator, 1, torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)) == [0.5, 2.0]
+    with pytest.raises(FloatingPointError, match="the loss is inf at step 7"):
+        training.global_means(accelerator, 7, torch.tensor(0.5), torch.tensor(math.inf))
+
+
 @pytest.mark.parametrize("trainer, what, message", [
     ("pixel", "nan loss", "the loss is nan at step 3"),
     ("pixel", "inf gradient", "the gradient norm is (inf|nan) at step 3"),  # inf * 0 -> nan on the way
