@@ -15,6 +15,9 @@ Subcommands:
           timed on a prefix of positions and scaled to the whole grid.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
+  gpu     one CUDA GPU (make gpu-check runs it after the CUDA tests): training steps/s, model
+          FLOP/s and memory per example of cifar10 and the paper-size priors in bf16, VQ-VAE
+          training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -29,6 +32,7 @@ Examples:
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
+  python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
 """
 
 import argparse
@@ -39,7 +43,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import lmdb, precision, sample, train, vqvae  # noqa: E402
+from bench import gpu, lmdb, precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -47,6 +51,7 @@ SUBCOMMANDS = {
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
+    "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),
 }
 
 

@@ -1,0 +1,276 @@
+"""The `gpu` benchmark: what one CUDA GPU does with this code, for `make gpu-check`.
+
+- training steps/s of the cifar10 preset and of the paper-size priors (`vqvae2-top`,
+  `vqvae2-bottom`) in bf16 autocast, as the trainers run them, with model FLOP/s against the bf16
+  matmul peak measured in the same run, and the memory per example (the growth of peak memory
+  between two batch sizes);
+- the VQ-VAE at 256x256: training images/s, and code extraction images/s in fp32 and bf16 with
+  the fraction of codes bf16 changes (random weights: an upper bound's order, not the trained
+  figure);
+- hierarchical sampling: 16 samples, top 32x32 then bottom 64x64 given it with the cached
+  sampler, then decoding to 256x256, in fp32 and bf16, with the time per position of each level.
+
+Every model has random (data-initialised) weights: what is timed is the arithmetic, which does
+not depend on them.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import (add_common_arguments, format_markdown_report, format_text_report, load_average, log,
+                          machine_info, random_pixels, write_results)
+from prior import PixelSNAIL, get_preset
+from vqvae import VQVAE2, VQVAE2Config
+
+CUDA = torch.device("cuda")
+
+# (preset, two batch sizes per process: steps/s at the first, memory per example from both)
+TRAIN_CASES = [("cifar10", 8, 32), ("vqvae2-top", 16, 32), ("vqvae2-bottom", 8, 16)]
+QUICK_TRAIN_CASES = [("tiny", 4, 8)]
+
+
+def autocast(precision):
+    return torch.autocast(CUDA.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def timed(call, repeats, warmup=1):
+    """Seconds of each of `repeats` calls, the GPU synchronised around each."""
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def matmul_peak(side):
+    a, b = (torch.randn(side, side, device=CUDA, dtype=torch.bfloat16) for _ in range(2))
+    best = min(timed(lambda: a @ b, repeats=10, warmup=3))
+    return 2 * side**3 / best
+
+
+def model_inputs(config, batch_size, generator):
+    """(x, label, cond) on the GPU, random, for a PixelSNAIL of `config`."""
+    if config.pixel_mode:
+        x = random_pixels(batch_size, config.shape, generator)
+    else:
+        x = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
+    label = torch.randint(0, config.n_classes, (batch_size,), generator=generator) if config.n_classes else None
+    cond = (torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
+            if config.cond_codes is not None else None)
+    return [None if t is None else t.to(CUDA) for t in (x, label, cond)]
+
+
+def build(config, seed):
+    torch.manual_seed(seed)
+    model = PixelSNAIL(config).to(CUDA)
+    model.init_from_data(*model_inputs(config, 4, torch.Generator().manual_seed(seed)))
+    return model
+
+
+def train_step(model, optimizer, inputs):
+    with autocast("bf16"):
+        loss = model.nll(*inputs).mean()  # the likelihood itself runs in fp32
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_training(preset, batch_sizes, steps, seed):
+    config = get_preset(preset).model
+    model = build(config, seed).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.95, 0.9995))
+    generator = torch.Generator().manual_seed(seed)
+    peaks, seconds, flops = {}, None, None
+    for batch_size in batch_sizes:
+        inputs = model_inputs(config, batch_size, generator)
+        train_step(model, optimizer, inputs)  # the optimizer state exists from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step_seconds = timed(lambda: train_step(model, optimizer, inputs), repeats=steps)
+        peaks[batch_size] = torch.cuda.max_memory_allocated()
+        if seconds is None:
+            seconds = step_seconds
+            with FlopCounterMode(display=False) as counter:
+                train_step(model, optimizer, inputs)
+            flops = counter.get_total_flops()
+    small, large = batch_sizes
+    second = sorted(seconds)[len(seconds) // 2]
+    return {"preset": preset, "parameters": model.num_parameters(), "batch_size": small,
+            "seconds_per_step": second, "examples_per_s": small / second, "flops_per_step": flops,
+            "flops_per_s": flops / second, "peak_bytes": peaks,
+            "bytes_per_example": (peaks[large] - peaks[small]) / (large - small)}
+
+
+def bench_vqvae(size, batch_size, repeats, seed):
+    torch.manual_seed(seed)
+    model = VQVAE2(VQVAE2Config()).to(CUDA, memory_format=torch.channels_last)
+    images = random_pixels(batch_size, (size, size), torch.Generator().manual_seed(seed)).to(CUDA)
+    images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    def step():
+        with autocast("bf16"):
+            loss = model(images).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    train_seconds = sorted(timed(step, repeats))[repeats // 2]
+    model.eval()
+    extraction, codes = {}, {}
+    for precision in ("fp32", "bf16"):
+        def encode():
+            with autocast(precision):
+                codes[precision] = model.encode(images)
+        extraction[precision] = batch_size / sorted(timed(encode, repeats))[repeats // 2]
+    changed = [(a != b).float().mean().item() for a, b in zip(codes["fp32"], codes["bf16"])]
+    return {"size": size, "batch_size": batch_size, "train_images_per_s": batch_size / train_seconds,
+            "extract_images_per_s": extraction, "bf16_changed_codes": {"top": changed[0], "bottom": changed[1]}}
+
+
+def forward_flops(model, inputs):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def bench_hierarchical_sampling(n, top_preset, bottom_preset, seed):
+    """Seconds to sample n top grids, n bottom grids given them, and to decode, per precision."""
+    top, bottom = (build(get_preset(name).model, seed).eval() for name in (top_preset, bottom_preset))
+    torch.manual_seed(seed)
+    vqvae = VQVAE2(VQVAE2Config()).to(CUDA, memory_format=torch.channels_last).eval()
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.randint(0, top.config.n_classes, (n,), generator=generator).to(CUDA)
+              if top.config.n_classes else None)
+    results = {}
+    for precision in ("bf16", "fp32"):
+        draw = torch.Generator(CUDA).manual_seed(seed)
+        seconds = {}
+        with autocast(precision):
+            for level, model in (("top", top), ("bottom", bottom)):
+                cond = results.get("top_codes")
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                codes = model.sample(n, labels if model.config.n_classes else None, cond, generator=draw)
+                torch.cuda.synchronize()
+                seconds[level] = time.perf_counter() - start
+                results[f"{level}_codes"] = codes
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            images = vqvae.decode_codes(results["top_codes"], results["bottom_codes"])
+            torch.cuda.synchronize()
+            seconds["decode"] = time.perf_counter() - start
+        results[precision] = {"seconds": seconds, "total_seconds": sum(seconds.values()),
+                              "image_shape": list(images.shape)}
+        del results["top_codes"], results["bottom_codes"]
+    per_level = {}
+    for level, model in (("top", top), ("bottom", bottom)):
+        inputs = model_inputs(model.config, n, generator)
+        positions = model.config.shape[0] * model.config.shape[1]
+        flops_per_position = forward_flops(model, inputs) / positions  # a full forward, spread evenly
+        per_level[level] = {"preset": top_preset if model is top else bottom_preset, "positions": positions,
+                            "forward_flops_per_position": flops_per_position,
+                            **{f"{p}_seconds_per_position": results[p]["seconds"][level] / positions
+                               for p in ("bf16", "fp32")}}
+    return {"n": n, "precisions": {p: results[p] for p in ("bf16", "fp32")}, "levels": per_level}
+
+
+def run(args):
+    """What one CUDA GPU does with this code: training steps/s and memory per example of the
+    cifar10 and paper-size prior presets (bf16), VQ-VAE training and extraction images/s at
+    256x256, and 16 hierarchical samples (top, bottom, decode) in fp32 and bf16.
+
+    python scripts/bench.py gpu           # a few minutes on one GPU
+    python scripts/bench.py gpu --quick   # smoke run with tiny models
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("error: the gpu benchmark needs CUDA, and torch sees no GPU here")
+    results = {**machine_info(), "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+               "bf16_matmul_peak_flops": matmul_peak(1024 if args.quick else 8192)}
+    log(f"{results['gpu']}: bf16 matmul peak {results['bf16_matmul_peak_flops'] / 1e12:.0f} TFLOP/s")
+    results["training"] = []
+    for preset, small, large in QUICK_TRAIN_CASES if args.quick else TRAIN_CASES:
+        if args.presets and preset not in args.presets:
+            continue
+        try:
+            case = bench_training(preset, (small, large), args.steps, args.seed)
+        except Exception as error:  # report the others even if one case does not fit
+            case = {"preset": preset, "error": f"{type(error).__name__}: {error}"[:300]}
+        results["training"].append(case)
+        log(f"train {case}")
+        torch.cuda.empty_cache()
+    results["vqvae"] = bench_vqvae(32 if args.quick else 256, 8 if args.quick else 64, args.steps, args.seed)
+    log(f"vqvae {results['vqvae']}")
+    top, bottom = ("cpu-top", "cpu-bottom") if args.quick else ("vqvae2-top", "vqvae2-bottom")
+    results["sampling"] = bench_hierarchical_sampling(args.n_samples, top, bottom, args.seed)
+    log(f"sampling {results['sampling']}")
+    results["load_average_after"] = load_average()
+    write_results(results, Path(args.out), "gpu", format_markdown(results))
+    print(format_table(results))
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per training case (default 10)")
+    parser.add_argument("--n-samples", type=int, default=16, help="hierarchical samples (default 16)")
+    parser.add_argument("--presets", nargs="+", help="train only these of the training cases (default: all)")
+    add_common_arguments(parser, "gpu", "seed of weights and inputs")
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+def training_rows(results):
+    peak = results["bf16_matmul_peak_flops"]
+    rows = []
+    for case in results["training"]:
+        if "error" in case:
+            rows.append([case["preset"], "", "", "", "", "", case["error"]])
+            continue
+        rows.append([case["preset"], f"{case['parameters'] / 1e6:.1f}M", str(case["batch_size"]),
+                     f"{1 / case['seconds_per_step']:.2f}", f"{case['flops_per_s'] / 1e12:.0f} TFLOP/s",
+                     f"{case['flops_per_s'] / peak:.0%}", f"{case['bytes_per_example'] / 2**20:.0f} MiB"])
+    return rows
+
+
+TRAIN_HEADER = ["preset", "parameters", "batch", "steps/s (bf16)", "model FLOP/s", "of bf16 peak",
+                "memory per example"]
+
+
+def summary_lines(results):
+    v, s = results["vqvae"], results["sampling"]
+    lines = [f"{results['gpu']}, CUDA {results['cuda']}, torch {results['torch']}, {results['date']}; "
+             f"bf16 matmul peak {results['bf16_matmul_peak_flops'] / 1e12:.0f} TFLOP/s",
+             f"VQ-VAE-2 at {v['size']}x{v['size']}, batch {v['batch_size']}: training {v['train_images_per_s']:.0f} "
+             f"images/s (bf16); extraction {v['extract_images_per_s']['fp32']:.0f} images/s fp32, "
+             f"{v['extract_images_per_s']['bf16']:.0f} bf16 (random weights: bf16 changes "
+             f"{v['bf16_changed_codes']['top']:.1%} of top and {v['bf16_changed_codes']['bottom']:.1%} of bottom codes)"]
+    for precision, timing in s["precisions"].items():
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timing["seconds"].items())
+        lines.append(f"{s['n']} hierarchical samples in {precision}: {timing['total_seconds']:.1f} s ({parts})")
+    peak = results["bf16_matmul_peak_flops"]
+    for level, info in s["levels"].items():
+        rate = info["forward_flops_per_position"] / info["bf16_seconds_per_position"]
+        lines.append(f"{level} ({info['preset']}, {info['positions']} positions): "
+                     f"{info['bf16_seconds_per_position'] * 1e3:.2f} ms per position in bf16, "
+                     f"{info['fp32_seconds_per_position'] * 1e3:.2f} ms in fp32; about {rate / 1e12:.2f} TFLOP/s "
+                     f"({rate / peak:.2%} of the bf16 peak; FLOPs of a full forward spread over its positions)")
+    return lines
+
+
+def format_table(results):
+    return format_text_report(TRAIN_HEADER, training_rows(results), summary_lines(results))
+
+
+def format_markdown(results):
+    return format_markdown_report("One GPU: training, extraction and hierarchical sampling", results,
+                                  TRAIN_HEADER, training_rows(results), summary_lines(results))
