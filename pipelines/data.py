@@ -24,6 +24,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import tarfile
 import zlib
 from pathlib import Path
@@ -347,8 +348,10 @@ class ImageFolderDataset(Dataset):
 
     Splits: `root/train` and `root/test` when both exist, else every 10th file in sorted order is
     test. Label = index of the image's first-level subfolder under the split folder among the
-    sorted subfolder names of both splits (so train and test agree); 0 for images lying directly
-    in it. Each image becomes 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter side is
+    sorted subfolder names of both splits (so train and test agree); 0 for all when there are no
+    subfolders. Images lying directly in the split folder beside class subfolders are refused
+    (they have no class). Links are followed, each real folder and file once (see _image_files),
+    and an image reachable from both `train` and `test` is refused. Each image becomes 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter side is
     resized to S (antialiased) and the centre S x S kept; S x S images pass unchanged. Files are
     decoded when accessed, so construction is fast: an empty file is refused at construction, a
     file that cannot be decoded (corrupt, truncated) raises DataError naming it when it is read.
@@ -364,6 +367,7 @@ class ImageFolderDataset(Dataset):
             split_root = root / split
             self.classes = sorted({sub.name for s in SPLITS for sub in _subfolders(root / s)})
             self.files = _image_files(split_root)
+            _check_splits_apart(root, split, self.files)
         else:
             split_root = root
             self.classes = sorted(sub.name for sub in _subfolders(root))
@@ -377,6 +381,12 @@ class ImageFolderDataset(Dataset):
         empty = [file for file in self.files if file.stat().st_size == 0]
         if empty:
             raise DataError(f"empty image file {empty[0]} (0 bytes; {len(empty)} such in {split_root}): remove or replace it")
+        loose = [file for file in self.files if file.parent == split_root]
+        if loose and self.classes:
+            raise DataError(
+                f"{len(loose)} image(s) lie directly in {split_root} (e.g. {loose[0].name}) beside the class folders "
+                f"{', '.join(self.classes)}: move them into a class folder (a label is a first-level folder)"
+            )
         self.labels = [self._label(file.relative_to(split_root)) for file in self.files]
 
     def _label(self, relative_path: Path) -> int:
@@ -424,28 +434,69 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return [sub for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith(".")]
+    """The visible subfolders, without links back to the folder or above it."""
+    above = _self_and_above(folder)
+    return [sub for sub in folder.iterdir()
+            if sub.is_dir() and not sub.name.startswith(".") and _identity(sub) not in above]
 
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively and sorted, skipping hidden files and folders.
 
-    A subfolder that cannot be listed stops the search (Path.rglob would skip it silently).
+    Links are followed, but each real folder is walked once and each real file (by device and
+    inode) listed once, under the first path that reaches it in sorted order: a link to the folder
+    itself (`self -> .`) or above it (`up -> ..`) would otherwise repeat the images without end. A
+    subfolder that cannot be listed stops the search (Path.rglob would skip it silently), and so
+    does a broken link named like an image.
     """
+    return sorted(_image_identities(folder))
+
+
+def _image_identities(folder: Path) -> dict[Path, tuple[int, int]]:
+    """{image path: (device, inode)} for `_image_files`."""
 
     def refuse(error: OSError):
         raise DataError(f"cannot read {error.filename}: {error.strerror}")
 
-    files = []
+    above = _self_and_above(folder)
+    walked, files, listed = set(), {}, set()
     for directory, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        files += [
-            Path(directory) / name
-            for name in names
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-            and (Path(directory) / name).is_file()
-        ]
-    return sorted(files)
+        walked.add(_identity(directory))
+        subfolders[:] = [name for name in sorted(subfolders) if not name.startswith(".")
+                         and _identity(os.path.join(directory, name)) not in walked and
+                         _identity(os.path.join(directory, name)) not in above]
+        for name in sorted(names):
+            path = Path(directory) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                raise DataError(f"broken link {path} -> {os.readlink(path)}: remove it or restore its target") from None
+            identity = status.st_dev, status.st_ino
+            if stat.S_ISREG(status.st_mode) and identity not in listed:
+                listed.add(identity)
+                files[path] = identity
+    return files
+
+
+def _self_and_above(folder: Path) -> set[tuple[int, int]]:
+    real = Path(os.path.realpath(folder))
+    return {_identity(path) for path in (real, *real.parents)}
+
+
+def _identity(path) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _check_splits_apart(root: Path, split: str, files: list[Path]) -> None:
+    """Refuses an image that `root/train` and `root/test` both reach (through links or hard links)."""
+    other = "test" if split == "train" else "train"
+    here = {_identity(file): file for file in files}
+    for file, identity in _image_identities(root / other).items():
+        if identity in here:
+            raise DataError(f"{here[identity]} and {file} are the same image, in both train and test: remove one")
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:

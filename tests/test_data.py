@@ -323,7 +323,7 @@ def image_folder(tmp_path):
     save_image(root / "train" / "dogs" / "alpha.png", random_images(rng, 1, 40)[0], mode="RGBA")
     save_image(root / "train" / "dogs" / "gray.tiff", random_images(rng, 1, 33)[0], mode="L")
     save_image(root / "train" / "dogs" / "photo.webp", random_images(rng, 1, 70)[0])
-    save_image(root / "train" / "stripes.png", three_stripes(64, 32))
+    save_image(root / "train" / "dogs" / "stripes.png", three_stripes(64, 32))
     save_image(root / "train" / ".hidden" / "skip.png", exact)
     (root / "train" / "dogs" / "notes.txt").write_text("not an image")
     save_image(root / "test" / "birds" / "a.jpeg", random_images(rng, 1, 48)[0])
@@ -339,10 +339,10 @@ def test_image_folder_with_splits_and_classes(image_folder):
     assert train.classes == ["birds", "cats", "dogs"]  # union of both splits: labels agree across splits
     relative = [file.relative_to(root / "train").as_posix() for file in train.files]
     assert relative == ["cats/deep/tall.bmp", "cats/exact.png", "cats/wide.JPG", "dogs/alpha.png",
-                        "dogs/gray.tiff", "dogs/palette.gif", "dogs/photo.webp", "stripes.png"]
+                        "dogs/gray.tiff", "dogs/palette.gif", "dogs/photo.webp", "dogs/stripes.png"]
     images, labels = all_items(train)
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
-    assert labels == [1, 1, 1, 2, 2, 2, 2, 0]
+    assert labels == [1, 1, 1, 2, 2, 2, 2, 2]
     assert torch.equal(images[1], torch.from_numpy(exact).permute(2, 0, 1))  # 32x32 passes bit-for-bit
     green = torch.zeros(3, 32, 32, dtype=torch.uint8)
     green[1] = 255
@@ -380,6 +380,64 @@ def test_folder_without_splits_holds_out_every_tenth_file(tmp_path):
     assert [file.name for file in test.files] == ["00.png", "10.png"]
     assert len(train) == 10 and not set(train.files) & set(test.files)
     assert all_items(test)[1] == [0, 0]
+
+
+def eleven_images(folder):
+    rng = np.random.default_rng(7)
+    for i in range(11):
+        save_image(folder / f"{i:02d}.png", random_images(rng, 1)[0])
+
+
+def test_links_to_the_folder_itself_or_above_are_walked_once(tmp_path):
+    """A `self -> .` link once turned 11 images into 405 train and 46 test records, and `up -> ..`
+    into 13,491, with the same images in train and test."""
+    images = tmp_path / "data" / "images"
+    eleven_images(images)
+    save_image(tmp_path / "data" / "elsewhere.png", random_images(np.random.default_rng(8), 1)[0])
+    (images / "self").symlink_to(".")
+    (images / "up").symlink_to("..")
+    train, test = load_dataset(str(images), "train"), load_dataset(str(images), "test")
+    assert [file.name for file in train.files + test.files] == [f"{i:02d}.png" for i in range(11) if i % 10] + ["00.png", "10.png"]
+    assert all(file.parent == images for file in train.files + test.files)
+
+
+def test_a_linked_folder_counts_once_and_links_elsewhere_are_followed(tmp_path):
+    outside = tmp_path / "outside"
+    eleven_images(outside)
+    root = tmp_path / "data"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "photos").symlink_to(outside, target_is_directory=True)
+    (root / "dogs").symlink_to(outside, target_is_directory=True)  # the same real folder again
+    files = load_dataset(str(root), "train").files + load_dataset(str(root), "test").files
+    assert len(files) == 11 and len({file.resolve() for file in files}) == 11
+
+
+def test_an_image_in_both_train_and_test_is_refused(tmp_path):
+    save_image(tmp_path / "train" / "a" / "x.png", random_images(np.random.default_rng(9), 1)[0])
+    save_image(tmp_path / "test" / "a" / "y.png", random_images(np.random.default_rng(10), 1)[0])
+    (tmp_path / "test" / "a" / "x.png").symlink_to(tmp_path / "train" / "a" / "x.png")
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(tmp_path), split)
+        assert_one_line_error(excinfo, "x.png", "both train and test")
+
+
+def test_a_broken_link_is_refused_not_skipped(tmp_path):
+    eleven_images(tmp_path)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path), "train")
+    assert_one_line_error(excinfo, "broken link", tmp_path / "gone.png")
+
+
+def test_images_beside_class_folders_are_refused(tmp_path):
+    """They once got label 0, the first class's."""
+    rng = np.random.default_rng(11)
+    for name in ("cats/a.png", "dogs/b.png", "loose.png"):
+        save_image(tmp_path / name, random_images(rng, 1)[0])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path), "train")
+    assert_one_line_error(excinfo, "1 image(s) lie directly in", "loose.png", "cats, dogs")
 
 
 def test_folder_errors(tmp_path):
