@@ -351,7 +351,8 @@ class ImageFolderDataset(Dataset):
     sorted subfolder names of both splits (so train and test agree); 0 for all when there are no
     subfolders. Images lying directly in the split folder beside class subfolders are refused
     (they have no class). Links are followed, each real folder and file once (see _image_files),
-    and an image reachable from both `train` and `test` is refused. Each image becomes 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter side is
+    and an image reachable from both `train` and `test` is refused. Each image becomes 8-bit RGB
+    (EXIF rotation applied; see to_rgb8), its shorter side is
     resized to S (antialiased) and the centre S x S kept; S x S images pass unchanged. Files are
     decoded when accessed, so construction is fast: an empty file is refused at construction, a
     file that cannot be decoded (corrupt, truncated) raises DataError naming it when it is read.
