@@ -164,9 +164,12 @@ class CachedAttention:
         batch_size, n_heads, _, value_size = self.values.shape
         if position == 0:
             return self.values.new_zeros(batch_size, n_heads * value_size)
-        q = rearrange(query, "b (h d) -> b h 1 d", h=n_heads)
+        q = rearrange(query, "b (h d) -> b h 1 d", h=n_heads).to(self.keys.dtype)
         keys, values = self.keys[:, :, :position], self.values[:, :, :position]
-        out = F.scaled_dot_product_attention(q, keys, values)  # (B, heads, 1, d_v)
+        # in the cache's precision: under autocast every step would copy all keys and values to
+        # bf16, and a GPU would plan a new bf16 attention kernel for every new number of keys
+        with torch.autocast(q.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q, keys, values)  # (B, heads, 1, d_v)
         return rearrange(out, "b h 1 d -> b (h d)")
 
     def write(self, i, j, raw, background):
