@@ -22,6 +22,8 @@ Example:
     >>> images = sample_cached(model, 16, generator=torch.Generator().manual_seed(0))  # (16, 3, 32, 32)
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -244,8 +246,8 @@ def raster_order(shape, progress=False):
 def empty_grid(model, n, temperature):
     """Checks the sampling arguments; returns the grid to fill, (n, 3, H, W) or (n, H, W)."""
     c = model.config
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:  # nan fails this too
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     if c.pixel_mode and temperature != 1.0:
         raise ValueError("temperature applies to code mode only")
     device = model.background.device

@@ -129,5 +129,6 @@ def test_bad_temperature_is_refused():
     with pytest.raises(ValueError, match="code mode only"):
         sample_cached(model, 1, temperature=0.5)
     codes, label, cond = code_case()
-    with pytest.raises(ValueError, match="must be > 0"):
-        sample_cached(codes, 1, label[:1], cond[:1], temperature=0.0)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be > 0 and finite"):
+            sample_cached(codes, 1, label[:1], cond[:1], temperature=temperature)
