@@ -8,7 +8,8 @@
   the fraction of codes bf16 changes (random weights: an upper bound's order, not the trained
   figure);
 - hierarchical sampling: 16 samples, top 32x32 then bottom 64x64 given it with the cached
-  sampler, then decoding to 256x256, in fp32 and bf16, with the time per position of each level.
+  sampler, then decoding to 256x256, in fp32 and bf16, with the time per position of each level,
+  and the network part of one cached step replayed as a CUDA graph against eager.
 
 Every model has random (data-initialised) weights: what is timed is the arithmetic, which does
 not depend on them.
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import (add_common_arguments, format_markdown_report, format_text_report, load_average, log,
                           machine_info, random_pixels, write_results)
 from prior import PixelSNAIL, get_preset
+from prior.sampling import IncrementalPixelSNAIL
 from vqvae import VQVAE2, VQVAE2Config
 
 CUDA = torch.device("cuda")
@@ -175,13 +177,41 @@ def bench_hierarchical_sampling(n, top_preset, bottom_preset, seed):
     per_level = {}
     for level, model in (("top", top), ("bottom", bottom)):
         inputs = model_inputs(model.config, n, generator)
+        graph = {}
+        for precision in ("fp32", "bf16"):
+            try:
+                graph[precision] = bench_graph_step(model, n, inputs[1], inputs[2], precision)
+            except Exception as error:  # capture can fail: report why instead of a number
+                graph[precision] = {"error": f"{type(error).__name__}: {error}"[:300]}
         positions = model.config.shape[0] * model.config.shape[1]
         flops_per_position = forward_flops(model, inputs) / positions  # a full forward, spread evenly
         per_level[level] = {"preset": top_preset if model is top else bottom_preset, "positions": positions,
                             "forward_flops_per_position": flops_per_position,
                             **{f"{p}_seconds_per_position": results[p]["seconds"][level] / positions
-                               for p in ("bf16", "fp32")}}
+                               for p in ("bf16", "fp32")}, "graph_step": graph}
     return {"n": n, "precisions": {p: results[p] for p in ("bf16", "fp32")}, "levels": per_level}
+
+
+def bench_graph_step(model, n, labels, cond, precision, repeats=50):
+    """The network part of one cached sampling step (`output_at` at the grid's centre), eager
+    against a CUDA graph replay of it: how much of a step is launch overhead. (The write-back
+    checks the drawn values on the host, which a graph cannot capture.)"""
+    network = IncrementalPixelSNAIL(model, n, model.condition(n, labels, cond))
+    i, j = model.config.shape[0] // 2, model.config.shape[1] // 2
+    # autocast's weight-cast cache would hold tensors made outside the graph: off in both variants
+    with torch.autocast(CUDA.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
+        eager = sorted(timed(lambda: network.output_at(i, j), repeats, warmup=3))[repeats // 2]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                network.output_at(i, j)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            network.output_at(i, j)
+        replay = sorted(timed(graph.replay, repeats))[repeats // 2]
+    return {"eager_seconds": eager, "graph_seconds": replay, "speedup": eager / replay}
 
 
 def run(args):
@@ -264,6 +294,11 @@ def summary_lines(results):
                      f"{info['bf16_seconds_per_position'] * 1e3:.2f} ms per position in bf16, "
                      f"{info['fp32_seconds_per_position'] * 1e3:.2f} ms in fp32; about {rate / 1e12:.2f} TFLOP/s "
                      f"({rate / peak:.2%} of the bf16 peak; FLOPs of a full forward spread over its positions)")
+        for precision, graph in info["graph_step"].items():
+            lines.append(f"{level}, network part of one cached step in {precision}: " + (
+                graph["error"] if "error" in graph else
+                f"eager {graph['eager_seconds'] * 1e3:.2f} ms, CUDA graph replay {graph['graph_seconds'] * 1e3:.2f} ms "
+                f"({graph['speedup']:.1f}x)"))
     return lines
 
 
