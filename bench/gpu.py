@@ -182,7 +182,7 @@ def bench_hierarchical_sampling(n, top_preset, bottom_preset, seed):
             try:
                 graph[precision] = bench_graph_step(model, n, inputs[1], inputs[2], precision)
             except Exception as error:  # capture can fail: report why instead of a number
-                graph[precision] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                graph[precision] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"[:300]}
         positions = model.config.shape[0] * model.config.shape[1]
         flops_per_position = forward_flops(model, inputs) / positions  # a full forward, spread evenly
         per_level[level] = {"preset": top_preset if model is top else bottom_preset, "positions": positions,
@@ -234,7 +234,7 @@ def run(args):
         try:
             case = bench_training(preset, (small, large), args.steps, args.seed)
         except Exception as error:  # report the others even if one case does not fit
-            case = {"preset": preset, "error": f"{type(error).__name__}: {error}"[:300]}
+            case = {"preset": preset, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"[:300]}
         results["training"].append(case)
         log(f"train {case}")
         torch.cuda.empty_cache()
