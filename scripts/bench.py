@@ -15,6 +15,8 @@ Subcommands:
           timed on a prefix of positions and scaled to the whole grid.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
+  codecs  the pixel model's held-out bits/dim after 2, 5 and 10 minutes of training (one run) beside
+          PNG and WebP lossless on the same crops, with a plot.
   gpu     one CUDA GPU (make gpu-check runs it after the CUDA tests): training steps/s, model
           FLOP/s and memory per example of cifar10 and the paper-size priors in bf16, VQ-VAE
           training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
@@ -33,6 +35,7 @@ Examples:
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
+  python scripts/bench.py codecs                # about 12 minutes on 2 idle cores
 """
 
 import argparse
@@ -43,7 +46,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import gpu, lmdb, precision, sample, train, vqvae  # noqa: E402
+from bench import codecs, gpu, lmdb, precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -51,6 +54,7 @@ SUBCOMMANDS = {
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
+    "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),
 }
 

@@ -1,14 +1,17 @@
 """scripts/bench.py still runs end to end and writes what the README quotes."""
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from bench import lmdb, precision, sample, train, vqvae
+from bench import codecs, lmdb, precision, sample, train, vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -140,3 +143,17 @@ def test_precision_compares_bf16_and_the_control_with_fp32_of_the_same_seed():
     assert comparison["fp32_seed_range"] == pytest.approx(0.5)
     line = precision.gap_line("test bits/dim", comparison)
     assert "bf16 +0.1000, -0.1000 (mean +0.0000)" in line and line.endswith("within the largest control gap (0.3000)")
+
+
+def test_codecs_are_lossless_and_scored_by_file_size():
+    """Each codec decodes back to the very pixels (else its size would not be a lossless rate), and
+    a flat image costs far fewer bits than noise."""
+    noise = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    flat = torch.full((3, 32, 32), 77, dtype=torch.uint8)
+    for name, options in codecs.CODECS.items():
+        buffer = io.BytesIO()
+        Image.fromarray(noise.permute(1, 2, 0).numpy()).save(buffer, **options)
+        decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+        assert torch.equal(decoded.permute(2, 0, 1), noise), name
+        assert codecs.codec_bits_per_subpixel([noise], options) == 8 * buffer.tell() / noise.numel()
+        assert codecs.codec_bits_per_subpixel([flat], options) < 1 < 7 < codecs.codec_bits_per_subpixel([noise], options)
