@@ -40,12 +40,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keeps the description's line breaks and shows every option's default."""
 
 
-def add_run_arguments(parser, defaults):
-    """The options every trainer shares: budgets, precision, evaluation, checkpoints, resume."""
+def add_run_arguments(parser, defaults, presets):
+    """The options every trainer shares: the settings that define a run (left out of the namespace
+    unless given: see pipelines.run_config), budgets, precision, evaluation, checkpoints, resume."""
     p, d = parser, defaults
+    add_run_setting(p, "--preset", choices=list(presets), help="model and training settings")
+    add_run_setting(p, "--batch-size", type=int, help="per process")
+    add_run_setting(p, "--lr", type=float, help="initial learning rate")
+    add_run_setting(p, "--grad-clip", type=float, help="max global gradient norm (default 1.0)")
+    add_run_setting(p, "--seed", type=int, help="(default 0)")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps of the run")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop and save after this long")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
     p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the hardware has native bf16 (AMX, recent GPUs); "
                    "likelihoods and quantizers always compute in fp32")
@@ -56,16 +61,19 @@ def add_run_arguments(parser, defaults):
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,
                    help="test batches per periodic evaluation (the final one uses the whole split)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers,
                    help="DataLoader worker processes per process (default: none on CPU, whose cores the "
                    "model needs; up to 8 with a GPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out where it stopped, with its own run settings")
 
 
-def add_preset_overrides(parser):
-    """Options whose default is the preset's: left out of the namespace unless given."""
-    keep = argparse.SUPPRESS
-    parser.add_argument("--batch-size", type=int, default=keep, help="per process (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=keep, help="initial learning rate (default: the preset's)")
-    parser.add_argument("--dropout", type=float, default=keep, help="(default: the preset's)")
+def add_run_setting(parser, flag, help, **options):
+    """An option that defines the run: default the preset's (or the one named), on --resume the run's."""
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} [run setting: default from the preset, "
+                        "on --resume from the run; another value than the run's is refused]", **options)
+
+
+def add_pixelsnail_arguments(parser):
+    """The run settings of PixelSNAIL trainers beyond the shared ones."""
+    add_run_setting(parser, "--dropout", type=float, help="dropout probability")

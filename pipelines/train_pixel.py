@@ -11,7 +11,7 @@ the model's inputs (x, label, cond). A run directory holds:
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,49 +25,23 @@ from tqdm.auto import tqdm
 from pipelines import training
 from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, atomic_path, save_checkpoint
 from pipelines.data import load_dataset, to_model_range
+from pipelines.run_config import BaseRunConfig, check_at_least, run_field
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 
 
 @dataclass
-class RunConfig:
+class RunConfig(BaseRunConfig):
     """What every PixelSNAIL run has, whatever it trains on."""
 
     out: str = "runs/pixelsnail"
-    preset: str = "cpu-small"
-    steps: int = 1000  # total optimizer steps of the run
-    max_minutes: float | None = None  # also stop (and save) after this much time in this session
-    batch_size: int | None = None  # per process; None takes the preset's
-    lr: float | None = None
-    lr_decay: float | None = None
-    ema_decay: float | None = None
-    dropout: float | None = None  # None takes the preset's
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the model (minutes of compilation first)
-    eval_every: int = 500
-    eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
-    checkpoint_every: int = 500
+    lr_decay: float | None = run_field()  # multiplied into the learning rate every step; None: the preset's
+    ema_decay: float | None = run_field()  # Polyak averaging of the weights; None: the preset's
+    dropout: float | None = run_field()  # None: the preset's
     n_samples: int = 16
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers per process; None: training.default_workers()
-    resume: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_size", "eval_batches"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.n_samples < 0 or (self.workers or 0) < 0:
-            raise ValueError("n_samples and workers must be >= 0")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        super().__post_init__()
+        check_at_least(self, 0, "n_samples")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
         for name in ("ema_decay", "dropout"):
@@ -75,30 +49,26 @@ class RunConfig:
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}")
 
+    def default_preset(self):
+        return "cpu-small"
+
+    def run_defaults(self):
+        name = self.preset or self.default_preset()
+        preset = get_preset(name)
+        return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
+                "lr_decay": preset.lr_decay, "ema_decay": preset.ema_decay, "dropout": preset.model.dropout}
+
+    def preset_model(self, **data_fields):
+        """The model of a new run: the preset's, with this run's dropout and the fields its data fixes."""
+        return get_preset(self.preset, dropout=self.dropout, **data_fields).model
+
 
 @dataclass
 class TrainConfig(RunConfig):
-    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    data: str | None = run_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
 
-
-# Fields a resumed run keeps from its first session, whatever the command line says now.
-RUN_FIELDS = ("preset", "batch_size", "lr", "lr_decay", "ema_decay", "dropout", "grad_clip", "seed")
-
-
-def resolved(cfg, **model_fields):
-    """Fills the fields left to the preset; returns (config, PixelSNAILConfig). `model_fields`
-    replace the preset's model fields (a prior takes its grid and codebook from its data)."""
-    overrides = model_fields if cfg.dropout is None else {**model_fields, "dropout": cfg.dropout}
-    preset = get_preset(cfg.preset, **overrides)
-    cfg = replace(
-        cfg,
-        batch_size=cfg.batch_size or preset.batch_size,
-        lr=cfg.lr or preset.lr,
-        lr_decay=cfg.lr_decay or preset.lr_decay,
-        ema_decay=cfg.ema_decay or preset.ema_decay,
-        dropout=preset.model.dropout,
-    )
-    return cfg, preset.model
+    def run_defaults(self):
+        return {**super().run_defaults(), "data": "builtin"}
 
 
 @dataclass
@@ -151,14 +121,10 @@ def write_samples(model, path, n, seed):
         save_image((samples + 1) / 2, tmp, format="png", nrow=int(math.ceil(math.sqrt(n))))
 
 
-def start_or_resume(cfg):
-    """Returns the run's TrainConfig and model config: new, or as the run directory stored them."""
-    return training.stored_run(cfg, RUN_FIELDS + ("data",), PixelSNAILConfig) or resolved(cfg)
-
-
 def train(cfg: TrainConfig):
     """Trains (or resumes) a run on images; returns the final test bits/dim with the EMA weights."""
-    cfg, model_config = start_or_resume(cfg)
+    cfg, model_config = training.resolve(cfg, PixelSNAILConfig)
+    model_config = model_config or cfg.preset_model()
     if model_config.shape[0] != model_config.shape[1] or not model_config.pixel_mode:
         raise ValueError(f"image training needs a square pixel-mode model, got {model_config.shape}")
     return fit(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim")

@@ -14,7 +14,8 @@ from torch.utils.data import Subset
 
 from pipelines import training
 from pipelines.codes import CodeDataset
-from pipelines.train_pixel import RUN_FIELDS, RunConfig, Source, fit, resolved
+from pipelines.run_config import run_field
+from pipelines.train_pixel import RunConfig, Source, fit
 from prior import PixelSNAILConfig
 
 LEVELS = ("top", "bottom")
@@ -25,16 +26,21 @@ CODE_FIELDS = ("vqvae_sha256", "image_size", "top_shape", "bottom_shape", "top_c
 
 @dataclass
 class PriorTrainConfig(RunConfig):
-    codes: str = "codes.lmdb"  # the code database written by extract_codes.py
-    level: str = "top"
+    codes: str | None = run_field()  # the code database written by extract_codes.py
+    level: str | None = run_field()  # None: top
     out: str = "runs/prior-top"
-    preset: str = "cpu-top"
     n_samples: int = 0  # priors draw no sample grid (scripts/sample.py decodes samples)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.level not in LEVELS:
+        if self.level is not None and self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+
+    def default_preset(self):
+        return f"cpu-{self.level or 'top'}"
+
+    def run_defaults(self):
+        return {**super().run_defaults(), "level": "top", "codes": "codes.lmdb"}
 
 
 def level_fields(metadata, level):
@@ -86,8 +92,8 @@ def code_source(path, level):
 
 def train(cfg: PriorTrainConfig):
     """Trains (or resumes) a prior; returns the final validation bits per code (EMA weights)."""
-    stored = training.stored_run(cfg, RUN_FIELDS + ("codes", "level"), PixelSNAILConfig)
-    source = code_source(stored[0].codes if stored else cfg.codes, cfg.level)
-    cfg, model_config = stored or resolved(cfg, **level_fields(source.metadata["codes"], cfg.level))
+    cfg, model_config = training.resolve(cfg, PixelSNAILConfig)
+    source = code_source(cfg.codes, cfg.level)
+    model_config = model_config or cfg.preset_model(**level_fields(source.metadata["codes"], cfg.level))
     check_fits(model_config, source.metadata["codes"], cfg.level, f"the code database {cfg.codes}")
     return fit(cfg, model_config, source, unit="code")

@@ -21,55 +21,33 @@ from tqdm.auto import tqdm
 from pipelines import training
 from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, atomic_path, save_checkpoint
 from pipelines.data import load_dataset, to_model_range
+from pipelines.run_config import BaseRunConfig, check_at_least, run_field
 from vqvae import VQVAE2, VQVAE2Config
-
-PRESETS = {
-    "vqvae2": VQVAE2Config(),  # the paper's: 128 channels, codebooks 512 x 64
-    "cpu-small": VQVAE2Config(channels=64, res_channels=32, n_res_blocks=1, top_codes=256, bottom_codes=256, code_dim=32),
-}
+from vqvae.presets import get_preset
 
 
 @dataclass
-class VQVAETrainConfig:
-    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+class VQVAETrainConfig(BaseRunConfig):
+    data: str | None = run_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    size: int | None = run_field()  # image side, divisible by 8; None: 256
     out: str = "runs/vqvae"
-    preset: str = "vqvae2"
-    size: int = 256  # image side; divisible by 8
     steps: int = 2000
-    max_minutes: float | None = None
-    batch_size: int = 16  # per process
-    lr: float = 3e-4
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the model (minutes of compilation first)
-    eval_every: int = 500
-    eval_batches: int | None = 20  # periodic evaluations use this many test batches; the last uses all
-    checkpoint_every: int = 500
+    eval_batches: int | None = 20
     n_images: int = 8  # test images shown in reconstructions.png
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers per process; None: training.default_workers()
-    resume: bool = False
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.size < 8 or self.size % 8:
+        super().__post_init__()
+        if self.preset is not None:
+            get_preset(self.preset)
+        if self.size is not None and (self.size < 8 or self.size % 8):
             raise ValueError(f"size must be a positive multiple of 8, got {self.size}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if not self.lr > 0 or not self.grad_clip > 0:
-            raise ValueError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
-        if self.n_images < 0 or (self.workers or 0) < 0:
-            raise ValueError("n_images and workers must be >= 0")
+        check_at_least(self, 0, "n_images")
 
-
-# Fields a resumed run keeps from its first session, whatever the command line says now.
-RUN_FIELDS = ("data", "preset", "size", "batch_size", "lr", "grad_clip", "seed")
+    def run_defaults(self):
+        name = self.preset or "vqvae2"
+        preset = get_preset(name)
+        return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
+                "data": "builtin", "size": 256}
 
 
 @torch.no_grad()
@@ -111,7 +89,8 @@ def write_reconstructions(model, images, path):
 
 def train(cfg: VQVAETrainConfig):
     """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
-    cfg, model_config = training.stored_run(cfg, RUN_FIELDS, VQVAE2Config) or (cfg, PRESETS[cfg.preset])
+    cfg, model_config = training.resolve(cfg, VQVAE2Config)
+    model_config = model_config or get_preset(cfg.preset).model
     accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
     train_set = load_dataset(cfg.data, "train", cfg.size)

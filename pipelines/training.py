@@ -33,6 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
+from pipelines.run_config import run_fields, with_defaults
+
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"
@@ -251,20 +253,35 @@ def make_loader(dataset, batch_size, workers=None, sampler=None):
     )
 
 
-def stored_run(cfg, run_fields, config_class):
-    """For a run directory that already holds a run: (cfg with the run's own `run_fields`, the
-    stored model config). None for a new run. Refuses to touch an existing run without --resume."""
+def resolve(cfg, model_config_class):
+    """The run's settings, before any of its data is opened: (cfg with every run setting filled,
+    the stored model config, or None for a new run). A directory that holds a run needs --resume."""
+    out, model_config = Path(cfg.out), None
+    if has_state(out):
+        if not cfg.resume:
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        cfg, model_config = restored(cfg, model_config_class)
+    return with_defaults(cfg), model_config
+
+
+def restored(cfg, model_config_class):
+    """cfg with the run settings its run directory stored, and the stored model config; a setting
+    given with another value than the run's is refused, naming both."""
     out = Path(cfg.out)
-    if not has_state(out):
-        return None
-    if not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    stored = read_progress(out)
+    progress = read_progress(out)
     try:
-        kept = {name: stored["train_config"][name] for name in run_fields}
-        return replace(cfg, **kept), config_class.from_json(stored["model_config"])
+        stored = {name: progress["train_config"][name] for name in run_fields(type(cfg))
+                  if name in progress["train_config"]}  # a setting newer than the run: its default
+        model_config = model_config_class.from_json(progress["model_config"])
     except (KeyError, TypeError, ValueError) as error:
         raise StateError(f"{state_dir(out) / PROGRESS_FILE} does not describe a run of this kind ({error!r})") from None
+    for name, value in stored.items():
+        given = getattr(cfg, name)
+        if given is not None and given != value:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} {given} differs from the run's {name} {value} ({out}): a resumed run keeps "
+                             f"its settings; leave {option} out, or start a new run in another --out")
+    return replace(cfg, **stored), model_config
 
 
 def global_means(accelerator, step, *losses):

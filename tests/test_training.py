@@ -514,3 +514,53 @@ def test_nonsensical_budgets_are_refused_before_anything_is_written(trainer, bad
     assert exit_info.value.code == 2
     assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
     assert not run_dir.exists()
+
+
+def run_script(args, monkeypatch, capsys):
+    """A script run as from the command line, in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:]])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    return status, capsys.readouterr().err
+
+
+def test_a_bottom_prior_resumes_without_level(data, tmp_path, monkeypatch, capsys):
+    """`train_prior.py --codes C --out RUN --resume` takes the level (and every other setting that
+    defines the run) from RUN, before it opens the code database."""
+    run_dir = tmp_path / "run"
+    train_prior(config("prior", data, run_dir, steps=2))
+    status, stderr = run_script(["scripts/train_prior.py", "--codes", str(data / "codes.lmdb"), "--out", str(run_dir),
+                                 "--resume", "--steps", "4", "--precision", "fp32"], monkeypatch, capsys)
+    assert status == 0, stderr[-2000:]
+    progress = training.read_progress(run_dir)
+    assert progress["step"] == 4
+    assert {k: progress["train_config"][k] for k in ("level", "preset", "batch_size")} == dict(
+        level="bottom", preset="cpu-bottom", batch_size=4)
+
+
+@pytest.mark.parametrize("trainer, option, value, message", [
+    ("prior", "--preset", "cpu-top", "--preset cpu-top differs from the run's preset cpu-bottom"),
+    ("prior", "--batch-size", "8", "--batch-size 8 differs from the run's batch_size 4"),
+    ("prior", "--level", "top", "--level top differs from the run's level bottom"),
+    ("pixel", "--batch-size", "2", "--batch-size 2 differs from the run's batch_size 8"),
+    ("vqvae", "--lr", "0.1", "--lr 0.1 differs from the run's lr 0.0003"),
+])
+def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, value, message, data, tmp_path,
+                                                            monkeypatch, capsys):
+    """A setting that defines the run, given on resume with another value than the run's, is refused
+    in one line (exit 2) and nothing is trained; given with the run's own value, it is accepted."""
+    run_dir = tmp_path / "run"
+    TRAINERS[trainer][1](config(trainer, data, run_dir, steps=2))
+    source = ["--codes", str(data / "codes.lmdb")] if trainer == "prior" else ["--data", str(data / "images")]
+    args = [TRAINERS[trainer][0], *source, "--out", str(run_dir), "--resume", "--steps", "3", "--precision", "fp32"]
+    status, stderr = run_script(args + [option, value], monkeypatch, capsys)
+    assert status == 2 and "Traceback" not in stderr and stderr.count("\n") == 1, stderr[-2000:]
+    assert stderr.startswith(f"error: {message} ({run_dir}): ")
+    assert saved_step(run_dir) == 2
+    stored = str(training.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
+    status, stderr = run_script(args + [option, stored], monkeypatch, capsys)
+    assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
