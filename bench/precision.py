@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, apply_defaults, format_markdown_report, format_text_report,
                           load_average, log, machine_info, machine_lines, write_results)
-from pipelines.training import LOG_FILE
+from pipelines.run_state import LOG_FILE
 from prior import get_preset
 
 # name -> (precision, learning rate factor) of the runs made for every seed

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from pipelines.training import Stopped
+from pipelines.runtime import Stopped
 
 
 def run(main):
@@ -46,6 +46,8 @@ def add_run_arguments(parser, defaults, presets):
     p, d = parser, defaults
     add_run_setting(p, "--preset", choices=list(presets), help="model and training settings")
     add_run_setting(p, "--batch-size", type=int, help="per process")
+    add_run_setting(p, "--grad-accum", type=int, help="batches whose gradients make one optimizer step: an "
+                    "optimizer step sees processes x batch size x grad accum examples (default 1)")
     add_run_setting(p, "--lr", type=float, help="initial learning rate")
     add_run_setting(p, "--grad-clip", type=float, help="max global gradient norm (default 1.0)")
     add_run_setting(p, "--seed", type=int, help="(default 0)")
@@ -77,3 +79,5 @@ def add_run_setting(parser, flag, help, **options):
 def add_pixelsnail_arguments(parser):
     """The run settings of PixelSNAIL trainers beyond the shared ones."""
     add_run_setting(parser, "--dropout", type=float, help="dropout probability")
+    add_run_setting(parser, "--ema-decay", type=float, help="Polyak averaging of the weights, which evaluation, "
+                    "samples and model.safetensors use; 0: none, the weights themselves")

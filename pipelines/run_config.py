@@ -51,6 +51,7 @@ class BaseRunConfig:
     lr: float | None = run_field()  # None: the preset's
     grad_clip: float | None = run_field()  # max global gradient norm; None: 1.0
     seed: int | None = run_field()  # None: 0
+    grad_accum: int | None = run_field()  # batches whose gradients make one optimizer step; None: 1
     steps: int = 1000  # total optimizer steps of the run
     max_minutes: float | None = None  # also stop (and save) after this much time in this session
     precision: str = "auto"
@@ -58,14 +59,15 @@ class BaseRunConfig:
     eval_every: int = 500
     eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
     checkpoint_every: int = 500
-    workers: int | None = None  # DataLoader workers per process; None: runtime.default_workers()
+    workers: int | None = None  # DataLoader workers per process; None: pipelines.runtime.default_workers()
     resume: bool = False
 
     def __post_init__(self):
-        check_at_least(self, 1, "steps", "eval_every", "checkpoint_every", "batch_size", "eval_batches")
+        check_at_least(self, 1, "steps", "eval_every", "checkpoint_every", "batch_size", "grad_accum",
+                       "eval_batches")
         check_at_least(self, 0, "workers")
         check_positive(self, "max_minutes", "lr", "grad_clip")
 
     def run_defaults(self):
         """The values of a new run's settings left None: the trainer's defaults and its preset's."""
-        return {"grad_clip": 1.0, "seed": 0}
+        return {"grad_clip": 1.0, "seed": 0, "grad_accum": 1}

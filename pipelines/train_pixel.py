@@ -1,30 +1,23 @@
-"""Training PixelSNAIL with accelerate: on images (here) or on VQ-VAE codes (train_prior.py).
-
-The loop (`fit`) is the same for both; a `Source` says what the data is and how a batch becomes
-the model's inputs (x, label, cond). A run directory holds:
-  model.safetensors   the Polyak-averaged (EMA) weights with the model config: what evaluation
-                      and sampling use
-  state/              everything `--resume` needs (weights, optimizer, EMA, RNG, progress)
-  samples.png         a grid of samples from the EMA weights
-  log.jsonl           one line per evaluation
+"""Training PixelSNAIL: on images (here) or on VQ-VAE codes (train_prior.py), one `Task` of the
+loop in pipelines/loop.py. A `Source` says what the data is and how a batch becomes the model's
+inputs (x, label, cond). Besides the loop's files, a pixel run writes samples.png, a grid of
+samples from the Polyak-averaged (EMA) weights.
 """
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from accelerate.utils import set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from pipelines import training
+from pipelines import run_state, runtime
 from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, atomic_path, save_checkpoint
 from pipelines.data import load_dataset, to_model_range
+from pipelines.loop import Step, Task, fit
 from pipelines.run_config import BaseRunConfig, check_at_least, run_field
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 
@@ -91,9 +84,10 @@ def image_source(data, size):
 
 
 @torch.no_grad()
-def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test"):
+def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test", autocast=True):
     """Mean bits per dimension (per code) over the loader's examples, all of them unless
-    max_batches, every process's share counted once."""
+    max_batches, every process's share counted once. autocast=False: no autocast of ours (a model
+    that `accelerator.prepare` did not wrap then computes in fp32)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -102,7 +96,7 @@ def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=N
     for i, batch in enumerate(loader):
         if i == n_batches:
             break
-        with accelerator.autocast():
+        with accelerator.autocast() if autocast else nullcontext():
             bits = model.nll(*inputs(batch))
         bits = accelerator.gather_for_metrics(bits)
         total += bits.double().sum().item()
@@ -121,102 +115,61 @@ def write_samples(model, path, n, seed):
         save_image((samples + 1) / 2, tmp, format="png", nrow=int(math.ceil(math.sqrt(n))))
 
 
+def bits_loss(net, inputs, model, batch):
+    """The loss of one step: the batch's mean bits per dimension (per code), the likelihood in fp32
+    (`net.output_nll`: `model` is `net` as the accelerator prepared it)."""
+    x, label, cond = inputs(batch)
+    bits = net.output_nll(x, model(x, label, cond)).mean()
+    return Step(bits, bits)
+
+
+class PixelSNAILTask(Task):
+    """PixelSNAIL on a Source: Adam(0.95, 0.9995), Polyak averaging, the preset's learning-rate decay."""
+
+    metric = "bits"
+    betas = (0.95, 0.9995)
+
+    def __init__(self, cfg, model_config, source, unit):
+        super().__init__(cfg, model_config, source.train_set, source.test_set)
+        self.source, self.unit = source, unit
+        self.lr_decay, self.ema_decay = cfg.lr_decay, cfg.ema_decay
+
+    def build(self, initialise):
+        self.net = PixelSNAIL(self.model_config)
+        if initialise:
+            init_batch = next(iter(runtime.make_loader(self.train_set, 4 * self.cfg.batch_size, 0)))
+            self.net.init_from_data(*self.source.inputs(init_batch))
+        return self.net
+
+    def loss(self, model, batch):
+        return bits_loss(self.net, self.source.inputs, model, batch)
+
+    def evaluate(self, model, loader, accelerator, max_batches=None):
+        return {"test_bits": evaluate_bits(model, loader, accelerator, self.source.inputs, max_batches)}
+
+    def evaluate_final(self, model, loader, accelerator):
+        """Over the whole split in fp32, as scripts/evaluate.py computes it, whatever the training
+        precision: on a copy of the weights that the accelerator never wrapped in its autocast."""
+        fp32 = PixelSNAIL(self.model_config).to(accelerator.device)
+        fp32.load_state_dict(model.state_dict())
+        return {"test_bits": evaluate_bits(fp32, loader, accelerator, self.source.inputs, autocast=False)}
+
+    def write(self, model, out, step):
+        save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), PIXELSNAIL_KIND, self.model_config, step=step,
+                        **self.source.metadata)
+
+    def finish(self, model, out, metrics, accelerator):
+        if accelerator.is_main_process and self.cfg.n_samples and self.model_config.pixel_mode:
+            write_samples(model, out / "samples.png", self.cfg.n_samples, self.cfg.seed)
+            accelerator.print(f"samples: {out / 'samples.png'}")
+        accelerator.print(f"test bits/{self.unit}: {metrics['test_bits']:.4f}")
+        return metrics["test_bits"]
+
+
 def train(cfg: TrainConfig):
     """Trains (or resumes) a run on images; returns the final test bits/dim with the EMA weights."""
-    cfg, model_config = training.resolve(cfg, PixelSNAILConfig)
+    cfg, model_config = run_state.resolve(cfg, PixelSNAILConfig)
     model_config = model_config or cfg.preset_model()
     if model_config.shape[0] != model_config.shape[1] or not model_config.pixel_mode:
         raise ValueError(f"image training needs a square pixel-mode model, got {model_config.shape}")
-    return fit(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim")
-
-
-def fit(cfg, model_config, source, unit):
-    """The training loop shared by images and codes; returns the final test bits per `unit`."""
-    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
-    out = Path(cfg.out)
-    resuming = training.has_state(out)
-    accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
-    sampler = training.EpochShuffle(len(source.train_set), cfg.seed)
-    train_loader = training.make_loader(source.train_set, cfg.batch_size, cfg.workers, sampler)
-    test_loader = training.make_loader(source.test_set, cfg.batch_size, cfg.workers)
-
-    set_seed(cfg.seed)  # the same initial weights on every process
-    model = PixelSNAIL(model_config)
-    if not resuming:  # a resumed run loads its weights below
-        init_batch = next(iter(training.make_loader(source.train_set, 4 * cfg.batch_size, 0)))
-        model.init_from_data(*source.inputs(init_batch))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.95, 0.9995))
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    net = accelerator.unwrap_model(model)
-    set_seed(cfg.seed, device_specific=True)  # but different dropout masks
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-
-    out.mkdir(parents=True, exist_ok=True)
-    progress = {"step": 0, "train_config": asdict(cfg), "model_config": model_config.to_json()}
-    if resuming:
-        progress.update(training.load_state(accelerator, out, ema), train_config=asdict(cfg))
-        accelerator.print(f"resumed {out} at step {progress['step']}")
-    else:
-        training.start_new_log(accelerator, out)
-        accelerator.print(f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters")
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
-    step = progress["step"]
-
-    def checkpoint():
-        progress["step"] = step
-        try:
-            training.save_state(accelerator, out, progress, ema)
-            if accelerator.is_main_process:
-                state = ema.module.state_dict()
-                save_checkpoint(out / CHECKPOINT_NAME, state, PIXELSNAIL_KIND, model_config, step=step, **source.metadata)
-        except OSError as error:
-            raise training.save_failed(error, out, step) from error
-
-    started = time.monotonic()
-    batches = training.batches_from(train_loader, step)
-    running = None
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    with training.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
-        while step < cfg.steps:
-            x, label, cond = source.inputs(next(batches)[1])
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * cfg.lr_decay**step
-            bits = net.output_nll(x, model(x, label, cond)).mean()
-            [mean_bits] = training.global_means(accelerator, step + 1, bits)
-            accelerator.backward(bits)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            training.check_finite(grad_norm, "the gradient norm", step + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update_parameters(net)
-            step += 1
-
-            running = mean_bits if running is None else 0.98 * running + 0.02 * mean_bits
-            bar.update()
-            bar.set_postfix({f"bits/{unit}": f"{running:.3f}"})
-
-            out_of_time, signum = training.agreed_stop(accelerator, started, cfg.max_minutes, signals)
-            last = step == cfg.steps or out_of_time or signum
-            if step % cfg.eval_every == 0 and not last:
-                test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs, cfg.eval_batches)
-                bar.write(f"step {step}: train bits/{unit} {running:.4f}, test bits/{unit} (EMA, {cfg.eval_batches} batches) {test_bits:.4f}")
-                training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits_partial": test_bits})
-            if step % cfg.checkpoint_every == 0 or last:
-                checkpoint()
-            if signum:
-                raise training.Stopped(signum, step)
-            if out_of_time:
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
-                break
-
-    test_bits = evaluate_bits(ema.module, test_loader, accelerator, source.inputs)
-    training.append_log(accelerator, out, {"step": step, "train_bits": running, "test_bits": test_bits})
-    if accelerator.is_main_process and cfg.n_samples and model_config.pixel_mode:
-        write_samples(ema.module, out / "samples.png", cfg.n_samples, cfg.seed)
-        accelerator.print(f"samples: {out / 'samples.png'}")
-    if accelerator.num_processes > 1:
-        training.check_replicas_agree(accelerator, net)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"test bits/{unit}: {test_bits:.4f}")
-    accelerator.end_training()
-    return test_bits
+    return fit(PixelSNAILTask(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim"))

@@ -5,17 +5,18 @@ The bottom prior models the bottom grid conditioned on the top codes (through it
 stack) and the label. Grid shapes and codebook sizes come from the code database; the preset
 gives the network. Every 20th record (0, 20, 40, ...) is held out for validation.
 
-The training loop is the one of the pixel-space trainer (`train_pixel.fit`).
+The task is the pixel-space trainer's (`train_pixel.PixelSNAILTask`) on codes.
 """
 
 from dataclasses import dataclass
 
 from torch.utils.data import Subset
 
-from pipelines import training
+from pipelines import run_state
 from pipelines.codes import CodeDataset
 from pipelines.run_config import run_field
-from pipelines.train_pixel import RunConfig, Source, fit
+from pipelines.loop import fit
+from pipelines.train_pixel import PixelSNAILTask, RunConfig, Source
 from prior import PixelSNAILConfig
 
 LEVELS = ("top", "bottom")
@@ -92,8 +93,8 @@ def code_source(path, level):
 
 def train(cfg: PriorTrainConfig):
     """Trains (or resumes) a prior; returns the final validation bits per code (EMA weights)."""
-    cfg, model_config = training.resolve(cfg, PixelSNAILConfig)
+    cfg, model_config = run_state.resolve(cfg, PixelSNAILConfig)
     source = code_source(cfg.codes, cfg.level)
     model_config = model_config or cfg.preset_model(**level_fields(source.metadata["codes"], cfg.level))
     check_fits(model_config, source.metadata["codes"], cfg.level, f"the code database {cfg.codes}")
-    return fit(cfg, model_config, source, unit="code")
+    return fit(PixelSNAILTask(cfg, model_config, source, unit="code"))

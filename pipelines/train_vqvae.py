@@ -1,4 +1,4 @@
-"""Training the two-level VQ-VAE with accelerate.
+"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/loop.py.
 
 A run directory holds:
   model.safetensors    the weights and codebooks with the config and the image size: what code
@@ -9,18 +9,16 @@ A run directory holds:
 """
 
 import math
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from accelerate.utils import set_seed
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from pipelines import training
+from pipelines import run_state
 from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, atomic_path, save_checkpoint
 from pipelines.data import load_dataset, to_model_range
+from pipelines.loop import Step, Task, fit
 from pipelines.run_config import BaseRunConfig, check_at_least, run_field
 from vqvae import VQVAE2, VQVAE2Config
 from vqvae.presets import get_preset
@@ -87,102 +85,53 @@ def write_reconstructions(model, images, path):
         save_image((torch.cat([x, reconstruction]) + 1) / 2, tmp, format="png", nrow=min(len(x), 8))
 
 
+def reconstruction_loss(model, batch):
+    """The loss of one step: the VQ-VAE's loss; the progress bar follows the reconstruction error."""
+    images, _ = batch
+    result = model(channels_last(to_model_range(images)))
+    postfix = {"ppl": f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
+               "used": f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}"}
+    return Step(result.loss, result.reconstruction_loss, postfix)
+
+
+class VQVAETask(Task):
+    metric = "mse"
+
+    def summary(self):
+        top_shape, bottom_shape = self.net.code_shapes(self.cfg.size)
+        return f", {self.cfg.size}x{self.cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
+
+    def build(self, initialise):
+        # channels_last: 1.6x faster bf16 training (bench/results/vqvae.md)
+        self.net = VQVAE2(self.model_config).to(memory_format=torch.channels_last)
+        return self.net
+
+    def loss(self, model, batch):
+        return reconstruction_loss(model, batch)
+
+    def evaluate(self, model, loader, accelerator, max_batches=None):
+        return evaluate_reconstruction(model, loader, accelerator, max_batches)
+
+    def write(self, model, out, step):
+        save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), VQVAE_KIND, self.model_config, step=step,
+                        image_size=self.cfg.size)
+        shown = [self.test_set[i][0] for i in range(min(self.cfg.n_images, len(self.test_set)))]
+        if shown:
+            device = next(model.parameters()).device
+            write_reconstructions(model, torch.stack(shown).to(device), out / "reconstructions.png")
+
+    def finish(self, model, out, metrics, accelerator):
+        accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
+        accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
+        return metrics["mse"]
+
+
 def train(cfg: VQVAETrainConfig):
     """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
-    cfg, model_config = training.resolve(cfg, VQVAE2Config)
+    cfg, model_config = run_state.resolve(cfg, VQVAE2Config)
     model_config = model_config or get_preset(cfg.preset).model
-    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
-    accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
-    train_set = load_dataset(cfg.data, "train", cfg.size)
-    test_set = load_dataset(cfg.data, "test", cfg.size)
-    sampler = training.EpochShuffle(len(train_set), cfg.seed)
-    train_loader = training.make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
-    test_loader = training.make_loader(test_set, cfg.batch_size, cfg.workers)
-
-    set_seed(cfg.seed)
-    # channels_last: 1.6x faster bf16 training here (bench/results/vqvae.md)
-    model = VQVAE2(model_config).to(memory_format=torch.channels_last)
-    top_shape, bottom_shape = model.code_shapes(cfg.size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    net = accelerator.unwrap_model(model)
-    set_seed(cfg.seed, device_specific=True)
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = {"step": 0, "train_config": asdict(cfg), "model_config": model_config.to_json()}
-    if training.has_state(out):
-        progress.update(training.load_state(accelerator, out), train_config=asdict(cfg))
-        accelerator.print(f"resumed {out} at step {progress['step']}")
-    else:
-        training.start_new_log(accelerator, out)
-        accelerator.print(
-            f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters, "
-            f"{cfg.size}x{cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
-        )
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
-    step = progress["step"]
-    shown = [test_set[i][0] for i in range(min(cfg.n_images, len(test_set)))]  # none with --n-images 0
-
-    def checkpoint():
-        progress["step"] = step
-        try:
-            training.save_state(accelerator, out, progress)
-            if accelerator.is_main_process:
-                save_checkpoint(out / CHECKPOINT_NAME, net.state_dict(), VQVAE_KIND, model_config, step=step, image_size=cfg.size)
-                if shown:
-                    write_reconstructions(net, torch.stack(shown).to(accelerator.device), out / "reconstructions.png")
-        except OSError as error:
-            raise training.save_failed(error, out, step) from error
-
-    started = time.monotonic()
-    batches = training.batches_from(train_loader, step)
-    running = None
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    with training.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
-        while step < cfg.steps:
-            images, _ = next(batches)[1]
-            result = model(channels_last(to_model_range(images)))
-            # the total loss only for its check: a NaN or inf stops the run
-            mse, _ = training.global_means(accelerator, step + 1, result.reconstruction_loss, result.loss)
-            accelerator.backward(result.loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            training.check_finite(grad_norm, "the gradient norm", step + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            running = mse if running is None else 0.98 * running + 0.02 * mse
-            bar.update()
-            bar.set_postfix(
-                mse=f"{running:.4f}",
-                ppl=f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
-                used=f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}",
-            )
-
-            out_of_time, signum = training.agreed_stop(accelerator, started, cfg.max_minutes, signals)
-            last = step == cfg.steps or out_of_time or signum
-            if step % cfg.eval_every == 0 and not last:
-                metrics = evaluate_reconstruction(net, test_loader, accelerator, cfg.eval_batches)
-                bar.write(f"step {step}: train mse {running:.4f}, " + ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()))
-                training.append_log(accelerator, out, {"step": step, "train_mse": running, **metrics})
-            if step % cfg.checkpoint_every == 0 or last:
-                checkpoint()
-            if signum:
-                raise training.Stopped(signum, step)
-            if out_of_time:
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
-                break
-
-    metrics = evaluate_reconstruction(net, test_loader, accelerator)
-    training.append_log(accelerator, out, {"step": step, "train_mse": running, "final": True, **metrics})
-    if accelerator.num_processes > 1:
-        training.check_replicas_agree(accelerator, net)
-    accelerator.wait_for_everyone()
-    accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
-    accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
-    accelerator.end_training()
-    return metrics["mse"]
+    train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
+    return fit(VQVAETask(cfg, model_config, train_set, test_set))
 
 
 def channels_last(images):

@@ -1,5 +1,6 @@
 """Training, checkpoints, exact resume, and the command-line scripts, on tiny generated data."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,32 @@ def test_evaluation_covers_the_whole_split_exactly():
     assert abs(evaluate_bits(model, loader, accelerator) - expected) < 1e-6
     first_two = model.nll(to_model_range(images[:8])).double().mean().item()
     assert abs(evaluate_bits(model, loader, accelerator, max_batches=2) - first_two) < 1e-6
+
+
+def test_ema_decay_0_means_no_polyak_averaging(image_folder, tmp_path):
+    """--ema-decay 0 is honoured (not replaced by the preset's decay): the run keeps no average, and
+    model.safetensors holds the trained weights themselves."""
+    run_dir = tmp_path / "run"
+    result = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                        "--preset", "tiny", "--steps", "3", "--precision", "fp32", "--n-samples", "0",
+                        "--ema-decay", "0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "state" / "progress.json").read_text())["train_config"]["ema_decay"] == 0
+    assert not (run_dir / "state" / "ema.safetensors").exists()
+    written, trained = load_file(run_dir / "model.safetensors"), load_file(run_dir / "state" / "model.safetensors")
+    assert written.keys() == trained.keys()
+    assert all(torch.equal(written[key], trained[key]) for key in trained)
+
+
+def test_the_final_test_bits_are_computed_in_fp32_as_evaluate_does(image_folder, tmp_path):
+    """Trained under bf16 autocast, the trainer reports its final test bits/dim in fp32: the very
+    number scripts/evaluate.py prints for the checkpoint (same batches)."""
+    run_dir = tmp_path / "run"
+    trained = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                         "--preset", "tiny", "--steps", "3", "--precision", "bf16", "--n-samples", "0")
+    assert trained.returncode == 0, trained.stderr
+    assert "precision bf16" in trained.stdout
+    evaluated = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder),
+                           "--batch-size", "8")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert trained.stdout.strip().splitlines()[-1] == evaluated.stdout.strip().splitlines()[-1]

@@ -24,7 +24,7 @@ from accelerate.utils.other import load as load_weights_only  # torch.load(weigh
 from safetensors.torch import load_file
 
 from launch import launch_command
-from pipelines import cli, training
+from pipelines import cli, run_state, runtime
 from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
@@ -140,7 +140,7 @@ def assert_same_weights(run_dir, reference_dir):
 def saved_step(run_dir):
     """The step of the state `--resume` would load, or None (none yet, or being renamed right now)."""
     try:
-        return training.read_progress(run_dir)["step"]
+        return run_state.read_progress(run_dir)["step"]
     except (OSError, ValueError):
         return None
 
@@ -148,8 +148,8 @@ def saved_step(run_dir):
 def assert_state_loads(run_dir):
     """The latest state is complete: progress, finite weights, optimizer and RNG files that load
     (as accelerate loads them: weights_only=True), and a model.safetensors that loads. Returns its step."""
-    directory = training.state_dir(run_dir)
-    step = json.loads((directory / training.PROGRESS_FILE).read_text())["step"]
+    directory = run_state.state_dir(run_dir)
+    step = json.loads((directory / run_state.PROGRESS_FILE).read_text())["step"]
     for path in directory.glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
     for path in [*directory.glob("*.bin"), *directory.glob("*.pkl")]:
@@ -221,15 +221,15 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             for p in model.parameters():
                 p.fill_(step)
         progress = {"step": step, "train_config": {}, "model_config": "{}"}
-        training.save_state(accelerator, run_dir, progress, ema=model)
+        run_state.save_state(accelerator, run_dir, progress, ema=model)
 
     def load(run_dir):
-        progress = training.load_state(accelerator, run_dir, ema=model)
+        progress = run_state.load_state(accelerator, run_dir, ema=model)
         assert all(torch.all(p == progress["step"]) for p in model.parameters()), "weights of another step"
         return progress["step"]
 
     real = {"replace": os.replace, "rmtree": shutil.rmtree, "save_state": accelerator.save_state,
-            "save_file": training.save_file}
+            "save_file": run_state.save_file}
 
     def interruptible(name, counter):
         def operation(*args, **kwargs):
@@ -258,7 +258,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             patch.setattr(os, "replace", interruptible("replace", counter))
             patch.setattr(shutil, "rmtree", interruptible("rmtree", counter))
             patch.setattr(accelerator, "save_state", interruptible("save_state", counter))
-            patch.setattr(training, "save_file", interruptible("save_file", counter))
+            patch.setattr(run_state, "save_file", interruptible("save_file", counter))
             try:
                 save(run_dir, 3)
             except Killed:
@@ -303,7 +303,7 @@ def test_a_second_ctrl_c_stops_at_once():
     (cli.run: "interrupted", exit 130), a second SIGTERM changes nothing. The previous handlers
     are back afterwards."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with training.StopSignals() as signals:
+    with runtime.StopSignals() as signals:
         assert signals.received == 0
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGINT
@@ -311,7 +311,7 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; never reached
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    with training.StopSignals() as signals:
+    with runtime.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.received == signal.SIGTERM
@@ -362,7 +362,7 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
     assert len(steps) == 2 and steps[0] == steps[1], stderr[-3000:]
     assert process.returncode != 0  # the launcher reports its workers' exit (143 / 130) as a failure
     assert assert_state_loads(run_dir) == int(steps[0]) < 200
-    assert sorted(p.name for p in training.state_dir(run_dir).glob("random_states_*")) == [
+    assert sorted(p.name for p in run_state.state_dir(run_dir).glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
 
 
@@ -398,7 +398,7 @@ def run_cli(train, cfg, capsys):
 
 @pytest.mark.parametrize("trainer, writer, state_kept", [
     ("pixel", "torch.save", 2),                   # accelerate's optimizer file, inside the new state
-    ("pixel", "training.save_file", 2),           # our EMA file, inside the new state
+    ("pixel", "run_state.save_file", 2),           # our EMA file, inside the new state
     ("pixel", "checkpoint.save_file", 4),         # model.safetensors, after the state was saved
     ("vqvae", "torch.save", 2),
 ])
@@ -410,7 +410,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, stat
     bit-identical to an uninterrupted one."""
     import pipelines.checkpoint
 
-    module, name = {"torch.save": (torch, "save"), "training.save_file": (training, "save_file"),
+    module, name = {"torch.save": (torch, "save"), "run_state.save_file": (run_state, "save_file"),
                     "checkpoint.save_file": (pipelines.checkpoint, "save_file")}[writer]
     train = TRAINERS[trainer][1]
     run_dir, written = tmp_path / "run", []
@@ -450,9 +450,9 @@ def test_global_means_reduces_several_losses_at_once_and_stops_on_any_non_finite
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    assert training.global_means(accelerator, 1, torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)) == [0.5, 2.0]
+    assert runtime.global_means(accelerator, 1, torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)) == [0.5, 2.0]
     with pytest.raises(FloatingPointError, match="the loss is inf at step 7"):
-        training.global_means(accelerator, 7, torch.tensor(0.5), torch.tensor(math.inf))
+        runtime.global_means(accelerator, 7, torch.tensor(0.5), torch.tensor(math.inf))
 
 
 @pytest.mark.parametrize("trainer, what, message", [
@@ -536,7 +536,7 @@ def test_a_bottom_prior_resumes_without_level(data, tmp_path, monkeypatch, capsy
     status, stderr = run_script(["scripts/train_prior.py", "--codes", str(data / "codes.lmdb"), "--out", str(run_dir),
                                  "--resume", "--steps", "4", "--precision", "fp32"], monkeypatch, capsys)
     assert status == 0, stderr[-2000:]
-    progress = training.read_progress(run_dir)
+    progress = run_state.read_progress(run_dir)
     assert progress["step"] == 4
     assert {k: progress["train_config"][k] for k in ("level", "preset", "batch_size")} == dict(
         level="bottom", preset="cpu-bottom", batch_size=4)
@@ -561,6 +561,27 @@ def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, val
     assert status == 2 and "Traceback" not in stderr and stderr.count("\n") == 1, stderr[-2000:]
     assert stderr.startswith(f"error: {message} ({run_dir}): ")
     assert saved_step(run_dir) == 2
-    stored = str(training.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
+    stored = str(run_state.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
     status, stderr = run_script(args + [option, stored], monkeypatch, capsys)
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
+
+
+def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    """With --grad-accum 2, the run dies (a simulated kill) inside step 3, after the backward of its
+    first batch and before that of its second: the state on disk stays step 2's, and the resumed
+    run ends bit-identical to an uninterrupted one (weights, optimizer, EMA)."""
+    accumulating = dict(grad_accum=2, steps=4)
+    train_prior(config("prior", data, tmp_path / "reference", **accumulating))
+
+    def die(bits):
+        raise Killed
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        poison_training_call(patch, PixelSNAIL, "output_nll", 2 * 2 + 2, die)
+        with pytest.raises(Killed):
+            train_prior(config("prior", data, run_dir, **accumulating))
+    assert saved_step(run_dir) == 2
+    train_prior(config("prior", data, run_dir, resume=True, **accumulating))
+    assert saved_step(run_dir) == 4
+    assert_same_weights(run_dir, tmp_path / "reference")
