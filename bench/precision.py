@@ -68,7 +68,7 @@ def train_and_evaluate(run_dir, name, preset, data, steps, seed):
         "seed": seed,
         "train_seconds": train_seconds,
         "train_bits": last_train_bits(run_dir),  # raw weights, the run's precision, smoothed over ~50 steps
-        "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation, in the run's precision
+        "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation (fp32 over the whole split, as evaluate.py)
         "test_bits_fp32": last_line_value(output, "test bits/dim: "),
     }
 

@@ -43,7 +43,7 @@ GRAD_CLIP = 1.0  # the trainers' default
 MATMUL_SHAPES = [(4096, 4096, 4096), (2048, 2048, 2048), (8192, 1024, 512), (8192, 2048, 1024)]
 QUICK_MATMUL_SHAPES = [(256, 256, 256)]
 
-# the issue's reference: the most used public implementation, on this machine, 11.45M top prior
+# the reference: the most used public implementation's 11.45M top prior, seconds per step (bench/results/train.md)
 REFERENCE_TOP_11M_SECONDS = 4.4
 
 
@@ -104,7 +104,7 @@ def vqvae_case(description, config, size, batch_size):
                 functools.partial(vqvae_batch, size), lambda model: reconstruction_loss, VQVAETask.betas)
 
 
-# the issue's configuration (a): the public implementation's 11.45M top prior, at equal size
+# the public implementation's 11.45M top prior, at equal size
 TOP_11M = PixelSNAILConfig(
     shape=(32, 32), n_codes=512, channels=128, n_blocks=2, n_res_blocks=4, kernel_size=5, attention=True,
     n_heads=8, key_channels=64, value_channels=128, dropout=0.1, embed_channels=128,
@@ -313,7 +313,7 @@ def run(args):
             "matmul_shapes": shapes,
             "matmul_repeats": args.matmul_repeats,
             "compile": args.compile,
-            "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward; losses in fp32",
+            "bf16": "the forward wrapped as accelerate's prepare wraps it: bf16 autocast, outputs in fp32",
         },
         "matmul_peak": peaks,
         "flop_count_method": FLOP_COUNT_METHOD,

@@ -40,6 +40,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keeps the description's line breaks and shows every option's default."""
 
 
+def trainer_parser(description, defaults, presets, out_help, out_required=False):
+    """A trainer's parser with --out and every option the trainers share (`add_run_arguments`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--out", default=defaults.out, required=out_required, help=out_help)
+    add_run_arguments(parser, defaults, presets)
+    return parser
+
+
+def add_image_data_setting(parser):
+    add_run_setting(parser, "--data", help="'builtin' (crops of scikit-image's sample photos, the default), "
+                    "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
+
+
 def add_run_arguments(parser, defaults, presets):
     """The options every trainer shares: the settings that define a run (left out of the namespace
     unless given: see pipelines.run_config), budgets, precision, evaluation, checkpoints, resume."""
@@ -66,14 +79,20 @@ def add_run_arguments(parser, defaults, presets):
     p.add_argument("--workers", type=int, default=d.workers,
                    help="DataLoader worker processes per process (default: none on CPU, whose cores the "
                    "model needs; up to 8 with a GPU)")
+    p.add_argument("--report-to", choices=["tensorboard"], default=d.report_to,
+                   help="also log what log.jsonl logs with this accelerate tracker, into RUN_DIR/tensorboard")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out where it stopped, with its own run settings")
 
 
+RUN_SETTINGS_NOTE = ("[run setting]: an option that defines the run. A new run takes it from the preset (or the "
+                     "default named); --resume takes it from the run and refuses another value.")
+
+
 def add_run_setting(parser, flag, help, **options):
     """An option that defines the run: default the preset's (or the one named), on --resume the run's."""
-    parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} [run setting: default from the preset, "
-                        "on --resume from the run; another value than the run's is refused]", **options)
+    parser.epilog = RUN_SETTINGS_NOTE
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} [run setting]", **options)
 
 
 def add_pixelsnail_arguments(parser):

@@ -107,7 +107,8 @@ class Run:
 
 def start(task, cfg, out):
     """The accelerator, loaders, model and optimizer of a run, new or resumed from `out`."""
-    accelerator = runtime.make_accelerator(runtime.resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum)
+    accelerator = runtime.make_accelerator(runtime.resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
+                                           cfg.report_to, out)
     resuming = run_state.has_state(out)
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
     sampler = runtime.EpochShuffle(len(task.train_set), cfg.seed)
@@ -123,6 +124,8 @@ def start(task, cfg, out):
     if task.ema_decay:
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(task.ema_decay), use_buffers=True)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.report_to:
+        accelerator.init_trackers(cfg.report_to)
     progress = {"step": 0, "train_config": asdict(cfg), "model_config": task.model_config.to_json()}
     if resuming:
         progress.update(run_state.load_state(accelerator, out, ema), train_config=asdict(cfg))
@@ -148,10 +151,20 @@ def checkpoint(task, run, out, step):
 
 def fit(task):
     """Trains (or resumes) the task's run to cfg.steps or the time budget; returns task.finish(...)."""
-    cfg, out = task.cfg, Path(task.cfg.out)
-    run = start(task, cfg, out)
-    accelerator, step, running = run.accelerator, run.progress["step"], None
-    started = time.monotonic()
+    out = Path(task.cfg.out)
+    run = start(task, task.cfg, out)
+    try:
+        step, running = run_steps(task, run, out)
+        return finish(task, run, out, step, running)
+    finally:
+        run.accelerator.end_training()  # closes the trackers, also when the run stops early
+
+
+def run_steps(task, run, out):
+    """The loop: steps, periodic evaluations and checkpoints until the last step, the time budget or a
+    signal (which saves and raises Stopped). Returns the step reached and the running training value."""
+    cfg, accelerator = task.cfg, run.accelerator
+    step, running, started = run.progress["step"], None, time.monotonic()
     batches = runtime.batches_from(run.train_loader, step * cfg.grad_accum)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with runtime.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
@@ -181,7 +194,7 @@ def fit(task):
             if out_of_time:
                 bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
                 break
-    return finish(task, run, out, step, running)
+    return step, running
 
 
 def finish(task, run, out, step, running):
@@ -192,6 +205,4 @@ def finish(task, run, out, step, running):
     if accelerator.num_processes > 1:
         runtime.check_replicas_agree(accelerator, run.net)
     accelerator.wait_for_everyone()
-    result = task.finish(run.weights, out, metrics, accelerator)
-    accelerator.end_training()
-    return result
+    return task.finish(run.weights, out, metrics, accelerator)

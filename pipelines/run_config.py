@@ -60,6 +60,7 @@ class BaseRunConfig:
     eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
     checkpoint_every: int = 500
     workers: int | None = None  # DataLoader workers per process; None: pipelines.runtime.default_workers()
+    report_to: str | None = None  # "tensorboard": accelerate's tracker also logs what log.jsonl logs
     resume: bool = False
 
     def __post_init__(self):
@@ -67,6 +68,8 @@ class BaseRunConfig:
                        "eval_batches")
         check_at_least(self, 0, "workers")
         check_positive(self, "max_minutes", "lr", "grad_clip")
+        if self.report_to not in (None, "tensorboard"):
+            raise ValueError(f"report_to must be tensorboard or None, got {self.report_to!r}")
 
     def run_defaults(self):
         """The values of a new run's settings left None: the trainer's defaults and its preset's."""

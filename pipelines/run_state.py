@@ -183,7 +183,10 @@ def start_new_log(accelerator, run_dir):
 
 
 def append_log(accelerator, run_dir, record):
-    """Appends one JSON line to RUN_DIR/log.jsonl (main process only)."""
+    """Appends one JSON line to RUN_DIR/log.jsonl (main process only); the accelerator's trackers,
+    if any, log its numbers at its step."""
+    accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                    step=record["step"])
     if accelerator.is_main_process:
         with open(Path(run_dir) / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -60,16 +60,19 @@ def resolve_precision(precision):
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def make_accelerator(precision, compile=False, grad_accum=1):
+def make_accelerator(precision, compile=False, grad_accum=1, report_to=None, run_dir=None):
     """An Accelerator for 'bf16' or 'fp32'; refuses a launch that silently ran several copies.
     compile=True has `prepare` wrap the model in torch.compile (inductor). With grad_accum=A every
     optimizer step sums the gradients of A batches, counted by steps alone: an epoch's end never
-    forces an early update, so a step is always A batches and resuming at a step stays exact."""
+    forces an early update, so a step is always A batches and resuming at a step stays exact.
+    report_to names an accelerate tracker ("tensorboard") that logs into RUN_DIR/<report_to>."""
     accelerator = Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),
         dynamo_backend="inductor" if compile else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
+        log_with=report_to,
+        project_dir=run_dir,
     )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if accelerator.num_processes != world_size:

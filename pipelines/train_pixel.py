@@ -4,22 +4,22 @@ inputs (x, label, cond). Besides the loop's files, a pixel run writes samples.pn
 samples from the Polyak-averaged (EMA) weights.
 """
 
-import math
+import itertools
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pipelines import run_state, runtime
-from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, atomic_path, save_checkpoint
+from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
 from pipelines.loop import Step, Task, fit
 from pipelines.run_config import BaseRunConfig, check_at_least, run_field
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
+from prior.modes import evaluating
 
 
 @dataclass
@@ -88,31 +88,24 @@ def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=N
     """Mean bits per dimension (per code) over the loader's examples, all of them unless
     max_batches, every process's share counted once. autocast=False: no autocast of ours (a model
     that `accelerator.prepare` did not wrap then computes in fp32)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
     bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
-    for i, batch in enumerate(loader):
-        if i == n_batches:
-            break
-        with accelerator.autocast() if autocast else nullcontext():
-            bits = model.nll(*inputs(batch))
-        bits = accelerator.gather_for_metrics(bits)
-        total += bits.double().sum().item()
-        count += bits.numel()
-        bar.update()
-    bar.close()
-    model.train(was_training)
+    with evaluating(model), bar:
+        for batch in itertools.islice(loader, n_batches):
+            with accelerator.autocast() if autocast else nullcontext():
+                bits = model.nll(*inputs(batch))
+            bits = accelerator.gather_for_metrics(bits)
+            total += bits.double().sum().item()
+            count += bits.numel()
+            bar.update()
     return total / count
 
 
 def write_samples(model, path, n, seed):
     """Draws n samples with a fixed seed and writes them as an image grid."""
     generator = torch.Generator(model.background.device).manual_seed(seed)
-    samples = model.sample(n, generator=generator)
-    with atomic_path(path) as tmp:
-        save_image((samples + 1) / 2, tmp, format="png", nrow=int(math.ceil(math.sqrt(n))))
+    write_image_grid(model.sample(n, generator=generator), path)
 
 
 def bits_loss(net, inputs, model, batch):

@@ -9,26 +9,17 @@ on the top codes and the label. Grid and codebook always come from the database;
 On CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`.
 """
 
-import argparse
-
-from pipelines.cli import HelpFormatter, add_pixelsnail_arguments, add_run_arguments, add_run_setting, run
+from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser
 from pipelines.train_prior import LEVELS, PriorTrainConfig, train
 from prior import PRESETS
 
 
-def parse_args():
-    d = PriorTrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def main():
+    p = trainer_parser(__doc__, PriorTrainConfig(), PRESETS, "run directory (checkpoint, state, log)", out_required=True)
     p.add_argument("--codes", required=True, help="code database written by scripts/extract_codes.py")
     add_run_setting(p, "--level", choices=LEVELS, help="the code grid to model (default top)")
-    p.add_argument("--out", required=True, help="run directory (checkpoint, state, log)")
-    add_run_arguments(p, d, PRESETS)
     add_pixelsnail_arguments(p)
-    return p.parse_args()
-
-
-def main():
-    train(PriorTrainConfig(**vars(parse_args())))
+    train(PriorTrainConfig(**vars(p.parse_args())))
 
 
 if __name__ == "__main__":

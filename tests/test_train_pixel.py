@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,19 +17,6 @@ from pipelines.train_pixel import TrainConfig, train
 from prior import PixelSNAIL, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """40 smooth random 8x8 RGB images (gradients plus noise), so there is something to learn."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 8)
-    for k in range(40):
-        colour = rng.uniform(0, 255, size=3)
-        image = colour * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{k:03d}.png")
-    return folder
 
 
 def tiny_config(image_folder, out, **changes):

@@ -16,10 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
@@ -48,28 +46,16 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(image_folder, smooth_pixels, tmp_path_factory):
     """40 smooth 8x8 images (an image folder), and a code database of 40 records made from them by
     a fixed function (2x2 top codes of 5, 4x4 bottom codes of 300, 3 classes): no VQ-VAE needed."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 8)
-    (root / "images").mkdir()
-    pixels = []
-    for k in range(40):
-        image = rng.uniform(0, 255, size=3) * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
-        pixels.append(image.clip(0, 255).astype(np.uint8))
-        Image.fromarray(pixels[-1]).save(root / "images" / f"{k:03d}.png")
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    shutil.copytree(image_folder, root / "images")
+    images = torch.from_numpy(smooth_pixels).permute(0, 3, 1, 2).contiguous()
 
     def encode(batch):
         return batch[:, 0, ::4, ::4].long() % 5, (batch[:, 1, ::2, ::2].long() + batch[:, 2, ::2, ::2].long()) % 300
@@ -585,3 +571,26 @@ def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, t
     train_prior(config("prior", data, run_dir, resume=True, **accumulating))
     assert saved_step(run_dir) == 4
     assert_same_weights(run_dir, tmp_path / "reference")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_report_to_tensorboard_logs_what_the_log_file_logs(trainer, data, tmp_path):
+    """--report-to tensorboard: accelerate's TensorBoard tracker holds, at each evaluation's step,
+    every number of that log.jsonl line (read back with TensorBoard's own event reader)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "run"
+    TRAINERS[trainer][1](config(trainer, data, run_dir, steps=4, eval_every=2, report_to="tensorboard"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for record in records:
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                logged = {event.step: event.value for event in events.Scalars(name)}
+                assert logged[record["step"]] == pytest.approx(float(value), rel=1e-6), name
+
+
+def test_no_tracker_by_default(data, tmp_path):
+    train_pixel(config("pixel", data, tmp_path / "run", steps=2))
+    assert not (tmp_path / "run" / "tensorboard").exists()
