@@ -103,7 +103,7 @@ class OtherCpuUse:
 # -- inputs and timing ------------------------------------------------------------------------
 
 
-def random_pixels(batch_size, shape, generator):
+def random_pixels(batch_size, shape, generator=None):
     """Images on the 256-value grid of [-1, 1], like the data loader produces."""
     return torch.randint(0, 256, (batch_size, 3, *shape), generator=generator) / 127.5 - 1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, apply_defaults, format_markdown_report, format_text_report,
                           load_average, log, machine_info, machine_lines, write_results)
-from pipelines.training import LOG_FILE
+from pipelines.run_state import LOG_FILE
 from prior import get_preset
 
 # name -> (precision, learning rate factor) of the runs made for every seed
@@ -68,7 +68,7 @@ def train_and_evaluate(run_dir, name, preset, data, steps, seed):
         "seed": seed,
         "train_seconds": train_seconds,
         "train_bits": last_train_bits(run_dir),  # raw weights, the run's precision, smoothed over ~50 steps
-        "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation, in the run's precision
+        "test_bits_trainer": trainer_bits,  # the trainer's own final evaluation (fp32 over the whole split, as evaluate.py)
         "test_bits_fp32": last_line_value(output, "test bits/dim: "),
     }
 

@@ -2,38 +2,48 @@
 each in fp32 and in the fast path (bf16 autocast, as the trainers run by default on this CPU;
 optionally also under torch.compile), next to the machine's matmul peak measured in the same run.
 
-Every model is timed as its trainer runs it: PixelSNAIL in channels_last (built into the model)
-with its bits/dim loss in fp32, the VQ-VAE in channels_last with its quantizer in fp32. Variants
-of one model are interleaved round by round, so background load hits them alike.
+Every model is timed as its trainer runs it, by construction: each timed step is the trainers' own
+step function (`pipelines.loop.train_step`: the loss of the trainer's task on a batch as its loader
+gives it, the finiteness checks, the clipped gradient, the Adam update), with the model's forward
+wrapped in bf16 autocast as `accelerator.prepare` wraps it. Variants of one model are interleaved
+round by round, so background load hits them alike.
 """
 
 import copy
 import functools
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import convert_outputs_to_fp32
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from bench.common import (add_common_arguments, apply_defaults, autocast, format_markdown_report,
                           format_text_report, load_average, log, machine_info, machine_lines, paired_speedups,
-                          random_pixels, time_interleaved, write_results)
+                          time_interleaved, write_results)
 from bench.vqvae import VQVAE_QUICK_MODEL
+from pipelines.loop import train_step
+from pipelines.train_pixel import PixelSNAILTask, bits_loss, image_inputs
+from pipelines.train_prior import code_inputs
+from pipelines.train_vqvae import VQVAETask, reconstruction_loss
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PIXELSNAIL_BETAS = (0.95, 0.9995)  # Adam as pipelines/train_pixel.py; the VQ-VAE takes torch's defaults
+GRAD_CLIP = 1.0  # the trainers' default
 
 # (m, k, n) of the matmuls whose best FLOP/s is the machine's peak: square ones, and the tall
 # and thin shapes a convolution over a batch of 32x32 maps becomes
 MATMUL_SHAPES = [(4096, 4096, 4096), (2048, 2048, 2048), (8192, 1024, 512), (8192, 2048, 1024)]
 QUICK_MATMUL_SHAPES = [(256, 256, 256)]
 
-# the issue's reference: the most used public implementation, on this machine, 11.45M top prior
+# the reference: the most used public implementation's 11.45M top prior, seconds per step (bench/results/train.md)
 REFERENCE_TOP_11M_SECONDS = 4.4
 
 
@@ -44,60 +54,57 @@ REFERENCE_TOP_11M_SECONDS = 4.4
 class Case:
     description: str
     batch_size: int
-    build: Callable  # (inputs) -> model in train mode, initialised
-    make_inputs: Callable  # (batch_size, generator) -> tuple of model inputs
-    loss: Callable  # (model, inputs) -> scalar loss; the forward runs under the caller's autocast
-    betas: tuple = PIXELSNAIL_BETAS
+    build: Callable  # (batch) -> model in train mode, initialised
+    make_batch: Callable  # (batch_size, generator) -> a batch as the trainer's loader gives it
+    loss: Callable  # (model) -> the trainer's loss of one step, loss(forward, batch) -> pipelines.loop.Step
+    betas: tuple
 
 
-def pixelsnail_inputs(config, batch_size, generator):
-    """(x, cond): random pixels or codes, and a random conditioning code grid where the model takes one."""
+def pixelsnail_inputs(config):
+    """The trainer's batch -> (x, label, cond) of this model: images, or top / bottom codes."""
     if config.pixel_mode:
-        x = random_pixels(batch_size, config.shape, generator)
-    else:
-        x = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
-    cond = None
-    if config.cond_codes is not None:
-        cond = torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
-    return x, cond
+        return image_inputs
+    return code_inputs("top" if config.cond_codes is None else "bottom", labelled=False)
 
 
-def build_pixelsnail(config, inputs):
+def pixelsnail_batch(config, batch_size, generator):
+    """Random images (uint8, with labels), or random (top codes, bottom codes, labels)."""
+    labels = torch.zeros(batch_size, dtype=torch.long)
+    if config.pixel_mode:
+        return torch.randint(0, 256, (batch_size, 3, *config.shape), generator=generator, dtype=torch.uint8), labels
+    codes = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
+    if config.cond_codes is None:
+        return codes, None, labels
+    return torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator), codes, labels
+
+
+def build_pixelsnail(config, batch):
     model = PixelSNAIL(config)
-    model.init_from_data(inputs[0], cond=inputs[1])
+    model.init_from_data(*pixelsnail_inputs(config)(batch))
     return model.train()
-
-
-def pixelsnail_loss(model, inputs):
-    x, cond = inputs
-    out = model(x, cond=cond)
-    with torch.autocast("cpu", enabled=False):
-        return model.output_nll(x, out).mean()  # fp32 inside
 
 
 def pixelsnail_case(description, config, batch_size):
     return Case(description, batch_size, functools.partial(build_pixelsnail, config),
-                functools.partial(pixelsnail_inputs, config), pixelsnail_loss)
+                functools.partial(pixelsnail_batch, config),
+                lambda model: functools.partial(bits_loss, model, pixelsnail_inputs(config)), PixelSNAILTask.betas)
 
 
-def vqvae_inputs(size, batch_size, generator):
-    return (random_pixels(batch_size, (size, size), generator).contiguous(memory_format=torch.channels_last),)
+def vqvae_batch(size, batch_size, generator):
+    images = torch.randint(0, 256, (batch_size, 3, size, size), generator=generator, dtype=torch.uint8)
+    return images, torch.zeros(batch_size, dtype=torch.long)
 
 
-def build_vqvae(config, inputs):
-    return VQVAE2(config).to(memory_format=torch.channels_last).train()  # as pipelines/train_vqvae.py
-
-
-def vqvae_loss(model, inputs):
-    return model(inputs[0]).loss
+def build_vqvae(config, batch):
+    return VQVAE2(config).to(memory_format=torch.channels_last).train()  # as VQVAETask.build
 
 
 def vqvae_case(description, config, size, batch_size):
     return Case(description, batch_size, functools.partial(build_vqvae, config),
-                functools.partial(vqvae_inputs, size), vqvae_loss, betas=(0.9, 0.999))
+                functools.partial(vqvae_batch, size), lambda model: reconstruction_loss, VQVAETask.betas)
 
 
-# the issue's configuration (a): the public implementation's 11.45M top prior, at equal size
+# the public implementation's 11.45M top prior, at equal size
 TOP_11M = PixelSNAILConfig(
     shape=(32, 32), n_codes=512, channels=128, n_blocks=2, n_res_blocks=4, kernel_size=5, attention=True,
     n_heads=8, key_channels=64, value_channels=128, dropout=0.1, embed_channels=128,
@@ -175,11 +182,11 @@ FLOP_COUNT_METHOD = (
 )
 
 
-def count_step_flops(case, model, inputs):
+def count_step_flops(case, model, batch):
     """FLOPs of one forward + backward (the same in both precisions), in total and per aten op."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         with autocast("bf16"):
-            loss = case.loss(model, inputs)
+            loss = case.loss(model)(model, batch).loss
         loss.backward()
     model.zero_grad(set_to_none=True)
     by_op = {str(op): count for op, count in counter.get_flop_counts()["Global"].items()}
@@ -194,29 +201,31 @@ def variants(compile):
     return {"fp32": ("fp32", False), "bf16": ("bf16", False), **({"bf16+compile": ("bf16", True)} if compile else {})}
 
 
-def train_step(case, model, forward, optimizer, inputs, precision):
-    with autocast(precision):
-        loss = case.loss(forward, inputs)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def as_prepared(model, precision):
+    """The model with its forward wrapped as `accelerator.prepare` wraps it for `precision`: under
+    autocast, outputs returned in fp32 (one process has one precision, so it is not prepared)."""
+    if precision == "bf16":
+        model.forward = MethodType(convert_outputs_to_fp32(autocast("bf16")(type(model).forward)), model)
+    return model
 
 
 def bench_case(case, batch_size, names, steps, warmup, seed, profile_fast_path=False):
     """Seconds per step of each variant of one model (identical initial weights), the seconds of
     the first call of each (a compiled variant compiles in it), and the step's counted FLOPs."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = case.make_inputs(batch_size, generator)
+    batch = case.make_batch(batch_size, generator)
     torch.manual_seed(seed)
-    base = case.build(inputs)
+    base = case.build(batch)
     n_parameters = sum(p.numel() for p in base.parameters())
-    flops = count_step_flops(case, base, inputs)
+    flops = count_step_flops(case, base, batch)
+    accelerator = Accelerator(cpu=True)
     runs, first_call = {}, {}
     for name, (precision, compiled) in names.items():
-        model = copy.deepcopy(base)
+        model = as_prepared(copy.deepcopy(base), precision)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=case.betas)
         forward = torch.compile(model) if compiled else model
-        runs[name] = functools.partial(train_step, case, model, forward, optimizer, inputs, precision)
+        runs[name] = functools.partial(train_step, accelerator, forward, optimizer, case.loss(model),
+                                       itertools.repeat(batch), 0, GRAD_CLIP)
         start = time.perf_counter()
         runs[name]()
         first_call[name] = time.perf_counter() - start
@@ -304,7 +313,7 @@ def run(args):
             "matmul_shapes": shapes,
             "matmul_repeats": args.matmul_repeats,
             "compile": args.compile,
-            "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward; losses in fp32",
+            "bf16": "the forward wrapped as accelerate's prepare wraps it: bf16 autocast, outputs in fp32",
         },
         "matmul_peak": peaks,
         "flop_count_method": FLOP_COUNT_METHOD,

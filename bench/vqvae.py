@@ -131,6 +131,30 @@ def bench_vqvae_extraction(trained, variants, x, batches, warmup):
     return summary
 
 
+def run_config(args, config, variants, n_parameters):
+    """What the run measured, as its JSON records it."""
+    return {
+        "model": asdict(config),
+        "paper_model": config == VQVAE2Config(),
+        "parameters": n_parameters,
+        "image_size": args.size,
+        "variants": {name: {"precision": VQVAE_VARIANTS[name][0], "channels_last": VQVAE_VARIANTS[name][1]}
+                     for name in variants},
+        "train_batch_size": args.batch_size,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "extract_batch_size": args.extract_batch_size,
+        "extract_warmup_batches": args.extract_warmup,
+        "extract_timed_batches": args.extract_batches,
+        "optimizer": f"Adam lr={VQVAE_LR}, torch's default betas (no gradient clipping)",
+        "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward (or encode); "
+                "the quantizer and the losses in fp32",
+        "channels_last": "model.to(memory_format=torch.channels_last) and the input "
+                         ".contiguous(memory_format=torch.channels_last)",
+        "seed": args.seed,
+    }
+
+
 def run(args):
     """Measures, in one run, VQ-VAE-2 images/s for several variants: fp32, bf16 autocast, and bf16
     autocast with the model and the input in channels_last memory format (fp32_channels_last on
@@ -168,26 +192,7 @@ def run(args):
         **info,
         "load_average_after": load_average(),
         "quick": args.quick,
-        "config": {
-            "model": asdict(config),
-            "paper_model": config == VQVAE2Config(),
-            "parameters": n_parameters,
-            "image_size": args.size,
-            "variants": {name: {"precision": VQVAE_VARIANTS[name][0], "channels_last": VQVAE_VARIANTS[name][1]}
-                         for name in variants},
-            "train_batch_size": args.batch_size,
-            "warmup_steps": args.warmup,
-            "timed_steps": args.steps,
-            "extract_batch_size": args.extract_batch_size,
-            "extract_warmup_batches": args.extract_warmup,
-            "extract_timed_batches": args.extract_batches,
-            "optimizer": f"Adam lr={VQVAE_LR}, torch's default betas (no gradient clipping)",
-            "bf16": "torch.autocast('cpu', dtype=torch.bfloat16) around the forward (or encode); "
-                    "the quantizer and the losses in fp32",
-            "channels_last": "model.to(memory_format=torch.channels_last) and the input "
-                             ".contiguous(memory_format=torch.channels_last)",
-            "seed": args.seed,
-        },
+        "config": run_config(args, config, variants, n_parameters),
         "train": train,
         "extract": extract,
     }

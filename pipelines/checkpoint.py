@@ -1,4 +1,5 @@
-"""Checkpoint files: weights as safetensors with the model's config inside, written atomically.
+"""Checkpoint files: weights as safetensors with the model's config inside, written atomically (as
+are the image grids the scripts write).
 
 A checkpoint is one `.safetensors` file whose metadata holds `kind` (which model class it is
 for), `config` (the config dataclass as JSON) and free-form extras such as the training step.
@@ -7,6 +8,7 @@ everywhere a checkpoint is asked for, the run directory or the file may be given
 """
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torchvision.utils import save_image
 
 from prior import PixelSNAIL, PixelSNAILConfig
 from vqvae import VQVAE2, VQVAE2Config
@@ -43,6 +46,14 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_image_grid(images, path, nrow=None):
+    """Images in [-1, 1], (N, 3, H, W), as one PNG grid of `nrow` per row (default: about square),
+    written atomically."""
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    with atomic_path(path) as tmp:
+        save_image((images.float().cpu() + 1) / 2, tmp, format="png", nrow=nrow)
 
 
 def save_checkpoint(path, state_dict, kind, config, **extra):

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from pipelines.training import Stopped
+from pipelines.runtime import Stopped
 
 
 def run(main):
@@ -40,12 +40,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keeps the description's line breaks and shows every option's default."""
 
 
-def add_run_arguments(parser, defaults):
-    """The options every trainer shares: budgets, precision, evaluation, checkpoints, resume."""
+def trainer_parser(description, defaults, presets, out_help, out_required=False):
+    """A trainer's parser with --out and every option the trainers share (`add_run_arguments`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--out", default=defaults.out, required=out_required, help=out_help)
+    add_run_arguments(parser, defaults, presets)
+    return parser
+
+
+def add_image_data_setting(parser):
+    add_run_setting(parser, "--data", help="'builtin' (crops of scikit-image's sample photos, the default), "
+                    "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
+
+
+def add_run_arguments(parser, defaults, presets):
+    """The options every trainer shares: the settings that define a run (left out of the namespace
+    unless given: see pipelines.run_config), budgets, precision, evaluation, checkpoints, resume."""
     p, d = parser, defaults
+    add_run_setting(p, "--preset", choices=list(presets), help="model and training settings")
+    add_run_setting(p, "--batch-size", type=int, help="per process")
+    add_run_setting(p, "--grad-accum", type=int, help="batches whose gradients make one optimizer step: an "
+                    "optimizer step sees processes x batch size x grad accum examples (default 1)")
+    add_run_setting(p, "--lr", type=float, help="initial learning rate")
+    add_run_setting(p, "--grad-clip", type=float, help="max global gradient norm (default 1.0)")
+    add_run_setting(p, "--seed", type=int, help="(default 0)")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps of the run")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes, help="stop and save after this long")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
     p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the hardware has native bf16 (AMX, recent GPUs); "
                    "likelihoods and quantizers always compute in fp32")
@@ -56,16 +76,27 @@ def add_run_arguments(parser, defaults):
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,
                    help="test batches per periodic evaluation (the final one uses the whole split)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers,
                    help="DataLoader worker processes per process (default: none on CPU, whose cores the "
                    "model needs; up to 8 with a GPU)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--report-to", choices=["tensorboard"], default=d.report_to,
+                   help="also log what log.jsonl logs with this accelerate tracker, into RUN_DIR/tensorboard")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out where it stopped, with its own run settings")
 
 
-def add_preset_overrides(parser):
-    """Options whose default is the preset's: left out of the namespace unless given."""
-    keep = argparse.SUPPRESS
-    parser.add_argument("--batch-size", type=int, default=keep, help="per process (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=keep, help="initial learning rate (default: the preset's)")
-    parser.add_argument("--dropout", type=float, default=keep, help="(default: the preset's)")
+RUN_SETTINGS_NOTE = ("[run setting]: an option that defines the run. A new run takes it from the preset (or the "
+                     "default named); --resume takes it from the run and refuses another value.")
+
+
+def add_run_setting(parser, flag, help, **options):
+    """An option that defines the run: default the preset's (or the one named), on --resume the run's."""
+    parser.epilog = RUN_SETTINGS_NOTE
+    parser.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} [run setting]", **options)
+
+
+def add_pixelsnail_arguments(parser):
+    """The run settings of PixelSNAIL trainers beyond the shared ones."""
+    add_run_setting(parser, "--dropout", type=float, help="dropout probability")
+    add_run_setting(parser, "--ema-decay", type=float, help="Polyak averaging of the weights, which evaluation, "
+                    "samples and model.safetensors use; 0: none, the weights themselves")

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
-from pipelines.codes import file_sha256
-from pipelines.train_prior import check_fits
+from pipelines.codes import PriorProvenance, check_fits, file_sha256
 from prior import PixelSNAIL
 from vqvae import VQVAE2
 
@@ -28,13 +27,6 @@ class Pipeline:
         return self.top.config.n_classes
 
 
-def vqvae_metadata(vqvae, image_size, n_classes):
-    """The code-database fields a VQ-VAE implies, for check_fits."""
-    top_shape, bottom_shape = vqvae.code_shapes(image_size)
-    return {"top_shape": top_shape, "bottom_shape": bottom_shape, "top_codes": vqvae.config.top_codes,
-            "bottom_codes": vqvae.config.bottom_codes, "n_classes": n_classes}
-
-
 def load_pipeline(vqvae_path, top_path, bottom_path):
     """Loads and cross-checks the three checkpoints (run directories or files) -> Pipeline."""
     vqvae, vqvae_extra = load_vqvae(vqvae_path)
@@ -47,15 +39,15 @@ def load_pipeline(vqvae_path, top_path, bottom_path):
         prior, extra = load_pixelsnail(path)
         if extra.get("level") != level:
             raise ValueError(f"{path} is not a {level} prior (its level: {extra.get('level', 'none, a pixel model')})")
-        if not isinstance(extra.get("codes"), dict):
-            raise CheckpointError(f"{path} does not record the code database it was trained on")
-        if extra["codes"].get("vqvae_sha256") != vqvae_hash:
+        if PriorProvenance.from_extra(extra, path).vqvae_sha256 != vqvae_hash:
             raise ValueError(f"the {level} prior {path} was trained on codes of another VQ-VAE than {vqvae_path}")
         priors[level] = prior
-    n_classes = priors["top"].config.n_classes
-    metadata = vqvae_metadata(vqvae, image_size, n_classes)
+    top_shape, bottom_shape = vqvae.code_shapes(image_size)
     for level, prior in priors.items():
-        check_fits(prior.config, metadata, level, f"the VQ-VAE {vqvae_path} (with the top prior's classes)")
+        # what the VQ-VAE gives a prior of this level, with the top prior's classes
+        fits = PriorProvenance(level, vqvae_hash, image_size, top_shape, bottom_shape, vqvae.config.top_codes,
+                               vqvae.config.bottom_codes, priors["top"].config.n_classes)
+        check_fits(prior.config, fits, f"the VQ-VAE {vqvae_path} (with the top prior's classes)")
     return Pipeline(vqvae, priors["top"], priors["bottom"], image_size)
 
 

@@ -1,4 +1,4 @@
-"""Training the two-level VQ-VAE with accelerate.
+"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/loop.py.
 
 A run directory holds:
   model.safetensors    the weights and codebooks with the config and the image size: what code
@@ -8,202 +8,125 @@ A run directory holds:
   log.jsonl            one line per evaluation
 """
 
+import itertools
 import math
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from accelerate.utils import set_seed
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from pipelines import training
-from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, atomic_path, save_checkpoint
+from pipelines import run_state
+from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
+from pipelines.loop import Step, Task, fit
+from pipelines.run_config import BaseRunConfig, check_at_least, run_field
+from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
-
-PRESETS = {
-    "vqvae2": VQVAE2Config(),  # the paper's: 128 channels, codebooks 512 x 64
-    "cpu-small": VQVAE2Config(channels=64, res_channels=32, n_res_blocks=1, top_codes=256, bottom_codes=256, code_dim=32),
-}
+from vqvae.presets import get_preset
 
 
 @dataclass
-class VQVAETrainConfig:
-    data: str = "builtin"  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+class VQVAETrainConfig(BaseRunConfig):
+    data: str | None = run_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    size: int | None = run_field()  # image side, divisible by 8; None: 256
     out: str = "runs/vqvae"
-    preset: str = "vqvae2"
-    size: int = 256  # image side; divisible by 8
     steps: int = 2000
-    max_minutes: float | None = None
-    batch_size: int = 16  # per process
-    lr: float = 3e-4
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the model (minutes of compilation first)
-    eval_every: int = 500
-    eval_batches: int | None = 20  # periodic evaluations use this many test batches; the last uses all
-    checkpoint_every: int = 500
+    eval_batches: int | None = 20
     n_images: int = 8  # test images shown in reconstructions.png
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers per process; None: training.default_workers()
-    resume: bool = False
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.size < 8 or self.size % 8:
+        super().__post_init__()
+        if self.preset is not None:
+            get_preset(self.preset)
+        if self.size is not None and (self.size < 8 or self.size % 8):
             raise ValueError(f"size must be a positive multiple of 8, got {self.size}")
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if not self.lr > 0 or not self.grad_clip > 0:
-            raise ValueError(f"lr and grad_clip must be > 0, got {self.lr} and {self.grad_clip}")
-        if self.n_images < 0 or (self.workers or 0) < 0:
-            raise ValueError("n_images and workers must be >= 0")
+        check_at_least(self, 0, "n_images")
 
-
-# Fields a resumed run keeps from its first session, whatever the command line says now.
-RUN_FIELDS = ("data", "preset", "size", "batch_size", "lr", "grad_clip", "seed")
+    def run_defaults(self):
+        name = self.preset or "vqvae2"
+        preset = get_preset(name)
+        return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
+                "data": "builtin", "size": 256}
 
 
 @torch.no_grad()
 def evaluate_reconstruction(model, loader, accelerator, max_batches=None):
     """Mean squared reconstruction error per image (images in [-1, 1]) and mean code statistics."""
-    was_training = model.training
-    model.eval()
     totals = {"mse": 0.0, "top_perplexity": 0.0, "bottom_perplexity": 0.0, "top_usage": 0.0, "bottom_usage": 0.0}
     n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
-    for i, (images, _) in enumerate(tqdm(loader, total=n_batches, desc="test", leave=False,
-                                         disable=not accelerator.is_main_process)):
-        if i == n_batches:
-            break
-        x = channels_last(to_model_range(images))
-        with accelerator.autocast():
-            out = model(x)
-        errors = accelerator.gather_for_metrics((out.reconstruction.float() - x).square().mean(dim=(1, 2, 3)))
-        totals["mse"] += errors.double().sum().item()
-        n_images += errors.numel()
-        for level in ("top", "bottom"):
-            stats = getattr(out, level)
-            totals[f"{level}_perplexity"] += accelerator.reduce(stats.perplexity.float(), "mean").item()
-            totals[f"{level}_usage"] += accelerator.reduce(stats.usage.float(), "mean").item()
-    model.train(was_training)
+    bar = tqdm(total=n_batches, desc="test", leave=False, disable=not accelerator.is_main_process)
+    with evaluating(model), bar:
+        for images, _ in itertools.islice(loader, n_batches):
+            x = channels_last(to_model_range(images))
+            with accelerator.autocast():
+                out = model(x)
+            errors = accelerator.gather_for_metrics((out.reconstruction.float() - x).square().mean(dim=(1, 2, 3)))
+            totals["mse"] += errors.double().sum().item()
+            n_images += errors.numel()
+            for level in ("top", "bottom"):
+                stats = getattr(out, level)
+                totals[f"{level}_perplexity"] += accelerator.reduce(stats.perplexity.float(), "mean").item()
+                totals[f"{level}_usage"] += accelerator.reduce(stats.usage.float(), "mean").item()
+            bar.update()
     return {name: value / (n_images if name == "mse" else n_batches) for name, value in totals.items()}
 
 
 @torch.no_grad()
 def write_reconstructions(model, images, path):
     """Originals (top rows) above their reconstructions (bottom rows)."""
-    was_training = model.training
-    model.eval()
     x = to_model_range(images)
-    reconstruction = model(x).reconstruction.float().clamp(-1, 1)
-    model.train(was_training)
-    with atomic_path(path) as tmp:
-        save_image((torch.cat([x, reconstruction]) + 1) / 2, tmp, format="png", nrow=min(len(x), 8))
+    with evaluating(model):
+        reconstruction = model(x).reconstruction.float().clamp(-1, 1)
+    write_image_grid(torch.cat([x, reconstruction]), path, nrow=min(len(x), 8))
+
+
+def reconstruction_loss(model, batch):
+    """The loss of one step: the VQ-VAE's loss; the progress bar follows the reconstruction error."""
+    images, _ = batch
+    result = model(channels_last(to_model_range(images)))
+    postfix = {"ppl": f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
+               "used": f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}"}
+    return Step(result.loss, result.reconstruction_loss, postfix)
+
+
+class VQVAETask(Task):
+    metric = "mse"
+
+    def summary(self):
+        top_shape, bottom_shape = self.net.code_shapes(self.cfg.size)
+        return f", {self.cfg.size}x{self.cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
+
+    def build(self, initialise):
+        # channels_last: oneDNN convolutions run faster on it (bench/results/vqvae.md)
+        self.net = VQVAE2(self.model_config).to(memory_format=torch.channels_last)
+        return self.net
+
+    def loss(self, model, batch):
+        return reconstruction_loss(model, batch)
+
+    def evaluate(self, model, loader, accelerator, max_batches=None):
+        return evaluate_reconstruction(model, loader, accelerator, max_batches)
+
+    def write(self, model, out, step):
+        save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), VQVAE_KIND, self.model_config, step=step,
+                        image_size=self.cfg.size)
+        shown = [self.test_set[i][0] for i in range(min(self.cfg.n_images, len(self.test_set)))]
+        if shown:
+            device = next(model.parameters()).device
+            write_reconstructions(model, torch.stack(shown).to(device), out / "reconstructions.png")
+
+    def finish(self, model, out, metrics, accelerator):
+        accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
+        accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
+        return metrics["mse"]
 
 
 def train(cfg: VQVAETrainConfig):
     """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
-    cfg, model_config = training.stored_run(cfg, RUN_FIELDS, VQVAE2Config) or (cfg, PRESETS[cfg.preset])
-    accelerator = training.make_accelerator(training.resolve_precision(cfg.precision), cfg.compile)
-    accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
-    train_set = load_dataset(cfg.data, "train", cfg.size)
-    test_set = load_dataset(cfg.data, "test", cfg.size)
-    sampler = training.EpochShuffle(len(train_set), cfg.seed)
-    train_loader = training.make_loader(train_set, cfg.batch_size, cfg.workers, sampler)
-    test_loader = training.make_loader(test_set, cfg.batch_size, cfg.workers)
-
-    set_seed(cfg.seed)
-    # channels_last: 1.6x faster bf16 training here (bench/results/vqvae.md)
-    model = VQVAE2(model_config).to(memory_format=torch.channels_last)
-    top_shape, bottom_shape = model.code_shapes(cfg.size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    net = accelerator.unwrap_model(model)
-    set_seed(cfg.seed, device_specific=True)
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = {"step": 0, "train_config": asdict(cfg), "model_config": model_config.to_json()}
-    if training.has_state(out):
-        progress.update(training.load_state(accelerator, out), train_config=asdict(cfg))
-        accelerator.print(f"resumed {out} at step {progress['step']}")
-    else:
-        training.start_new_log(accelerator, out)
-        accelerator.print(
-            f"new run {out}: preset {cfg.preset}, {net.num_parameters():,} parameters, "
-            f"{cfg.size}x{cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
-        )
-    accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
-    step = progress["step"]
-    shown = [test_set[i][0] for i in range(min(cfg.n_images, len(test_set)))]  # none with --n-images 0
-
-    def checkpoint():
-        progress["step"] = step
-        try:
-            training.save_state(accelerator, out, progress)
-            if accelerator.is_main_process:
-                save_checkpoint(out / CHECKPOINT_NAME, net.state_dict(), VQVAE_KIND, model_config, step=step, image_size=cfg.size)
-                if shown:
-                    write_reconstructions(net, torch.stack(shown).to(accelerator.device), out / "reconstructions.png")
-        except OSError as error:
-            raise training.save_failed(error, out, step) from error
-
-    started = time.monotonic()
-    batches = training.batches_from(train_loader, step)
-    running = None
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    with training.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
-        while step < cfg.steps:
-            images, _ = next(batches)[1]
-            result = model(channels_last(to_model_range(images)))
-            # the total loss only for its check: a NaN or inf stops the run
-            mse, _ = training.global_means(accelerator, step + 1, result.reconstruction_loss, result.loss)
-            accelerator.backward(result.loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            training.check_finite(grad_norm, "the gradient norm", step + 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            running = mse if running is None else 0.98 * running + 0.02 * mse
-            bar.update()
-            bar.set_postfix(
-                mse=f"{running:.4f}",
-                ppl=f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
-                used=f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}",
-            )
-
-            out_of_time, signum = training.agreed_stop(accelerator, started, cfg.max_minutes, signals)
-            last = step == cfg.steps or out_of_time or signum
-            if step % cfg.eval_every == 0 and not last:
-                metrics = evaluate_reconstruction(net, test_loader, accelerator, cfg.eval_batches)
-                bar.write(f"step {step}: train mse {running:.4f}, " + ", ".join(f"test {k} {v:.4f}" for k, v in metrics.items()))
-                training.append_log(accelerator, out, {"step": step, "train_mse": running, **metrics})
-            if step % cfg.checkpoint_every == 0 or last:
-                checkpoint()
-            if signum:
-                raise training.Stopped(signum, step)
-            if out_of_time:
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; resume with --resume")
-                break
-
-    metrics = evaluate_reconstruction(net, test_loader, accelerator)
-    training.append_log(accelerator, out, {"step": step, "train_mse": running, "final": True, **metrics})
-    if accelerator.num_processes > 1:
-        training.check_replicas_agree(accelerator, net)
-    accelerator.wait_for_everyone()
-    accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
-    accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
-    accelerator.end_training()
-    return metrics["mse"]
+    cfg, model_config = run_state.resolve(cfg, VQVAE2Config)
+    model_config = model_config or get_preset(cfg.preset).model
+    train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
+    return fit(VQVAETask(cfg, model_config, train_set, test_set))
 
 
 def channels_last(images):

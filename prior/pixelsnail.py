@@ -15,9 +15,8 @@ Example, the paper's CIFAR-10 model:
     >>> params = model(torch.rand(8, 3, 32, 32) * 2 - 1)   # (8, 100, 32, 32)
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from prior import mixture, sampling
+from prior.config_json import JSONConfig
 from prior.layers import (
     AttentionBlock,
     CausalInput,
@@ -33,10 +33,11 @@ from prior.layers import (
     nin,
     positional_background,
 )
+from prior.modes import evaluating
 
 
 @dataclass
-class PixelSNAILConfig:
+class PixelSNAILConfig(JSONConfig):
     shape: tuple[int, int] = (32, 32)  # (H, W) of the modelled grid
     n_codes: int | None = None  # None: RGB pixels with the mixture head; K: codes with a softmax
     n_classes: int = 0  # > 0: condition on a class label
@@ -94,18 +95,6 @@ class PixelSNAILConfig:
     @property
     def conditioned(self):
         return self.n_classes > 0 or self.cond_codes is not None
-
-    def to_json(self):
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text):
-        values = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PixelSNAILConfig fields {unknown}: written by a newer version?")
-        return cls(**values)
 
 
 class ConditionStack(nn.Module):
@@ -252,10 +241,8 @@ class PixelSNAIL(nn.Module):
     @torch.no_grad()
     def init_from_data(self, x, label=None, cond=None):
         """Data-dependent weight-norm initialisation on a batch; call once before training."""
-        was_training = self.training
-        self.eval()  # no dropout while measuring statistics
-        init_from_data(self, x, label, cond)
-        self.train(was_training)
+        with evaluating(self):  # no dropout while measuring statistics
+            init_from_data(self, x, label, cond)
 
     # -- sampling ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, WNConv2d, gate
+from prior.modes import evaluating
 
 
 class Pointwise:
@@ -260,12 +261,10 @@ def empty_grid(model, n, temperature):
 def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False) -> Tensor:
     """The reference sampler: one full forward pass per position, O(N) forwards for N positions."""
     x = empty_grid(model, n, temperature)
-    was_training = model.training
-    model.eval()
-    for i, j in raster_order(model.config.shape, progress):
-        out = model(x, label, cond)[:, :, i : i + 1, j : j + 1]
-        x[..., i, j] = model.draw(out, generator, temperature)
-    model.train(was_training)
+    with evaluating(model):
+        for i, j in raster_order(model.config.shape, progress):
+            out = model(x, label, cond)[:, :, i : i + 1, j : j + 1]
+            x[..., i, j] = model.draw(out, generator, temperature)
     return x
 
 
@@ -275,11 +274,9 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
     `sample_naive` returns for the same arguments and generator state, computing one new
     position per step instead of the whole grid."""
     x = empty_grid(model, n, temperature)
-    was_training = model.training
-    model.eval()
-    network = IncrementalPixelSNAIL(model, n, model.condition(n, label, cond))
-    for i, j in raster_order(model.config.shape, progress):
-        x[..., i, j] = model.draw(network.output_at(i, j), generator, temperature)
-        network.write(i, j, x[..., i : i + 1, j : j + 1])
-    model.train(was_training)
+    with evaluating(model):
+        network = IncrementalPixelSNAIL(model, n, model.condition(n, label, cond))
+        for i, j in raster_order(model.config.shape, progress):
+            x[..., i, j] = model.draw(network.output_at(i, j), generator, temperature)
+            network.write(i, j, x[..., i : i + 1, j : j + 1])
     return x

@@ -14,10 +14,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from pipelines import train_prior, train_vqvae
-from pipelines.checkpoint import atomic_path
+from pipelines.checkpoint import write_image_grid
 from pipelines.cli import run
 from pipelines.codes import extract_with_vqvae
 from pipelines.generation import generate, load_pipeline
@@ -57,8 +56,7 @@ def main():
     pipeline = load_pipeline(out / "vqvae", out / "top", out / "bottom")
     generator = torch.Generator().manual_seed(0)
     rows = [generate(pipeline, args.per_class, label, generator=generator)[0] for label in range(pipeline.n_classes)]
-    with atomic_path(out / "samples.png") as tmp:
-        save_image((torch.cat(rows) + 1) / 2, tmp, format="png", nrow=args.per_class)
+    write_image_grid(torch.cat(rows), out / "samples.png", nrow=args.per_class)
     print(f"reconstructions: {out / 'vqvae' / 'reconstructions.png'}")
     print(f"samples ({pipeline.n_classes} classes x {args.per_class}): {out / 'samples.png'}")
 

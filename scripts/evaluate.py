@@ -7,7 +7,7 @@ import argparse
 
 from torch.utils.data import DataLoader
 
-from pipelines import training
+from pipelines import runtime
 from pipelines.checkpoint import load_pixelsnail
 from pipelines.cli import run
 from pipelines.data import load_dataset
@@ -32,7 +32,7 @@ def main():
     model, extra = load_pixelsnail(args.ckpt)
     if not model.config.pixel_mode:
         raise ValueError(f"{args.ckpt} is a code-mode prior; bits/dim over images needs a pixel-mode model")
-    accelerator = training.make_accelerator(training.resolve_precision(args.precision))
+    accelerator = runtime.make_accelerator(runtime.resolve_precision(args.precision))
     dataset = load_dataset(args.data, args.split, model.config.shape[0])
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
     model = model.to(accelerator.device)

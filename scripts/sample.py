@@ -7,13 +7,11 @@ The three must belong together: the priors trained on codes of that VQ-VAE check
 """
 
 import argparse
-import math
 
 import torch
 from safetensors.torch import save_file
-from torchvision.utils import save_image
 
-from pipelines.checkpoint import atomic_path
+from pipelines.checkpoint import atomic_path, write_image_grid
 from pipelines.cli import run
 from pipelines.generation import generate, load_pipeline
 
@@ -41,8 +39,7 @@ def main():
     pipeline = load_pipeline(args.vqvae, args.top, args.bottom)
     generator = torch.Generator().manual_seed(args.seed)
     images, top_codes, bottom_codes = generate(pipeline, args.n, args.label, args.temperature, generator, progress=True)
-    with atomic_path(args.out) as tmp:
-        save_image((images + 1) / 2, tmp, format="png", nrow=math.ceil(math.sqrt(args.n)))
+    write_image_grid(images, args.out)
     if args.save_codes:
         with atomic_path(args.save_codes) as tmp:
             save_file({"top_codes": top_codes.contiguous(), "bottom_codes": bottom_codes.contiguous()}, tmp)

@@ -4,28 +4,18 @@ Runs as `python scripts/train_pixelsnail.py ...` or `accelerate launch scripts/t
 (on CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`).
 """
 
-import argparse
-
-from pipelines.cli import HelpFormatter, add_preset_overrides, add_run_arguments, run
+from pipelines.cli import add_image_data_setting, add_pixelsnail_arguments, run, trainer_parser
 from pipelines.train_pixel import TrainConfig, train
 from prior import PRESETS
 
 
-def parse_args():
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=d.data, help="'builtin' (crops of scikit-image's sample photos), "
-                   "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
-    p.add_argument("--out", default=d.out, help="run directory (checkpoints, samples, log)")
-    p.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="model and training settings")
-    add_preset_overrides(p)
-    p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples drawn into samples.png at the end")
-    add_run_arguments(p, d)
-    return p.parse_args()
-
-
 def main():
-    train(TrainConfig(**vars(parse_args())))
+    d = TrainConfig()
+    p = trainer_parser(__doc__, d, PRESETS, "run directory (checkpoints, samples, log)")
+    add_image_data_setting(p)
+    add_pixelsnail_arguments(p)
+    p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples drawn into samples.png at the end")
+    train(TrainConfig(**vars(p.parse_args())))
 
 
 if __name__ == "__main__":

@@ -4,32 +4,22 @@
   accelerate launch scripts/train_prior.py --codes codes.lmdb --level bottom --out runs/bottom
 
 The top prior is conditioned on the class label (when the database has labels); the bottom prior
-on the top codes and the label. On CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`.
+on the top codes and the label. Grid and codebook always come from the database; the preset
+(default cpu-top / cpu-bottom; vqvae2-top / vqvae2-bottom follow the paper) gives the network.
+On CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`.
 """
 
-import argparse
-
-from pipelines.cli import HelpFormatter, add_preset_overrides, add_run_arguments, run
+from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser
 from pipelines.train_prior import LEVELS, PriorTrainConfig, train
 from prior import PRESETS
 
 
-def parse_args():
-    d = PriorTrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--codes", required=True, help="code database written by scripts/extract_codes.py")
-    p.add_argument("--level", default=d.level, choices=LEVELS)
-    p.add_argument("--out", required=True, help="run directory (checkpoint, state, log)")
-    p.add_argument("--preset", default=d.preset, choices=list(PRESETS),
-                   help="network settings; vqvae2-top / vqvae2-bottom follow the paper; "
-                   "grid and codebook always come from the database")
-    add_preset_overrides(p)
-    add_run_arguments(p, d)
-    return p.parse_args()
-
-
 def main():
-    train(PriorTrainConfig(**vars(parse_args())))
+    p = trainer_parser(__doc__, PriorTrainConfig(), PRESETS, "run directory (checkpoint, state, log)", out_required=True)
+    p.add_argument("--codes", required=True, help="code database written by scripts/extract_codes.py")
+    add_run_setting(p, "--level", choices=LEVELS, help="the code grid to model (default top)")
+    add_pixelsnail_arguments(p)
+    train(PriorTrainConfig(**vars(p.parse_args())))
 
 
 if __name__ == "__main__":

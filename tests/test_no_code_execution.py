@@ -24,7 +24,7 @@ from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae
 from pipelines.codes import CodeStoreError, CodeDataset, extract_codes
 from pipelines.data import DataError, ImageTensorDataset, load_dataset
 from pipelines.train_pixel import TrainConfig, train
-from pipelines.training import StateError
+from pipelines.run_state import StateError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_SOURCES = ["prior", "vqvae", "pipelines", "scripts", "bench"]

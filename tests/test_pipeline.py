@@ -115,13 +115,12 @@ def test_priors_that_do_not_fit_are_refused(pipeline_runs, tmp_path):
 
 def test_a_prior_refuses_a_database_it_does_not_fit(pipeline_runs, tmp_path):
     root, _, _ = pipeline_runs
-    from pipelines.codes import read_metadata
-    from pipelines.train_prior import check_fits
+    from pipelines.codes import PriorProvenance, check_fits, read_metadata
 
     metadata = read_metadata(root / "codes.lmdb")
     config = PixelSNAILConfig(shape=(3, 3), n_codes=metadata["top_codes"], n_classes=2)
     with pytest.raises(ValueError, match=r"shape=\(3, 3\) but the code database has \(2, 2\)"):
-        check_fits(config, metadata, "top", "the code database")
+        check_fits(config, PriorProvenance.of_database(metadata, "top"), "the code database")
 
 
 def test_high_resolution_path_256():

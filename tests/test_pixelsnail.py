@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bench.common import random_pixels
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from prior import mixture
 
@@ -28,10 +29,6 @@ def code_model(attention=True, **overrides):
     model = PixelSNAIL(config)
     model.init_from_data(*code_inputs(4))
     return model.double()
-
-
-def random_pixels(n, shape):
-    return torch.randint(0, 256, (n, 3, *shape)) / 127.5 - 1
 
 
 def code_inputs(n):

@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.common import random_pixels
 from prior import PixelSNAIL, PixelSNAILConfig
 from prior.sampling import IncrementalPixelSNAIL, sample_cached
 
@@ -21,10 +22,6 @@ def trained_looking(config, *init_inputs):
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     return model
-
-
-def random_pixels(n, shape):
-    return torch.randint(0, 256, (n, 3, *shape)) / 127.5 - 1
 
 
 def pixel_case(shape=(5, 6), n_classes=0, **overrides):

@@ -1,10 +1,10 @@
 """Training, checkpoints, exact resume, and the command-line scripts, on tiny generated data."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,19 +17,6 @@ from pipelines.train_pixel import TrainConfig, train
 from prior import PixelSNAIL, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """40 smooth random 8x8 RGB images (gradients plus noise), so there is something to learn."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 8)
-    for k in range(40):
-        colour = rng.uniform(0, 255, size=3)
-        image = colour * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{k:03d}.png")
-    return folder
 
 
 def tiny_config(image_folder, out, **changes):
@@ -154,3 +141,32 @@ def test_evaluation_covers_the_whole_split_exactly():
     assert abs(evaluate_bits(model, loader, accelerator) - expected) < 1e-6
     first_two = model.nll(to_model_range(images[:8])).double().mean().item()
     assert abs(evaluate_bits(model, loader, accelerator, max_batches=2) - first_two) < 1e-6
+
+
+def test_ema_decay_0_means_no_polyak_averaging(image_folder, tmp_path):
+    """--ema-decay 0 is honoured (not replaced by the preset's decay): the run keeps no average, and
+    model.safetensors holds the trained weights themselves."""
+    run_dir = tmp_path / "run"
+    result = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                        "--preset", "tiny", "--steps", "3", "--precision", "fp32", "--n-samples", "0",
+                        "--ema-decay", "0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "state" / "progress.json").read_text())["train_config"]["ema_decay"] == 0
+    assert not (run_dir / "state" / "ema.safetensors").exists()
+    written, trained = load_file(run_dir / "model.safetensors"), load_file(run_dir / "state" / "model.safetensors")
+    assert written.keys() == trained.keys()
+    assert all(torch.equal(written[key], trained[key]) for key in trained)
+
+
+def test_the_final_test_bits_are_computed_in_fp32_as_evaluate_does(image_folder, tmp_path):
+    """Trained under bf16 autocast, the trainer reports its final test bits/dim in fp32: the very
+    number scripts/evaluate.py prints for the checkpoint (same batches)."""
+    run_dir = tmp_path / "run"
+    trained = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                         "--preset", "tiny", "--steps", "3", "--precision", "bf16", "--n-samples", "0")
+    assert trained.returncode == 0, trained.stderr
+    assert "precision bf16" in trained.stdout
+    evaluated = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder),
+                           "--batch-size", "8")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert trained.stdout.strip().splitlines()[-1] == evaluated.stdout.strip().splitlines()[-1]

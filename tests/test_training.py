@@ -16,15 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
 from launch import launch_command
-from pipelines import cli, training
+from pipelines import cli, run_state, runtime
 from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
@@ -48,28 +46,16 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(image_folder, smooth_pixels, tmp_path_factory):
     """40 smooth 8x8 images (an image folder), and a code database of 40 records made from them by
     a fixed function (2x2 top codes of 5, 4x4 bottom codes of 300, 3 classes): no VQ-VAE needed."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 8)
-    (root / "images").mkdir()
-    pixels = []
-    for k in range(40):
-        image = rng.uniform(0, 255, size=3) * ramp[:, None, None] + rng.normal(0, 8, size=(8, 8, 3))
-        pixels.append(image.clip(0, 255).astype(np.uint8))
-        Image.fromarray(pixels[-1]).save(root / "images" / f"{k:03d}.png")
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
+    shutil.copytree(image_folder, root / "images")
+    images = torch.from_numpy(smooth_pixels).permute(0, 3, 1, 2).contiguous()
 
     def encode(batch):
         return batch[:, 0, ::4, ::4].long() % 5, (batch[:, 1, ::2, ::2].long() + batch[:, 2, ::2, ::2].long()) % 300
@@ -140,7 +126,7 @@ def assert_same_weights(run_dir, reference_dir):
 def saved_step(run_dir):
     """The step of the state `--resume` would load, or None (none yet, or being renamed right now)."""
     try:
-        return training.read_progress(run_dir)["step"]
+        return run_state.read_progress(run_dir)["step"]
     except (OSError, ValueError):
         return None
 
@@ -148,8 +134,8 @@ def saved_step(run_dir):
 def assert_state_loads(run_dir):
     """The latest state is complete: progress, finite weights, optimizer and RNG files that load
     (as accelerate loads them: weights_only=True), and a model.safetensors that loads. Returns its step."""
-    directory = training.state_dir(run_dir)
-    step = json.loads((directory / training.PROGRESS_FILE).read_text())["step"]
+    directory = run_state.state_dir(run_dir)
+    step = json.loads((directory / run_state.PROGRESS_FILE).read_text())["step"]
     for path in directory.glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
     for path in [*directory.glob("*.bin"), *directory.glob("*.pkl")]:
@@ -221,15 +207,15 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             for p in model.parameters():
                 p.fill_(step)
         progress = {"step": step, "train_config": {}, "model_config": "{}"}
-        training.save_state(accelerator, run_dir, progress, ema=model)
+        run_state.save_state(accelerator, run_dir, progress, ema=model)
 
     def load(run_dir):
-        progress = training.load_state(accelerator, run_dir, ema=model)
+        progress = run_state.load_state(accelerator, run_dir, ema=model)
         assert all(torch.all(p == progress["step"]) for p in model.parameters()), "weights of another step"
         return progress["step"]
 
     real = {"replace": os.replace, "rmtree": shutil.rmtree, "save_state": accelerator.save_state,
-            "save_file": training.save_file}
+            "save_file": run_state.save_file}
 
     def interruptible(name, counter):
         def operation(*args, **kwargs):
@@ -258,7 +244,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             patch.setattr(os, "replace", interruptible("replace", counter))
             patch.setattr(shutil, "rmtree", interruptible("rmtree", counter))
             patch.setattr(accelerator, "save_state", interruptible("save_state", counter))
-            patch.setattr(training, "save_file", interruptible("save_file", counter))
+            patch.setattr(run_state, "save_file", interruptible("save_file", counter))
             try:
                 save(run_dir, 3)
             except Killed:
@@ -303,7 +289,7 @@ def test_a_second_ctrl_c_stops_at_once():
     (cli.run: "interrupted", exit 130), a second SIGTERM changes nothing. The previous handlers
     are back afterwards."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with training.StopSignals() as signals:
+    with runtime.StopSignals() as signals:
         assert signals.received == 0
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.received == signal.SIGINT
@@ -311,7 +297,7 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; never reached
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    with training.StopSignals() as signals:
+    with runtime.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.received == signal.SIGTERM
@@ -362,7 +348,7 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
     assert len(steps) == 2 and steps[0] == steps[1], stderr[-3000:]
     assert process.returncode != 0  # the launcher reports its workers' exit (143 / 130) as a failure
     assert assert_state_loads(run_dir) == int(steps[0]) < 200
-    assert sorted(p.name for p in training.state_dir(run_dir).glob("random_states_*")) == [
+    assert sorted(p.name for p in run_state.state_dir(run_dir).glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
 
 
@@ -398,7 +384,7 @@ def run_cli(train, cfg, capsys):
 
 @pytest.mark.parametrize("trainer, writer, state_kept", [
     ("pixel", "torch.save", 2),                   # accelerate's optimizer file, inside the new state
-    ("pixel", "training.save_file", 2),           # our EMA file, inside the new state
+    ("pixel", "run_state.save_file", 2),           # our EMA file, inside the new state
     ("pixel", "checkpoint.save_file", 4),         # model.safetensors, after the state was saved
     ("vqvae", "torch.save", 2),
 ])
@@ -410,7 +396,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, stat
     bit-identical to an uninterrupted one."""
     import pipelines.checkpoint
 
-    module, name = {"torch.save": (torch, "save"), "training.save_file": (training, "save_file"),
+    module, name = {"torch.save": (torch, "save"), "run_state.save_file": (run_state, "save_file"),
                     "checkpoint.save_file": (pipelines.checkpoint, "save_file")}[writer]
     train = TRAINERS[trainer][1]
     run_dir, written = tmp_path / "run", []
@@ -450,9 +436,9 @@ def test_global_means_reduces_several_losses_at_once_and_stops_on_any_non_finite
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    assert training.global_means(accelerator, 1, torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)) == [0.5, 2.0]
+    assert runtime.global_means(accelerator, 1, torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)) == [0.5, 2.0]
     with pytest.raises(FloatingPointError, match="the loss is inf at step 7"):
-        training.global_means(accelerator, 7, torch.tensor(0.5), torch.tensor(math.inf))
+        runtime.global_means(accelerator, 7, torch.tensor(0.5), torch.tensor(math.inf))
 
 
 @pytest.mark.parametrize("trainer, what, message", [
@@ -514,3 +500,97 @@ def test_nonsensical_budgets_are_refused_before_anything_is_written(trainer, bad
     assert exit_info.value.code == 2
     assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
     assert not run_dir.exists()
+
+
+def run_script(args, monkeypatch, capsys):
+    """A script run as from the command line, in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:]])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    return status, capsys.readouterr().err
+
+
+def test_a_bottom_prior_resumes_without_level(data, tmp_path, monkeypatch, capsys):
+    """`train_prior.py --codes C --out RUN --resume` takes the level (and every other setting that
+    defines the run) from RUN, before it opens the code database."""
+    run_dir = tmp_path / "run"
+    train_prior(config("prior", data, run_dir, steps=2))
+    status, stderr = run_script(["scripts/train_prior.py", "--codes", str(data / "codes.lmdb"), "--out", str(run_dir),
+                                 "--resume", "--steps", "4", "--precision", "fp32"], monkeypatch, capsys)
+    assert status == 0, stderr[-2000:]
+    progress = run_state.read_progress(run_dir)
+    assert progress["step"] == 4
+    assert {k: progress["train_config"][k] for k in ("level", "preset", "batch_size")} == dict(
+        level="bottom", preset="cpu-bottom", batch_size=4)
+
+
+@pytest.mark.parametrize("trainer, option, value, message", [
+    ("prior", "--preset", "cpu-top", "--preset cpu-top differs from the run's preset cpu-bottom"),
+    ("prior", "--batch-size", "8", "--batch-size 8 differs from the run's batch_size 4"),
+    ("prior", "--level", "top", "--level top differs from the run's level bottom"),
+    ("pixel", "--batch-size", "2", "--batch-size 2 differs from the run's batch_size 8"),
+    ("vqvae", "--lr", "0.1", "--lr 0.1 differs from the run's lr 0.0003"),
+])
+def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, value, message, data, tmp_path,
+                                                            monkeypatch, capsys):
+    """A setting that defines the run, given on resume with another value than the run's, is refused
+    in one line (exit 2) and nothing is trained; given with the run's own value, it is accepted."""
+    run_dir = tmp_path / "run"
+    TRAINERS[trainer][1](config(trainer, data, run_dir, steps=2))
+    source = ["--codes", str(data / "codes.lmdb")] if trainer == "prior" else ["--data", str(data / "images")]
+    args = [TRAINERS[trainer][0], *source, "--out", str(run_dir), "--resume", "--steps", "3", "--precision", "fp32"]
+    status, stderr = run_script(args + [option, value], monkeypatch, capsys)
+    assert status == 2 and "Traceback" not in stderr and stderr.count("\n") == 1, stderr[-2000:]
+    assert stderr.startswith(f"error: {message} ({run_dir}): ")
+    assert saved_step(run_dir) == 2
+    stored = str(run_state.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
+    status, stderr = run_script(args + [option, stored], monkeypatch, capsys)
+    assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
+
+
+def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    """With --grad-accum 2, the run dies (a simulated kill) inside step 3, after the backward of its
+    first batch and before that of its second: the state on disk stays step 2's, and the resumed
+    run ends bit-identical to an uninterrupted one (weights, optimizer, EMA)."""
+    accumulating = dict(grad_accum=2, steps=4)
+    train_prior(config("prior", data, tmp_path / "reference", **accumulating))
+
+    def die(bits):
+        raise Killed
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        poison_training_call(patch, PixelSNAIL, "output_nll", 2 * 2 + 2, die)
+        with pytest.raises(Killed):
+            train_prior(config("prior", data, run_dir, **accumulating))
+    assert saved_step(run_dir) == 2
+    train_prior(config("prior", data, run_dir, resume=True, **accumulating))
+    assert saved_step(run_dir) == 4
+    assert_same_weights(run_dir, tmp_path / "reference")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_report_to_tensorboard_logs_what_the_log_file_logs(trainer, data, tmp_path):
+    """--report-to tensorboard: accelerate's TensorBoard tracker holds, at each evaluation's step,
+    every number of that log.jsonl line (read back with TensorBoard's own event reader)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "run"
+    TRAINERS[trainer][1](config(trainer, data, run_dir, steps=4, eval_every=2, report_to="tensorboard"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for record in records:
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                logged = {event.step: event.value for event in events.Scalars(name)}
+                assert logged[record["step"]] == pytest.approx(float(value), rel=1e-6), name
+
+
+def test_no_tracker_by_default(data, tmp_path):
+    train_pixel(config("pixel", data, tmp_path / "run", steps=2))
+    assert not (tmp_path / "run" / "tensorboard").exists()

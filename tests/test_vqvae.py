@@ -11,13 +11,7 @@ from vqvae import VQVAE2, VQVAE2Config
 SMALL = dict(top_codes=16, bottom_codes=32, code_dim=8, channels=32, res_channels=16, n_res_blocks=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_images(n, size):

@@ -12,12 +12,13 @@ updates (decay 0.99, eps 1e-5), commitment cost 0.25, 128 hidden channels and re
     True
 """
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+
+from prior.config_json import JSONConfig
 
 
 @dataclass
-class VQVAE2Config:
+class VQVAE2Config(JSONConfig):
     top_codes: int = 512  # codebook size of the top level (S/8 x S/8 grid)
     bottom_codes: int = 512  # codebook size of the bottom level (S/4 x S/4 grid)
     code_dim: int = 64  # dimension of every code vector, both levels
@@ -52,15 +53,3 @@ class VQVAE2Config:
             raise ValueError(f"commitment must be >= 0, got {self.commitment}")
         if self.dead_code_threshold < 0.0:
             raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}")
-
-    def to_json(self):
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text):
-        values = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VQVAE2Config fields {unknown}: written by a newer version?")
-        return cls(**values)

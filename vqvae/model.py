@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prior.pixelsnail import check_range
 from vqvae.config import VQVAE2Config
 from vqvae.quantizer import VectorQuantizerEMA
 
@@ -204,9 +205,3 @@ def check_images(images):
         raise ValueError(f"images must be float (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     check_side("image height", images.shape[2])
     check_side("image width", images.shape[3])
-
-
-def check_range(name, values, upper):
-    """Raises ValueError unless every integer in `values` lies in [0, upper)."""
-    if values.numel() and (values.min() < 0 or values.max() >= upper):
-        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{values.min()}, {values.max()}]")
