@@ -60,6 +60,13 @@ def causal_conv(in_channels, out_channels, kernel_size, init_scale=1.0):
     return ShiftedConv(in_channels, out_channels, (k, k), (k - 1, 0, k - 1, 0), init_scale)
 
 
+def down_conv(in_channels, out_channels, kernel_size, init_scale=1.0):
+    """k x w down-shifted conv, w = 2 * (k // 2) + 1 (PixelCNN++'s 2x3 for k = 2): output (i, j)
+    reads rows i-k+1..i and every column j-k//2..j+k//2 of them, to the right of j as well."""
+    k, half = kernel_size, kernel_size // 2
+    return ShiftedConv(in_channels, out_channels, (k, 2 * half + 1), (half, half, k - 1, 0), init_scale)
+
+
 def same_conv(in_channels, out_channels, kernel_size, init_scale=1.0):
     """A centred (non-causal) conv, for the conditioning stack; kernel_size must be odd."""
     p = kernel_size // 2
@@ -84,6 +91,18 @@ class CausalInput(nn.Module):
 
     def forward(self, x):
         return down_shift(self.above(x)) + right_shift(self.left(x))
+
+
+class VerticalInput(nn.Module):
+    """The first layer of the vertical stream: output (i, j) reads only rows strictly above i,
+    columns j-k//2..j+k//2 (a down-shifted `down_conv`)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=2):
+        super().__init__()
+        self.conv = down_conv(in_channels, out_channels, kernel_size)
+
+    def forward(self, x):
+        return down_shift(self.conv(x))
 
 
 class Dropout(nn.Module):
@@ -129,21 +148,29 @@ def keep_mask(x, p):
 class GatedResBlock(nn.Module):
     """x + a * sigmoid(b), (a, b) = conv2(dropout(elu(conv1(elu(x)) + nin(elu(aux)) + proj(cond)))).
 
-    `aux` is a per-position input of `aux_channels` (the attention output); `cond` is the
-    conditioning map of `cond_channels` (class embedding and/or the processed code grid of
-    another level), either (B, D, H, W) or (B, D, 1, 1), added in every block. `mode` is
-    "causal" (down-right shifted k x k) or "same" (centred, for non-causal stacks).
+    `aux` is a per-position input of `aux_channels` (the attention output, or the vertical stream
+    in a two-stream model); `cond` is the conditioning map of `cond_channels` (class embedding
+    and/or the processed code grid of another level), either (B, D, H, W) or (B, D, 1, 1), added
+    in every block. `mode` is "causal" (down-right shifted k x k), "down" (down-shifted, the
+    vertical stream) or "same" (centred, for non-causal stacks).
+
+    res_channels=None is the official PixelSNAIL block: conv1 and conv2 both k x k, conv1 keeping
+    `channels`. res_channels=R is the VQ-VAE-2 priors' residual unit: conv1 k x k to R channels,
+    conv2 a 1x1 back to the gate's 2 x channels. The paper's table gives "residual units" for its
+    VQ-VAE and its priors alike, and the VQ-VAE's are this 3x3-then-1x1 bottleneck (vqvae.model).
     """
 
-    def __init__(self, channels, kernel_size, mode="causal", aux_channels=0, cond_channels=0, dropout=0.0):
+    def __init__(self, channels, kernel_size, mode="causal", res_channels=None, aux_channels=0, cond_channels=0,
+                 dropout=0.0):
         super().__init__()
-        make_conv = {"causal": causal_conv, "same": same_conv}[mode]
-        self.conv1 = make_conv(channels, channels, kernel_size)
-        self.aux = nin(aux_channels, channels) if aux_channels else None
-        self.cond = nin(cond_channels, channels) if cond_channels else None
+        make_conv = {"causal": causal_conv, "down": down_conv, "same": same_conv}[mode]
+        inner = res_channels or channels
+        self.conv1 = make_conv(channels, inner, kernel_size)
+        self.aux = nin(aux_channels, inner) if aux_channels else None
+        self.cond = nin(cond_channels, inner) if cond_channels else None
         self.dropout = Dropout(dropout)
         # small init_scale keeps the residual stream's variance from growing with depth
-        self.conv2 = make_conv(channels, 2 * channels, kernel_size, init_scale=0.1)
+        self.conv2 = make_conv(inner, 2 * channels, 1 if res_channels else kernel_size, init_scale=0.1)
 
     def forward(self, x, aux=None, cond=None):
         h = self.conv1(F.elu(x))

@@ -5,9 +5,16 @@
 - Code mode (`n_codes=K`): x is (B, H, W) integer codes; the output is (B, K, H, W) logits.
 
 Both modes share the same blocks: `n_blocks` times [`n_res_blocks` causal gated resnets, then
-an attention block]. Optional conditions: a class label and a code grid of another level (the
-VQ-VAE-2 bottom prior takes the top codes), both turned into one conditioning map that every
-gated resnet adds in.
+an attention block], then `out_res_blocks` 1x1 gated resnets before the head. Optional
+conditions: a class label and a code grid of another level (the VQ-VAE-2 bottom prior takes the
+top codes), both turned into one conditioning map that every gated resnet adds in.
+
+Causality. Every conv after the input layer reads up and to the left only (down-right shifted),
+so without attention a position would never see the positions up and to its right beyond the
+kernel: a blind spot. The official model covers it with attention. A model without attention
+(the VQ-VAE-2 bottom prior) gets PixelCNN++'s second stream instead (`streams="two"`): a
+vertical stream of down-shifted convs that read every column of the rows above within their
+kernel, fed into the down-right stream as the auxiliary input of every causal gated resnet.
 
 Example, the paper's CIFAR-10 model:
     >>> config = PixelSNAILConfig(shape=(32, 32))
@@ -29,15 +36,19 @@ from prior.layers import (
     AttentionBlock,
     CausalInput,
     GatedResBlock,
+    VerticalInput,
     init_from_data,
     nin,
     positional_background,
 )
 from prior.modes import evaluating
 
+STREAMS = ("auto", "one", "two")
+
 
 @dataclass
 class PixelSNAILConfig(JSONConfig):
+    FILE_DEFAULTS = {"streams": "one"}  # checkpoints from before the field: one stream
     shape: tuple[int, int] = (32, 32)  # (H, W) of the modelled grid
     n_codes: int | None = None  # None: RGB pixels with the mixture head; K: codes with a softmax
     n_classes: int = 0  # > 0: condition on a class label
@@ -46,7 +57,11 @@ class PixelSNAILConfig(JSONConfig):
     channels: int = 256
     n_blocks: int = 12
     n_res_blocks: int = 4
+    res_channels: int | None = None  # R: causal gated resnets are k x k to R, then 1x1 (see GatedResBlock)
     attention: bool = True
+    # "two": a vertical stream besides the down-right one (no blind spot without attention);
+    # "auto": two streams exactly when attention is off
+    streams: str = "auto"
     dropout: float = 0.5
     n_mixtures: int = 10  # pixel mode only
     kernel_size: int = 2  # causal convolutions are kernel_size x kernel_size
@@ -56,6 +71,7 @@ class PixelSNAILConfig(JSONConfig):
     embed_channels: int = 64  # code mode: width of the input code embedding
     cond_channels: int = 128  # width of the conditioning map
     cond_res_blocks: int = 4  # non-causal gated resnets over the conditioning code grid
+    out_res_blocks: int = 0  # 1x1 gated resnets between the last block and the head
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
@@ -74,6 +90,13 @@ class PixelSNAILConfig(JSONConfig):
         for name in ("channels", "n_blocks", "n_res_blocks", "n_mixtures", "kernel_size", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.res_channels is not None and self.res_channels < 1:
+            raise ValueError(f"res_channels must be None or >= 1, got {self.res_channels}")
+        for name in ("cond_res_blocks", "out_res_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.streams not in STREAMS:
+            raise ValueError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
         if self.kernel_size < 2:
             raise ValueError(f"kernel_size must be >= 2 (causal convs), got {self.kernel_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -87,6 +110,10 @@ class PixelSNAILConfig(JSONConfig):
     @property
     def pixel_mode(self):
         return self.n_codes is None
+
+    @property
+    def two_streams(self):
+        return self.streams == "two" or (self.streams == "auto" and not self.attention)
 
     @property
     def out_channels(self):
@@ -117,27 +144,36 @@ class ConditionStack(nn.Module):
 
 
 class PixelSNAILBlock(nn.Module):
-    """n_res_blocks causal gated resnets, then (optionally) the attention block."""
+    """n_res_blocks causal gated resnets, then (optionally) the attention block. In a two-stream
+    model each gated resnet has a vertical twin that runs first and feeds it as its aux input."""
 
     def __init__(self, config, input_channels, cond_channels):
         super().__init__()
         c = config
-        self.res_blocks = nn.ModuleList(
-            GatedResBlock(c.channels, c.kernel_size, cond_channels=cond_channels, dropout=c.dropout)
-            for _ in range(c.n_res_blocks)
-        )
+
+        def res_blocks(mode, aux_channels):
+            return nn.ModuleList(
+                GatedResBlock(c.channels, c.kernel_size, mode, c.res_channels, aux_channels, cond_channels, c.dropout)
+                for _ in range(c.n_res_blocks)
+            )
+
+        self.vertical = res_blocks("down", 0) if c.two_streams else None
+        self.res_blocks = res_blocks("causal", c.channels if c.two_streams else 0)
         self.attention = None
         if c.attention:
             self.attention = AttentionBlock(
                 c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout
             )
 
-    def forward(self, h, raw, background, cond):
-        for block in self.res_blocks:
-            h = block(h, cond=cond)
+    def forward(self, h, vertical, raw, background, cond):
+        """(h, vertical) -> (h, vertical): the down-right and the vertical stream (None with one)."""
+        for index, block in enumerate(self.res_blocks):
+            if self.vertical is not None:
+                vertical = self.vertical[index](vertical, cond=cond)
+            h = block(h, aux=vertical, cond=cond)
         if self.attention is not None:
             h = self.attention(h, raw, background, cond)
-        return h
+        return h, vertical
 
 
 class PixelSNAIL(nn.Module):
@@ -148,6 +184,7 @@ class PixelSNAIL(nn.Module):
         self.embed = None if c.pixel_mode else nn.Embedding(c.n_codes, c.embed_channels)
         # one more input channel of ones: lets the first layer tell padding from a zero input
         self.input = CausalInput(input_channels + 1, c.channels, c.kernel_size)
+        self.vertical_input = VerticalInput(input_channels + 1, c.channels, c.kernel_size) if c.two_streams else None
         self.register_buffer("background", positional_background(*c.shape), persistent=False)
         cond_channels = c.cond_channels if c.conditioned else 0
         self.class_embed = nn.Embedding(c.n_classes, cond_channels) if c.n_classes else None
@@ -155,6 +192,10 @@ class PixelSNAIL(nn.Module):
         if c.cond_codes is not None:
             self.cond_stack = ConditionStack(c.cond_codes, cond_channels, c.cond_res_blocks, c.shape, c.dropout)
         self.blocks = nn.ModuleList(PixelSNAILBlock(c, input_channels, cond_channels) for _ in range(c.n_blocks))
+        self.out_blocks = nn.ModuleList(
+            GatedResBlock(c.channels, 1, res_channels=c.res_channels, cond_channels=cond_channels, dropout=c.dropout)
+            for _ in range(c.out_res_blocks)
+        )
         self.head = nin(c.channels, c.out_channels)
 
     def num_parameters(self):
@@ -208,10 +249,13 @@ class PixelSNAIL(nn.Module):
         cond_map = self.condition(x.shape[0], label, cond)
         # channels_last from here on: oneDNN's convolutions run several times faster on it
         raw = self.raw_input(x).contiguous(memory_format=torch.channels_last)
-        ones = torch.ones_like(raw[:, :1])
-        h = self.input(torch.cat([raw, ones], dim=1))
+        inputs = torch.cat([raw, torch.ones_like(raw[:, :1])], dim=1)
+        h = self.input(inputs)
+        vertical = None if self.vertical_input is None else self.vertical_input(inputs)
         for block in self.blocks:
-            h = block(h, raw, self.background, cond_map)
+            h, vertical = block(h, vertical, raw, self.background, cond_map)
+        for block in self.out_blocks:
+            h = block(h, cond=cond_map)
         return self.output(h)
 
     def output(self, h):

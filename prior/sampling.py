@@ -9,7 +9,9 @@ walk the grid in raster order and compute each layer at the new position only:
   position by position; its output at (i, j) is one k x k window of that grid times the weight;
 - every attention block keeps the keys and values of the positions already drawn, and attends
   the query at position p to keys 0..p-1;
-- the conditioning map (class embedding, conditioning stack) is computed once.
+- the conditioning map (class embedding, conditioning stack) is computed once;
+- a two-stream model's vertical stream reads only the rows above, every column of them: it is
+  computed a whole row at a time, when the row above is complete, before the row's first draw.
 
 At one position an activation is a vector per example, (B, C), and every conv a matrix product
 (F.linear): on a tiny window that is several times faster than F.conv2d. Memory stays linear
@@ -30,49 +32,59 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, WNConv2d, gate
+from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, VerticalInput, WNConv2d, gate
 from prior.modes import evaluating
 
 
 class Pointwise:
-    """A 1x1 conv at one position: (B, C_in) -> (B, C_out). It reads no other position."""
+    """A 1x1 conv at one position, (B, C_in) -> (B, C_out), or over a row, (B, C_in, 1, W) ->
+    (B, C_out, 1, W). It reads no other position."""
 
     def __init__(self, conv: WNConv2d):
-        self.weight = rearrange(conv.weight, "o c 1 1 -> o c")  # the weight-normalised weight
+        self.weight = conv.weight  # (C_out, C_in, 1, 1), the weight-normalised weight
         self.bias = conv.bias
 
     def __call__(self, x):
-        return F.linear(x, self.weight, self.bias)
+        if x.dim() == 4:
+            return F.conv2d(x, self.weight, self.bias)
+        return F.linear(x, self.weight[:, :, 0, 0], self.bias)
 
 
 class ConvWindow:
-    """A ShiftedConv evaluated one position at a time.
+    """A ShiftedConv evaluated one position (or one row) at a time.
 
     Holds the conv's input grid, zero-padded exactly as ShiftedConv pads it and filled in as
     positions are computed. The output at (i, j) comes from the window whose top-left corner is
-    (i, j) in padded coordinates: the very numbers the full conv reads there.
+    (i, j) in padded coordinates: the very numbers the full conv reads there. `j=None` stands for
+    the whole row i: inputs and outputs are then (B, C, 1, W).
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, shape):
         left, right, top, bottom = layer.padding
         height, width = shape
-        self.top, self.left = top, left
+        self.top, self.left, self.width = top, left, width
         self.kernel_size = layer.conv.kernel_size
-        self.weight = rearrange(layer.conv.weight, "o c kh kw -> o (c kh kw)")
+        self.weight = layer.conv.weight  # (C_out, C_in, kh, kw), the weight-normalised weight
         self.bias = layer.conv.bias
         self.inputs = self.bias.new_zeros(  # (B, C_in, H + pads, W + pads)
             batch_size, layer.conv.in_channels, top + height + bottom, left + width + right
         )
 
     def write(self, i, j, x):
-        """Stores the conv's input at (i, j): x is (B, C_in)."""
-        self.inputs[:, :, self.top + i, self.left + j] = x
+        """Stores the conv's input at (i, j), x (B, C_in); or over row i (j=None), x (B, C_in, 1, W)."""
+        if j is None:
+            self.inputs[:, :, self.top + i, self.left : self.left + self.width] = x[:, :, 0]
+        else:
+            self.inputs[:, :, self.top + i, self.left + j] = x
 
     def output_at(self, i, j):
-        """(B, C_out). The conv is causal, so the window holds only inputs already written."""
+        """(B, C_out), or (B, C_out, 1, W) for row i (j=None). The conv is causal, so the window
+        holds only inputs already written."""
         kernel_height, kernel_width = self.kernel_size
+        if j is None:
+            return F.conv2d(self.inputs[:, :, i : i + kernel_height], self.weight, self.bias)
         window = self.inputs[:, :, i : i + kernel_height, j : j + kernel_width]
-        return F.linear(rearrange(window, "b c kh kw -> b (c kh kw)"), self.weight, self.bias)
+        return F.linear(rearrange(window, "b c kh kw -> b (c kh kw)"), self.weight.flatten(1), self.bias)
 
     def __call__(self, i, j, x):
         """For convs that read their own position: writes the input at (i, j), then convolves."""
@@ -114,8 +126,26 @@ class CachedInput:
         return out
 
 
+class CachedVerticalInput:
+    """VerticalInput over a row: row i is the conv's output at row i - 1 (zeros at row 0), so it
+    reads raw inputs of rows above i only, all written before row i starts."""
+
+    def __init__(self, layer: VerticalInput, batch_size, shape):
+        self.conv = ConvWindow(layer.conv, batch_size, shape)
+
+    def write(self, i, j, x):
+        self.conv.write(i, j, x)
+
+    def output_row(self, i):
+        """(B, C, 1, W)."""
+        if i == 0:
+            return self.conv.bias.new_zeros(self.conv.inputs.shape[0], len(self.conv.bias), 1, self.conv.width)
+        return self.conv.output_at(i - 1, None)
+
+
 class CachedGatedResBlock:
-    """GatedResBlock.forward at one position (dropout is off when sampling)."""
+    """GatedResBlock.forward at one position, (B, C) tensors, or over row i (j=None), (B, C, 1, W)
+    tensors, as the vertical stream is computed (dropout is off when sampling)."""
 
     def __init__(self, block: GatedResBlock, batch_size, shape):
         self.conv1 = conv_at_position(block.conv1, batch_size, shape)
@@ -185,17 +215,31 @@ class CachedAttention:
 
 
 class CachedBlock:
-    """A PixelSNAILBlock at one position."""
+    """A PixelSNAILBlock at one position; in a two-stream model, `start_row` first computes its
+    vertical stream over the whole row."""
 
     def __init__(self, block, batch_size, shape):
         self.res_blocks = [CachedGatedResBlock(res_block, batch_size, shape) for res_block in block.res_blocks]
+        self.vertical = [] if block.vertical is None else [
+            CachedGatedResBlock(res_block, batch_size, shape) for res_block in block.vertical
+        ]
+        self.vertical_rows = []  # (B, C, 1, W) per vertical gated resnet: the stream at the current row
         self.attention = None
         if block.attention is not None:
             self.attention = CachedAttention(block.attention, batch_size, shape)
 
+    def start_row(self, i, vertical, cond):
+        """Row i of the vertical stream entering the block, (B, C, 1, W) -> the one leaving it."""
+        self.vertical_rows = []
+        for res_block in self.vertical:
+            vertical = res_block(i, None, vertical, cond=cond)
+            self.vertical_rows.append(vertical)
+        return vertical
+
     def __call__(self, i, j, h, background, cond):
-        for res_block in self.res_blocks:
-            h = res_block(i, j, h, cond=cond)
+        for index, res_block in enumerate(self.res_blocks):
+            aux = self.vertical_rows[index][:, :, 0, j] if self.vertical_rows else None
+            h = res_block(i, j, h, aux=aux, cond=cond)
         if self.attention is not None:
             h = self.attention(i, j, h, background, cond)
         return h
@@ -212,17 +256,32 @@ class IncrementalPixelSNAIL:
         # (B, D, H, W) whether spatial or per-example (B, D, 1, 1); a view, no copy
         self.cond_map = None if cond_map is None else cond_map.expand(-1, -1, *shape)
         self.input = CachedInput(model.input, batch_size, shape)
+        self.vertical_input = None
+        if model.vertical_input is not None:
+            self.vertical_input = CachedVerticalInput(model.vertical_input, batch_size, shape)
         self.blocks = [CachedBlock(block, batch_size, shape) for block in model.blocks]
+        self.out_blocks = [CachedGatedResBlock(block, batch_size, shape) for block in model.out_blocks]
         self.head = Pointwise(model.head)
+
+    def start_row(self, i):
+        """The vertical stream over row i, through every block: rows above i are all written."""
+        cond = None if self.cond_map is None else self.cond_map[:, :, i : i + 1]  # (B, D, 1, W)
+        vertical = self.vertical_input.output_row(i)
+        for block in self.blocks:
+            vertical = block.start_row(i, vertical, cond)
 
     def output_at(self, i, j):
         """The network's output at (i, j), (B, P, 1, 1) as `model.draw` takes it, from the
         positions written so far."""
+        if self.vertical_input is not None and j == 0:
+            self.start_row(i)
         background = self.background[:, :, i, j]  # (B, 2)
         cond = None if self.cond_map is None else self.cond_map[:, :, i, j]  # (B, D)
         h = self.input.output_at(i, j)  # (B, C)
         for block in self.blocks:
             h = block(i, j, h, background, cond)
+        for block in self.out_blocks:
+            h = block(i, j, h, cond=cond)
         with torch.autocast(h.device.type, enabled=False):  # in fp32, as PixelSNAIL.output
             out = self.head(F.elu(h.to(self.model.head.bias.dtype)))
         return rearrange(out, "b p -> b p 1 1")
@@ -230,7 +289,10 @@ class IncrementalPixelSNAIL:
     def write(self, i, j, drawn):
         """Feeds the values drawn at (i, j) back in: (B, 3, 1, 1) pixels or (B, 1, 1) codes."""
         raw = self.model.raw_input(drawn)[:, :, 0, 0]  # (B, C_in)
-        self.input.write(i, j, torch.cat([raw, torch.ones_like(raw[:, :1])], dim=1))
+        inputs = torch.cat([raw, torch.ones_like(raw[:, :1])], dim=1)
+        self.input.write(i, j, inputs)
+        if self.vertical_input is not None:
+            self.vertical_input.write(i, j, inputs)
         background = self.background[:, :, i, j]
         for block in self.blocks:
             if block.attention is not None:

@@ -48,12 +48,19 @@ def code_case(conditioned=True, **overrides):
 
 PIXEL_CASES = {
     "pixels, attention": lambda: pixel_case(),
-    "pixels, no attention": lambda: pixel_case(attention=False),
+    "pixels, no attention (two streams)": lambda: pixel_case(attention=False),
+    "pixels, no attention, one stream": lambda: pixel_case(attention=False, streams="one"),
     "pixels, class label, 2 heads, kernel 3": lambda: pixel_case(n_classes=3, n_heads=2, kernel_size=3),
 }
 CODE_CASES = {
     "codes, label + cond + attention": lambda: code_case(),
-    "codes, no attention, no condition": lambda: code_case(conditioned=False, attention=False),
+    "codes, no attention (two streams), no condition": lambda: code_case(conditioned=False, attention=False),
+    "codes, label + cond, two streams, residual units, kernel 5": lambda: code_case(
+        attention=False, kernel_size=5, res_channels=12, n_res_blocks=2
+    ),
+    "codes, label + cond, attention + two streams, output stack, kernel 4": lambda: code_case(
+        streams="two", kernel_size=4, res_channels=12, out_res_blocks=2, n_heads=2
+    ),
     "codes, label + cond, 2 heads, kernel 3": lambda: code_case(n_heads=2, kernel_size=3),
 }
 CASES = {**PIXEL_CASES, **CODE_CASES}
@@ -109,12 +116,13 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_memory_is_linear_in_the_number_of_positions():
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "two streams"])
+def test_memory_is_linear_in_the_number_of_positions(attention):
     """On a 16x16 grid (N = 256) the cached sampler creates no tensor anywhere near N x N
     elements: no attention matrix over the grid, only per-layer grids of activations."""
     shape = (16, 16)
     n_positions = shape[0] * shape[1]
-    model, _, _ = pixel_case(shape=shape, channels=8, n_blocks=1, n_heads=2)
+    model, _, _ = pixel_case(shape=shape, channels=8, n_blocks=1, n_heads=2, attention=attention)
     with LargestTensor() as largest:
         samples = sample_cached(model, 2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, *shape)
