@@ -106,9 +106,10 @@ def test_the_scripts_refuse_a_pickled_checkpoint(tmp_path, marker, monkeypatch, 
 def tiny_run(tmp_path_factory):
     """A 2-step pixel run on twelve 8x8 images, to copy and tamper with."""
     root = tmp_path_factory.mktemp("state")
+    (root / "images").mkdir()
     for k in range(12):
-        Image.fromarray(np.full((8, 8, 3), 20 * k, np.uint8)).save(root / f"{k:02d}.png")
-    config = TrainConfig(data=str(root), out=str(root / "run"), preset="tiny", steps=2, precision="fp32",
+        Image.fromarray(np.full((8, 8, 3), 20 * k, np.uint8)).save(root / "images" / f"{k:02d}.png")
+    config = TrainConfig(data=str(root / "images"), out=str(root / "run"), preset="tiny", steps=2, precision="fp32",
                          n_samples=0)
     train(config)
     names = sorted(path.name for path in (root / "run" / "state").iterdir())
