@@ -118,7 +118,7 @@ def start(task, cfg, out):
     model = task.build(initialise=not resuming)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=task.betas)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # weights without _orig_mod. in their names
     set_seed(cfg.seed, device_specific=True)  # but different dropout masks
     ema = None
     if task.ema_decay:

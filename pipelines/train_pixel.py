@@ -28,7 +28,7 @@ class RunConfig(BaseRunConfig):
 
     out: str = "runs/pixelsnail"
     lr_decay: float | None = run_field()  # multiplied into the learning rate every step; None: the preset's
-    ema_decay: float | None = run_field()  # Polyak averaging of the weights; None: the preset's
+    ema_decay: float | None = run_field()  # Polyak averaging of the weights; 0: none; None: the preset's
     dropout: float | None = run_field()  # None: the preset's
     n_samples: int = 16
 
