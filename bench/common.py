@@ -153,6 +153,12 @@ def apply_defaults(args, defaults):
             setattr(args, key, value)
 
 
+def add_quick_argument(parser, quick_defaults):
+    """--quick, whose help lists the settings it stands for."""
+    settings = ", ".join(f"{key}={value}" for key, value in quick_defaults.items())
+    parser.add_argument("--quick", action="store_true", help=f"smoke run in seconds: {settings}")
+
+
 def add_common_arguments(parser, name, seed_help):
     """The options every benchmark ends with: --threads, --seed, and --out for name.json and name.md."""
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

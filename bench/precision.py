@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, apply_defaults, format_markdown_report, format_text_report,
+from bench.common import (ROOT, add_quick_argument, apply_defaults, format_markdown_report, format_text_report,
                           load_average, log, machine_info, machine_lines, write_results)
 from pipelines.run_state import LOG_FILE
 from prior import get_preset
@@ -115,9 +115,8 @@ def compare(runs, measure):
 
 
 def add_arguments(parser):
-    full, quick = FULL_DEFAULTS, QUICK_DEFAULTS
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run in seconds: {', '.join(f'{k}={v}' for k, v in quick.items())}")
+    full = FULL_DEFAULTS
+    add_quick_argument(parser, QUICK_DEFAULTS)
     parser.add_argument("--preset", help=f"the pixel preset to train (default {full['preset']})")
     parser.add_argument("--steps", type=int, help=f"training steps of each run (default {full['steps']})")
     parser.add_argument("--data", default="builtin", help="the dataset, as the trainer takes it")

@@ -9,14 +9,15 @@ wrapped in bf16 autocast as `accelerator.prepare` wraps it. Variants of one mode
 round by round, so background load hits them alike.
 """
 
-import copy
 import functools
 import itertools
+import json
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import MethodType
 from typing import Callable
 
 import torch
@@ -114,15 +115,20 @@ CASES = {
                                "channels, 2 blocks x 4 gated resnets, 5x5 convs, 8-head attention, dropout 0.1",
                                TOP_11M, 8),
     "cifar10": pixelsnail_case("the paper's CIFAR-10 model (cifar10 preset)", get_preset("cifar10").model, 8),
-    "vqvae2-top": pixelsnail_case("vqvae2-top preset (32x32 codes)", get_preset("vqvae2-top").model, 8),
-    "vqvae2-bottom": pixelsnail_case("vqvae2-bottom preset (64x64 codes, conditioned on 32x32 top codes)",
-                                     get_preset("vqvae2-bottom").model, 2),
+    "vqvae2-top-256ch": pixelsnail_case("vqvae2-top-256ch preset (32x32 codes)", get_preset("vqvae2-top-256ch").model, 8),
+    "vqvae2-bottom-256ch": pixelsnail_case("vqvae2-bottom-256ch preset (64x64 codes, two streams, conditioned on "
+                                           "32x32 top codes)", get_preset("vqvae2-bottom-256ch").model, 2),
+    # the paper's priors: over 600M parameters, one example per step on this machine's memory
+    "vqvae2-top": pixelsnail_case("vqvae2-top preset, the paper's top prior (32x32 codes)",
+                                  get_preset("vqvae2-top").model, 1),
+    "vqvae2-bottom": pixelsnail_case("vqvae2-bottom preset, the paper's bottom prior (64x64 codes, two streams, "
+                                     "conditioned on 32x32 top codes)", get_preset("vqvae2-bottom").model, 1),
     "vqvae-256": vqvae_case("the paper's VQ-VAE-2 at 256x256", VQVAE2Config(), 256, 8),
     # for --quick: seconds
     "tiny": pixelsnail_case("tiny preset", get_preset("tiny").model, 8),
     "vqvae-tiny": vqvae_case("a small VQ-VAE-2 at 32x32", VQVAE_QUICK_MODEL, 32, 4),
 }
-FULL_CASES = ["top-11m", "cifar10", "vqvae2-top", "vqvae2-bottom", "vqvae-256"]
+FULL_CASES = ["top-11m", "cifar10", "vqvae2-top-256ch", "vqvae2-bottom-256ch", "vqvae-256"]
 QUICK_CASES = ["tiny", "vqvae-tiny"]
 
 QUICK_DEFAULTS = dict(cases=",".join(QUICK_CASES), steps=2, warmup=1, matmul_repeats=2)
@@ -202,36 +208,76 @@ def variants(compile):
 
 
 def as_prepared(model, precision):
-    """The model with its forward wrapped as `accelerator.prepare` wraps it for `precision`: under
-    autocast, outputs returned in fp32 (one process has one precision, so it is not prepared)."""
-    if precision == "bf16":
-        model.forward = MethodType(convert_outputs_to_fp32(autocast("bf16")(type(model).forward)), model)
-    return model
+    """`model` run as `accelerator.prepare` runs it for `precision`: under bf16, its forward under
+    autocast with outputs returned in fp32 (one process has one precision, so it is not prepared).
+    A wrapper, so that the variants can share one model and its optimizer."""
+    return Prepared(model) if precision == "bf16" else model
+
+
+class Prepared(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return convert_outputs_to_fp32(autocast("bf16")(self.model))(*args, **kwargs)
 
 
 def bench_case(case, batch_size, names, steps, warmup, seed, profile_fast_path=False):
-    """Seconds per step of each variant of one model (identical initial weights), the seconds of
-    the first call of each (a compiled variant compiles in it), and the step's counted FLOPs."""
+    """Seconds per step of each variant of one model, the seconds of the first call of each (a
+    compiled variant compiles in it) and the process's peak memory during it, and the step's
+    counted FLOPs. The variants share one model and optimizer: a step takes the same time
+    whatever the weights' values, and two copies of the paper's priors with their Adam state
+    would not fit this machine's memory."""
     generator = torch.Generator().manual_seed(seed)
     batch = case.make_batch(batch_size, generator)
     torch.manual_seed(seed)
-    base = case.build(batch)
-    n_parameters = sum(p.numel() for p in base.parameters())
-    flops = count_step_flops(case, base, batch)
+    model = case.build(batch)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    flops = count_step_flops(case, model, batch)
     accelerator = Accelerator(cpu=True)
-    runs, first_call = {}, {}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=case.betas)
+    runs, first_call, peak_rss = {}, {}, {}
     for name, (precision, compiled) in names.items():
-        model = as_prepared(copy.deepcopy(base), precision)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=case.betas)
-        forward = torch.compile(model) if compiled else model
+        forward = as_prepared(torch.compile(model) if compiled else model, precision)
         runs[name] = functools.partial(train_step, accelerator, forward, optimizer, case.loss(model),
                                        itertools.repeat(batch), 0, GRAD_CLIP)
-        start = time.perf_counter()
-        runs[name]()
-        first_call[name] = time.perf_counter() - start
+        with PeakRss() as rss:
+            start = time.perf_counter()
+            runs[name]()
+            first_call[name] = time.perf_counter() - start
+        peak_rss[name] = rss.peak_bytes
     seconds, other_cpu = time_interleaved(runs, steps, max(warmup - 1, 0), progress="train")
     profile = profile_step(runs["bf16"]) if profile_fast_path else None
-    return seconds, other_cpu, first_call, flops, n_parameters, profile
+    return seconds, other_cpu, first_call, peak_rss, flops, n_parameters, profile
+
+
+class PeakRss:
+    """The largest resident memory of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak_bytes = resident_bytes()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.done.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak_bytes = max(self.peak_bytes, resident_bytes())
+
+
+def resident_bytes():
+    """This process's resident memory (/proc/self/statm; 0 where there is none)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def profile_step(run, top=12):
@@ -245,7 +291,7 @@ def profile_step(run, top=12):
              "calls": e.count} for e in events[:top]]
 
 
-def summarise_case(case, batch_size, seconds, other_cpu, first_call, flops, n_parameters, profile, peaks):
+def summarise_case(case, batch_size, seconds, other_cpu, first_call, peak_rss, flops, n_parameters, profile, peaks):
     timings = {}
     for name, times in seconds.items():
         median_seconds = statistics.median(times)
@@ -257,6 +303,7 @@ def summarise_case(case, batch_size, seconds, other_cpu, first_call, flops, n_pa
             "steps_per_s": 1 / median_seconds,
             "images_per_s": batch_size / median_seconds,
             "first_step_s": first_call[name],
+            "peak_rss_bytes": peak_rss[name],
             "step_seconds": times,
             "other_cpu_use": other_cpu[name],
             "achieved_flops_per_s": achieved,
@@ -319,8 +366,21 @@ def run(args):
         "flop_count_method": FLOP_COUNT_METHOD,
         "cases": cases,
     }
+    if args.add:
+        results = added_to(Path(args.out) / "train.json", results)
     print(format_table(results))
     write_results(results, Path(args.out), "train", format_markdown(results))
+
+
+def added_to(path, results):
+    """The results in `path` with this run's cases added (or replaced); each added case keeps
+    the description of the run that measured it."""
+    kept = json.loads(path.read_text())
+    run = {key: results[key] for key in ("date", "command", "threads", "load_average_before", "load_average_after",
+                                         "matmul_peak")}
+    for name, case in results["cases"].items():
+        kept["cases"][name] = {**case, "run": run}
+    return kept
 
 
 def add_arguments(parser):
@@ -336,6 +396,9 @@ def add_arguments(parser):
                         help=f"timed matmuls per shape and precision (default {full['matmul_repeats']})")
     parser.add_argument("--compile", action="store_true",
                         help="also time the fast path under torch.compile (compiles for minutes per model)")
+    parser.add_argument("--add", action="store_true",
+                        help="add these cases to the train.json in --out (replacing cases of the same name) instead "
+                        "of writing a new one; each added case keeps the date, load and matmul peak of its own run")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one bf16 step of each model (torch.profiler, top ops by self CPU "
                         "time, into the JSON): where the time goes")
@@ -350,7 +413,7 @@ def gflops(flops_per_s):
 
 
 HEADER = ("model", "variant", "s/step (median [min, max])", "images/s", "model GFLOP/step", "GFLOP/s",
-          "of bf16 peak", "vs fp32", "first step s")
+          "of bf16 peak", "vs fp32", "first step s", "peak RSS, first step")
 
 
 def train_rows(results):
@@ -366,6 +429,7 @@ def train_rows(results):
                 f"{t['fraction_of_bf16_peak']:.1%}",
                 f"{t['speedup_vs_fp32']:.2f}x (paired {t['speedup_vs_fp32_paired_median']:.2f}x)" if name != "fp32" else "",
                 f"{t['first_step_s']:.3g}",
+                f"{t['peak_rss_bytes'] / 2**30:.1f} GiB" if "peak_rss_bytes" in t else "",
             ))
     return rows
 
@@ -396,10 +460,27 @@ def summary_lines(results):
         f"GFLOP/s at {peaks['fp32']['shape']}, bf16 {gflops(peaks['bf16']['flops_per_s'])} GFLOP/s at "
         f"{peaks['bf16']['shape']} (m, k, n)",
         *target_lines(results),
+        *added_case_lines(results),
         f"{c['timed_steps']} timed steps per variant after {c['warmup_steps']} warm-up (the first step, timed "
         "apart, compiles a compiled variant), variants interleaved",
+        *(["peak RSS: the process's largest resident memory during the variant's first step (model, Adam state, "
+           "activations, and whatever the allocator kept from earlier steps: an upper bound)"]
+          if any("peak_rss_bytes" in t for case in results["cases"].values() for t in case["train"].values()) else []),
         *machine_lines(results),
     ]
+
+
+def added_case_lines(results):
+    """One line per case added by a later run (--add): when, how, under what load."""
+    lines = []
+    for name, case in results["cases"].items():
+        if "run" in case:
+            run = case["run"]
+            lines.append(f"{name}: added by `{run['command']}` on {run['date']}, {run['threads']} threads, load average "
+                         f"before/after {run['load_average_before']} / {run['load_average_after']}; its FLOP/s "
+                         f"fractions are of that run's bf16 matmul peak, {gflops(run['matmul_peak']['bf16']['flops_per_s'])} "
+                         "GFLOP/s")
+    return lines
 
 
 def format_table(results):

@@ -2,10 +2,10 @@
 
 Subcommands:
   train   training steps/s of every model the project trains (a top prior of the public
-          implementation's size, the cifar10, vqvae2-top and vqvae2-bottom presets, the VQ-VAE at
-          256x256), fp32 vs the bf16 fast path (optionally compiled), interleaved in one run, with
-          each step's counted FLOPs, the achieved FLOP/s and its fraction of the matmul peak
-          measured in the same run.
+          implementation's size, the cifar10, vqvae2-top-256ch and vqvae2-bottom-256ch presets, the
+          VQ-VAE at 256x256; the paper's vqvae2-top and vqvae2-bottom with --cases), fp32 vs the
+          bf16 fast path (optionally compiled), interleaved in one run, with each step's counted
+          FLOPs, the achieved FLOP/s and its fraction of the matmul peak measured in the same run.
   precision  the real trainer in fp32, in bf16 and in fp32 with a 0.1% higher learning rate (a
           control) for three seeds, each checkpoint evaluated in fp32: is the bf16 - fp32 gap
           within the control's drift?
@@ -13,6 +13,8 @@ Subcommands:
           step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
           code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
           timed on a prefix of positions and scaled to the whole grid.
+  streams the real prior trainer on cpu-bottom with one and with two streams, at equal wall time,
+          the two side by side (one thread each), several seeds: validation bits per code.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
   codecs  the pixel model's held-out bits/dim after 2, 5 and 10 minutes of training (one run) beside
@@ -26,10 +28,12 @@ Subcommands:
 Examples:
   python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
   python scripts/bench.py train --cases top-11m --compile   # one model, torch.compile too
+  python scripts/bench.py train --cases vqvae2-top,vqvae2-bottom --steps 1 --add   # the paper's priors, batch 1
   python scripts/bench.py train --quick         # smoke run with tiny models, seconds
   python scripts/bench.py precision             # nine cpu-small runs, about 40 minutes
   python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
+  python scripts/bench.py streams --codes runs/demo/codes.lmdb   # 3 seeds x 4 minutes
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
@@ -46,12 +50,13 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, gpu, lmdb, precision, sample, train, vqvae  # noqa: E402
+from bench import codecs, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
     "precision": (precision, "bf16 against fp32: training loss and test bits/dim of the real trainer, against a control, three seeds"),
     "sample": (sample, "naive vs cached sampling time for three models"),
+    "streams": (streams, "cpu-bottom with one and with two streams at equal wall time: validation bits per code"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),

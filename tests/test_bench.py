@@ -11,18 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, lmdb, precision, sample, train, vqvae
+from bench import codecs, lmdb, precision, sample, streams, train, vqvae
+from pipelines.codes import extract_codes
+from pipelines.data import ImageTensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
 
 
-def run_quick(benchmark, out_dir, heading):
-    """Runs `bench.py <benchmark> --quick`, checks the markdown's heading and the machine's
-    description in the JSON, and returns the JSON."""
+def run_quick(benchmark, out_dir, heading, *options):
+    """Runs `bench.py <benchmark> --quick [options]`, checks the markdown's heading and the
+    machine's description in the JSON, and returns the JSON. The timeout leaves room for a
+    machine shared with other jobs."""
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), benchmark, "--quick", "--out", str(out_dir)],
-        check=True, capture_output=True, text=True, timeout=30,
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), benchmark, "--quick", "--out", str(out_dir), *options],
+        check=True, capture_output=True, text=True, timeout=300,
     )
     results = json.loads((out_dir / f"{benchmark}.json").read_text())
     assert (out_dir / f"{benchmark}.md").read_text().startswith(heading)
@@ -111,8 +114,26 @@ def test_lmdb_quick_writes_positive_numbers(tmp_path):
         assert all(run["startup_s"] > 0 and run["other_cpu_use"] >= 0 for run in variant["runs"])
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision"])
+def test_streams_quick_trains_one_and_two_streams_on_a_code_database(tmp_path):
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plan = dict(top_shape=(2, 2), bottom_shape=(4, 4), top_codes=5, bottom_codes=7, n_classes=3,
+                vqvae_sha256="ab" * 32, image_size=8, source={"data": "random", "split": "train"})
+
+    def encode(batch):
+        return batch[:, 0, ::4, ::4].long() % 5, batch[:, 1, ::2, ::2].long() % 7
+
+    codes = tmp_path / "codes.lmdb"
+    extract_codes(encode, ImageTensorDataset(images, torch.arange(40) % 3), codes, plan, batch_size=8, progress=False)
+    results = run_quick("streams", tmp_path, "# Streams benchmark", "--codes", str(codes))
+    assert [(r["streams"], r["seed"]) for r in results["runs"]] == [("one", 0), ("two", 0)]
+    assert all(r["steps"] >= 1 and r["validation_bits"] > 0 for r in results["runs"])
+    parameters = results["config"]["parameters"]
+    assert parameters["two"] > parameters["one"]
+    assert results["two_minus_one"] == [results["runs"][1]["validation_bits"] - results["runs"][0]["validation_bits"]]
+
+
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
@@ -157,3 +178,15 @@ def test_codecs_are_lossless_and_scored_by_file_size():
         assert torch.equal(decoded.permute(2, 0, 1), noise), name
         assert codecs.codec_bits_per_subpixel([noise], options) == 8 * buffer.tell() / noise.numel()
         assert codecs.codec_bits_per_subpixel([flat], options) < 1 < 7 < codecs.codec_bits_per_subpixel([noise], options)
+
+
+def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_path):
+    committed = json.loads((ROOT / "bench" / "results" / "train.json").read_text())
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(committed))
+    case = {**committed["cases"]["cifar10"], "description": "a new case"}
+    run = {"date": "2026-11-29", "command": "python scripts/bench.py train --cases new --add", "threads": 2,
+           "load_average_before": [1.0], "load_average_after": [2.0], "matmul_peak": committed["matmul_peak"]}
+    added = train.added_to(path, {**run, "cases": {"new": case}})
+    assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
+    assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in train.format_markdown(added)

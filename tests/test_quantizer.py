@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from accelerate import debug_launcher
 
-from vqvae import VectorQuantizerEMA
+from vqvae import VQVAE2, VectorQuantizerEMA, VQVAE2Config
 
 
 def make_quantizer(n_codes=7, dim=4, seed=0, **options):
@@ -112,6 +112,25 @@ def test_restart_resets_the_ema_state_of_the_restarted_codes():
         assert quantizer.cluster_size[k] == 1.0
         assert torch.equal(quantizer.embed_sum[k], quantizer.embedding[k])
         assert (vectors == quantizer.embedding[k]).all(dim=1).any(), "a restarted code is an encoder output"
+
+
+def test_threshold_zero_is_the_papers_quantizer_no_restart_ever():
+    """The paper has no restarts: at dead_code_threshold=0 codes the data never chooses keep
+    their initial vectors and a zero EMA state through training; at the default they restart."""
+    far_codes = {}
+    for threshold in (0.0, VQVAE2Config().dead_code_threshold):
+        quantizer = far_codes_quantizer(threshold).train()
+        for step in range(20):
+            quantizer(torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(step)))
+        far_codes[threshold] = codebook_state(quantizer)[4:]
+    assert torch.all(far_codes[0.0] == torch.tensor([100.0, 100.0, 0.0, 0.0, 0.0]))
+    assert torch.all(far_codes[1.0][:, :2] != 100.0)
+
+
+def test_the_vqvae_config_passes_the_threshold_to_both_quantizers():
+    model = VQVAE2(VQVAE2Config(dead_code_threshold=0.0))
+    assert model.quantizer_top.dead_code_threshold == model.quantizer_bottom.dead_code_threshold == 0.0
+    assert VQVAE2(VQVAE2Config()).quantizer_top.dead_code_threshold == 1.0
 
 
 def test_fp32_distances_under_bf16_autocast():

@@ -1,7 +1,8 @@
 """The VQ-VAE-2 configuration: one dataclass that describes a model completely.
 
 The defaults are the settings of Razavi, van den Oord and Vinyals 2019 ("Generating Diverse
-High-Fidelity Images with VQ-VAE-2"): two codebooks of 512 codes x 64 dimensions, EMA codebook
+High-Fidelity Images with VQ-VAE-2"), except for dead-code restarts (`dead_code_threshold`; the
+paper has none, 0 turns them off): two codebooks of 512 codes x 64 dimensions, EMA codebook
 updates (decay 0.99, eps 1e-5), commitment cost 0.25, 128 hidden channels and residual stacks of
 2 blocks with 64 channels.
 
@@ -33,7 +34,9 @@ class VQVAE2Config(JSONConfig):
     # once per batch on average keeps being re-placed among current encoder outputs until it is
     # used (as in Jukebox); at the first step every code no input chose restarts, which acts as a
     # data-dependent initialisation. On 64x64 photo crops (batch 16, 256 codes, 150 steps) this
-    # kept 27% / 58% of the top / bottom codes in use against 3% / 7% at 1e-3. 0 disables restarts.
+    # kept 27% / 58% of the top / bottom codes in use against 3% / 7% at 1e-3. The paper has no
+    # restarts: this default departs from it, for codebook use; 0 is the paper's quantizer (a code
+    # is never restarted, and one no input ever chose keeps its initial vector).
     dead_code_threshold: float = 1.0
 
     def __post_init__(self):

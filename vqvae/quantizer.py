@@ -48,6 +48,8 @@ class VectorQuantizerEMA(nn.Module):
     the first training step moves every chosen code to the mean of its inputs and restarts the
     others (count 0 < dead_code_threshold) from encoder outputs: a data-dependent initialisation.
     With restarts disabled (threshold 0), codes never chosen keep their initial N(0, 1) vectors.
+    Restarts are not in the paper, whose quantizer is this one at dead_code_threshold=0; the
+    default of 1 departs from it because it keeps far more of the codebook in use.
 
     perplexity and usage describe this batch on this process (no communication).
     """

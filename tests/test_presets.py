@@ -1,0 +1,103 @@
+"""The presets: the paper's VQ-VAE-2 priors as its appendix table gives them, and the size of
+every other preset kept as it was before the fields they need were added."""
+
+import pytest
+import torch
+
+from prior import PixelSNAIL, get_preset
+from prior.layers import AttentionBlock, Dropout, GatedResBlock
+from prior.presets import PRESETS
+
+# every preset's parameter count (the README's table), with the grid and codebook of the preset
+PARAMETERS = {
+    "cifar10": 46_021_908,
+    "imagenet32": 46_078_668,
+    "cpu-small": 297_990,
+    "vqvae2-top": 646_504_640,
+    "vqvae2-bottom": 628_722_176,
+    "vqvae2-top-256ch": 105_867_760,
+    "vqvae2-bottom-256ch": 239_057_664,
+    "cpu-top": 630_240,
+    "cpu-bottom": 1_255_104,
+    "tiny": 7_821,
+}
+# the counts before res_channels, out_res_blocks and streams existed (vqvae2-*-256ch were then
+# vqvae2-top / vqvae2-bottom): the new fields' defaults, with one stream, rebuild those models
+PARAMETERS_BEFORE = {
+    "cifar10": 46_021_908,
+    "imagenet32": 46_078_668,
+    "cpu-small": 297_990,
+    "vqvae2-top-256ch": 105_867_760,
+    "vqvae2-bottom-256ch": 137_254_912,
+    "cpu-top": 630_240,
+    "cpu-bottom": 758_272,
+    "tiny": 7_821,
+}
+
+
+def on_meta(config):
+    """The model without memory for its weights: the paper's priors have over 600M parameters."""
+    with torch.device("meta"):
+        return PixelSNAIL(config)
+
+
+def test_every_preset_is_listed():
+    assert set(PARAMETERS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_parameter_count(name):
+    assert on_meta(get_preset(name).model).num_parameters() == PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", PARAMETERS_BEFORE)
+def test_one_stream_rebuilds_the_models_of_before(name):
+    assert on_meta(get_preset(name, streams="one").model).num_parameters() == PARAMETERS_BEFORE[name]
+
+
+def gated_resnets(blocks):
+    return [m for m in blocks.modules() if isinstance(m, GatedResBlock) and m.conv1.conv.kernel_size != (1, 1)]
+
+
+def check_residual_units(resnets, channels, res_channels, kernel_size):
+    for resnet in resnets:
+        assert resnet.conv1.conv.in_channels == channels and resnet.conv1.conv.out_channels == res_channels
+        assert resnet.conv1.conv.kernel_size == (kernel_size, kernel_size)
+        assert resnet.conv2.conv.kernel_size == (1, 1) and resnet.conv2.conv.out_channels == 2 * channels
+
+
+def check_dropout(model, p):
+    dropouts = [m for m in model.modules() if isinstance(m, Dropout)]
+    assert dropouts and all(m.p == p for m in dropouts)
+
+
+def test_vqvae2_top_is_the_papers_top_prior():
+    """32x32, 512 hidden, 2048 residual units, 20 gated resnets, 4 attention layers of 8 heads,
+    5x5 convs, dropout 0.1, an output stack of 20."""
+    config = get_preset("vqvae2-top").model
+    model = on_meta(config)
+    assert config.shape == (32, 32) and config.n_codes == 512 and not config.two_streams
+    resnets = [resnet for block in model.blocks for resnet in block.res_blocks]
+    assert len(resnets) == 20 and len(gated_resnets(model.blocks)) == 20
+    check_residual_units(resnets, 512, 2048, 5)
+    attention = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert len(attention) == 4 and all(block.n_heads == 8 for block in attention)
+    assert len(model.out_blocks) == 20
+    for block in model.out_blocks:
+        assert block.conv1.conv.kernel_size == (1, 1) and block.conv1.conv.out_channels == 2048
+    check_dropout(model, 0.1)
+
+
+def test_vqvae2_bottom_is_the_papers_bottom_prior():
+    """64x64 conditioned on the 32x32 top codes, 512 hidden, 1024 residual units, 20 gated
+    resnets in two streams, no attention, 5x5 convs, dropout 0.1, a conditioning stack of 20."""
+    config = get_preset("vqvae2-bottom").model
+    model = on_meta(config)
+    assert config.shape == (64, 64) and config.cond_shape == (32, 32) and config.two_streams
+    (block,) = model.blocks
+    assert len(block.res_blocks) == 20 and len(block.vertical) == 20
+    check_residual_units(block.res_blocks, 512, 1024, 5)
+    check_residual_units(block.vertical, 512, 1024, 5)  # 5 rows x 5 columns above
+    assert block.attention is None and not any(isinstance(m, AttentionBlock) for m in model.modules())
+    assert len(model.cond_stack.blocks) == 20 and len(model.out_blocks) == 0
+    check_dropout(model, 0.1)
