@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, add_quick_argument, apply_defaults, format_markdown_report, format_text_report,
                           load_average, log, machine_info, machine_lines, write_results)
-from pipelines.training import LOG_FILE
+from pipelines.run_state import LOG_FILE
 
 PRESET = "cpu-bottom"
 VARIANTS = ("one", "two")  # the model's `streams`
