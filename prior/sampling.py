@@ -36,13 +36,25 @@ from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv
 from prior.modes import evaluating
 
 
+def as_autocast(tensor):
+    """`tensor` in the dtype autocast would give it at every call, cast once: the sampler uses each
+    weight at every position, and under bf16 autocast a cast of every weight at every step costs
+    more than the step's arithmetic (the same values either way)."""
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return tensor.to(torch.get_autocast_dtype(device))
+    return tensor
+
+
 class Pointwise:
     """A 1x1 conv at one position, (B, C_in) -> (B, C_out), or over a row, (B, C_in, 1, W) ->
-    (B, C_out, 1, W). It reads no other position."""
+    (B, C_out, 1, W). It reads no other position. `autocast=False` keeps the weights' own
+    precision (the head runs in fp32)."""
 
-    def __init__(self, conv: WNConv2d):
-        self.weight = conv.weight  # (C_out, C_in, 1, 1), the weight-normalised weight
-        self.bias = conv.bias
+    def __init__(self, conv: WNConv2d, autocast=True):
+        cast = as_autocast if autocast else (lambda tensor: tensor)
+        self.weight = cast(conv.weight)  # (C_out, C_in, 1, 1), the weight-normalised weight
+        self.bias = cast(conv.bias)
 
     def __call__(self, x):
         if x.dim() == 4:
@@ -64,8 +76,8 @@ class ConvWindow:
         height, width = shape
         self.top, self.left, self.width = top, left, width
         self.kernel_size = layer.conv.kernel_size
-        self.weight = layer.conv.weight  # (C_out, C_in, kh, kw), the weight-normalised weight
-        self.bias = layer.conv.bias
+        self.weight = as_autocast(layer.conv.weight)  # (C_out, C_in, kh, kw), the weight-normalised weight
+        self.bias = as_autocast(layer.conv.bias)
         self.inputs = self.bias.new_zeros(  # (B, C_in, H + pads, W + pads)
             batch_size, layer.conv.in_channels, top + height + bottom, left + width + right
         )
@@ -261,7 +273,7 @@ class IncrementalPixelSNAIL:
             self.vertical_input = CachedVerticalInput(model.vertical_input, batch_size, shape)
         self.blocks = [CachedBlock(block, batch_size, shape) for block in model.blocks]
         self.out_blocks = [CachedGatedResBlock(block, batch_size, shape) for block in model.out_blocks]
-        self.head = Pointwise(model.head)
+        self.head = Pointwise(model.head, autocast=False)
 
     def start_row(self, i):
         """The vertical stream over row i, through every block: rows above i are all written."""

@@ -137,3 +137,15 @@ def test_bad_temperature_is_refused():
     for temperature in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="must be > 0 and finite"):
             sample_cached(codes, 1, label[:1], cond[:1], temperature=temperature)
+
+
+def test_under_autocast_the_sampler_casts_each_weight_once_and_keeps_the_head_in_fp32():
+    """Autocast would cast every weight at every position; the sampler keeps bf16 copies instead
+    (same values), and the head in fp32 as PixelSNAIL.output runs it."""
+    model, label, cond = code_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        network = IncrementalPixelSNAIL(model, 3, model.condition(3, label, cond))
+        samples = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(0))
+    assert network.blocks[0].res_blocks[0].conv1.weight.dtype == torch.bfloat16
+    assert network.head.weight.dtype == torch.float32
+    assert samples.shape == (3, 4, 5) and 0 <= samples.min() and samples.max() < 7
