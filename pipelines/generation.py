@@ -27,6 +27,12 @@ class Pipeline:
     def n_classes(self):
         return self.top.config.n_classes
 
+    def to(self, runtime):
+        """The pipeline on the runtime's device, in eval mode, the VQ-VAE channels_last."""
+        device = runtime.device
+        return Pipeline(runtime.vqvae(self.vqvae), self.top.to(device).eval(), self.bottom.to(device).eval(),
+                        self.image_size)
+
 
 def vqvae_metadata(vqvae, image_size, n_classes):
     """The code-database fields a VQ-VAE implies, for check_fits."""

@@ -15,6 +15,8 @@ Subcommands:
           timed on a prefix of positions and scaled to the whole grid.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
+  extract code extraction through scripts/extract_codes.py itself, fp32 vs the bf16 fast path,
+          interleaved in one run, and the fraction of codes bf16 changes on a trained VQ-VAE.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -27,6 +29,8 @@ Examples:
   python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
+  python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
+  python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
 """
@@ -39,13 +43,14 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import lmdb, precision, sample, train, vqvae  # noqa: E402
+from bench import extract, lmdb, precision, sample, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
     "precision": (precision, "bf16 against fp32: training loss and test bits/dim of the real trainer, against a control, three seeds"),
     "sample": (sample, "naive vs cached sampling time for three models"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
+    "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import lmdb, precision, sample, train, vqvae
+from bench import extract, lmdb, precision, sample, train, vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -108,8 +108,23 @@ def test_lmdb_quick_writes_positive_numbers(tmp_path):
         assert all(run["startup_s"] > 0 and run["other_cpu_use"] >= 0 for run in variant["runs"])
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision"])
+def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
+    """Four runs of extract_codes.py (a start-up of seconds each): a longer limit than run_quick's."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "extract", "--quick", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads((tmp_path / "extract.json").read_text())
+    assert (tmp_path / "extract.md").read_text().startswith("# Code extraction through extract_codes.py")
+    for precision in PRECISIONS:
+        assert len(results["speed"][precision]["images_per_s"]) == results["config"]["rounds"]
+        assert results["speed"][precision]["median_images_per_s"] > 0
+    assert results["speed"]["images"] == 7  # 8 images, one held out as the folder's test split
+    for level in ("top", "bottom"):
+        assert 0 <= results["codes"][level]["codes_changed"] <= 1
+    assert results["codes"]["reconstruction_mse"]["fp32"] > 0
+
+
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, extract],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "extract"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
