@@ -9,27 +9,35 @@ A database is an LMDB directory (`subdir=True`) holding:
 - `__meta__`, written last: the plan plus `count`. Its presence marks the database complete.
 
 Example: 32x32 images with 4x4 top and 8x8 bottom grids give 4 + 2*(16 + 64) = 164-byte records.
-Records are written one transaction per batch, so a kill or a full disk leaves whole batches, and
-running the extraction again continues after them. Every problem with a database raises
-CodeStoreError with a one-line message naming the path (and the record, for a damaged one).
+Records are written one transaction per round of batches (one batch per process), so a kill or a
+full disk leaves whole rounds, and running the extraction again continues after them. Under
+several processes (`accelerate launch`) each encodes its share of the batches and process 0, the
+only writer, writes them in dataset order: the database is the one a single process writes.
+Every problem with a database raises CodeStoreError with a one-line message naming the path (and
+the record, for a damaged one).
 """
 
 import hashlib
 import json
+import math
 import os
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast, gather
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import CheckpointError, load_vqvae, resolve_checkpoint
-from pipelines.data import load_dataset, to_model_range
+from pipelines.data import load_dataset
+from pipelines.inference import make_runtime
 
 FORMAT = "pixelsnail-codes"
 FORMAT_VERSION = 1
@@ -449,31 +457,92 @@ class CodeWriter:
 
 def extract_codes(
     encode, dataset: Dataset, out, plan: dict, batch_size: int = 64, workers: int = 0,
-    progress: bool = True, map_size: int = DEFAULT_MAP_SIZE,
+    progress: bool = True, map_size: int = DEFAULT_MAP_SIZE, processes: PartialState | None = None,
 ) -> int:
     """Encodes `dataset` into the code database `out`, resuming a run that was stopped; -> the count.
 
     `encode(images)` maps uint8 images (B, 3, S, S) to (top_codes (B, Ht, Wt), bottom_codes (B, Hb, Wb));
     `dataset` yields (image uint8 (3, S, S), label int); `plan` holds PLAN_FIELDS. An incomplete `out`
     made with the same plan is continued after its last record; a complete one is left as it is.
+
+    `processes` (accelerate's PartialState or an Accelerator; default: this process's state) says
+    which process this is: batch k of the images still to encode goes to process k mod N, and each
+    round the N batches are gathered to process 0, which writes them in dataset order.
     """
     _check_loader_arguments(batch_size, workers)
     plan = _normalised_plan(plan, out)
     job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
     total = len(dataset)
-    with CodeWriter(out, map_size) as writer:
-        start = _resume_point(writer, job, total)
+    processes = processes or PartialState(cpu=not torch.cuda.is_available())
+    writer = CodeWriter(out, map_size) if processes.is_main_process else None
+    with writer or nullcontext():
+        start = _shared_resume_point(writer, job, total, processes)
         if start is None:
-            print(f"{out} is complete already ({total} records from the same job): nothing to do")
+            _print_main(processes, f"{out} is complete already ({total} records from the same job): nothing to do")
             return total
         if start > 0:
-            print(f"{out}: resuming after {start} of {total} records")
-        loader = DataLoader(Subset(dataset, range(start, total)), batch_size=batch_size, num_workers=workers)
-        batches = ((labels, *encode(images)) for images, labels in loader)
-        with tqdm(total=total, initial=start, unit="img", desc="extracting codes", disable=not progress) as bar:
-            _write_batches(writer, batches, start, plan, bar)
-        writer.put_many([(META_KEY, _json_bytes({**job, "count": total}))])
+            _print_main(processes, f"{out}: resuming after {start} of {total} records")
+        started = time.perf_counter()
+        rounds = _encoded_rounds(encode, dataset, range(start, total), batch_size, workers, plan, processes)
+        bar = tqdm(total=total, initial=start, unit="img", desc="extracting codes",
+                   disable=not (progress and processes.is_main_process))
+        with bar:
+            index = start
+            for rows in rounds:
+                if writer is not None:
+                    index = _write_rows(writer, rows, index, bar)
+        seconds = time.perf_counter() - started
+        if writer is not None:
+            writer.put_many([(META_KEY, _json_bytes({**job, "count": total}))])
+        _print_main(processes, f"encoded {total - start} images in {seconds:.3f} s "
+                    f"({(total - start) / seconds:.1f} images/s)")
     return total
+
+
+def _encoded_rounds(encode, dataset: Dataset, indices: range, batch_size: int, workers: int, plan: dict, processes):
+    """Yields, round by round, the record rows (R, record_size) uint8 of the images `indices`, in
+    order: in each round process p encodes batch p of the round, and every process receives all."""
+    first_indices = indices[::batch_size]  # of the batches
+    mine = first_indices[processes.process_index :: processes.num_processes]
+    my_indices = [i for first in mine for i in range(first, min(first + batch_size, indices.stop))]
+    batches = iter(DataLoader(Subset(dataset, my_indices), batch_size=batch_size, num_workers=workers))
+    empty = np.zeros((0, record_size(plan)), np.uint8)
+    for _ in range(math.ceil(len(first_indices) / processes.num_processes)):
+        batch = next(batches, None)  # None: this process has no batch in the last round
+        rows = empty if batch is None else encode_records(batch[1], *_on_cpu(encode(batch[0])), plan)
+        yield _gather_rows(rows, batch_size, processes)
+
+
+def _on_cpu(codes: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(tensor.cpu() for tensor in codes)
+
+
+def _print_main(processes, message: str) -> None:
+    if processes.is_main_process:
+        print(message, flush=True)
+
+
+def _shared_resume_point(writer: CodeWriter | None, job: dict, total: int, processes) -> int | None:
+    """`_resume_point` as process 0 (the one with the writer) finds it, told to every process."""
+    start = _resume_point(writer, job, total) if writer is not None else 0
+    if processes.num_processes > 1:
+        mine = torch.tensor([-1 if start is None else start], device=processes.device)
+        start = int(broadcast(mine, from_process=0)[0])
+        start = None if start < 0 else start
+    return start
+
+
+def _gather_rows(rows: np.ndarray, batch_size: int, processes) -> np.ndarray:
+    """Every process's record rows of this round, (R, record_size) uint8, in process order.
+
+    Each process sends `batch_size` rows, padded, behind a column that marks the real ones."""
+    if processes.num_processes == 1:
+        return rows
+    padded = torch.zeros(batch_size, 1 + rows.shape[1], dtype=torch.uint8)  # (B, 1 + record_size)
+    padded[: len(rows), 0] = 1
+    padded[: len(rows), 1:] = torch.from_numpy(rows)
+    every = gather(padded.to(processes.device)).cpu()  # (N * B, 1 + record_size)
+    return every[every[:, 0] == 1, 1:].numpy()
 
 
 def write_codes(out, plan: dict, batches, map_size: int = DEFAULT_MAP_SIZE) -> int:
@@ -493,17 +562,22 @@ def write_codes(out, plan: dict, batches, map_size: int = DEFAULT_MAP_SIZE) -> i
     return count
 
 
-def _write_batches(writer: CodeWriter, batches, start: int, plan: dict, bar=None) -> int:
+def _write_batches(writer: CodeWriter, batches, start: int, plan: dict) -> int:
     """Writes each batch of (labels, top_codes, bottom_codes) as records start, start+1, ... in one
     transaction per batch; -> the index after the last record."""
     index = start
     for labels, top_codes, bottom_codes in batches:
-        rows = encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan)
-        writer.put_many([(record_key(index + i), row.tobytes()) for i, row in enumerate(rows)])
-        index += len(rows)
-        if bar is not None:
-            bar.update(len(rows))
+        index = _write_rows(writer, encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan), index)
     return index
+
+
+def _write_rows(writer: CodeWriter, rows: np.ndarray, start: int, bar=None) -> int:
+    """Writes rows of record bytes as records start, start+1, ... in one transaction; -> the
+    index after the last."""
+    writer.put_many([(record_key(start + i), row.tobytes()) for i, row in enumerate(rows)])
+    if bar is not None:
+        bar.update(len(rows))
+    return start + len(rows)
 
 
 def _check_loader_arguments(batch_size: int, workers: int) -> None:
@@ -551,15 +625,20 @@ def _check_same_job(path, stored: dict, wanted: dict) -> None:
         raise CodeStoreError(f"{path} was made by a different job: {'; '.join(differences)}")
 
 
-def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classes=None, batch_size=64, workers=0):
+def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classes=None, batch_size=64, workers=0,
+                       device=None, precision="fp32"):
     """Encodes a dataset split with a VQ-VAE checkpoint into the database `out` (resumably).
 
     size defaults to the image size the VQ-VAE was trained on; n_classes to the split's largest
-    label + 1 (give the train split's value when extracting test). Returns the record count.
+    label + 1 (give the train split's value when extracting test). device and precision as
+    pipelines.inference takes them; fp32 by default, as bf16 changes about 2% of the codes of a
+    trained VQ-VAE (bench/results/extract.md). Under `accelerate launch` the processes share the work.
+    Returns the record count.
     """
     _check_loader_arguments(batch_size, workers)
     if n_classes is not None and n_classes < 0:
         raise ValueError(f"n_classes must be >= 0, got {n_classes}")
+    runtime = make_runtime(device, precision)
     model, extra = load_vqvae(vqvae_path)
     image_size = extra.get("image_size") if size is None else size
     if image_size is None:
@@ -577,9 +656,13 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
         vqvae_sha256=file_sha256(resolve_checkpoint(vqvae_path)), image_size=image_size,
         source={"data": source, "split": split, "images": len(dataset)},
     )
+    model = runtime.vqvae(model)
+    _print_main(runtime.processes, f"{runtime.processes.num_processes} process(es) on {runtime.device.type}, "
+                f"precision {runtime.precision}")
 
     @torch.no_grad()
     def encode(images_uint8):
-        return model.encode(to_model_range(images_uint8))
+        with runtime.autocast():
+            return model.encode(runtime.images(images_uint8))
 
-    return extract_codes(encode, dataset, out, plan, batch_size, workers)
+    return extract_codes(encode, dataset, out, plan, batch_size, workers, processes=runtime.processes)

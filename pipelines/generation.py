@@ -26,6 +26,12 @@ class Pipeline:
     def n_classes(self):
         return self.top.config.n_classes
 
+    def to(self, runtime):
+        """The pipeline on the runtime's device, in eval mode, the VQ-VAE channels_last."""
+        device = runtime.device
+        return Pipeline(runtime.vqvae(self.vqvae), self.top.to(device).eval(), self.bottom.to(device).eval(),
+                        self.image_size)
+
 
 def load_pipeline(vqvae_path, top_path, bottom_path):
     """Loads and cross-checks the three checkpoints (run directories or files) -> Pipeline."""

@@ -49,41 +49,49 @@ def cpu_supports_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision):
-    """'auto' -> 'bf16' where the hardware computes bf16 natively, else 'fp32'."""
+def resolve_precision(precision, device=None):
+    """'auto' -> 'bf16' where the device ('cpu' or 'cuda'; None: CUDA when present) computes bf16
+    natively, else 'fp32'."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def make_accelerator(precision, compile=False, grad_accum=1, report_to=None, run_dir=None):
-    """An Accelerator for 'bf16' or 'fp32'; refuses a launch that silently ran several copies.
+def make_accelerator(precision, compile=False, grad_accum=1, report_to=None, run_dir=None, device=None):
+    """An Accelerator for 'bf16' or 'fp32' on `device` ('cpu' or 'cuda'; None: CUDA when present);
+    refuses a launch that silently ran several copies.
     compile=True has `prepare` wrap the model in torch.compile (inductor). With grad_accum=A every
     optimizer step sums the gradients of A batches, counted by steps alone: an epoch's end never
     forces an early update, so a step is always A batches and resuming at a step stays exact.
     report_to names an accelerate tracker ("tensorboard") that logs into RUN_DIR/<report_to>."""
     accelerator = Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() if device is None else device == "cpu",
         dynamo_backend="inductor" if compile else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         log_with=report_to,
         project_dir=run_dir,
     )
+    check_processes(accelerator)
+    return accelerator
+
+
+def check_processes(state):
+    """Refuses a launch whose processes do not see each other (an Accelerator or accelerate's
+    PartialState); gives each CPU process its share of the cores."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if accelerator.num_processes != world_size:
+    if state.num_processes != world_size:
         raise RuntimeError(
-            f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
+            f"launched as {world_size} processes but accelerate sees {state.num_processes}: "
             "on CPU use `accelerate launch --multi_gpu --num_processes N` (this code selects the CPU) or torchrun"
         )
-    if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
+    if state.device.type == "cpu" and state.num_processes > 1:
         # several processes with several threads each thrash the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    return accelerator
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
 
 
 def batches_from(loader, step):

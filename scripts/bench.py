@@ -22,6 +22,8 @@ Subcommands:
   gpu     one CUDA GPU (make gpu-check runs it after the CUDA tests): training steps/s, model
           FLOP/s and memory per example of cifar10 and the paper-size priors in bf16, VQ-VAE
           training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
+  extract code extraction through scripts/extract_codes.py itself, fp32 vs the bf16 fast path,
+          interleaved in one run, and the fraction of codes bf16 changes on a trained VQ-VAE.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -36,6 +38,8 @@ Examples:
   python scripts/bench.py streams --codes runs/demo/codes.lmdb   # 3 seeds x 4 minutes
   python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
+  python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
+  python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
@@ -50,7 +54,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
+from bench import codecs, extract, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -58,6 +62,7 @@ SUBCOMMANDS = {
     "sample": (sample, "naive vs cached sampling time for three models"),
     "streams": (streams, "cpu-bottom with one and with two streams at equal wall time: validation bits per code"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
+    "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),

@@ -4,6 +4,8 @@
 
 --vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files.
 The three must belong together: the priors trained on codes of that VQ-VAE checkpoint.
+Runs on CUDA when there is one (--device chooses), under bf16 autocast where the device computes
+bf16 natively (--precision; the priors' softmax is always fp32).
 """
 
 import argparse
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from pipelines.checkpoint import atomic_path, write_image_grid
 from pipelines.cli import run
 from pipelines.generation import generate, load_pipeline
+from pipelines.inference import add_runtime_arguments, make_runtime
 
 
 def parse_args():
@@ -27,6 +30,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--out", default="samples.png", help="image grid to write (default samples.png)")
     p.add_argument("--save-codes", default=None, help="also write the sampled codes here (.safetensors)")
+    add_runtime_arguments(p)
     return p.parse_args()
 
 
@@ -36,9 +40,13 @@ def main():
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    pipeline = load_pipeline(args.vqvae, args.top, args.bottom)
-    generator = torch.Generator().manual_seed(args.seed)
-    images, top_codes, bottom_codes = generate(pipeline, args.n, args.label, args.temperature, generator, progress=True)
+    runtime = make_runtime(args.device, args.precision)
+    pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
+    generator = torch.Generator(runtime.device).manual_seed(args.seed)
+    with runtime.autocast():
+        images, top_codes, bottom_codes = generate(pipeline, args.n, args.label, args.temperature, generator,
+                                                   progress=True)
+    images, top_codes, bottom_codes = images.float().cpu(), top_codes.cpu(), bottom_codes.cpu()
     write_image_grid(images, args.out)
     if args.save_codes:
         with atomic_path(args.save_codes) as tmp:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, lmdb, precision, sample, streams, train, vqvae
+from bench import codecs, extract, lmdb, precision, sample, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -132,8 +132,23 @@ def test_streams_quick_trains_one_and_two_streams_on_a_code_database(tmp_path):
     assert results["two_minus_one"] == [results["runs"][1]["validation_bits"] - results["runs"][0]["validation_bits"]]
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams"])
+def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
+    """Four runs of extract_codes.py (a start-up of seconds each): a longer limit than run_quick's."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "extract", "--quick", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads((tmp_path / "extract.json").read_text())
+    assert (tmp_path / "extract.md").read_text().startswith("# Code extraction through extract_codes.py")
+    for precision in PRECISIONS:
+        assert len(results["speed"][precision]["images_per_s"]) == results["config"]["rounds"]
+        assert results["speed"][precision]["median_images_per_s"] > 0
+    assert results["speed"]["images"] == 7  # 8 images, one held out as the folder's test split
+    for level in ("top", "bottom"):
+        assert 0 <= results["codes"][level]["codes_changed"] <= 1
+    assert results["codes"]["reconstruction_mse"]["fp32"] > 0
+
+
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())

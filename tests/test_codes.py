@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from launch import launch_command
 from pipelines.cli import run
 from pipelines.codes import (
     META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
@@ -222,6 +223,76 @@ def test_killed_extraction_resumes_to_every_record_once(tmp_path):
     assert extract_codes(counting_encode, make_dataset(n_images), out, make_plan(), batch_size=2,
                          progress=False) == n_images
     assert sum(encoded) == n_images - progress[-1]  # continued after the last committed batch
+    assert stored_items(out) == stored_items(uninterrupted)
+
+
+KILLED_LAUNCH = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from accelerate import PartialState
+from test_codes import fake_encode, make_dataset, make_plan
+from pipelines.codes import extract_codes
+
+state = PartialState(cpu=True)
+
+def slow_encode(images):
+    if not slow_encode.started:
+        sys.stdout.write(f"encoding rank {{state.process_index}} pid {{os.getpid()}}\\n")  # one write: lines do not mix
+        sys.stdout.flush()
+        slow_encode.started = True
+    time.sleep(0.004)
+    return fake_encode(images)
+
+slow_encode.started = False
+extract_codes(slow_encode, make_dataset({n_images}), {out!r}, make_plan(), batch_size=2, progress=False,
+              processes=state)
+"""
+
+
+def start_launch(script):
+    """Launches `script` on two CPU processes; -> (the launcher, {rank: pid}) once both encode."""
+    launcher = subprocess.Popen(launch_command(2, str(script)), cwd=ROOT, env=SCRIPT_ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    pids = {}
+    while len(pids) < 2:
+        line = launcher.stdout.readline()
+        if not line:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            pytest.fail("the launch ended before both processes encoded")
+        for rank, pid in re.findall(r"encoding rank (\d+) pid (\d+)", line):
+            pids[int(rank)] = int(pid)
+    return launcher, pids
+
+
+def test_a_sigkill_of_either_process_leaves_whole_rounds_and_a_relaunch_completes(tmp_path):
+    """Two processes encode, process 0 writes: SIGKILL process 1, then (relaunched) process 0, at
+    random moments; each time the database holds a prefix of the records, byte for byte those of a
+    one-process extraction, and a third launch completes it to exactly that database."""
+    n_images = 400  # 100 rounds of two batches of 2, at least 4 ms each
+    uninterrupted = tmp_path / "uninterrupted.lmdb"
+    extract_codes(fake_encode, make_dataset(n_images), uninterrupted, make_plan(), batch_size=2, progress=False)
+    reference = dict(stored_items(uninterrupted))
+    out = tmp_path / "codes.lmdb"
+    script = tmp_path / "extract.py"
+    script.write_text(KILLED_LAUNCH.format(tests=str(ROOT / "tests"), out=str(out), n_images=n_images))
+    rng = random.Random(0)
+    progress = []
+    for victim in (1, 0):
+        launcher, pids = start_launch(script)
+        try:
+            time.sleep(rng.uniform(0.05, 0.25))
+            os.kill(pids[victim], signal.SIGKILL)
+            launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+        assert launcher.returncode != 0
+        progress.append(committed_records(out, reference))
+    assert 0 < progress[0] <= progress[1] < n_images, progress
+
+    launcher, _ = start_launch(script)
+    assert launcher.wait(timeout=300) == 0
     assert stored_items(out) == stored_items(uninterrupted)
 
 
@@ -453,7 +524,8 @@ def tiny_vqvae(tmp_path_factory):
 
 def extract_args(tiny_vqvae, out, batch_size=4) -> list[str]:
     images, vqvae, _ = tiny_vqvae
-    return ["--vqvae", str(vqvae), "--data", str(images), "--out", str(out), "--batch-size", str(batch_size)]
+    return ["--vqvae", str(vqvae), "--data", str(images), "--out", str(out), "--batch-size", str(batch_size),
+            "--precision", "fp32"]
 
 
 def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, tmp_path):
@@ -481,6 +553,27 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
     assert "is complete already" in again.stdout
     other_split = run_script(*args, "--split", "test")
     assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
+
+
+def test_two_processes_write_the_database_one_process_writes(tiny_vqvae, tmp_path):
+    """10 images in batches of 4: in the second round process 0 has the last 2 images, process 1 none."""
+    one, two = tmp_path / "one.lmdb", tmp_path / "two.lmdb"
+    assert run_script(*extract_args(tiny_vqvae, one)).returncode == 0
+    result = subprocess.run(launch_command(2, "scripts/extract_codes.py", *extract_args(tiny_vqvae, two)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es) on cpu, precision fp32" in result.stdout
+    assert result.stdout.count(f"wrote 10 records to {two}") == 1
+    assert stored_items(two) == stored_items(one)
+
+
+def test_cuda_asked_for_where_there_is_none_is_refused_before_writing(tiny_vqvae, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_script(*extract_args(tiny_vqvae, tmp_path / "codes.lmdb"), "--device", "cuda")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: --device cuda: no CUDA device is available here")
+    assert not (tmp_path / "codes.lmdb").exists()
 
 
 def test_script_stops_with_one_line_when_the_file_cannot_grow_and_a_rerun_completes(tiny_vqvae, tmp_path):
