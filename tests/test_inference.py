@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipelines import training
+from pipelines.runtime import resolve_precision
 from pipelines.inference import make_runtime, resolve_device
 from vqvae import VQVAE2, VQVAE2Config
 
@@ -24,7 +24,7 @@ def test_cuda_asked_for_where_there_is_none_is_refused():
 @pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
 def test_the_precision_follows_the_trainers_rule(precision):
     runtime = make_runtime("cpu", precision)
-    assert runtime.precision == training.resolve_precision(precision, "cpu")
+    assert runtime.precision == resolve_precision(precision, "cpu")
     assert runtime.device.type == "cpu"
     with runtime.autocast():
         product = torch.ones(2, 2) @ torch.ones(2, 2)
