@@ -115,7 +115,8 @@ CASES = {
                                "channels, 2 blocks x 4 gated resnets, 5x5 convs, 8-head attention, dropout 0.1",
                                TOP_11M, 8),
     "cifar10": pixelsnail_case("the paper's CIFAR-10 model (cifar10 preset)", get_preset("cifar10").model, 8),
-    "vqvae2-top-256ch": pixelsnail_case("vqvae2-top-256ch preset (32x32 codes)", get_preset("vqvae2-top-256ch").model, 8),
+    "vqvae2-top-256ch": pixelsnail_case("vqvae2-top-256ch preset (32x32 codes)", get_preset("vqvae2-top-256ch").model,
+                                        8),
     "vqvae2-bottom-256ch": pixelsnail_case("vqvae2-bottom-256ch preset (64x64 codes, two streams, conditioned on "
                                            "32x32 top codes)", get_preset("vqvae2-bottom-256ch").model, 2),
     # the paper's priors: over 600M parameters, one example per step on this machine's memory
@@ -476,10 +477,10 @@ def added_case_lines(results):
     for name, case in results["cases"].items():
         if "run" in case:
             run = case["run"]
-            lines.append(f"{name}: added by `{run['command']}` on {run['date']}, {run['threads']} threads, load average "
-                         f"before/after {run['load_average_before']} / {run['load_average_after']}; its FLOP/s "
-                         f"fractions are of that run's bf16 matmul peak, {gflops(run['matmul_peak']['bf16']['flops_per_s'])} "
-                         "GFLOP/s")
+            peak = gflops(run["matmul_peak"]["bf16"]["flops_per_s"])
+            lines.append(f"{name}: added by `{run['command']}` on {run['date']}, {run['threads']} threads, load "
+                         f"average before/after {run['load_average_before']} / {run['load_average_after']}; its "
+                         f"FLOP/s fractions are of that run's bf16 matmul peak, {peak} GFLOP/s")
     return lines
 
 

@@ -204,4 +204,5 @@ def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_pat
            "load_average_before": [1.0], "load_average_after": [2.0], "matmul_peak": committed["matmul_peak"]}
     added = train.added_to(path, {**run, "cases": {"new": case}})
     assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
-    assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in train.format_markdown(added)
+    markdown = train.format_markdown(added)
+    assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in markdown
