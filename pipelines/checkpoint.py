@@ -10,7 +10,7 @@ everywhere a checkpoint is asked for, the run directory or the file may be given
 import json
 import math
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,10 +38,12 @@ def atomic_path(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = tmp.stat().st_mode  # 0666 less the umask, as every file we write (safetensors writes 0600)
     try:
-        yield Path(tmp)
+        yield tmp
+        tmp.chmod(mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,6 +1,7 @@
 """What the command-line scripts share: user errors become one line, not a traceback."""
 
 import argparse
+import os
 import sys
 
 from pipelines.runtime import Stopped
@@ -36,6 +37,12 @@ def one_line(error):
     return " ".join(lines)
 
 
+def user_path(text):
+    """The argparse type of every path option: `~` and `~user` expanded, once, here (a shell leaves
+    the `~` of `--out=~/x` as typed). Relative paths stay relative: a run resolves its data paths."""
+    return os.path.expanduser(text)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's line breaks and shows every option's default."""
 
@@ -43,13 +50,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def trainer_parser(description, defaults, presets, out_help, out_required=False):
     """A trainer's parser with --out and every option the trainers share (`add_run_arguments`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default=defaults.out, required=out_required, help=out_help)
+    parser.add_argument("--out", type=user_path, default=defaults.out, required=out_required, help=out_help)
     add_run_arguments(parser, defaults, presets)
     return parser
 
 
 def add_image_data_setting(parser):
-    add_run_setting(parser, "--data", help="'builtin' (crops of scikit-image's sample photos, the default), "
+    add_run_setting(parser, "--data", type=user_path, help="'builtin' (crops of scikit-image's sample photos, the default), "
                     "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
 
 
@@ -82,7 +89,11 @@ def add_run_arguments(parser, defaults, presets):
     p.add_argument("--report-to", choices=["tensorboard"], default=d.report_to,
                    help="also log what log.jsonl logs with this accelerate tracker, into RUN_DIR/tensorboard")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out where it stopped, with its own run settings")
+                   help="continue the run in --out where it stopped, with its own run settings (its data may "
+                   "be given a new path if it holds the same data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out although it holds a model.safetensors without the state to "
+                   "resume it (the model is replaced)")
 
 
 RUN_SETTINGS_NOTE = ("[run setting]: an option that defines the run. A new run takes it from the preset (or the "

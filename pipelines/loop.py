@@ -5,7 +5,7 @@ periodic evaluation, checkpoints, and stopping without corrupting anything (SIGI
 NaN, a full disk, the time budget).
 
 A run directory holds model.safetensors (what the other scripts load, written by the task),
-state/ (what --resume needs) and log.jsonl (one line per evaluation).
+state/ (what --resume needs), log.jsonl (one line per evaluation) and .lock (held while it trains).
 """
 
 import time
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -67,6 +68,10 @@ class Task:
         """After the final evaluation: the last lines and files; returns what `fit` returns."""
         raise NotImplementedError
 
+    def data_identity(self) -> dict:
+        """What the run's data is, stored in its state and checked on resume: the records of each split."""
+        return {"train_records": len(self.train_set), "test_records": len(self.test_set)}
+
 
 def train_step(accelerator, model, optimizer, loss, batches, step, grad_clip):
     """One optimizer step, as every trainer runs it (and `bench.py train` times it): the loss of
@@ -105,11 +110,11 @@ class Run:
         return self.ema.module if self.ema is not None else self.net
 
 
-def start(task, cfg, out):
-    """The accelerator, loaders, model and optimizer of a run, new or resumed from `out`."""
-    accelerator = runtime.make_accelerator(runtime.resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
-                                           cfg.report_to, out)
+def start(task, cfg, accelerator, out):
+    """The loaders, model and optimizer of a run, new or resumed from `out` (whose lock is held)."""
     resuming = run_state.has_state(out)
+    if resuming:
+        run_state.check_same_data(cfg, task.data_identity())
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
     sampler = runtime.EpochShuffle(len(task.train_set), cfg.seed)
     train_loader = runtime.make_loader(task.train_set, cfg.batch_size, cfg.workers, sampler)
@@ -123,10 +128,10 @@ def start(task, cfg, out):
     ema = None
     if task.ema_decay:
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(task.ema_decay), use_buffers=True)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.report_to:
         accelerator.init_trackers(cfg.report_to)
-    progress = {"step": 0, "train_config": asdict(cfg), "model_config": task.model_config.to_json()}
+    progress = {"step": 0, "train_config": asdict(cfg), "model_config": task.model_config.to_json(),
+                "data": task.data_identity()}
     if resuming:
         progress.update(run_state.load_state(accelerator, out, ema), train_config=asdict(cfg))
         accelerator.print(f"resumed {out} at step {progress['step']}")
@@ -138,33 +143,40 @@ def start(task, cfg, out):
     return Run(accelerator, model, net, ema, optimizer, train_loader, test_loader, progress)
 
 
-def checkpoint(task, run, out, step):
-    """Saves the state and the task's files of `step`; a failed save stops the run in one line."""
-    run.progress["step"] = step
+def checkpoint(task, run, out, step, running):
+    """Saves the state and the task's files of `step`; a failed save (a full disk) stops the run in one line."""
+    run.progress.update(step=step, running=running)  # running: the progress bar's average goes on after a resume
     try:
         run_state.save_state(run.accelerator, out, run.progress, run.ema)
         if run.accelerator.is_main_process:
             task.write(run.weights, out, step)
-    except OSError as error:
-        raise run_state.save_failed(error, out, step) from error
+    except (OSError, SafetensorError, RuntimeError) as error:
+        failure = run_state.write_failure(error)
+        if failure is None:
+            raise
+        raise run_state.save_failed(failure, out, step) from error
 
 
 def fit(task):
     """Trains (or resumes) the task's run to cfg.steps or the time budget; returns task.finish(...)."""
-    out = Path(task.cfg.out)
-    run = start(task, task.cfg, out)
-    try:
-        step, running = run_steps(task, run, out)
-        return finish(task, run, out, step, running)
-    finally:
-        run.accelerator.end_training()  # closes the trackers, also when the run stops early
+    cfg, out = task.cfg, Path(task.cfg.out)
+    accelerator = runtime.make_accelerator(runtime.resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
+                                           cfg.report_to, out)
+    runtime.check_batch_fits(len(task.train_set), cfg.batch_size, accelerator.num_processes)
+    with run_state.locked(accelerator, out):
+        run = start(task, cfg, accelerator, out)
+        try:
+            step, running = run_steps(task, run, out)
+            return finish(task, run, out, step, running)
+        finally:
+            accelerator.end_training()  # closes the trackers, also when the run stops early
 
 
 def run_steps(task, run, out):
     """The loop: steps, periodic evaluations and checkpoints until the last step, the time budget or a
     signal (which saves and raises Stopped). Returns the step reached and the running training value."""
     cfg, accelerator = task.cfg, run.accelerator
-    step, running, started = run.progress["step"], None, time.monotonic()
+    step, running, started = run.progress["step"], run.progress.get("running"), time.monotonic()
     batches = runtime.batches_from(run.train_loader, step * cfg.grad_accum)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with runtime.StopSignals() as signals, bar:  # the bar is closed (its line ended) however the loop ends
@@ -188,7 +200,7 @@ def run_steps(task, run, out):
                 run_state.append_log(accelerator, out, {"step": step, f"train_{task.metric}": running,
                                                         "eval_batches": cfg.eval_batches, **metrics})
             if step % cfg.checkpoint_every == 0 or last:
-                checkpoint(task, run, out, step)
+                checkpoint(task, run, out, step, running)
             if signum:
                 raise runtime.Stopped(signum, step)
             if out_of_time:
@@ -201,7 +213,9 @@ def finish(task, run, out, step, running):
     """The final evaluation over the whole test split, the task's last files, the replica check."""
     accelerator = run.accelerator
     metrics = task.evaluate_final(run.weights, run.test_loader, accelerator)
-    run_state.append_log(accelerator, out, {"step": step, f"train_{task.metric}": running, "final": True, **metrics})
+    if not run_state.logged_final(out, step):  # else a finished run, resumed: its line is there
+        run_state.append_log(accelerator, out, {"step": step, f"train_{task.metric}": running, "final": True,
+                                                **metrics})
     if accelerator.num_processes > 1:
         runtime.check_replicas_agree(accelerator, run.net)
     accelerator.wait_for_everyone()

@@ -3,23 +3,35 @@
 A field made with `run_field` defines the run (its data, model, optimisation and seed). None means
 "not given": a new run takes the value from its preset or the trainer's default (`run_defaults`),
 a resumed run takes it from the run directory, and a value given on resume that differs from the
-run's is refused (`pipelines.run_state.resolve`), since it would silently make another run. The
-other fields belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
+run's is refused (`pipelines.run_state.resolve`), since it would silently make another run. A data
+path (`data_field`) is stored absolute and may change on resume: the data it names must then be the
+run's own (`pipelines.run_state.check_same_data`), so a moved database resumes. The other fields belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
 from the caller every time.
 """
 
 from dataclasses import dataclass, field, fields, replace
 
 RUN_FIELD = "run"  # the field metadata key that marks a run-defining setting
+DATA_FIELD = "data"  # ... and among them, the paths of the run's data
 
 
 def run_field(default=None):
     return field(default=default, metadata={RUN_FIELD: True})
 
 
+def data_field():
+    """A run setting naming the run's data (a path, or a dataset name such as "builtin")."""
+    return field(default=None, metadata={RUN_FIELD: True, DATA_FIELD: True})
+
+
 def run_fields(config_class):
     """The names of the settings that define a run of `config_class`."""
     return tuple(f.name for f in fields(config_class) if f.metadata.get(RUN_FIELD))
+
+
+def data_fields(config_class):
+    """The names of the run settings of `config_class` that name its data."""
+    return tuple(f.name for f in fields(config_class) if f.metadata.get(DATA_FIELD))
 
 
 def with_defaults(config):
@@ -62,6 +74,7 @@ class BaseRunConfig:
     workers: int | None = None  # DataLoader workers per process; None: pipelines.runtime.default_workers()
     report_to: str | None = None  # "tensorboard": accelerate's tracker also logs what log.jsonl logs
     resume: bool = False
+    overwrite: bool = False  # start a new run over a model.safetensors that has no state to resume
 
     def __post_init__(self):
         check_at_least(self, 1, "steps", "eval_every", "checkpoint_every", "batch_size", "grad_accum",
@@ -70,6 +83,8 @@ class BaseRunConfig:
         check_positive(self, "max_minutes", "lr", "grad_clip")
         if self.report_to not in (None, "tensorboard"):
             raise ValueError(f"report_to must be tensorboard or None, got {self.report_to!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--overwrite starts a new run and --resume continues one: give one of them")
 
     def run_defaults(self):
         """The values of a new run's settings left None: the trainer's defaults and its preset's."""

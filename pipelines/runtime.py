@@ -97,8 +97,6 @@ def check_processes(state):
 def batches_from(loader, step):
     """Yields batches forever, starting at batch `step` (counted over epochs) of an epoch-shuffled loader."""
     per_epoch = len(loader)
-    if per_epoch == 0:
-        raise ValueError("the training set is smaller than one batch")
     epoch, skip = divmod(step, per_epoch)
     while True:
         loader.set_epoch(epoch)
@@ -106,6 +104,14 @@ def batches_from(loader, step):
         for batch in source:
             yield batch
         epoch, skip = epoch + 1, 0
+
+
+def check_batch_fits(n_train, batch_size, processes):
+    """Refuses a batch (over all processes) larger than the training set, which would make no batch."""
+    if batch_size * processes > n_train:
+        per_step = f" x {processes} processes = {batch_size * processes}" if processes > 1 else ""
+        raise ValueError(f"--batch-size {batch_size}{per_step} is larger than the training set, which has {n_train} "
+                         "records: choose a smaller --batch-size")
 
 
 def default_workers():

@@ -17,7 +17,7 @@ from pipelines import run_state, runtime
 from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
 from pipelines.loop import Step, Task, fit
-from pipelines.run_config import BaseRunConfig, check_at_least, run_field
+from pipelines.run_config import BaseRunConfig, check_at_least, data_field, run_field
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from prior.modes import evaluating
 
@@ -58,7 +58,7 @@ class RunConfig(BaseRunConfig):
 
 @dataclass
 class TrainConfig(RunConfig):
-    data: str | None = run_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    data: str | None = data_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
 
     def run_defaults(self):
         return {**super().run_defaults(), "data": "builtin"}
@@ -72,6 +72,7 @@ class Source:
     test_set: Dataset
     inputs: Callable  # a batch from the loader -> (x, label or None, cond or None)
     metadata: dict = field(default_factory=dict)  # stored with every checkpoint
+    identity: dict = field(default_factory=dict)  # what the data is beyond its record counts (Task.data_identity)
 
 
 def image_inputs(batch):
@@ -146,6 +147,9 @@ class PixelSNAILTask(Task):
         fp32 = PixelSNAIL(self.model_config).to(accelerator.device)
         fp32.load_state_dict(model.state_dict())
         return {"test_bits": evaluate_bits(fp32, loader, accelerator, self.source.inputs, autocast=False)}
+
+    def data_identity(self):
+        return {**super().data_identity(), **self.source.identity}
 
     def write(self, model, out, step):
         save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), PIXELSNAIL_KIND, self.model_config, step=step,

@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 from pipelines import run_state
 from pipelines.codes import LEVELS, CodeDataset, PriorProvenance, check_fits, prior_fields
 from pipelines.loop import fit
-from pipelines.run_config import run_field
+from pipelines.run_config import data_field, run_field
 from pipelines.train_pixel import PixelSNAILTask, RunConfig, Source
 from prior import PixelSNAILConfig
 
@@ -24,7 +24,7 @@ HOLDOUT_EVERY = 20
 
 @dataclass
 class PriorTrainConfig(RunConfig):
-    codes: str | None = run_field()  # the code database written by extract_codes.py
+    codes: str | None = data_field()  # the code database written by extract_codes.py
     level: str | None = run_field()  # None: top
     out: str = "runs/prior-top"
     n_samples: int = 0  # priors draw no sample grid (scripts/sample.py decodes samples)
@@ -62,7 +62,8 @@ def code_source(path, level):
         raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {HOLDOUT_EVERY}th")
     provenance = PriorProvenance.of_database(metadata, level)
     inputs = code_inputs(level, metadata["n_classes"] > 1)
-    return Source(Subset(dataset, train), Subset(dataset, test), inputs, provenance.to_extra()), provenance
+    identity = {"vqvae_sha256": metadata["vqvae_sha256"]}
+    return Source(Subset(dataset, train), Subset(dataset, test), inputs, provenance.to_extra(), identity), provenance
 
 
 def train(cfg: PriorTrainConfig):

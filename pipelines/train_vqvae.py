@@ -19,7 +19,7 @@ from pipelines import run_state
 from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
 from pipelines.loop import Step, Task, fit
-from pipelines.run_config import BaseRunConfig, check_at_least, run_field
+from pipelines.run_config import BaseRunConfig, check_at_least, data_field, run_field
 from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
 from vqvae.presets import get_preset
@@ -27,7 +27,7 @@ from vqvae.presets import get_preset
 
 @dataclass
 class VQVAETrainConfig(BaseRunConfig):
-    data: str | None = run_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    data: str | None = data_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
     size: int | None = run_field()  # image side, divisible by 8; None: 256
     out: str = "runs/vqvae"
     steps: int = 2000

@@ -9,14 +9,14 @@ on the top codes and the label. Grid and codebook always come from the database;
 On CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`.
 """
 
-from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser
+from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser, user_path
 from pipelines.train_prior import LEVELS, PriorTrainConfig, train
 from prior import PRESETS
 
 
 def main():
     p = trainer_parser(__doc__, PriorTrainConfig(), PRESETS, "run directory (checkpoint, state, log)", out_required=True)
-    p.add_argument("--codes", required=True, help="code database written by scripts/extract_codes.py")
+    p.add_argument("--codes", type=user_path, required=True, help="code database written by scripts/extract_codes.py")
     add_run_setting(p, "--level", choices=LEVELS, help="the code grid to model (default top)")
     add_pixelsnail_arguments(p)
     train(PriorTrainConfig(**vars(p.parse_args())))

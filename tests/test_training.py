@@ -173,7 +173,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
     run_dir, previous = tmp_path / "run", 0
     for _ in range(2):
         target, delay = previous + rng.randint(1, 3), rng.uniform(0.0, 0.05)
-        process = start(command(trainer, data, run_dir) + ["--resume"])
+        process = start(command(trainer, data, run_dir) + (["--resume"] if previous else []))
         assert wait_until(lambda: (saved_step(run_dir) or 0) >= target, process), process.communicate()[1][-2000:]
         time.sleep(delay)
         process.kill()
