@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import (add_common_arguments, format_markdown_report, format_text_report, load_average, log,
                           machine_info, random_pixels, write_results)
+from bench.sample import random_inputs
 from prior import PixelSNAIL, get_preset
 from prior.sampling import IncrementalPixelSNAIL
 from vqvae import VQVAE2, VQVAE2Config
@@ -60,14 +61,7 @@ def matmul_peak(side):
 
 def model_inputs(config, batch_size, generator):
     """(x, label, cond) on the GPU, random, for a PixelSNAIL of `config`."""
-    if config.pixel_mode:
-        x = random_pixels(batch_size, config.shape, generator)
-    else:
-        x = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
-    label = torch.randint(0, config.n_classes, (batch_size,), generator=generator) if config.n_classes else None
-    cond = (torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
-            if config.cond_codes is not None else None)
-    return [None if t is None else t.to(CUDA) for t in (x, label, cond)]
+    return [None if t is None else t.to(CUDA) for t in random_inputs(config, batch_size, generator)]
 
 
 def build(config, seed):
