@@ -1,16 +1,25 @@
 """Generation with the VQ-VAE-2 pipeline: sample top codes, then bottom codes given them, decode.
 
+A sampling job (`SampleJob`, `make_samples`) makes many samples in batches, on several processes:
+sample i draws from a generator seeded by (seed, i) alone, so the same seed gives the same samples
+whatever the batch size and the number of processes.
+
 `load_pipeline` loads a VQ-VAE and its two priors and checks that they belong together: each
 prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the right level,
 with the grid shapes and codebook sizes the VQ-VAE produces, and both with the same classes.
 """
 
+import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
+from tqdm.auto import tqdm
 
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
 from pipelines.codes import PriorProvenance, check_fits, file_sha256
+from pipelines.data import to_uint8
 from prior import PixelSNAIL
 from vqvae import VQVAE2
 
@@ -57,20 +66,125 @@ def load_pipeline(vqvae_path, top_path, bottom_path):
     return Pipeline(vqvae, priors["top"], priors["bottom"], image_size)
 
 
+def sample_seed(seed, index):
+    """The seed of sample `index`'s generator: a hash of (seed, index), so that its draws depend on
+    nothing else (not the batch it is in, nor the process that makes it)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little")
+
+
+def sample_generators(seed, indices, device):
+    """One generator per sample, seeded from (seed, index)."""
+    return [torch.Generator(device).manual_seed(sample_seed(seed, int(index))) for index in indices]
+
+
 @torch.no_grad()
 def generate(pipeline, n, label=None, temperature=1.0, generator=None, progress=False):
     """n images (n, 3, S, S) in [-1, 1] with their top and bottom codes.
 
-    `label` is an int (one class for all) or None; class-conditional priors need one.
+    `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
+    priors need one. `generator`: a torch.Generator for the whole batch, or a list of n, one per
+    sample, whose draws then depend on that sample alone. `progress`: True shows a bar over
+    positions; a callable is called after each level with the share of the positions it drew.
     """
-    if pipeline.n_classes and label is None:
-        raise ValueError(f"the priors are class-conditional: give a label in [0, {pipeline.n_classes})")
-    if not pipeline.n_classes and label is not None:
-        raise ValueError(f"the priors are not class-conditional: give no label (got {label})")
-    if label is not None and not 0 <= label < pipeline.n_classes:
-        raise ValueError(f"label must lie in [0, {pipeline.n_classes}), got {label}")
+    labels = check_labels(pipeline, n, label)
     device = pipeline.top.background.device
-    labels = None if label is None else torch.full((n,), label, dtype=torch.long, device=device)
-    top_codes = pipeline.top.sample(n, labels, None, generator, temperature, progress=progress)
-    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, temperature, progress=progress)
-    return pipeline.vqvae.decode_codes(top_codes, bottom_codes), top_codes, bottom_codes
+    labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
+    bars = progress is True
+    top_codes = pipeline.top.sample(n, labels, None, generator, temperature, progress=bars)
+    if callable(progress):
+        progress(level_share(pipeline, "top"))
+    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, temperature, progress=bars)
+    images = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
+    if callable(progress):
+        progress(level_share(pipeline, "bottom"))
+    return images, top_codes, bottom_codes
+
+
+def level_share(pipeline, level):
+    """The share of a sample's positions that `level` draws."""
+    sizes = {name: math.prod(getattr(pipeline, name).config.shape) for name in ("top", "bottom")}
+    return sizes[level] / sum(sizes.values())
+
+
+def check_labels(pipeline, n, label):
+    """-> a list of n labels, or None for unconditional priors; refuses labels that do not fit."""
+    check_labels_given(label, pipeline.n_classes)
+    if label is None:
+        return None
+    labels = [label] * n if isinstance(label, int) else [int(value) for value in label]
+    if len(labels) != n:
+        raise ValueError(f"expected {n} labels, got {len(labels)}")
+    for value in labels:
+        check_class(value, pipeline.n_classes)
+    return labels
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """What decides the samples: sample i has class labels[i // per_label] (None for unconditional
+    priors) and draws from a generator seeded by (seed, i)."""
+
+    labels: tuple
+    per_label: int
+    seed: int
+    temperature: float
+
+    @property
+    def total(self):
+        return len(self.labels) * self.per_label
+
+    def labels_of(self, indices):
+        """The labels of samples `indices`, or None for unconditional priors."""
+        return None if self.labels == (None,) else [self.labels[i // self.per_label] for i in indices]
+
+
+def parse_labels(spec, n_classes):
+    """--label as given ('3', '1,4,7', 'all' or None) -> the classes, a tuple; (None,) for unconditional priors."""
+    if spec is None or not n_classes:
+        check_labels_given(spec, n_classes)
+        return (None,)
+    if spec == "all":
+        return tuple(range(n_classes))
+    try:
+        labels = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--label must be a class, a comma list of classes or all, got {spec!r}") from None
+    for label in labels:
+        check_class(label, n_classes)
+    return labels
+
+
+def check_class(label, n_classes):
+    if not 0 <= label < n_classes:
+        raise ValueError(f"label must lie in [0, {n_classes}), got {label}")
+
+
+def check_labels_given(spec, n_classes):
+    if n_classes and spec is None:
+        raise ValueError(f"the priors are class-conditional: give a label in [0, {n_classes}), a comma list or all")
+    if not n_classes and spec is not None:
+        raise ValueError(f"the priors are not class-conditional: give no label (got {spec})")
+
+
+def make_samples(pipeline, runtime, job, indices, batch_size, keep):
+    """Makes samples `indices` of `job` in batches of `batch_size`, batch k on process k mod N, and
+    calls keep(batch_indices, labels, images (B, S, S, 3) uint8, top_codes, bottom_codes) on the CPU
+    after each. One progress bar for the whole job, on the main process, advanced per level drawn."""
+    processes = runtime.processes
+    batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    rounds = [batches[k : k + processes.num_processes] for k in range(0, len(batches), processes.num_processes)]
+    bar = tqdm(total=len(indices), desc="sampling", disable=not processes.is_main_process,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} samples [{elapsed}<{remaining}]")
+    with bar:
+        for batches_of_round in rounds:
+            if processes.process_index >= len(batches_of_round):
+                break
+            batch = batches_of_round[processes.process_index]
+            in_round = sum(len(each) for each in batches_of_round)  # what the bar counts for all processes
+            labels = job.labels_of(batch)
+            generators = sample_generators(job.seed, batch, runtime.device)
+            with runtime.autocast():
+                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.temperature, generators,
+                                                           progress=lambda share: bar.update(share * in_round))
+            images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
+            keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())

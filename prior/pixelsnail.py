@@ -291,7 +291,14 @@ class PixelSNAIL(nn.Module):
     # -- sampling ---------------------------------------------------------------------------
 
     def draw(self, out, generator=None, temperature=1.0):
-        """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,)."""
+        """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,).
+
+        `generator`: a torch.Generator (or None) for the batch, or a list of B, one per example,
+        whose draws then depend on that example alone, not on the batch it is in."""
+        if isinstance(generator, list):
+            if len(generator) != len(out):
+                raise ValueError(f"{len(generator)} generators for a batch of {len(out)}")
+            return torch.cat([self.draw(out[k : k + 1], g, temperature) for k, g in enumerate(generator)])
         if self.config.pixel_mode:
             return mixture.sample(out, generator)[:, :, 0, 0]
         probs = torch.softmax(out[:, :, 0, 0].float() / temperature, dim=1)

@@ -1,11 +1,23 @@
 """Sample images from the VQ-VAE-2 pipeline: top codes, then bottom codes given them, decoded.
 
   python scripts/sample.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom --n 16 --label 3 --out samples.png
+  # 50 samples of every class, one PNG each and samples.npz, on 4 GPUs (resumable: run it again after a kill)
+  accelerate launch --num_processes 4 scripts/sample.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom \\
+      --label all --n 50 --batch-size 32 --out-dir runs/samples
+  # two processes on a CPU-only machine
+  accelerate launch --multi_gpu --num_processes 2 scripts/sample.py ... --out-dir runs/samples
 
 --vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files.
-The three must belong together: the priors trained on codes of that VQ-VAE checkpoint.
-Runs on CUDA when there is one (--device chooses), under bf16 autocast where the device computes
-bf16 natively (--precision; the priors' softmax is always fp32).
+The three must belong together: the priors trained on codes of that VQ-VAE checkpoint. Runs on
+CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
+natively (--precision; the priors' softmax is always fp32). Sample i draws from a generator
+seeded by (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the
+number of processes (up to rounding: see the README).
+
+--out-dir writes one PNG per sample ({index:06d}_label{label}.png) and samples.npz (uint8 images
+(N, S, S, 3), top and bottom codes, labels); a re-run skips the samples already written.
+--out writes them as one grid (one row per class when there are several); without --out-dir it
+is written by default (samples.png), and only then may --save-codes be given.
 """
 
 import argparse
@@ -13,9 +25,11 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
-from pipelines.checkpoint import atomic_path, write_image_grid
+from pipelines import samples as sample_dir
+from pipelines.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
 from pipelines.cli import run
-from pipelines.generation import generate, load_pipeline
+from pipelines.codes import file_sha256
+from pipelines.generation import SampleJob, load_pipeline, make_samples, parse_labels
 from pipelines.inference import add_runtime_arguments, make_runtime
 
 
@@ -24,34 +38,93 @@ def parse_args():
     p.add_argument("--vqvae", required=True, help="VQ-VAE run directory or checkpoint")
     p.add_argument("--top", required=True, help="top prior run directory or checkpoint")
     p.add_argument("--bottom", required=True, help="bottom prior run directory or checkpoint")
-    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--label", type=int, default=None, help="class of every sample (needed by class-conditional priors)")
+    p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
+    p.add_argument("--label", default=None,
+                   help="class of the samples: one class, a comma list (3,7,9) or all; needed by class-conditional priors")
+    p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
-    p.add_argument("--out", default="samples.png", help="image grid to write (default samples.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
+    p.add_argument("--out", default=None, help="image grid to write (default samples.png without --out-dir)")
+    p.add_argument("--out-dir", default=None, help="directory for one PNG per sample and samples.npz (resumable)")
     p.add_argument("--save-codes", default=None, help="also write the sampled codes here (.safetensors)")
     add_runtime_arguments(p)
     return p.parse_args()
 
 
-def main():
-    args = parse_args()
+def check_args(args):
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.out_dir is not None and args.save_codes is not None:
+        raise ValueError("--save-codes goes without --out-dir: samples.npz holds the codes")
+    if args.out_dir is None and args.out is None:
+        args.out = "samples.png"
+
+
+def main():
+    args = parse_args()
+    check_args(args)
     runtime = make_runtime(args.device, args.precision)
     pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
-    generator = torch.Generator(runtime.device).manual_seed(args.seed)
-    with runtime.autocast():
-        images, top_codes, bottom_codes = generate(pipeline, args.n, args.label, args.temperature, generator,
-                                                   progress=True)
-    images, top_codes, bottom_codes = images.float().cpu(), top_codes.cpu(), bottom_codes.cpu()
-    write_image_grid(images, args.out)
+    job = SampleJob(parse_labels(args.label, pipeline.n_classes), args.n, args.seed, args.temperature)
+    if args.out_dir is None:
+        samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
+    else:
+        samples = sample_to_directory(pipeline, runtime, job, args, args.out_dir)
+    if samples is None:  # not the main process
+        return
+    if args.out:
+        write_grid(samples, job, args.out)
     if args.save_codes:
         with atomic_path(args.save_codes) as tmp:
-            save_file({"top_codes": top_codes.contiguous(), "bottom_codes": bottom_codes.contiguous()}, tmp)
-    print(f"wrote {args.n} samples ({pipeline.image_size}x{pipeline.image_size}) to {args.out}")
+            save_file({name: torch.from_numpy(samples[name].astype("int64")) for name in ("top_codes", "bottom_codes")},
+                      tmp)
+    where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)
+    print(f"wrote {job.total} samples ({pipeline.image_size}x{pipeline.image_size}) to {where}")
+
+
+def sample_in_memory(pipeline, runtime, job, batch_size):
+    """All samples in one process, kept in memory: {images, top_codes, bottom_codes, labels} arrays."""
+    if runtime.processes.num_processes > 1:
+        raise ValueError("several processes write their samples to --out-dir: give one")
+    batches = []
+    make_samples(pipeline, runtime, job, list(range(job.total)), batch_size,
+                 lambda indices, labels, *arrays: batches.append(arrays))
+    return {name: torch.cat([batch[k] for batch in batches]).numpy()
+            for k, name in enumerate(("images", "top_codes", "bottom_codes"))}
+
+
+def sample_to_directory(pipeline, runtime, job, args, out_dir):
+    """The samples of `job` not yet in `out_dir`, shared by the processes; -> all of them, read
+    back from samples.npz on the main process (None elsewhere)."""
+    processes = runtime.processes
+    if processes.is_main_process:
+        sample_dir.start(out_dir, {
+            **{f"{name}_sha256": file_sha256(resolve_checkpoint(getattr(args, name))) for name in ("vqvae", "top", "bottom")},
+            "labels": list(job.labels), "per_label": job.per_label, "seed": job.seed,
+            "temperature": job.temperature, "precision": runtime.precision,
+        })
+    processes.wait_for_everyone()
+    todo = sorted(set(range(job.total)) - sample_dir.done(out_dir))
+    if processes.is_main_process and len(todo) < job.total:
+        print(f"{out_dir}: {job.total - len(todo)} of {job.total} samples written already")
+    make_samples(pipeline, runtime, job, todo, args.batch_size,
+                 lambda *batch: sample_dir.write_batch(out_dir, *batch))
+    processes.wait_for_everyone()
+    if not processes.is_main_process:
+        return None
+    written = sample_dir.finish(out_dir, job.total)
+    return sample_dir.load(written) if args.out else {}
+
+
+def write_grid(samples, job, path):
+    """The samples as one image: a row per class when there are several, else a square-ish grid."""
+    images = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2) / 127.5 - 1
+    columns = job.per_label if len(job.labels) > 1 else math.ceil(math.sqrt(job.total))
+    write_image_grid(images, path, nrow=columns)
 
 
 if __name__ == "__main__":

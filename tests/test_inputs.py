@@ -260,6 +260,8 @@ def test_sample_refuses_a_prior_that_does_not_fit_the_vqvae(models, script, tmp_
     (2, "label must lie in [0, 2), got 2"),
     (-1, "label must lie in [0, 2), got -1"),
     (None, "the priors are class-conditional: give a label in [0, 2)"),
+    ("0,2", "label must lie in [0, 2), got 2"),
+    ("1,x", "--label must be a class, a comma list of classes or all, got '1,x'"),
 ])
 def test_sample_refuses_a_label_outside_the_classes(models, script, tmp_path, label, message):
     out = tmp_path / "samples.png"
@@ -282,6 +284,7 @@ def test_sample_refuses_a_label_for_unconditional_priors_and_samples_without(mod
     ("--n", 0, "--n must be >= 1, got 0"),
     ("--n", -2, "--n must be >= 1, got -2"),
     ("--temperature", 0, "--temperature must be > 0"),
+    ("--batch-size", 0, "--batch-size must be >= 1, got 0"),
 ])
 def test_sample_refuses_bad_counts(models, script, tmp_path, option, value, message):
     out = tmp_path / "samples.png"

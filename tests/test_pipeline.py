@@ -2,8 +2,10 @@
 train a VQ-VAE, extract codes, train top and bottom priors (one of them on two processes),
 sample and decode; and the refusals of checkpoints that do not belong together."""
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,92 @@ def test_high_resolution_path_256():
     images, top_codes, bottom_codes = generate(Pipeline(vqvae.eval(), top, bottom, 256), 1, 2,
                                                generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 256, 256) and top_codes.shape == (1, 32, 32) and bottom_codes.shape == (1, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling at scale: --out-dir, --batch-size, several processes, resume
+
+
+def sample_args(root, out_dir, *extra):
+    return ["scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"), "--bottom",
+            str(root / "bottom"), "--precision", "fp32", "--device", "cpu", "--seed", "3", "--out-dir", str(out_dir),
+            *extra]
+
+
+def differing(a, b):
+    """The number of samples whose codes differ between two samples.npz."""
+    return int(sum(((a[name] != b[name]).reshape(len(a[name]), -1).any(1)).sum()
+                   for name in ("top_codes", "bottom_codes")))
+
+
+def test_the_same_seed_gives_the_same_samples_whatever_the_batch_size_and_processes(pipeline_runs, tmp_path):
+    """Sample i draws from a generator seeded by (seed, i): 1 process in batches of 5 and 2 processes
+    in batches of 2 make the same 6 samples (3 of each class), in fp32 to the last code and pixel."""
+    from pipelines.samples import load
+
+    root, _, _ = pipeline_runs
+    ok(*sample_args(root, tmp_path / "one", "--label", "all", "--n", "3", "--batch-size", "5"))
+    out = ok(*sample_args(root, tmp_path / "two", "--label", "all", "--n", "3", "--batch-size", "2",
+                          "--out", str(tmp_path / "grid.png")), processes=2)
+    assert out.count("wrote 6 samples") == 1
+    one, two = load(tmp_path / "one" / "samples.npz"), load(tmp_path / "two" / "samples.npz")
+    assert one["images"].shape == (6, 16, 16, 3) and one["images"].dtype == np.uint8
+    assert one["top_codes"].shape == (6, 2, 2) and one["bottom_codes"].shape == (6, 4, 4)
+    assert one["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert differing(one, two) == 0  # rounding could make rare differences: there are none here
+    assert all(np.array_equal(one[name], two[name]) for name in one)
+    names = sorted(path.name for path in (tmp_path / "two").glob("*.png"))
+    assert names == [f"{i:06d}_label{i // 3}.png" for i in range(6)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / names[4])), one["images"][4])
+    assert Image.open(tmp_path / "grid.png").size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # a row per class
+    assert len(set(map(bytes, one["bottom_codes"]))) > 1  # the samples differ from each other
+
+
+def test_a_killed_sampling_job_resumes_to_the_samples_of_an_uninterrupted_one(pipeline_runs, tmp_path):
+    from pipelines.samples import load
+
+    root, _, _ = pipeline_runs
+    out_dir = tmp_path / "killed"
+    args = sample_args(root, out_dir, "--label", "0,1", "--n", "60", "--batch-size", "2")
+    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out_dir / "parts").glob("*.npz"))) < 3 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    written = len(list((out_dir / "parts").glob("*.npz")))
+    assert 3 <= written < 60 and not (out_dir / "samples.npz").exists()
+
+    out = ok(*args)
+    assert f"{2 * written} of 120 samples written already" in out
+    ok(*sample_args(root, tmp_path / "whole", "--label", "0,1", "--n", "60", "--batch-size", "7"))
+    resumed, whole = load(out_dir / "samples.npz"), load(tmp_path / "whole" / "samples.npz")
+    assert differing(resumed, whole) == 0
+    assert all(np.array_equal(resumed[name], whole[name]) for name in whole)
+    assert len(list(out_dir.glob("*.png"))) == 120 and not list(out_dir.rglob("*.tmp"))
+
+
+def test_another_job_in_the_same_directory_is_refused(pipeline_runs, tmp_path):
+    root, _, _ = pipeline_runs
+    ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"))
+    result = run(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2", "--temperature", "0.5"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "holds samples of another job: temperature 1.0 there, 0.5 now" in result.stderr
+    again = ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"))
+    assert "2 of 2 samples written already" in again
+
+
+def test_per_sample_generators_draw_the_same_in_any_batch(pipeline_runs):
+    """generate() with one generator per sample: sample k of a batch of 5 equals the same sample alone."""
+    from pipelines.generation import sample_generators
+
+    root, _, _ = pipeline_runs
+    pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
+    batch = generate(pipeline, 5, [0, 1, 1, 0, 1], generator=sample_generators(7, range(5), "cpu"))
+    for k in (0, 3, 4):
+        alone = generate(pipeline, 1, [[0, 1, 1, 0, 1][k]], generator=sample_generators(7, [k], "cpu"))
+        assert all(torch.equal(a, b[k : k + 1]) for a, b in zip(alone[1:], batch[1:]))
+        assert torch.allclose(alone[0], batch[0][k : k + 1], atol=1e-6)

@@ -149,3 +149,24 @@ def test_under_autocast_the_sampler_casts_each_weight_once_and_keeps_the_head_in
     assert network.blocks[0].res_blocks[0].conv1.weight.dtype == torch.bfloat16
     assert network.head.weight.dtype == torch.float32
     assert samples.shape == (3, 4, 5) and 0 <= samples.min() and samples.max() < 7
+
+
+def per_example_generators(seeds):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.mark.parametrize("case", ["pixels, attention", "codes, label + cond + attention"])
+def test_one_generator_per_example_draws_each_example_as_if_alone(case):
+    """With a list of generators, example k draws from generator k only: the cached sampler equals
+    the naive one, and each example of the batch equals the same example sampled alone."""
+    model, label, cond = CASES[case]()
+    seeds = [11, 12, 13]
+    naive = model.sample(3, label, cond, per_example_generators(seeds), cache=False)
+    cached = sample_cached(model, 3, label, cond, per_example_generators(seeds))
+    assert torch.equal(cached, naive)
+    for k in range(3):
+        alone = sample_cached(model, 1, None if label is None else label[k : k + 1],
+                              None if cond is None else cond[k : k + 1], per_example_generators(seeds[k : k + 1]))
+        assert torch.equal(alone, cached[k : k + 1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample_cached(model, 3, label, cond, per_example_generators(seeds[:2]))
