@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from pipelines import runtime
 from pipelines.checkpoint import load_pixelsnail
-from pipelines.cli import HelpFormatter, run
+from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.data import load_dataset
 from pipelines.inference import add_runtime_arguments, resolve_device
 from pipelines.train_pixel import evaluate_bits
@@ -19,8 +19,8 @@ from pipelines.train_pixel import evaluate_bits
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a run directory (its model.safetensors) or a checkpoint file")
-    p.add_argument("--data", required=True, help="the dataset, as given to the trainer ('builtin' included)")
+    p.add_argument("--ckpt", type=user_path, required=True, help="a run directory (its model.safetensors) or a checkpoint file")
+    p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--batch-size", type=int, default=32)
     # fp32 by default: this is the figure quoted as exact (the trainers' final evaluation runs in fp32 too)

@@ -19,17 +19,17 @@ import argparse
 
 from accelerate import PartialState
 
-from pipelines.cli import HelpFormatter, run
+from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.codes import extract_with_vqvae
 from pipelines.inference import add_runtime_arguments
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--vqvae", required=True, help="VQ-VAE-2 run directory or checkpoint file")
-    p.add_argument("--data", required=True, help="'builtin' (crops of scikit-image's sample photos), "
+    p.add_argument("--vqvae", type=user_path, required=True, help="VQ-VAE-2 run directory or checkpoint file")
+    p.add_argument("--data", type=user_path, required=True, help="'builtin' (crops of scikit-image's sample photos), "
                    "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
-    p.add_argument("--out", required=True, help="code database to write (an LMDB directory)")
+    p.add_argument("--out", type=user_path, required=True, help="code database to write (an LMDB directory)")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--size", type=int, default=None,
                    help="image size (default: the size the VQ-VAE was trained on)")

@@ -21,13 +21,14 @@ is written by default (samples.png), and only then may --save-codes be given.
 """
 
 import argparse
+import math
 
 import torch
 from safetensors.torch import save_file
 
 from pipelines import samples as sample_dir
 from pipelines.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
-from pipelines.cli import run
+from pipelines.cli import run, user_path
 from pipelines.codes import file_sha256
 from pipelines.generation import SampleJob, load_pipeline, make_samples, parse_labels
 from pipelines.inference import add_runtime_arguments, make_runtime
@@ -35,18 +36,18 @@ from pipelines.inference import add_runtime_arguments, make_runtime
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vqvae", required=True, help="VQ-VAE run directory or checkpoint")
-    p.add_argument("--top", required=True, help="top prior run directory or checkpoint")
-    p.add_argument("--bottom", required=True, help="bottom prior run directory or checkpoint")
+    p.add_argument("--vqvae", type=user_path, required=True, help="VQ-VAE run directory or checkpoint")
+    p.add_argument("--top", type=user_path, required=True, help="top prior run directory or checkpoint")
+    p.add_argument("--bottom", type=user_path, required=True, help="bottom prior run directory or checkpoint")
     p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
     p.add_argument("--label", default=None,
                    help="class of the samples: one class, a comma list (3,7,9) or all; needed by class-conditional priors")
     p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
-    p.add_argument("--out", default=None, help="image grid to write (default samples.png without --out-dir)")
-    p.add_argument("--out-dir", default=None, help="directory for one PNG per sample and samples.npz (resumable)")
-    p.add_argument("--save-codes", default=None, help="also write the sampled codes here (.safetensors)")
+    p.add_argument("--out", type=user_path, default=None, help="image grid to write (default samples.png without --out-dir)")
+    p.add_argument("--out-dir", type=user_path, default=None, help="directory for one PNG per sample and samples.npz (resumable)")
+    p.add_argument("--save-codes", type=user_path, default=None, help="also write the sampled codes here (.safetensors)")
     add_runtime_arguments(p)
     return p.parse_args()
 
@@ -56,8 +57,11 @@ def check_args(args):
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.temperature < math.inf:  # nan fails this too
+        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
+    for option, path, suffix in (("--out", args.out, ".png"), ("--save-codes", args.save_codes, ".safetensors")):
+        if path is not None and not path.lower().endswith(suffix):
+            raise ValueError(f"{option} {path}: the file is written as {suffix}, so its name must end in {suffix}")
     if args.out_dir is not None and args.save_codes is not None:
         raise ValueError("--save-codes goes without --out-dir: samples.npz holds the codes")
     if args.out_dir is None and args.out is None:

@@ -284,12 +284,37 @@ def test_sample_refuses_a_label_for_unconditional_priors_and_samples_without(mod
     ("--n", 0, "--n must be >= 1, got 0"),
     ("--n", -2, "--n must be >= 1, got -2"),
     ("--temperature", 0, "--temperature must be > 0"),
+    ("--temperature", "nan", "--temperature must be > 0 and finite, got nan"),  # crashed later before
+    ("--temperature", "inf", "--temperature must be > 0 and finite, got inf"),  # was accepted before
     ("--batch-size", 0, "--batch-size must be >= 1, got 0"),
 ])
 def test_sample_refuses_bad_counts(models, script, tmp_path, option, value, message):
     out = tmp_path / "samples.png"
     assert_refused(script("sample.py", *sample_args(models, out), "--label", 0, option, value), message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option, name, suffix", [("--out", "x.jpg", ".png"), ("--save-codes", "x.pt", ".safetensors")])
+def test_sample_refuses_a_file_name_its_format_does_not_match(models, script, tmp_path, option, name, suffix):
+    """`--out x.jpg` once wrote PNG data into x.jpg, and `--save-codes x.pt` safetensors into x.pt."""
+    args = sample_args(models, tmp_path / "samples.png")
+    if option == "--out":
+        args[-1] = tmp_path / name
+    else:
+        args += [option, tmp_path / name]
+    assert_refused(script("sample.py", *args, "--label", 0), option, name, f"must end in {suffix}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inference_scripts_expand_the_home_directory(models, script, tmp_path, monkeypatch):
+    """`~` in a path option means the home directory, in every script (the trainers test theirs)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    status, stderr = script("evaluate.py", "--ckpt", "~/no-model", "--data", models["images"])
+    assert status == 2 and str(tmp_path / "no-model") in stderr, stderr
+    args = sample_args(models, "~/samples.png")
+    status, stderr = script("sample.py", *args, "--label", 0)
+    assert status == 0, stderr
+    assert (tmp_path / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("batch_size", [0, -4])
