@@ -1,20 +1,16 @@
 """The same guarantees on CUDA: causality, cached == naive sampling in fp32, and one short run of
 every trainer. Skipped without a GPU (CI has none); `make gpu-check` runs them where there is one."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from launch import ok as run
 from prior import PixelSNAIL, PixelSNAILConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 SMALL = dict(channels=16, n_blocks=2, n_res_blocks=1, key_channels=4, value_channels=8, dropout=0.0)
 CODES = dict(n_codes=7, embed_channels=8, cond_channels=8, cond_res_blocks=1)
@@ -100,12 +96,6 @@ def test_cached_sampler_equals_naive_on_cuda(name):
 
 
 # -- the scripts on CUDA ----------------------------------------------------------------------
-
-
-def run(*args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

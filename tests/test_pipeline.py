@@ -14,28 +14,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch import launch_command
+from launch import ok, run_script as run
 from pipelines.checkpoint import save_checkpoint
 from pipelines.generation import generate, load_pipeline
 from prior import PixelSNAIL, PixelSNAILConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--precision", "fp32", "--batch-size", "4", "--eval-every", "2"]
-
-
-def run(*args, processes=1):
-    if processes == 1:
-        command = [sys.executable, *args]
-    else:
-        command = launch_command(processes, *args)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return result
-
-
-def ok(*args, processes=1):
-    result = run(*args, processes=processes)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
