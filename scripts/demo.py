@@ -20,6 +20,7 @@ from pipelines.checkpoint import write_image_grid
 from pipelines.cli import run
 from pipelines.codes import extract_with_vqvae
 from pipelines.generation import generate, load_pipeline
+from pipelines.run_state import has_state
 
 
 def parse_args():
@@ -40,7 +41,8 @@ def main():
     print("== 1/4 VQ-VAE")
     train_vqvae.train(train_vqvae.VQVAETrainConfig(
         data="builtin", out=str(out / "vqvae"), preset="cpu-small", size=args.size, steps=3000,
-        max_minutes=budget["vqvae"], batch_size=16, lr=1e-3, eval_every=1000, checkpoint_every=200, resume=True))
+        max_minutes=budget["vqvae"], batch_size=16, lr=1e-3, eval_every=1000, checkpoint_every=200,
+        resume=has_state(out / "vqvae")))
 
     print("== 2/4 codes")
     count = extract_with_vqvae(out / "vqvae", "builtin", out / "codes.lmdb")
@@ -50,7 +52,8 @@ def main():
         print(f"== 3/4 {level} prior")
         train_prior.train(train_prior.PriorTrainConfig(
             codes=str(out / "codes.lmdb"), level=level, out=str(out / level), preset=f"cpu-{level}",
-            steps=3000, max_minutes=budget[level], eval_every=1000, checkpoint_every=200, resume=True))
+            steps=3000, max_minutes=budget[level], eval_every=1000, checkpoint_every=200,
+            resume=has_state(out / level)))
 
     print("== 4/4 samples")
     pipeline = load_pipeline(out / "vqvae", out / "top", out / "bottom")

@@ -8,6 +8,7 @@ and writes a grid of samples. Running it again resumes the same run and trains f
 import argparse
 
 from pipelines.cli import run
+from pipelines.run_state import has_state
 from pipelines.train_pixel import TrainConfig, train
 
 
@@ -18,7 +19,8 @@ def main():
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget of this session")
     args = p.parse_args()
     train(TrainConfig(data="builtin", out=args.out, preset="cpu-small", steps=args.steps,
-                      max_minutes=args.minutes, eval_every=200, checkpoint_every=100, resume=True))
+                      max_minutes=args.minutes, eval_every=200, checkpoint_every=100,
+                      resume=has_state(args.out)))
 
 
 if __name__ == "__main__":
