@@ -2,15 +2,18 @@
 
 import argparse
 import os
+import signal
 import sys
 
 from pipelines.runtime import Stopped
 
 
-def run(main):
+def run(main, interrupted="interrupted"):
     """Calls main(); a user error (bad path, bad file, bad value), a full disk or a NaN loss exits 2
     with one line on stderr; a training stopped by SIGINT / SIGTERM after saving exits 130 / 143,
-    as does a second Ctrl-C (130) that stops at once."""
+    as does a second Ctrl-C (130) that stops at once. Another Ctrl-C prints `interrupted` (the
+    script says how to go on) and exits 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' start-up handler ends here
     try:
         main()
     except Stopped as stop:
@@ -20,7 +23,7 @@ def run(main):
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
 
 

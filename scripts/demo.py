@@ -10,6 +10,10 @@
 Every stage resumes when the command is run again. The pixel-space demo is scripts/demo_pixels.py.
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 import argparse
 from pathlib import Path
 

@@ -5,6 +5,10 @@ bundled sample photos, then prints the exact test bits/dim (EMA weights, over he
 and writes a grid of samples. Running it again resumes the same run and trains further.
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 import argparse
 
 from pipelines.cli import run

@@ -5,6 +5,10 @@ in fp32 by default (--precision auto: bf16 autocast where the device computes bf
 likelihood itself is always fp32), and on several processes under `accelerate launch`, each evaluating a share.
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 import argparse
 
 from torch.utils.data import DataLoader

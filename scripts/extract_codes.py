@@ -15,6 +15,10 @@ ties: the reconstruction error did not change), touching 95% of the images; --pr
   accelerate launch --multi_gpu --num_processes 2 scripts/extract_codes.py ...   # 2 processes on a CPU-only machine
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 import argparse
 
 from accelerate import PartialState
@@ -22,6 +26,9 @@ from accelerate import PartialState
 from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.codes import extract_with_vqvae
 from pipelines.inference import add_runtime_arguments
+
+
+INTERRUPTED = "interrupted: the batches committed so far are kept; run the same command again to resume"
 
 
 def parse_args():
@@ -52,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, interrupted=INTERRUPTED)

@@ -20,6 +20,10 @@ number of processes (up to rounding: see the README).
 is written by default (samples.png), and only then may --save-codes be given.
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 import argparse
 import math
 

@@ -4,6 +4,10 @@ Runs as `python scripts/train_pixelsnail.py ...` or `accelerate launch scripts/t
 (on CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`).
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 from pipelines.cli import add_image_data_setting, add_pixelsnail_arguments, run, trainer_parser
 from pipelines.train_pixel import TrainConfig, train
 from prior import PRESETS

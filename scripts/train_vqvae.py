@@ -5,6 +5,10 @@ Runs as `python scripts/train_vqvae.py ...` or `accelerate launch scripts/train_
 Presets: vqvae2, the paper's model (codebooks 512 x 64, the default); cpu-small, a quick CPU model.
 """
 
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
 from pipelines.cli import add_image_data_setting, add_run_setting, run, trainer_parser
 from pipelines.train_vqvae import VQVAETrainConfig, train
 from vqvae.presets import PRESETS

@@ -10,8 +10,10 @@ random weights; the case that needs a real process (a DataLoader worker's error)
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +440,28 @@ def test_extraction_stopped_by_a_damaged_image_in_a_worker_leaves_an_incomplete_
     assert_refused((result.returncode, result.stderr), f"cannot read image {truncated}")
     with pytest.raises(CodeStoreError, match="incomplete"):
         read_metadata(out)
+
+
+@pytest.mark.parametrize("name", ["train_pixelsnail.py", "extract_codes.py", "sample.py"])
+def test_ctrl_c_while_a_script_imports_prints_one_line(name):
+    """A Ctrl-C during the seconds torch takes to import printed a KeyboardInterrupt traceback."""
+    child = subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), "--help"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.25)  # past Python's start, inside the imports
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert stderr.strip() == "interrupted while starting"
+
+
+def test_ctrl_c_during_extraction_says_how_to_go_on(monkeypatch, capsys):
+    """extract_codes.py said only "interrupted"; its records are kept and the same command resumes."""
+    from pipelines import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(interrupted, interrupted=runpy.run_path(str(ROOT / "scripts" / "extract_codes.py"))["INTERRUPTED"])
+    assert exit_info.value.code == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
