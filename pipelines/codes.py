@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pipelines.checkpoint import CheckpointError, load_vqvae, resolve_checkpoint
 from pipelines.data import load_dataset
-from pipelines.inference import make_runtime
+from pipelines.inference import make_runtime, resolve_device
 
 FORMAT = "pixelsnail-codes"
 FORMAT_VERSION = 1
@@ -473,7 +473,7 @@ def extract_codes(
     plan = _normalised_plan(plan, out)
     job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
     total = len(dataset)
-    processes = processes or PartialState(cpu=not torch.cuda.is_available())
+    processes = processes or PartialState(cpu=resolve_device() == "cpu")
     writer = CodeWriter(out, map_size) if processes.is_main_process else None
     with writer or nullcontext():
         start = _shared_resume_point(writer, job, total, processes)

@@ -459,13 +459,12 @@ def _image_identities(folder: Path) -> dict[Path, tuple[int, int]]:
     def refuse(error: OSError):
         raise DataError(f"cannot read {error.filename}: {error.strerror}")
 
-    above = _self_and_above(folder)
-    walked, files, listed = set(), {}, set()
+    closed = _self_and_above(folder)  # folders not to enter: those walked, and the start and above it
+    files, listed = {}, set()
     for directory, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
-        walked.add(_identity(directory))
-        subfolders[:] = [name for name in sorted(subfolders) if not name.startswith(".")
-                         and _identity(os.path.join(directory, name)) not in walked and
-                         _identity(os.path.join(directory, name)) not in above]
+        closed.add(_identity(directory))
+        subfolders[:] = [name for name in sorted(subfolders)
+                         if not name.startswith(".") and _identity(os.path.join(directory, name)) not in closed]
         for name in sorted(names):
             path = Path(directory) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
