@@ -8,7 +8,9 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -203,24 +205,29 @@ def machine_lines(results):
     ]
 
 
-def format_text_report(header, rows, summary_lines):
-    """The terminal report: the table, then the summary lines."""
-    return "\n".join(["", *text_table(header, rows), "", *summary_lines, ""])
+@dataclass(frozen=True)
+class Report:
+    """How a benchmark shows its results: a table and notes under it, printed in the terminal and
+    written as `name`.md (a title, the command that made the results, the table, the notes as a
+    list) beside `name`.json."""
 
+    name: str
+    title: str
+    table: Callable  # results -> (header, rows, notes)
 
-def format_markdown_report(title, results, header, rows, notes):
-    """The markdown file: a title, the command that made the results, the table and the notes as a list."""
-    lines = [
-        f"# {title}",
-        "",
-        f"`{results['command']}`",
-        "",
-        *markdown_table(header, rows),
-        "",
-        *(f"- {line}" for line in notes),
-        "",
-    ]
-    return "\n".join(lines)
+    def text(self, results):
+        header, rows, notes = self.table(results)
+        return "\n".join(["", *text_table(header, rows), "", *notes, ""])
+
+    def markdown(self, results):
+        header, rows, notes = self.table(results)
+        lines = [f"# {self.title}", "", f"`{results['command']}`", "", *markdown_table(header, rows), "",
+                 *(f"- {line}" for line in notes), ""]
+        return "\n".join(lines)
+
+    def publish(self, results, out_dir):
+        print(self.text(results))
+        write_results(results, Path(out_dir), self.name, self.markdown(results))
 
 
 def write_results(results, out_dir, name, markdown):

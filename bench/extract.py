@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from bench.common import (ROOT, OtherCpuUse, add_common_arguments, apply_defaults, format_markdown_report,
-                          format_text_report, load_average, log, machine_info, machine_lines, random_pixels,
-                          write_results)
+from bench.common import (ROOT, OtherCpuUse, Report, add_common_arguments, apply_defaults, load_average, log,
+                          machine_info, machine_lines, random_pixels)
 from bench.vqvae import VQVAE_QUICK_MODEL, to_memory_format, vqvae_extract
 from pipelines.checkpoint import load_vqvae, save_checkpoint
 from pipelines.codes import CodeDataset
@@ -158,13 +157,7 @@ def run(args):
         "speed": speed,
         "codes": codes,
     }
-    print(format_text_report(*report(results)))
-    write_results(results, Path(args.out), "extract", format_markdown(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("Code extraction through extract_codes.py: fp32 vs bf16, and the codes bf16 changes",
-                                  results, *report(results))
+    REPORT.publish(results, args.out)
 
 
 def trained_image_size(vqvae_path):
@@ -206,6 +199,10 @@ def report(results):
     if results["quick"]:
         notes.insert(0, "--quick: a tiny random model and random images, the numbers mean nothing")
     return header, rows, notes
+
+
+REPORT = Report("extract", "Code extraction through extract_codes.py: fp32 vs bf16, and the codes bf16 changes",
+                report)
 
 
 def add_arguments(parser):

@@ -16,13 +16,11 @@ not depend on them.
 """
 
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import (add_common_arguments, format_markdown_report, format_text_report, load_average, log,
-                          machine_info, random_pixels, write_results)
+from bench.common import Report, add_common_arguments, load_average, log, machine_info, random_pixels
 from bench.sample import random_inputs
 from prior import PixelSNAIL, get_preset
 from prior.sampling import IncrementalPixelSNAIL
@@ -244,8 +242,7 @@ def run(args):
     results["sampling"] = bench_hierarchical_sampling(args.n_samples, top, bottom, args.seed)
     log(f"sampling {results['sampling']}")
     results["load_average_after"] = load_average()
-    write_results(results, Path(args.out), "gpu", format_markdown(results))
-    print(format_table(results))
+    REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):
@@ -302,10 +299,5 @@ def summary_lines(results):
     return lines
 
 
-def format_table(results):
-    return format_text_report(TRAIN_HEADER, training_rows(results), summary_lines(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("One GPU: training, extraction and hierarchical sampling", results,
-                                  TRAIN_HEADER, training_rows(results), summary_lines(results))
+REPORT = Report("gpu", "One GPU: training, extraction and hierarchical sampling",
+                lambda results: (TRAIN_HEADER, training_rows(results), summary_lines(results)))

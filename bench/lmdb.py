@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from bench.common import (OtherCpuUse, add_common_arguments, apply_defaults, format_markdown_report,
-                          format_text_report, load_average, log, machine_info, machine_lines, seconds,
-                          write_results)
+from bench.common import (OtherCpuUse, Report, add_common_arguments, apply_defaults, load_average, log, machine_info,
+                          machine_lines, seconds)
 from pipelines.codes import CodeDataset, record_size, write_codes
 
 CONTEXTS = ("fork", "spawn")
@@ -150,8 +149,7 @@ def run(args):
         "build": build,
         "read": read,
     }
-    print(format_table(results))
-    write_results(results, Path(args.out), "lmdb", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):
@@ -220,10 +218,5 @@ def lmdb_summary_lines(results):
     return lines
 
 
-def format_table(results):
-    return format_text_report(LMDB_HEADER, lmdb_rows(results), lmdb_summary_lines(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("LMDB code database benchmark: DataLoader reads, fork vs spawn workers",
-                                  results, LMDB_HEADER, lmdb_rows(results), lmdb_summary_lines(results))
+REPORT = Report("lmdb", "LMDB code database benchmark: DataLoader reads, fork vs spawn workers",
+                lambda results: (LMDB_HEADER, lmdb_rows(results), lmdb_summary_lines(results)))

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, add_quick_argument, apply_defaults, format_markdown_report, format_text_report,
-                          load_average, log, machine_info, machine_lines, write_results)
+from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
+                          machine_lines)
 from pipelines.run_state import LOG_FILE
 from prior import get_preset
 
@@ -96,8 +96,7 @@ def run(args):
         "runs": runs,
         **{measure: compare(runs, measure) for measure in MEASURES},
     }
-    print(format_table(results))
-    write_results(results, Path(args.out), "precision", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 MEASURES = {"train_bits": "training loss (bits/dim)", "test_bits_fp32": "test bits/dim"}
@@ -163,10 +162,5 @@ def summary_lines(results):
     ]
 
 
-def format_table(results):
-    return format_text_report(HEADER, precision_rows(results), summary_lines(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("Precision benchmark: bf16 autocast against fp32", results, HEADER,
-                                  precision_rows(results), summary_lines(results))
+REPORT = Report("precision", "Precision benchmark: bf16 autocast against fp32",
+                lambda results: (HEADER, precision_rows(results), summary_lines(results)))

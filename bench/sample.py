@@ -6,12 +6,11 @@ prefix of positions and scaled to the whole grid."""
 import statistics
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from bench.common import (add_common_arguments, format_markdown_report, format_text_report, load_average, log,
-                          machine_info, machine_lines, random_pixels, seconds, time_interleaved, write_results)
+from bench.common import (Report, add_common_arguments, load_average, log, machine_info, machine_lines, random_pixels,
+                          seconds, time_interleaved)
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from prior.sampling import sample_cached, sample_naive
 
@@ -266,8 +265,7 @@ def run(args):
         },
         "load_average_after": load_average(),
     }
-    print(format_table(results))
-    write_results(results, Path(args.out), "sample", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):
@@ -356,10 +354,5 @@ def sample_summary_lines(results):
     return lines
 
 
-def format_table(results):
-    return format_text_report(SAMPLE_HEADER, sample_rows(results), sample_summary_lines(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("Sampling benchmark: naive vs cached", results, SAMPLE_HEADER,
-                                  sample_rows(results), sample_summary_lines(results))
+REPORT = Report("sample", "Sampling benchmark: naive vs cached",
+                lambda results: (SAMPLE_HEADER, sample_rows(results), sample_summary_lines(results)))

@@ -21,8 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import (ROOT, add_quick_argument, apply_defaults, format_markdown_report, format_text_report,
-                          load_average, log, machine_info, machine_lines, write_results)
+from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
+                          machine_lines)
 from pipelines.run_state import LOG_FILE
 
 PRESET = "cpu-bottom"
@@ -101,8 +101,7 @@ def run(args):
         "runs": runs,
         "two_minus_one": two_minus_one(runs),
     }
-    print(format_table(results))
-    write_results(results, Path(args.out), "streams", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def two_minus_one(runs):
@@ -151,13 +150,8 @@ def summary_lines(results):
     ]
 
 
-def format_table(results):
-    return format_text_report(HEADER, streams_rows(results), summary_lines(results))
-
-
-def format_markdown(results):
-    return format_markdown_report("Streams benchmark: cpu-bottom with one and with two streams at equal wall time",
-                                  results, HEADER, streams_rows(results), summary_lines(results))
+REPORT = Report("streams", "Streams benchmark: cpu-bottom with one and with two streams at equal wall time",
+                lambda results: (HEADER, streams_rows(results), summary_lines(results)))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ from accelerate import Accelerator
 from accelerate.utils import convert_outputs_to_fp32
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from bench.common import (add_common_arguments, apply_defaults, autocast, format_markdown_report,
-                          format_text_report, load_average, log, machine_info, machine_lines, paired_speedups,
-                          time_interleaved, write_results)
+from bench.common import (Report, add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
+                          machine_lines, paired_speedups, time_interleaved)
 from bench.vqvae import VQVAE_QUICK_MODEL
 from pipelines.loop import train_step
 from pipelines.train_pixel import PixelSNAILTask, bits_loss, image_inputs
@@ -369,8 +368,7 @@ def run(args):
     }
     if args.add:
         results = added_to(Path(args.out) / "train.json", results)
-    print(format_table(results))
-    write_results(results, Path(args.out), "train", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def added_to(path, results):
@@ -484,10 +482,5 @@ def added_case_lines(results):
     return lines
 
 
-def format_table(results):
-    return format_text_report(HEADER, train_rows(results), summary_lines(results))
-
-
-def format_markdown(results):
-    notes = [*summary_lines(results), f"FLOP count: {results['flop_count_method']}"]
-    return format_markdown_report("Training benchmark", results, HEADER, train_rows(results), notes)
+REPORT = Report("train", "Training benchmark", lambda results: (
+    HEADER, train_rows(results), [*summary_lines(results), f"FLOP count: {results['flop_count_method']}"]))

@@ -5,13 +5,11 @@ import copy
 import functools
 import statistics
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from bench.common import (add_common_arguments, apply_defaults, autocast, format_markdown_report,
-                          format_text_report, load_average, log, machine_info, machine_lines, paired_speedups,
-                          random_pixels, seconds, time_interleaved, write_results)
+from bench.common import (Report, add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
+                          machine_lines, paired_speedups, random_pixels, seconds, time_interleaved)
 from vqvae import VQVAE2, VQVAE2Config
 
 # variant -> (precision, channels_last): bf16 is bf16 autocast, the quantizer staying fp32 inside
@@ -196,8 +194,7 @@ def run(args):
         "train": train,
         "extract": extract,
     }
-    print(format_table(results))
-    write_results(results, Path(args.out), "vqvae", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):
@@ -337,13 +334,10 @@ def vqvae_summary_lines(results):
     return lines
 
 
-def format_table(results):
+def vqvae_table(results):
     header, *rows = vqvae_rows(results)
-    return format_text_report(header, rows, vqvae_summary_lines(results))
+    return header, rows, vqvae_summary_lines(results)
 
 
-def format_markdown(results):
-    header, *rows = vqvae_rows(results)
-    return format_markdown_report(
-        "VQ-VAE-2 benchmark: training and code extraction, fp32 vs bf16 autocast vs channels_last",
-        results, header, rows, vqvae_summary_lines(results))
+REPORT = Report("vqvae", "VQ-VAE-2 benchmark: training and code extraction, fp32 vs bf16 autocast vs channels_last",
+                vqvae_table)

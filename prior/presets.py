@@ -18,6 +18,9 @@ class Preset:
 # processes x batch_size x gradient accumulation)
 PRIOR_TRAINING = dict(batch_size=16, ema_decay=0.9995, lr=3e-4)
 
+# the models that learn in minutes on 2 CPU cores: large batches of small images, a fast schedule
+CPU_TRAINING = dict(batch_size=32, ema_decay=0.995, lr=2e-3, lr_decay=0.9995)
+
 PRESETS = {
     # the paper's CIFAR-10 model: 12 blocks x 4 gated resnets, 256 filters, ~46M parameters
     "cifar10": Preset(
@@ -36,10 +39,7 @@ PRESETS = {
             shape=(32, 32), channels=64, n_blocks=2, n_res_blocks=2, dropout=0.0, n_mixtures=5,
             key_channels=16, value_channels=32,
         ),
-        batch_size=32,
-        ema_decay=0.995,
-        lr=2e-3,
-        lr_decay=0.9995,
+        **CPU_TRAINING,
     ),
     # The VQ-VAE-2 priors of the paper's appendix for ImageNet 256 (grid and codebook come from the
     # code database). The top prior: 512 hidden channels, residual units of 2048, 20 gated resnets
@@ -88,10 +88,7 @@ PRESETS = {
             attention=True, n_heads=2, key_channels=16, value_channels=32, dropout=0.1,
             embed_channels=32, cond_channels=32,
         ),
-        batch_size=32,
-        ema_decay=0.995,
-        lr=2e-3,
-        lr_decay=0.9995,
+        **CPU_TRAINING,
     ),
     "cpu-bottom": Preset(
         model=PixelSNAILConfig(
@@ -99,10 +96,7 @@ PRESETS = {
             n_res_blocks=2, kernel_size=3, attention=False, dropout=0.1, embed_channels=32,
             cond_channels=64, cond_res_blocks=2,
         ),
-        batch_size=32,
-        ema_decay=0.995,
-        lr=2e-3,
-        lr_decay=0.9995,
+        **CPU_TRAINING,
     ),
     # for smoke tests: 8x8 images, seconds per hundred steps; learns little
     "tiny": Preset(

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: one thread for tiny models, and a folder of smooth images."""
+"""Fixtures shared by the test files: one thread for tiny models, a folder of smooth images, and a
+short VQ-VAE training run."""
 
 import numpy as np
 import pytest
@@ -33,3 +34,22 @@ def image_folder(smooth_pixels, tmp_path_factory):
     for k, pixels in enumerate(smooth_pixels):
         Image.fromarray(pixels).save(folder / f"{k:03d}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def fit_vqvae():
+    """fit(model, images, lr, steps=60) -> the reconstruction loss of each of `steps` full-batch Adam
+    steps on `images`, which train `model` in place."""
+
+    def fit(model, images, lr, steps=60):
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            out = model(images)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            losses.append(out.reconstruction_loss.item())
+        return losses
+
+    return fit

@@ -152,7 +152,7 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
-    assert module.format_markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
+    assert module.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
 
 
 def test_precision_reads_the_last_result_line_of_a_script():
@@ -204,5 +204,5 @@ def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_pat
            "load_average_before": [1.0], "load_average_after": [2.0], "matmul_peak": committed["matmul_peak"]}
     added = train.added_to(path, {**run, "cases": {"new": case}})
     assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
-    markdown = train.format_markdown(added)
+    markdown = train.REPORT.markdown(added)
     assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in markdown

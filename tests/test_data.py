@@ -1,5 +1,6 @@
 """Tests for pipelines/data.py on tiny datasets written to tmp_path in the official layouts."""
 
+import contextlib
 import io
 import os
 import pickle
@@ -643,31 +644,33 @@ def test_empty_image_file_is_refused_when_the_dataset_is_built(tmp_path):
     assert_one_line_error(excinfo, folder / "empty.png", "0 bytes")
 
 
+@contextlib.contextmanager
+def without_permissions(path):
+    """`path` unreadable while the block runs (and removable by the test's cleanup after it)."""
+    mode = path.stat().st_mode
+    path.chmod(0)
+    try:
+        yield
+    finally:
+        path.chmod(mode)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_folder_and_file_are_named(tmp_path):
     folder = tmp_path / "locked"
     save_image(folder / "a.png", np.zeros((8, 8, 3), np.uint8))
     save_image(folder / "b.png", np.zeros((8, 8, 3), np.uint8))
-    folder.chmod(0)
-    try:
-        with pytest.raises(DataError) as excinfo:
-            load_dataset(str(folder), "train", size=8)
-        assert_one_line_error(excinfo, folder, "permission denied")
-    finally:
-        folder.chmod(0o755)
-    (folder / "a.png").chmod(0)
-    with pytest.raises(DataError) as excinfo:
+    with without_permissions(folder), pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "train", size=8)
+    assert_one_line_error(excinfo, folder, "permission denied")
+    with without_permissions(folder / "a.png"), pytest.raises(DataError) as excinfo:
         load_dataset(str(folder), "test", size=8)[0]
     assert_one_line_error(excinfo, folder / "a.png")
 
     locked_subfolder = save_image(folder / "more" / "c.png", np.zeros((8, 8, 3), np.uint8)).parent
-    locked_subfolder.chmod(0)
-    try:
-        with pytest.raises(DataError) as excinfo:
-            load_dataset(str(folder), "train", size=8)
-        assert_one_line_error(excinfo, locked_subfolder, "Permission denied")
-    finally:
-        locked_subfolder.chmod(0o755)
+    with without_permissions(locked_subfolder), pytest.raises(DataError) as excinfo:
+        load_dataset(str(folder), "train", size=8)
+    assert_one_line_error(excinfo, locked_subfolder, "Permission denied")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_command_line_and_two_processes(image_folder, tmp_path):
     assert bad.returncode == 2 and "multiple of 8" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_a_short_run_lowers_the_reconstruction_error_on_the_folder(image_folder):
+def test_a_short_run_lowers_the_reconstruction_error_on_the_folder(image_folder, fit_vqvae):
     """60 full-batch Adam steps on 8 images of the folder at least halve the reconstruction error."""
     from pipelines.data import load_dataset, to_model_range
     from vqvae import VQVAE2, VQVAE2Config
@@ -90,12 +90,5 @@ def test_a_short_run_lowers_the_reconstruction_error_on_the_folder(image_folder)
     images = to_model_range(torch.stack([dataset[i][0] for i in range(8)]))
     torch.manual_seed(0)
     model = VQVAE2(VQVAE2Config(channels=32, res_channels=16, n_res_blocks=1, top_codes=32, bottom_codes=32, code_dim=16))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    errors = []
-    for _ in range(60):
-        out = model(images)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        errors.append(out.reconstruction_loss.item())
+    errors = fit_vqvae(model, images, lr=2e-3)
     assert errors[-1] < 0.5 * errors[0], errors

@@ -35,18 +35,11 @@ def codebooks(model):
 
 
 @pytest.fixture(scope="module")
-def training_run():
+def training_run(fit_vqvae):
     """A small model after 60 Adam steps on 8 smooth 32x32 images -> (model, images, losses)."""
     model = small_model()
     images = smooth_images(8, 32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        out = model(images)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.reconstruction_loss.item())
+    losses = fit_vqvae(model, images, lr=3e-3)
     return model.eval(), images, losses
 
 
