@@ -478,7 +478,8 @@ def added_case_lines(results):
             peak = gflops(run["matmul_peak"]["bf16"]["flops_per_s"])
             lines.append(f"{name}: added by `{run['command']}` on {run['date']}, {run['threads']} threads, load "
                          f"average before/after {run['load_average_before']} / {run['load_average_after']}; its "
-                         f"FLOP/s fractions are of that run's bf16 matmul peak, {peak} GFLOP/s")
+                         f"FLOP/s fractions are of that run's bf16 matmul peak, {peak} GFLOP/s"
+                         + (f"; {run['note']}" if "note" in run else ""))
     return lines
 
 

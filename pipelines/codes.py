@@ -478,10 +478,10 @@ def extract_codes(
     with writer or nullcontext():
         start = _shared_resume_point(writer, job, total, processes)
         if start is None:
-            _print_main(processes, f"{out} is complete already ({total} records from the same job): nothing to do")
+            processes.print(f"{out} is complete already ({total} records from the same job): nothing to do", flush=True)
             return total
         if start > 0:
-            _print_main(processes, f"{out}: resuming after {start} of {total} records")
+            processes.print(f"{out}: resuming after {start} of {total} records", flush=True)
         started = time.perf_counter()
         rounds = _encoded_rounds(encode, dataset, range(start, total), batch_size, workers, plan, processes)
         bar = tqdm(total=total, initial=start, unit="img", desc="extracting codes",
@@ -494,8 +494,8 @@ def extract_codes(
         seconds = time.perf_counter() - started
         if writer is not None:
             writer.put_many([(META_KEY, _json_bytes({**job, "count": total}))])
-        _print_main(processes, f"encoded {total - start} images in {seconds:.3f} s "
-                    f"({(total - start) / seconds:.1f} images/s)")
+        processes.print(f"encoded {total - start} images in {seconds:.3f} s ({(total - start) / seconds:.1f} images/s)",
+                        flush=True)
     return total
 
 
@@ -509,17 +509,8 @@ def _encoded_rounds(encode, dataset: Dataset, indices: range, batch_size: int, w
     empty = np.zeros((0, record_size(plan)), np.uint8)
     for _ in range(math.ceil(len(first_indices) / processes.num_processes)):
         batch = next(batches, None)  # None: this process has no batch in the last round
-        rows = empty if batch is None else encode_records(batch[1], *_on_cpu(encode(batch[0])), plan)
+        rows = empty if batch is None else encode_records(batch[1], *(codes.cpu() for codes in encode(batch[0])), plan)
         yield _gather_rows(rows, batch_size, processes)
-
-
-def _on_cpu(codes: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return tuple(tensor.cpu() for tensor in codes)
-
-
-def _print_main(processes, message: str) -> None:
-    if processes.is_main_process:
-        print(message, flush=True)
 
 
 def _shared_resume_point(writer: CodeWriter | None, job: dict, total: int, processes) -> int | None:
@@ -557,18 +548,11 @@ def write_codes(out, plan: dict, batches, map_size: int = DEFAULT_MAP_SIZE) -> i
     job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
     with CodeWriter(out, map_size) as writer:
         writer.put_many([(PLAN_KEY, _json_bytes(job))])
-        count = _write_batches(writer, batches, 0, plan)
+        count = 0
+        for labels, top_codes, bottom_codes in batches:
+            count = _write_rows(writer, encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan), count)
         writer.put_many([(META_KEY, _json_bytes({**job, "count": count}))])
     return count
-
-
-def _write_batches(writer: CodeWriter, batches, start: int, plan: dict) -> int:
-    """Writes each batch of (labels, top_codes, bottom_codes) as records start, start+1, ... in one
-    transaction per batch; -> the index after the last record."""
-    index = start
-    for labels, top_codes, bottom_codes in batches:
-        index = _write_rows(writer, encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan), index)
-    return index
 
 
 def _write_rows(writer: CodeWriter, rows: np.ndarray, start: int, bar=None) -> int:
@@ -657,8 +641,8 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
         source={"data": source, "split": split, "images": len(dataset)},
     )
     model = runtime.vqvae(model)
-    _print_main(runtime.processes, f"{runtime.processes.num_processes} process(es) on {runtime.device.type}, "
-                f"precision {runtime.precision}")
+    runtime.processes.print(f"{runtime.processes.num_processes} process(es) on {runtime.device.type}, "
+                            f"precision {runtime.precision}", flush=True)
 
     @torch.no_grad()
     def encode(images_uint8):

@@ -78,9 +78,12 @@ class ImageTensorDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def _holdout_split(index: int) -> str:
-    """The split of item `index` of a source without splits of its own: every 10th is test."""
-    return "test" if index % 10 == 0 else "train"
+def _held_out(items, split: str, source: Path) -> list:
+    """The items of `split` of a source without splits of its own: every 10th (0, 10, 20, ...) is test."""
+    chosen = [item for i, item in enumerate(items) if (i % 10 == 0) == (split == "test")]
+    if not chosen:
+        raise DataError(f"{source} holds {len(items)} image(s): too few to hold out every 10th as test")
+    return chosen
 
 
 def _one_line(err: Exception) -> str:
@@ -283,7 +286,8 @@ def load_downsampled_imagenet(path: str | Path, split: str, size: int = 32) -> D
     _check_split_and_size(split, size)
     path = Path(path)
     if path.is_file():
-        return _holdout_subset(_load_imagenet_npz(path, size), split, path)
+        dataset = _load_imagenet_npz(path, size)
+        return Subset(dataset, _held_out(range(len(dataset)), split, path))
     files = _imagenet_files(path)[split]
     if not files:
         expected = "train_data_batch_<k>.npz files" if split == "train" else IMAGENET_TEST_FILE
@@ -332,13 +336,6 @@ def _is_downsampled_imagenet(path: Path) -> bool:
     return any(_imagenet_files(path).values())
 
 
-def _holdout_subset(dataset: Dataset, split: str, source: Path) -> Subset:
-    indices = [i for i in range(len(dataset)) if _holdout_split(i) == split]
-    if not indices:
-        raise DataError(f"{source} holds {len(dataset)} images: too few to hold out every 10th as test")
-    return Subset(dataset, indices)
-
-
 # ------------------------------------------------------------------------------------------------
 # Any folder of images
 
@@ -373,9 +370,7 @@ class ImageFolderDataset(Dataset):
             split_root = root
             self.classes = sorted(sub.name for sub in _subfolders(root))
             all_files = _image_files(root)
-            self.files = [file for i, file in enumerate(all_files) if _holdout_split(i) == split]
-            if all_files and not self.files:
-                raise DataError(f"{root} holds 1 image: too few to hold out every 10th as test")
+            self.files = _held_out(all_files, split, root) if all_files else []
         if not self.files:
             extensions = ", ".join(IMAGE_EXTENSIONS)
             raise DataError(f"no images in {split_root}: expected files ending in {extensions}")

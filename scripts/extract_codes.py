@@ -54,8 +54,7 @@ def main():
     args = parse_args()
     count = extract_with_vqvae(args.vqvae, args.data, args.out, args.split, args.size, args.n_classes,
                                args.batch_size, args.workers, args.device, args.precision)
-    if PartialState().is_main_process:
-        print(f"wrote {count} records to {args.out}")
+    PartialState().print(f"wrote {count} records to {args.out}")
 
 
 if __name__ == "__main__":
