@@ -435,7 +435,7 @@ def train_rows(results):
 
 def target_lines(results):
     """The issue's targets, where the run measured the models they name."""
-    cases, peak = results["cases"], results["matmul_peak"]["bf16"]["flops_per_s"]
+    cases = results["cases"]
     lines = []
     if "top-11m" in cases:
         seconds = cases["top-11m"]["train"]["bf16"]["median_step_s"]
@@ -444,9 +444,10 @@ def target_lines(results):
                      f"than the reference's {REFERENCE_TOP_11M_SECONDS} s on this machine (not rerun here)")
     for name in ("top-11m", "cifar10"):
         if name in cases:
-            best = max(t["achieved_flops_per_s"] for variant, t in cases[name]["train"].items() if variant != "fp32")
-            lines.append(f"target {name} model FLOP/s at least 1/3 of the bf16 matmul peak: {best / peak:.1%}, "
-                         f"{'met' if best >= peak / 3 else 'missed'}")
+            # the fraction of its own run's peak: an added case was measured in a run of its own
+            best = max(t["fraction_of_bf16_peak"] for variant, t in cases[name]["train"].items() if variant != "fp32")
+            lines.append(f"target {name} model FLOP/s at least 1/3 of the bf16 matmul peak: {best:.1%}, "
+                         f"{'met' if best >= 1 / 3 else 'missed'}")
     return lines
 
 
