@@ -26,13 +26,13 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from pipelines import samples as sample_dir
 from pipelines.classifier import ClassifierConfig, train_classifier
+from pipelines.cli import one_line
 from pipelines.codes import dataset_labels
 from pipelines.data import BuiltinPhotos, load_dataset
 from pipelines.generation import SampleJob, make_samples
 
 LOCAL_FID = "local FID (classifier features)"
 LOCAL_KID = "local KID (classifier features)"
-# the file name's 6726825d is the start of the file's sha256 (torch.hub's convention): one file, two names
 INCEPTION_SOURCE = (
     "the FID Inception v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
     "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth) "
@@ -64,11 +64,11 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(images)
 
 
-def per_class(dataset_or_set, n_classes, n, generator, skip=0):
+def per_class(dataset, n_classes, n, generator, skip=0):
     """`n` images of each class 0..n_classes-1 from a dataset of pipelines.data (the images chosen at
     random, after the first `skip` of each class's random order) -> LabelledImages. Refuses when a
     class has fewer."""
-    labels = dataset_labels(dataset_or_set)
+    labels = dataset_labels(dataset)
     chosen = []
     for label in range(n_classes):
         indices = torch.nonzero(labels == label).flatten()
@@ -76,7 +76,7 @@ def per_class(dataset_or_set, n_classes, n, generator, skip=0):
             raise ValueError(f"the real data has {len(indices)} images of class {label}, {skip + n} needed: "
                              "lower the samples per class")
         chosen += indices[torch.randperm(len(indices), generator=generator)][skip : skip + n].tolist()
-    images = torch.stack([dataset_or_set[i][0] for i in chosen])
+    images = torch.stack([dataset[i][0] for i in chosen])  # (N, 3, S, S) uint8
     return LabelledImages(images, labels[chosen])
 
 
@@ -90,6 +90,7 @@ def real_images(data, size, n_classes, n, seed=0):
     generator = torch.Generator().manual_seed(seed)
     train = load_dataset(data, "train", size)
     first = per_class(train, n_classes, n, generator)
+    # the same seed draws the same order per class: the second set is the next n images of it
     second = per_class(train, n_classes, n, torch.Generator().manual_seed(seed), skip=n)
     if data == "builtin":
         test = BuiltinPhotos("train", size, n_images=3 * n * n_classes, seed=seed + 1)
@@ -141,6 +142,11 @@ def evaluate_samples(samples: LabelledImages, real_train, real_other, real_test,
 # -- Inception FID -----------------------------------------------------------------------------------
 
 
+def brief(error):
+    """An error's message, on one line and cut short: torch's messages can run to pages."""
+    return one_line(error)[:200]
+
+
 def inception_fid_metric(weights_path):
     """torchmetrics' FID on Inception v3's 2048 pool features, the network loaded from the user's
     weights file; refuses in one line where the file is missing, is not a plain state dict, or
@@ -151,7 +157,7 @@ def inception_fid_metric(weights_path):
     try:  # never unpickle: weights_only refuses any object but tensors and plain containers
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with code, a zip of something else, a truncated file
-        raise ValueError(f"--inception-weights {path} is not a weights-only torch file ({' '.join(str(error).split())[:200]})") from None
+        raise ValueError(f"--inception-weights {path} is not a weights-only torch file ({brief(error)})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if not isinstance(fc, torch.Tensor) or tuple(fc.shape) != (1008, 2048):
         raise ValueError(f"--inception-weights {path} is not the FID Inception network (no fc.weight of shape "
@@ -159,8 +165,11 @@ def inception_fid_metric(weights_path):
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ValueError("Inception FID needs torch-fidelity (pip install torch-fidelity), whose Inception v3 "
                          "torchmetrics loads these weights into")
-    # torch-fidelity loads the file with torch.load's default, weights-only from torch 2.6 on (pyproject's floor)
-    return FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(path))
+    try:  # torch-fidelity loads the file again with torch.load's default: weights-only from torch 2.6 on (our floor)
+        return FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(path))
+    except RuntimeError as error:  # load_state_dict: missing or unexpected keys, other shapes
+        raise ValueError(f"--inception-weights {path} does not fit torch-fidelity's Inception v3 "
+                         f"({brief(error)})") from None
 
 
 def inception_fid(metric, real: LabelledImages, other: LabelledImages, batch_size=64):
@@ -185,7 +194,7 @@ def load_samples(path):
         arrays = sample_dir.load(path)
         images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
     except Exception as error:  # not a zip, not npy, a missing array: all mean "not sample.py's file"
-        raise ValueError(f"{path} is not a samples.npz of sample.py ({' '.join(str(error).split())[:200]})") from None
+        raise ValueError(f"{path} is not a samples.npz of sample.py ({brief(error)})") from None
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3 or labels.shape != (len(images),):
         raise ValueError(f"{path} does not hold uint8 images (N, S, S, 3) with N labels")
     if len(labels) == 0 or labels.min() < 0:

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py's stages beyond pixel bits/dim (prior, vqvae, samples) on a tiny pipeline, and
+"""scripts/evaluate.py's stages beyond pixel bits/dim (prior, vqvae, samples) on a tiny_pipeline pipeline, and
 the sample metrics themselves: CAS, local FID / KID, the refusals of Inception weights."""
 
 import json
@@ -8,71 +8,39 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from launch import ok
-from test_inputs import assert_refused, script  # noqa: F401 (script: a fixture)
-from pipelines.checkpoint import load_pixelsnail, load_vqvae, save_checkpoint
+from pipelines.checkpoint import load_pixelsnail, load_vqvae
 from pipelines.classifier import ClassifierConfig, train_classifier
-from pipelines.codes import CodeDataset, PriorProvenance, extract_with_vqvae, prior_fields, read_metadata
+from pipelines.codes import CodeDataset
 from pipelines.data import load_dataset, to_model_range
-from pipelines.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric,
+from pipelines.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric, load_samples,
                                       local_fid_kid, real_images)
-from prior import PixelSNAIL, PixelSNAILConfig
-from vqvae import VQVAE2, VQVAE2Config
+from test_inputs import assert_refused, script  # noqa: F401 (script: a fixture)
 
-SMALL_PRIOR = dict(channels=8, n_blocks=1, n_res_blocks=1, kernel_size=2, key_channels=4, value_channels=4,
-                   embed_channels=4, cond_channels=4, cond_res_blocks=1, dropout=0.0)
 NUMBER = r"-?\d+\.\d+"
 
 
-def two_colour_images(rng, n, label):
-    """n uint8 16x16 images (n, 16, 16, 3): reddish ramps for class 0, bluish for class 1."""
-    colour = np.array([200, 40, 40]) if label == 0 else np.array([40, 40, 200])
-    ramp = np.linspace(0, 1, 16)
-    images = colour * (0.5 + 0.5 * ramp[None, None, :, None]) + rng.normal(0, 10, (n, 16, 16, 3))
-    return images.clip(0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
-    """Two classes of 16x16 images (train/ and test/), a random VQ-VAE, its code database and random
-    top and bottom priors that fit it."""
-    root = tmp_path_factory.mktemp("evaluate")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 20), ("test", 8)):
-        for label in (0, 1):
-            folder = root / "images" / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for k, pixels in enumerate(two_colour_images(rng, n, label)):
-                Image.fromarray(pixels).save(folder / f"{k}.png")
-    torch.manual_seed(0)
-    config = VQVAE2Config(channels=8, res_channels=4, n_res_blocks=1, top_codes=8, bottom_codes=8, code_dim=4)
-    save_checkpoint(root / "vqvae.safetensors", VQVAE2(config).state_dict(), "vqvae2", config, step=1, image_size=16)
-    extract_with_vqvae(root / "vqvae.safetensors", str(root / "images"), root / "codes.lmdb")
-    metadata = read_metadata(root / "codes.lmdb")
-    for level in ("top", "bottom"):
-        provenance = PriorProvenance.of_database(metadata, level)
-        prior = PixelSNAILConfig(**prior_fields(provenance), **SMALL_PRIOR, attention=level == "top")
-        save_checkpoint(root / f"{level}.safetensors", PixelSNAIL(prior).state_dict(), "pixelsnail", prior, step=1,
-                        **provenance.to_extra())
-    return root
+@pytest.fixture
+def tiny(tiny_pipeline):
+    """The tiny pipeline's directory (conftest.py): images/, vqvae/, codes.lmdb, top/, bottom/."""
+    return tiny_pipeline
 
 
 def evaluate(*args):
     return ok("scripts/evaluate.py", *map(str, args)).strip().splitlines()
 
 
-def test_prior_bits_per_code_held_out_and_train(tiny):
-    lines = evaluate("prior", "--ckpt", tiny / "bottom.safetensors", "--codes", tiny / "codes.lmdb",
-                     "--json", tiny / "prior.json")
+def test_prior_bits_per_code_held_out_and_train(tiny, tmp_path):
+    lines = evaluate("prior", "--ckpt", tiny / "bottom", "--codes", tiny / "codes.lmdb", "--json",
+                     tmp_path / "prior.json")
     assert re.fullmatch(rf"held-out bits/code: ({NUMBER}) \(train ({NUMBER}), gap ([+-]\d+\.\d+)\)", lines[-1])
-    result = json.loads((tiny / "prior.json").read_text())["bottom_prior"]
+    result = json.loads((tmp_path / "prior.json").read_text())["bottom_prior"]
     # by hand: every 20th record is held out, as the trainer holds them out
     records = CodeDataset(tiny / "codes.lmdb")
     held_out = [records[i] for i in range(0, len(records), 20)]
     top, bottom, label = (torch.stack([record[k] for record in held_out]) for k in range(3))
-    model, _ = load_pixelsnail(tiny / "bottom.safetensors")
+    model, _ = load_pixelsnail(tiny / "bottom")
     with torch.no_grad():
         expected = model.nll(bottom, label, top).double().mean().item()
     assert result["heldout_bits_per_code"] == pytest.approx(expected, abs=1e-5)
@@ -80,13 +48,13 @@ def test_prior_bits_per_code_held_out_and_train(tiny):
     assert (result["heldout_records"], result["train_records"]) == (len(held_out), len(records) - len(held_out))
 
 
-def test_vqvae_and_samples_numbers_in_one_json_for_all_stages(tiny):
-    report = tiny / "eval.json"
-    lines = evaluate("vqvae", "--ckpt", tiny / "vqvae.safetensors", "--data", tiny / "images", "--json", report)
+def test_vqvae_and_samples_numbers_in_one_json_for_all_stages(tiny, tmp_path):
+    report = tmp_path / "eval.json"
+    lines = evaluate("vqvae", "--ckpt", tiny / "vqvae", "--data", tiny / "images", "--json", report)
     assert re.fullmatch(rf"test reconstruction mse: ({NUMBER}) \(PSNR ({NUMBER}) dB, SSIM ({NUMBER})\)", lines[-1])
     assert re.fullmatch(rf"top codes: {NUMBER}% of 8 used, perplexity {NUMBER}", lines[-4])
-    lines = evaluate("samples", "--vqvae", tiny / "vqvae.safetensors", "--top", tiny / "top.safetensors",
-                     "--bottom", tiny / "bottom.safetensors", "--data", tiny / "images", "--per-class", 4,
+    lines = evaluate("samples", "--vqvae", tiny / "vqvae", "--top", tiny / "top",
+                     "--bottom", tiny / "bottom", "--data", tiny / "images", "--per-class", 4,
                      "--classifier-steps", 10, "--json", report)
     assert re.fullmatch(rf"CAS: ({NUMBER}) \(real-data ceiling ({NUMBER})\)", lines[-1])
     assert re.fullmatch(rf"local FID \(classifier features\): {NUMBER} \(real training images: {NUMBER}\)", lines[-4])
@@ -104,7 +72,7 @@ def test_vqvae_and_samples_numbers_in_one_json_for_all_stages(tiny):
 
 def check_vqvae_numbers(tiny, result):
     """The VQ-VAE's figures against a computation by hand over the test split."""
-    model, _ = load_vqvae(tiny / "vqvae.safetensors")
+    model, _ = load_vqvae(tiny / "vqvae")
     images = torch.stack([image for image, _ in load_dataset(str(tiny / "images"), "test", 16)])
     x = to_model_range(images)
     top, bottom = model.encode(x)
@@ -117,11 +85,23 @@ def check_vqvae_numbers(tiny, result):
         assert 1 <= result[f"{level}_perplexity"] <= len(codes.unique()) + 1e-4
 
 
-def test_samples_refuse_missing_inception_weights_saying_where_to_get_them(tiny, script):
+def test_samples_refuse_missing_inception_weights_saying_where_to_get_them(tiny, script, tmp_path):
     result = script("evaluate.py", "samples", "--samples", tiny / "none.npz", "--data", tiny / "images",
-                    "--inception-weights", tiny / "nowhere.pth", "--json", tiny / "refused.json")
+                    "--inception-weights", tmp_path / "nowhere.pth", "--json", tmp_path / "refused.json")
     assert_refused(result, "--inception-weights", "pt_inception-2015-12-05-6726825d.pth", "nothing is downloaded")
-    assert not (tiny / "refused.json").exists()
+    assert not (tmp_path / "refused.json").exists()
+
+
+def test_samples_are_read_from_a_sample_directory_and_unconditional_ones_refused(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    codes = dict(top_codes=np.zeros((6, 2, 2), np.uint16), bottom_codes=np.zeros((6, 4, 4), np.uint16))
+    np.savez(tmp_path / "samples.npz", images=images, labels=np.array([0, 0, 1, 1, 2, 2]), **codes)
+    samples = load_samples(tmp_path)
+    assert torch.equal(samples.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert samples.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    np.savez(tmp_path / "unconditional.npz", images=images, labels=np.full(6, -1), **codes)
+    with pytest.raises(ValueError, match="unconditional samples"):
+        load_samples(tmp_path / "unconditional.npz")
 
 
 class Payload:
@@ -140,17 +120,17 @@ def test_inception_weights_are_never_unpickled_and_must_be_the_fid_network(tmp_p
         inception_fid_metric(other)
 
 
-def test_stages_refuse_bad_arguments(tiny, script):
-    bad_json = tiny / "bad.json"
+def test_stages_refuse_bad_arguments(tiny, script, tmp_path):
+    bad_json = tmp_path / "bad.json"
     bad_json.write_text("[1, 2]")
     cases = [
         (["samples", "--data", tiny / "images"], "give either --vqvae, --top and --bottom"),
-        (["samples", "--vqvae", tiny / "vqvae.safetensors", "--data", tiny / "images"], "give either"),
+        (["samples", "--vqvae", tiny / "vqvae", "--data", tiny / "images"], "give either"),
         (["samples", "--samples", tiny / "codes.lmdb", "--data", tiny / "images"], "samples not found"),
-        (["prior", "--ckpt", tiny / "top.safetensors", "--codes", tiny / "codes.lmdb", "--max-records", 0], "--max-records"),
-        (["prior", "--ckpt", tiny / "vqvae.safetensors", "--codes", tiny / "codes.lmdb"], "expected 'pixelsnail'"),
-        (["vqvae", "--ckpt", tiny / "top.safetensors", "--data", tiny / "images"], "expected 'vqvae2'"),
-        (["vqvae", "--ckpt", tiny / "vqvae.safetensors", "--data", tiny / "images", "--json", bad_json],
+        (["prior", "--ckpt", tiny / "top", "--codes", tiny / "codes.lmdb", "--max-records", 0], "--max-records"),
+        (["prior", "--ckpt", tiny / "vqvae", "--codes", tiny / "codes.lmdb"], "expected 'pixelsnail'"),
+        (["vqvae", "--ckpt", tiny / "top", "--data", tiny / "images"], "expected 'vqvae2'"),
+        (["vqvae", "--ckpt", tiny / "vqvae", "--data", tiny / "images", "--json", bad_json],
          "not a JSON object"),
     ]
     for args, message in cases:
