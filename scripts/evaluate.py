@@ -30,6 +30,7 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
+import math
 import sys
 import time
 
@@ -67,7 +68,8 @@ def stage_parser(stages, name, summary):
     p = stages.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
     p.add_argument("--json", type=user_path, default=None, metavar="FILE",
                    help="also file the numbers under the stage's name in this JSON file (other stages' kept)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images, records or samples (drawn together) per batch, per process")
     # fp32 by default: the figures quoted as exact (the trainers' final evaluation runs in fp32 too)
     add_runtime_arguments(p, precision_default="fp32", precision_note="; default fp32, the exact figure")
     return p
@@ -157,6 +159,8 @@ def vqvae(args):
 def samples(args):
     if min(args.per_class, args.classifier_steps) < 1:
         raise ValueError(f"--per-class and --classifier-steps must be >= 1, got {args.per_class} and {args.classifier_steps}")
+    if not 0 < args.temperature < math.inf:  # nan fails this too
+        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
     pipeline_paths = [args.vqvae, args.top, args.bottom]
     drawing = None not in pipeline_paths
     if drawing == (args.samples is not None) or (not drawing and any(pipeline_paths)):
