@@ -116,6 +116,8 @@ def markdown_report(results):
             f"{stage} {fraction:.0%}" for stage, fraction in results["other_cpu_use"].items()),
         "local FID / KID: in the feature space of a classifier trained here on the real data: comparable "
         "between pipelines on the same data only, never with a published (Inception) FID",
+        "local KID's ± is the spread over 100 subsets of min(1000, N) images each: with N <= 1000 every subset "
+        "holds every image, so it is 0 (not a measure of the uncertainty)",
     ]
     header = ["stage", "figure", "value", "real data (the ceiling)", "seconds"]
     return format_markdown_report("Evaluation of every stage", results, header, rows, notes)
