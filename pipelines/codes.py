@@ -70,16 +70,17 @@ def count_classes(dataset: Dataset) -> int:
 
     The datasets of pipelines.data keep their labels in `.labels`, under Subset and ConcatDataset.
     """
-    labels = _dataset_labels(dataset)
+    labels = dataset_labels(dataset)
     return int(labels.max()) + 1 if labels is not None and len(labels) else 0
 
 
-def _dataset_labels(dataset: Dataset) -> Tensor | None:
+def dataset_labels(dataset: Dataset) -> Tensor | None:
+    """The labels (N,) of a dataset of pipelines.data, read without loading images; None if it lists none."""
     if isinstance(dataset, Subset):
-        labels = _dataset_labels(dataset.dataset)
+        labels = dataset_labels(dataset.dataset)
         return None if labels is None else labels[list(dataset.indices)]
     if isinstance(dataset, ConcatDataset):
-        parts = [_dataset_labels(part) for part in dataset.datasets]
+        parts = [dataset_labels(part) for part in dataset.datasets]
         return None if any(part is None for part in parts) else torch.cat(parts)
     labels = getattr(dataset, "labels", None)
     return None if labels is None else torch.as_tensor(labels)

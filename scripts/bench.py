@@ -24,6 +24,9 @@ Subcommands:
           training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
   extract code extraction through scripts/extract_codes.py itself, fp32 vs the bf16 fast path,
           interleaved in one run, and the fraction of codes bf16 changes on a trained VQ-VAE.
+  eval    every stage of a pipeline run through scripts/evaluate.py: the VQ-VAE's reconstructions and
+          codebook use, both priors' held-out and train bits per code, the samples' CAS and local
+          FID / KID beside the real-data ceilings, and how long each evaluation takes.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -40,6 +43,7 @@ Examples:
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
   python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
   python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
+  python scripts/bench.py eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
@@ -54,7 +58,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, extract, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
+from bench import codecs, evaluate, extract, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -63,6 +67,7 @@ SUBCOMMANDS = {
     "streams": (streams, "cpu-bottom with one and with two streams at equal wall time: validation bits per code"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
+    "eval": (evaluate, "every stage of a pipeline run through evaluate.py: numbers, real-data ceilings, seconds"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),

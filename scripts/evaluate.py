@@ -1,8 +1,28 @@
-"""Exact test bits/dim of a PixelSNAIL checkpoint (its EMA weights) over a whole data split.
+"""Evaluate every stage offline, one command per stage; the last line printed is the stage's result.
 
-The last line printed is `test bits/dim: X.XXXX`. Runs on CUDA when there is one (--device chooses),
-in fp32 by default (--precision auto: bf16 autocast where the device computes bf16 natively; the
-likelihood itself is always fp32), and on several processes under `accelerate launch`, each evaluating a share.
+  evaluate.py [pixels] --ckpt RUN --data DATA          exact test bits/dim of a pixel PixelSNAIL (its EMA
+                                                       weights) over a whole split: `test bits/dim: X.XXXX`
+  evaluate.py prior --ckpt RUN --codes codes.lmdb      a top or bottom prior on its code database: bits per
+                                                       code on the held-out records (every 20th, as the
+                                                       trainer holds them out) and on the training records:
+                                                       `held-out bits/code: X (train Y, gap +Z)`
+  evaluate.py vqvae --ckpt RUN --data DATA             reconstruction MSE, PSNR, SSIM on the test split, codebook
+                                                       usage and perplexity per level:
+                                                       `test reconstruction mse: X (PSNR Y dB, SSIM Z)`
+  evaluate.py samples --vqvae V --top T --bottom B --data DATA
+                                                       Classification Accuracy Score of class-conditional samples
+                                                       (a small classifier trained on them, tested on real
+                                                       held-out images) beside the real-data ceiling, and FID /
+                                                       KID in that classifier's feature space ("local"; never
+                                                       comparable with Inception FID): `CAS: X (real-data ceiling Y)`.
+                                                       --samples takes sample.py --out-dir's samples instead;
+                                                       --inception-weights FILE adds the standard Inception FID.
+
+Without a stage, `pixels` (the original command). `--json FILE` files the stage's numbers as a flat
+object under the stage's name (pixels, vqvae, top_prior, bottom_prior, samples) in FILE, keeping the
+other stages there: one FILE per pipeline collects them all. Runs on CUDA when there is one
+(--device chooses), in fp32 by default (--precision). pixels and prior run on several processes
+under `accelerate launch`, each evaluating a share; vqvae and samples in one process.
 """
 
 from pipelines.startup import quiet_ctrl_c_while_starting
@@ -10,32 +30,87 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
+import math
+import sys
+import time
 
 from torch.utils.data import DataLoader
 
-from pipelines import runtime
-from pipelines.checkpoint import load_pixelsnail
+from pipelines import runtime, sample_metrics
+from pipelines.checkpoint import load_pixelsnail, load_vqvae
 from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.data import load_dataset
-from pipelines.inference import add_runtime_arguments, resolve_device
+from pipelines.evaluation import check_result_file, evaluate_prior, evaluate_vqvae, write_result
+from pipelines.generation import load_pipeline
+from pipelines.inference import add_runtime_arguments, make_runtime, resolve_device
 from pipelines.train_pixel import evaluate_bits
 
+STAGES = ("pixels", "prior", "vqvae", "samples")
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in (*STAGES, "-h", "--help"):
+        argv = ["pixels", *argv]  # the command before stages existed
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = p.add_subparsers(dest="stage", metavar="{" + ",".join(STAGES) + "}")
+    add_pixels_arguments(stage_parser(stages, "pixels", "exact bits/dim of a pixel-space PixelSNAIL"))
+    add_prior_arguments(stage_parser(stages, "prior", "bits per code of a prior, held-out and train"))
+    add_vqvae_arguments(stage_parser(stages, "vqvae", "reconstruction and codebook use of a VQ-VAE"))
+    add_samples_arguments(stage_parser(stages, "samples", "CAS and local FID / KID of a pipeline's samples"))
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def stage_parser(stages, name, summary):
+    p = stages.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+    p.add_argument("--json", type=user_path, default=None, metavar="FILE",
+                   help="also file the numbers under the stage's name in this JSON file (other stages' kept)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images, records or samples (drawn together) per batch, per process")
+    # fp32 by default: the figures quoted as exact (the trainers' final evaluation runs in fp32 too)
+    add_runtime_arguments(p, precision_default="fp32", precision_note="; default fp32, the exact figure")
+    return p
+
+
+def add_pixels_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="a run directory (its model.safetensors) or a checkpoint file")
     p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--batch-size", type=int, default=32)
-    # fp32 by default: this is the figure quoted as exact (the trainers' final evaluation runs in fp32 too)
-    add_runtime_arguments(p, precision_default="fp32", precision_note="; default fp32, the exact figure")
-    return p.parse_args()
 
 
-def main():
-    args = parse_args()
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+def add_prior_arguments(p):
+    p.add_argument("--ckpt", type=user_path, required=True, help="the prior's run directory or checkpoint file")
+    p.add_argument("--codes", type=user_path, required=True, help="the code database the prior was trained on")
+    p.add_argument("--max-records", type=int, default=None, help="at most this many records of each split (default all)")
+
+
+def add_vqvae_arguments(p):
+    p.add_argument("--ckpt", type=user_path, required=True, help="the VQ-VAE's run directory or checkpoint file")
+    p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--max-images", type=int, default=None, help="at most this many images (default the whole split)")
+
+
+def add_samples_arguments(p):
+    for level in ("vqvae", "top", "bottom"):
+        p.add_argument(f"--{level}", type=user_path, default=None, help=f"{level} run directory or checkpoint (to draw samples)")
+    p.add_argument("--samples", type=user_path, default=None,
+                   help="instead of drawing: sample.py --out-dir's directory or its samples.npz (class-conditional)")
+    p.add_argument("--data", type=user_path, required=True, help="the real data the pipeline was trained on")
+    p.add_argument("--per-class", type=int, default=100,
+                   help="samples drawn per class, and real images per class in each real set")
+    p.add_argument("--classifier-steps", type=int, default=300, help="training steps of each small classifier")
+    p.add_argument("--seed", type=int, default=0, help="of the samples, the real images chosen and the classifiers")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors")
+    p.add_argument("--inception-weights", type=user_path, default=None, metavar="FILE",
+                   help="Inception v3 FID weights you bring (pytorch-fid's pt_inception-2015-12-05-6726825d.pth): adds "
+                   "the standard Inception FID; needs torch-fidelity; nothing is downloaded")
+
+
+def pixels(args):
     device = resolve_device(args.device)
     precision = runtime.resolve_precision(args.precision, device)
     model, extra = load_pixelsnail(args.ckpt)
@@ -50,6 +125,85 @@ def main():
     bits = evaluate_bits(model, loader, accelerator, desc=args.split)
     accelerator.print(f"{len(dataset)} images, checkpoint step {extra.get('step', '?')}")
     accelerator.print(f"{args.split} bits/dim: {bits:.4f}")
+    return "pixels", {f"{args.split}_bits_per_dim": bits, "images": len(dataset), "step": extra.get("step")}, accelerator
+
+
+def prior(args):
+    if args.max_records is not None and args.max_records < 1:
+        raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
+    device = resolve_device(args.device)
+    accelerator = runtime.make_accelerator(runtime.resolve_precision(args.precision, device), device=device)
+    result = evaluate_prior(args.ckpt, args.codes, accelerator, args.batch_size, args.max_records)
+    accelerator.print(f"{result['level']} prior: {result['heldout_records']} held-out and {result['train_records']} "
+                      "training records")
+    accelerator.print(f"held-out bits/code: {result['heldout_bits_per_code']:.4f} "
+                      f"(train {result['train_bits_per_code']:.4f}, gap {result['gap_bits_per_code']:+.4f})")
+    return f"{result['level']}_prior", result, accelerator
+
+
+def vqvae(args):
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
+    model, extra = load_vqvae(args.ckpt)
+    dataset = load_dataset(args.data, args.split, extra.get("image_size", 0))
+    machine = one_process(args)
+    result = evaluate_vqvae(machine.vqvae(model), dataset, machine, args.batch_size, args.max_images)
+    for level in ("top", "bottom"):
+        print(f"{level} codes: {result[f'{level}_usage']:.1%} of {result[f'{level}_codes']} used, "
+              f"perplexity {result[f'{level}_perplexity']:.1f}")
+    print(f"{result['images']} {args.split} images")
+    print(f"{args.split} reconstruction mse: {result['mse']:.5f} (PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.4f})")
+    return "vqvae", result, machine.processes
+
+
+def samples(args):
+    if min(args.per_class, args.classifier_steps) < 1:
+        raise ValueError(f"--per-class and --classifier-steps must be >= 1, got {args.per_class} and {args.classifier_steps}")
+    if not 0 < args.temperature < math.inf:  # nan fails this too
+        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
+    pipeline_paths = [args.vqvae, args.top, args.bottom]
+    drawing = None not in pipeline_paths
+    if drawing == (args.samples is not None) or (not drawing and any(pipeline_paths)):
+        raise ValueError("give either --vqvae, --top and --bottom (to draw samples) or --samples")
+    # every refusal before the slow work: the weights file, the samples or checkpoints, the real data
+    inception = sample_metrics.inception_fid_metric(args.inception_weights) if args.inception_weights else None
+    machine = one_process(args)
+    if args.samples:
+        drawn, pipeline = sample_metrics.load_samples(args.samples), None
+        n_classes, size = int(drawn.labels.max()) + 1, drawn.images.shape[-1]
+    else:
+        pipeline = load_pipeline(*pipeline_paths).to(machine)
+        n_classes, size = pipeline.n_classes, pipeline.image_size
+    real = sample_metrics.real_images(args.data, size, n_classes, args.per_class, args.seed)
+    if pipeline is not None:
+        drawn = sample_metrics.draw_samples(pipeline, machine, args.per_class, args.seed, args.batch_size, args.temperature)
+    result = sample_metrics.evaluate_samples(drawn, *real, n_classes, args.classifier_steps, args.seed,
+                                             machine.device, inception)
+    print(f"{len(drawn)} samples of {n_classes} classes against {result['real_heldout']} real held-out images")
+    for metric, name in ((sample_metrics.LOCAL_FID, "local_fid"), (sample_metrics.LOCAL_KID, "local_kid")):
+        print(f"{metric}: {result[f'{name}_samples']:.4f} (real training images: {result[f'{name}_real']:.4f})")
+    if inception is None:
+        print(f"Inception FID: not computed (give --inception-weights FILE: {sample_metrics.INCEPTION_SOURCE})")
+    else:
+        print(f"Inception FID: {result['inception_fid_samples']:.2f} (real training images: {result['inception_fid_real']:.2f})")
+    print(f"CAS: {result['cas']:.4f} (real-data ceiling {result['cas_real_ceiling']:.4f})")
+    return "samples", result, machine.processes
+
+
+def one_process(args):
+    machine = make_runtime(args.device, args.precision)
+    if machine.processes.num_processes > 1:
+        raise ValueError(f"evaluate.py {args.stage} runs in one process: start it without accelerate launch")
+    return machine
+
+
+def main():
+    args = parse_args()
+    check_result_file(args.json)
+    start = time.perf_counter()
+    stage, result, processes = {"pixels": pixels, "prior": prior, "vqvae": vqvae, "samples": samples}[args.stage](args)
+    if args.json and processes.is_main_process:
+        write_result(args.json, stage, {**result, "seconds": time.perf_counter() - start})
 
 
 if __name__ == "__main__":

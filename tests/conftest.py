@@ -53,3 +53,39 @@ def fit_vqvae():
         return losses
 
     return fit
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A pipeline's run directory as scripts/demo.py lays it out, tiny and untrained: two classes of
+    16x16 images (images/train and images/test, reddish and bluish ramps), a random VQ-VAE (vqvae/),
+    its code database (codes.lmdb) and random top and bottom priors that fit it (top/, bottom/)."""
+    from pipelines.checkpoint import CHECKPOINT_NAME, save_checkpoint
+    from pipelines.codes import PriorProvenance, extract_with_vqvae, prior_fields, read_metadata
+    from prior import PixelSNAIL, PixelSNAILConfig
+    from vqvae import VQVAE2, VQVAE2Config
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.5, 1, 16)[None, None, :, None]
+    for split, n in (("train", 20), ("test", 8)):
+        for label, colour in enumerate(([200, 40, 40], [40, 40, 200])):
+            folder = root / "images" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            pixels = np.array(colour) * ramp + rng.normal(0, 10, (n, 16, 16, 3))
+            for k, image in enumerate(pixels.clip(0, 255).astype(np.uint8)):
+                Image.fromarray(image).save(folder / f"{k}.png")
+    torch.manual_seed(0)
+    config = VQVAE2Config(channels=8, res_channels=4, n_res_blocks=1, top_codes=8, bottom_codes=8, code_dim=4)
+    save_checkpoint(root / "vqvae" / CHECKPOINT_NAME, VQVAE2(config).state_dict(), "vqvae2", config, step=1,
+                    image_size=16)
+    extract_with_vqvae(root / "vqvae", str(root / "images"), root / "codes.lmdb")
+    metadata = read_metadata(root / "codes.lmdb")
+    small = dict(channels=8, n_blocks=1, n_res_blocks=1, kernel_size=2, key_channels=4, value_channels=4,
+                 embed_channels=4, cond_channels=4, cond_res_blocks=1, dropout=0.0)
+    for level in ("top", "bottom"):
+        provenance = PriorProvenance.of_database(metadata, level)
+        prior = PixelSNAILConfig(**prior_fields(provenance), **small, attention=level == "top")
+        save_checkpoint(root / level / CHECKPOINT_NAME, PixelSNAIL(prior).state_dict(), "pixelsnail", prior, step=1,
+                        **provenance.to_extra())
+    return root

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, extract, lmdb, precision, sample, streams, train, vqvae
+from bench import codecs, evaluate, extract, lmdb, precision, sample, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -206,3 +206,13 @@ def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_pat
     assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
     markdown = train.REPORT.markdown(added)
     assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in markdown
+
+
+def test_eval_quick_evaluates_every_stage_of_a_run(tmp_path, tiny_pipeline):
+    results = run_quick("eval", tmp_path, "# Evaluation of every stage", "--run-dir", str(tiny_pipeline),
+                        "--data", str(tiny_pipeline / "images"))
+    assert results["config"]["per_class"] == evaluate.QUICK_DEFAULTS["per_class"]
+    assert set(results["stages"]) == set(evaluate.STAGES) == set(results["seconds"])
+    assert all(seconds > 0 for seconds in results["seconds"].values())
+    assert results["printed"]["samples"][-1].startswith("CAS: ")
+    assert 0 <= results["stages"]["samples"]["cas"] <= 1

@@ -1,0 +1,115 @@
+"""Offline evaluation of the VQ-VAE and of a prior; each returns a flat dict of named numbers, and
+`write_result` files it under its stage in a JSON file (what scripts/evaluate.py --json writes).
+
+- A prior on its code database: bits per code over the held-out records (every 20th, as the prior
+  trainer holds them out) and over the training records, and the gap (held-out - train): a gap
+  that grows while the training loss falls is overfitting.
+- A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), PSNR and SSIM
+  (torchmetrics, images in [0, 1]) of the reconstructions the pipeline decodes (clamped to
+  [-1, 1]), and per level the codebook usage (share of the codes used at least once over the whole
+  split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
+  trainer's figures are per batch, hence lower).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.regression import MeanSquaredError
+from tqdm.auto import tqdm
+
+from pipelines.checkpoint import atomic_path, load_pixelsnail
+from pipelines.codes import LEVELS, PriorProvenance, check_fits
+from pipelines.train_pixel import evaluate_bits
+from pipelines.train_prior import code_source
+from vqvae.quantizer import batch_statistics
+
+
+def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_records=None):
+    """A code-mode prior on its code database -> {level, heldout_bits_per_code, train_bits_per_code,
+    gap_bits_per_code, heldout_records, train_records}. `max_records`: at most this many records of
+    each split (the first ones), None: all."""
+    model, extra = load_pixelsnail(prior_path)
+    if model.config.pixel_mode:
+        raise ValueError(f"{prior_path} is a pixel-mode model: evaluate it with `evaluate.py pixels`")
+    trained_on = PriorProvenance.from_extra(extra, prior_path)
+    source, provenance = code_source(codes_path, trained_on.level)
+    if provenance.vqvae_sha256 != trained_on.vqvae_sha256:
+        raise ValueError(f"the {trained_on.level} prior {prior_path} was trained on codes of another VQ-VAE "
+                         f"than the code database {codes_path}")
+    check_fits(model.config, provenance, f"the code database {codes_path}")
+    model = model.to(accelerator.device)
+    bits, counts = {}, {}
+    for name, dataset in (("heldout", source.test_set), ("train", source.train_set)):
+        if max_records is not None:
+            dataset = Subset(dataset, range(min(max_records, len(dataset))))
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size))
+        bits[name] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
+        counts[name] = len(dataset)
+    return {"level": trained_on.level, "heldout_bits_per_code": bits["heldout"], "train_bits_per_code": bits["train"],
+            "gap_bits_per_code": bits["heldout"] - bits["train"], "heldout_records": counts["heldout"],
+            "train_records": counts["train"]}
+
+
+@torch.no_grad()
+def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
+    """A VQ-VAE (on the runtime's device, eval mode) on a dataset of uint8 images -> {mse, psnr_db,
+    ssim, images, and per level usage, perplexity, codes}. One process."""
+    device = runtime.device
+    metrics = {"mse": MeanSquaredError(), "psnr_db": PeakSignalNoiseRatio(data_range=1.0),
+               "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}
+    metrics = {name: metric.to(device) for name, metric in metrics.items()}
+    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), device=device) for level in LEVELS}
+    n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(n_images)), batch_size=batch_size)
+    for images, _ in tqdm(loader, desc="reconstructing", leave=False):
+        x = runtime.images(images)  # (B, 3, S, S) in [-1, 1], channels_last
+        with runtime.autocast():
+            codes = dict(zip(LEVELS, vqvae.encode(x)))  # (B, S/8, S/8), (B, S/4, S/4)
+            reconstruction = vqvae.decode_codes(codes["top"], codes["bottom"]).float()
+        x, reconstruction = x.contiguous(), reconstruction.contiguous()  # torchmetrics views them flat
+        metrics["mse"].update(reconstruction, x)
+        for name in ("psnr_db", "ssim"):
+            metrics[name].update((reconstruction + 1) / 2, (x + 1) / 2)
+        for level in LEVELS:
+            counts[level] += torch.bincount(codes[level].flatten(), minlength=len(counts[level]))
+    result = {name: metric.compute().item() for name, metric in metrics.items()}
+    result["images"] = n_images
+    for level in LEVELS:
+        perplexity, usage = batch_statistics(counts[level])
+        result.update({f"{level}_usage": usage.item(), f"{level}_perplexity": perplexity.item(),
+                       f"{level}_codes": len(counts[level])})
+    return result
+
+
+# -- results files ---------------------------------------------------------------------------------
+
+
+def check_result_file(path):
+    """Refuses, before any work, a results file that exists but is not a JSON object."""
+    if path is not None and Path(path).exists():
+        read_results(path)
+
+
+def read_results(path) -> dict:
+    """A results file -> {stage: {name: value}}."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable JSON results file ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} is not a JSON object of evaluation results")
+    return results
+
+
+def write_result(path, stage, result):
+    """Files `result` (a flat dict) under `stage` in the JSON file at `path`, keeping the other stages'
+    results there; written atomically. Non-finite numbers become null (JSON has no NaN)."""
+    results = read_results(path) if Path(path).exists() else {}
+    results[stage] = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for name, value in result.items()}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
