@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, OtherCpuUse, add_quick_argument, apply_defaults, format_markdown_report,
-                          load_average, log, machine_info, machine_lines, write_results)
+from bench.common import (ROOT, OtherCpuUse, Report, add_quick_argument, apply_defaults, load_average, log,
+                          machine_info, machine_lines)
 
 QUICK_DEFAULTS = dict(per_class=4, classifier_steps=10)
 FULL_DEFAULTS = dict(per_class=100, classifier_steps=300)
@@ -78,10 +78,10 @@ def run(args):
         printed, seconds, other_cpu = evaluate_stages(args, report)
         results["stages"] = json.loads(report.read_text())
     results.update(printed=printed, seconds=seconds, other_cpu_use=other_cpu, load_average_after=load_average())
-    write_results(results, Path(args.out), "eval", markdown_report(results))
+    REPORT.publish(results, args.out)
 
 
-def markdown_report(results):
+def table(results):
     stages, seconds = results["stages"], results["seconds"]
     vqvae, samples = stages["vqvae"], stages["samples"]
     rows = [["VQ-VAE (test split)", "reconstruction MSE / PSNR / SSIM",
@@ -120,4 +120,7 @@ def markdown_report(results):
         "holds every image, so it is 0 (not a measure of the uncertainty)",
     ]
     header = ["stage", "figure", "value", "real data (the ceiling)", "seconds"]
-    return format_markdown_report("Evaluation of every stage", results, header, rows, notes)
+    return header, rows, notes
+
+
+REPORT = Report("eval", "Evaluation of every stage", table)

@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: one thread for tiny models, a folder of smooth images, and a
-short VQ-VAE training run."""
+short VQ-VAE training run,
+and a tiny pipeline run directory."""
 
 import numpy as np
 import pytest
