@@ -301,7 +301,7 @@ def add_arguments(parser):
                              "fp32 and bf16, against the bf16 matmul peak; writes sample-pipeline.json/.md")
     parser.add_argument("--n-samples", type=int, default=16, help="--pipeline: samples, the batch (default 16)")
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round, 1 thread")
-    parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all)")
+    parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all; --pipeline: the levels, top and bottom)")
     parser.add_argument("--rounds", type=int,
                         help="timed runs per sampler and model, interleaved (default 3; --pipeline: 1)")
     parser.add_argument("--naive-positions", type=int,

@@ -172,7 +172,8 @@ def run_pipeline(args):
     log("matmul peak and memory bandwidth")
     peaks = measure_matmul_peak([(256, 256, 256)] if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
     bandwidth = memory_bandwidth()
-    levels = QUICK_LEVELS if args.quick else LEVELS
+    levels = {name: preset for name, preset in (QUICK_LEVELS if args.quick else LEVELS).items()
+              if not args.models or name in args.models}
     results = {
         "benchmark": "sample --pipeline", **info, "quick": args.quick, "n": args.n_samples, "rounds": rounds,
         "seed": args.seed, "matmul_peak": peaks, "memory_bandwidth": bandwidth,
