@@ -300,6 +300,8 @@ def add_arguments(parser):
                         help="16 hierarchical samples at the paper's size (vqvae2-top, vqvae2-bottom, the VQ-VAE), "
                              "fp32 and bf16, against the bf16 matmul peak; writes sample-pipeline.json/.md")
     parser.add_argument("--n-samples", type=int, default=16, help="--pipeline: samples, the batch (default 16)")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="--pipeline: the precisions to time (default both)")
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round, 1 thread")
     parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all; --pipeline: the levels, top and bottom)")
     parser.add_argument("--rounds", type=int,

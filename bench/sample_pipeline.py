@@ -95,9 +95,9 @@ def count_step(model, n, label, cond, positions, seed):
     return {"flops_per_position": (flops_k - flops_0) / steps, "weight_bytes_per_position": (bytes_k - bytes_0) / steps}
 
 
-def time_level(model, n, label, cond, positions, rounds, seed):
+def time_level(model, n, label, cond, positions, rounds, seed, precisions):
     """Per precision, the prefix timings of the cached sampler (DrawRecorder), interleaved rounds."""
-    recorders = {precision: [] for precision in PRECISIONS}
+    recorders = {precision: [] for precision in precisions}
 
     def sample(precision):
         recorder = DrawRecorder(model, positions, keep=0)
@@ -105,30 +105,30 @@ def time_level(model, n, label, cond, positions, rounds, seed):
             recorder.run(sample_cached, n, label, cond, torch.Generator().manual_seed(seed))
         recorders[precision].append(recorder)
 
-    _, other_cpu = time_interleaved({p: lambda p=p: sample(p) for p in PRECISIONS}, rounds, 0, progress="timing")
+    _, other_cpu = time_interleaved({p: lambda p=p: sample(p) for p in precisions}, rounds, 0, progress="timing")
     n_positions = model.config.shape[0] * model.config.shape[1]
     return {precision: [{**prefix_timing(r, n_positions), "other_cpu_use": other}
                         for r, other in zip(recorders[precision], other_cpu[precision])]
-            for precision in PRECISIONS}
+            for precision in precisions}
 
 
-def bench_level(level, preset, n, rounds, seed, positions=None):
+def bench_level(level, preset, n, rounds, seed, precisions, positions=None):
     model, label, cond = build_prior(preset, n, seed)
     height, width = model.config.shape
     positions = positions or width + 1  # a whole row, and the next row's start
     log(f"{level}: {preset}, {model.num_parameters() / 1e6:.1f}M parameters, batch {n}, {height * width} "
         f"positions, timed on the first {positions}")
     counts = count_step(model, n, label, cond, positions, seed)
-    runs = time_level(model, n, label, cond, positions, rounds, seed)
-    medians = {p: sorted(r["seconds_per_position"] for r in runs[p])[len(runs[p]) // 2] for p in PRECISIONS}
-    totals = {p: sorted(r["total_s"] for r in runs[p])[len(runs[p]) // 2] for p in PRECISIONS}
-    for p in PRECISIONS:
+    runs = time_level(model, n, label, cond, positions, rounds, seed, precisions)
+    medians = {p: sorted(r["seconds_per_position"] for r in runs[p])[len(runs[p]) // 2] for p in precisions}
+    totals = {p: sorted(r["total_s"] for r in runs[p])[len(runs[p]) // 2] for p in precisions}
+    for p in precisions:
         log(f"  {level} {p}: {seconds(medians[p])}/position, whole grid ~{seconds(totals[p])}")
     return {"preset": preset, "parameters": model.num_parameters(), "positions": height * width,
             "timed_positions": positions, **counts, "seconds_per_position": medians, "total_s": totals, "runs": runs}
 
 
-def bench_decode(n, size, seed, quick):
+def bench_decode(n, size, seed, quick, precisions):
     """Seconds to decode n random (top, bottom) code grids to images, per precision, channels_last."""
     torch.manual_seed(seed)
     config = VQVAE_QUICK_MODEL if quick else VQVAE2Config()
@@ -136,7 +136,7 @@ def bench_decode(n, size, seed, quick):
     top = torch.randint(0, config.top_codes, (n, size // 8, size // 8), generator=generator)
     bottom = torch.randint(0, config.bottom_codes, (n, size // 4, size // 4), generator=generator)
     result = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         runtime = make_runtime("cpu", precision)
         vqvae = runtime.vqvae(VQVAE2(config))
         with torch.no_grad(), runtime.autocast():
@@ -177,11 +177,13 @@ def run_pipeline(args):
     results = {
         "benchmark": "sample --pipeline", **info, "quick": args.quick, "n": args.n_samples, "rounds": rounds,
         "seed": args.seed, "matmul_peak": peaks, "memory_bandwidth": bandwidth,
-        "flop_count_method": FLOP_COUNT_METHOD,
-        "levels": {level: bench_level(level, preset, args.n_samples, rounds, args.seed, args.cached_positions)
+        "flop_count_method": FLOP_COUNT_METHOD, "precisions": args.precisions,
+        "levels": {level: bench_level(level, preset, args.n_samples, rounds, args.seed, args.precisions,
+                                      args.cached_positions)
                    for level, preset in levels.items()},
     }
-    results["decode"] = bench_decode(args.n_samples, 32 if args.quick else 256, args.seed, args.quick)
+    results["decode"] = bench_decode(args.n_samples, 32 if args.quick else 256, args.seed, args.quick,
+                                     args.precisions)
     results["load_average_after"] = load_average()
     return results
 
@@ -203,7 +205,7 @@ def pipeline_rows(results):
     bandwidth = max(results["memory_bandwidth"].values())
     rows = []
     for level, r in results["levels"].items():
-        for precision in PRECISIONS:
+        for precision in results["precisions"]:
             per_position = r["seconds_per_position"][precision]
             rate = r["flops_per_position"] / per_position
             # the counted bytes are bf16's; fp32 weights are twice the size
@@ -217,7 +219,7 @@ def pipeline_rows(results):
 
 def wall_time_lines(results):
     lines = []
-    for precision in PRECISIONS:
+    for precision in results["precisions"]:
         parts = {level: r["total_s"][precision] for level, r in results["levels"].items()}
         parts["decode"] = results["decode"][precision]
         total = sum(parts.values())

@@ -68,32 +68,44 @@ class PaddedRows:
     A conv reads at most its kernel's height of rows while the row being written may lie one
     past them, so kh + 1 padded rows are kept, in a ring (padded row r in slot r mod (kh + 1)):
     memory does not grow with the grid's height. A slot reused for a new row still holds an old
-    row's values in the columns not yet written, which a causal conv never reads.
+    row's values in the columns not yet written, which a causal conv never reads. Channels
+    last, (B, kh + 1, W + pads, C_in): a position's window is then one contiguous run per row.
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, width, dtype):
         left, right, top, _ = layer.padding
         self.top, self.left, self.width = top, left, width
         self.n_slots = layer.conv.kernel_size[0] + 1
-        self.rows = torch.zeros(batch_size, layer.conv.in_channels, self.n_slots, left + width + right, dtype=dtype,
-                                device=layer.conv.bias.device)  # (B, C_in, kh + 1, W + pads)
+        self.rows = torch.zeros(batch_size, self.n_slots, left + width + right, layer.conv.in_channels, dtype=dtype,
+                                device=layer.conv.bias.device)
 
     def write(self, i, j, x):
         """Stores the input at (i, j), x (B, C_in); or over row i (j=None), x (B, C_in, 1, W)."""
         slot = (self.top + i) % self.n_slots
         if j is None:
-            self.rows[:, :, slot, self.left : self.left + self.width] = x[:, :, 0]
+            self.rows[:, slot, self.left : self.left + self.width] = rearrange(x, "b c 1 w -> b w c")
         else:
-            self.rows[:, :, slot, self.left + j] = x
+            self.rows[:, slot, self.left + j] = x
 
     def read(self, start, count, columns=slice(None)):
-        """Padded rows start..start+count-1, (B, C_in, count, columns): a view unless the rows wrap
+        """Padded rows start..start+count-1, (B, count, columns, C_in): a view unless the rows wrap
         around the ring (advanced indexing would copy, and slowly, even a single row)."""
         first = start % self.n_slots
         if first + count <= self.n_slots:
-            return self.rows[:, :, first : first + count, columns]
+            return self.rows[:, first : first + count, columns]
         wrapped = first + count - self.n_slots
-        return torch.cat([self.rows[:, :, first:, columns], self.rows[:, :, :wrapped, columns]], dim=2)
+        return torch.cat([self.rows[:, first:, columns], self.rows[:, :wrapped, columns]], dim=1)
+
+    def row_windows(self, start, count, kernel_width):
+        """The windows of padded rows start..start+count-1 under every output column of a row, as
+        one matrix (W*B, count*kw*C_in): a conv over the row is then one large matmul."""
+        windows = self.read(start, count).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
+        return rearrange(windows, "b r w c k -> (w b) (r k c)")
+
+
+def flat_weight(conv: WNConv2d):
+    """(C_out, kh * kw * C_in), in the order of PaddedRows' windows, cast once."""
+    return rearrange(as_autocast(conv.weight), "o c r k -> o (r k c)").contiguous()
 
 
 class ConvWindow:
@@ -107,7 +119,7 @@ class ConvWindow:
 
     def __init__(self, layer: ShiftedConv, batch_size, shape):
         self.kernel_size = layer.conv.kernel_size
-        self.weight = as_autocast(layer.conv.weight)  # (C_out, C_in, kh, kw), the weight-normalised weight
+        self.weight = flat_weight(layer.conv)  # (C_out, kh * kw * C_in), the weight-normalised weight
         self.bias = as_autocast(layer.conv.bias)
         self.inputs = PaddedRows(layer, batch_size, shape[1], self.bias.dtype)
         self.write = self.inputs.write
@@ -117,9 +129,10 @@ class ConvWindow:
         holds only inputs already written."""
         kernel_height, kernel_width = self.kernel_size
         if j is None:
-            return F.conv2d(self.inputs.read(i, kernel_height), self.weight, self.bias)
+            out = F.linear(self.inputs.row_windows(i, kernel_height, kernel_width), self.weight, self.bias)
+            return rearrange(out, "(w b) o -> b o 1 w", b=self.inputs.rows.shape[0])
         window = self.inputs.read(i, kernel_height, slice(j, j + kernel_width))
-        return F.linear(rearrange(window, "b c kh kw -> b (c kh kw)"), self.weight.flatten(1), self.bias)
+        return F.linear(rearrange(window, "b r k c -> b (r k c)"), self.weight, self.bias)
 
     def __call__(self, i, j, x):
         """For convs that read their own position: writes the input at (i, j), then convolves."""
@@ -137,16 +150,15 @@ class RowSplitConv:
     """A down-right shifted k x k conv of a gated resnet at one position, in two parts.
 
     Output (i, j) reads rows i-k+1..i. Rows i-k+1..i-1 are complete when row i starts, so their
-    part of every output of the row is computed then, for the whole row: one (W*B, (k-1)*C_in*k)
-    x ((k-1)*C_in*k, C_out) matmul instead of W small ones, the weights read once per row. At
+    part of every output of the row is computed then, for the whole row: one (W*B, (k-1)*k*C_in)
+    x ((k-1)*k*C_in, C_out) matmul instead of W small ones, the weights read once per row. At
     each position only the kernel's last row meets the new inputs: 1/k of the weights. Same
     products, same sums (up to their order).
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, shape):
         self.kernel_size = layer.conv.kernel_size
-        # (C_out, kh * C_in * kw), rows of the kernel outermost: the rows above, then the last
-        weight = rearrange(as_autocast(layer.conv.weight), "o c kh kw -> o (kh c kw)")
+        weight = flat_weight(layer.conv)  # kernel rows outermost: the rows above, then the last
         last = weight.shape[1] // self.kernel_size[0]
         self.weight_above, self.weight_last = weight[:, :-last].contiguous(), weight[:, -last:].contiguous()
         self.bias = as_autocast(layer.conv.bias)
@@ -155,17 +167,15 @@ class RowSplitConv:
     def start_row(self, i):
         """(W, B, C_out) in fp32: the bias and the rows above row i, for every column of row i."""
         kernel_height, kernel_width = self.kernel_size
-        above = self.inputs.read(i, kernel_height - 1).unfold(-1, kernel_width, 1)  # (B, C, kh-1, W, kw)
-        patches = rearrange(above, "b c r w k -> (w b) (r c k)")
-        out = F.linear(patches, self.weight_above, self.bias)
-        return rearrange(out, "(w b) o -> w b o", b=above.shape[0]).float()
+        out = F.linear(self.inputs.row_windows(i, kernel_height - 1, kernel_width), self.weight_above, self.bias)
+        return rearrange(out, "(w b) o -> w b o", b=self.inputs.rows.shape[0]).float()
 
     def at(self, i, j, x):
         """Writes the input at (i, j), (B, C_in); returns the last kernel row's part, (B, C_out)."""
         kernel_height, kernel_width = self.kernel_size
         self.inputs.write(i, j, x)
-        window = self.inputs.read(i + kernel_height - 1, 1, slice(j, j + kernel_width))  # (B, C, 1, kw)
-        return F.linear(rearrange(window, "b c 1 k -> b (c k)"), self.weight_last)
+        window = self.inputs.read(i + kernel_height - 1, 1, slice(j, j + kernel_width))  # (B, 1, kw, C_in)
+        return F.linear(rearrange(window, "b 1 k c -> b (k c)"), self.weight_last)
 
 
 class PointwiseAtPosition(Pointwise):

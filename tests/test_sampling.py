@@ -142,7 +142,7 @@ def test_each_conv_keeps_only_the_rows_of_input_its_kernel_reads():
         block = network.blocks[0]
         convs = [network.input.above, network.input.left, network.vertical_input.conv,
                  block.res_blocks[0].conv1, block.vertical[0].conv1]
-        assert [conv.inputs.rows.shape[2] for conv in convs] == [5, 6, 6, 6, 6]  # above: a 4 x 9 kernel
+        assert [conv.inputs.rows.shape[1] for conv in convs] == [5, 6, 6, 6, 6]  # above: a 4 x 9 kernel
 
 
 def test_bad_temperature_is_refused():
