@@ -5,19 +5,26 @@ But everything the network computes at position (i, j) depends only on earlier p
 (Ramachandran et al. 2017, "Fast generation for convolutional autoregressive models"). So we
 walk the grid in raster order and compute each layer at the new position only:
 
-- every k x k causal conv keeps its whole input grid, zero-padded as the layer pads it, filled in
-  position by position; its output at (i, j) is one k x k window of that grid times the weight;
+- every k x k causal conv keeps the last k + 1 rows of its input, zero-padded as the layer pads
+  it, filled in position by position; its output at (i, j) is one k x k window times the weight;
 - every attention block keeps the keys and values of the positions already drawn, and attends
   the query at position p to keys 0..p-1;
 - the conditioning map (class embedding, conditioning stack) is computed once;
-- a two-stream model's vertical stream reads only the rows above, every column of them: it is
-  computed a whole row at a time, when the row above is complete, before the row's first draw.
+- whatever the rows above determine is computed a whole row at a time, when the row above is
+  complete, before the row's first draw: a two-stream model's vertical stream (it reads only the
+  rows above), and in every gated resnet the part of its k x k conv that reads the rows above,
+  with the bias, the condition and the vertical stream's input. A position then computes only
+  the part of each conv that reads its own row.
 
 At one position an activation is a vector per example, (B, C), and every conv a matrix product
-(F.linear): on a tiny window that is several times faster than F.conv2d. Memory stays linear
-in the number of positions: there is never an N x N attention matrix. Each draw calls
-`model.draw` on the output at its position, so a seeded generator is consumed exactly as the
-naive sampler consumes it and both return the same samples.
+(F.linear): on a tiny window that is several times faster than F.conv2d. Such a step is bound
+by memory, not arithmetic: at batch 16 each weight it reads serves 16 products. Moving the rows
+above into one matmul per row (every output column of the row at once) reads those weights
+once per row instead of once per position: at kernel size 5, a fifth of a gated resnet's k x k
+weights remain per position. Memory stays linear in the number of positions: there is never an
+N x N attention matrix. Each draw calls `model.draw` on the output at its position, so a
+seeded generator is consumed exactly as the naive sampler consumes it and both return the same
+samples.
 
 Example:
     >>> model = PixelSNAIL(get_preset("cpu-small").model)
