@@ -287,12 +287,8 @@ def run_pipeline_benchmark(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     results = sample_pipeline.run_pipeline(args)
-    header, rows = sample_pipeline.PIPELINE_HEADER, sample_pipeline.pipeline_rows(results)
-    lines = sample_pipeline.pipeline_summary_lines(results)
-    print(format_text_report(header, rows, lines))
-    markdown = format_markdown_report("Hierarchical sampling at the paper's size: cached step speed", results,
-                                      header, rows, lines)
-    write_results(results, Path(args.out), "sample-pipeline", markdown)
+    print(sample_pipeline.format_table(results))
+    write_results(results, Path(args.out), "sample-pipeline", sample_pipeline.format_markdown(results))
 
 
 def add_arguments(parser):

@@ -20,7 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import load_average, log, machine_info, seconds, time_interleaved
+from bench.common import (format_markdown_report, format_text_report, load_average, log, machine_info, seconds,
+                          time_interleaved)
 from bench.sample import DrawRecorder, prefix_timing, random_inputs
 from bench.train import CPU_ATTENTION_FLOPS, MATMUL_SHAPES, measure_matmul_peak
 from bench.vqvae import VQVAE_QUICK_MODEL
@@ -33,6 +34,7 @@ LEVELS = {"top": "vqvae2-top", "bottom": "vqvae2-bottom"}
 QUICK_LEVELS = {"top": "cpu-top", "bottom": "cpu-bottom"}
 PRECISIONS = ("fp32", "bf16")
 BANDWIDTH_BYTES = 2**30  # larger than any cache of this machine
+QUICK_BANDWIDTH_BYTES = 2**26
 TARGET, GOAL = 0.10, 0.25  # of the bf16 matmul peak
 FLOP_COUNT_METHOD = (
     "torch.utils.flop_counter.FlopCounterMode over the timed prefix of the real cached sampler (bf16), from "
@@ -148,15 +150,15 @@ def bench_decode(n, size, seed, quick, precisions):
     return result
 
 
-def memory_bandwidth():
-    """Bytes/s of the best of three reads of 1 GiB (a sum in fp32), and of the same GiB streamed as
-    the weights of a batch-16 bf16 matmul: the rate a cached step's weights can arrive at."""
-    data = torch.randn(BANDWIDTH_BYTES // 4)
+def memory_bandwidth(size):
+    """Bytes/s of the best of three reads of `size` bytes (a sum in fp32), and of the same bytes
+    streamed as the weights of a batch-16 bf16 matmul: the rate a cached step's weights can arrive at."""
+    data = torch.randn(size // 4)
     best_sum = min(timed(data.sum) for _ in range(3))
     weights = data.view(torch.bfloat16).view(-1, 8192)  # the bits of random floats: finite bf16 values
     x = torch.randn(16, 8192, dtype=torch.bfloat16)
     best_matmul = min(timed(lambda: x @ weights.t()) for _ in range(3))
-    return {"sum_bytes_per_s": BANDWIDTH_BYTES / best_sum, "matmul_bytes_per_s": BANDWIDTH_BYTES / best_matmul}
+    return {"sum_bytes_per_s": size / best_sum, "matmul_bytes_per_s": size / best_matmul}
 
 
 def timed(call):
@@ -171,7 +173,7 @@ def run_pipeline(args):
     info = machine_info()
     log("matmul peak and memory bandwidth")
     peaks = measure_matmul_peak([(256, 256, 256)] if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(QUICK_BANDWIDTH_BYTES if args.quick else BANDWIDTH_BYTES)
     levels = {name: preset for name, preset in (QUICK_LEVELS if args.quick else LEVELS).items()
               if not args.models or name in args.models}
     results = {
@@ -191,6 +193,10 @@ def run_pipeline(args):
 # -- output -----------------------------------------------------------------------------------
 
 
+def timed_precisions(results):
+    return results.get("precisions", PRECISIONS)  # runs from before --precisions timed both
+
+
 def fraction_note(fraction):
     verdict = "goal met" if fraction >= GOAL else "target met, goal not" if fraction >= TARGET else "target NOT met"
     return f"{fraction:.1%} ({verdict})"
@@ -205,7 +211,7 @@ def pipeline_rows(results):
     bandwidth = max(results["memory_bandwidth"].values())
     rows = []
     for level, r in results["levels"].items():
-        for precision in results["precisions"]:
+        for precision in timed_precisions(results):
             per_position = r["seconds_per_position"][precision]
             rate = r["flops_per_position"] / per_position
             # the counted bytes are bf16's; fp32 weights are twice the size
@@ -219,7 +225,7 @@ def pipeline_rows(results):
 
 def wall_time_lines(results):
     lines = []
-    for precision in results["precisions"]:
+    for precision in timed_precisions(results):
         parts = {level: r["total_s"][precision] for level, r in results["levels"].items()}
         parts["decode"] = results["decode"][precision]
         total = sum(parts.values())
@@ -229,13 +235,22 @@ def wall_time_lines(results):
     return lines
 
 
+def format_markdown(results):
+    return format_markdown_report("Hierarchical sampling at the paper's size: cached step speed", results,
+                                  PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results))
+
+
+def format_table(results):
+    return format_text_report(PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results))
+
+
 def pipeline_summary_lines(results):
     peaks, bandwidth = results["matmul_peak"], results["memory_bandwidth"]
     lines = wall_time_lines(results) + [
         f"bf16 matmul peak of this run: {peaks['bf16']['flops_per_s'] / 1e9:.0f} GFLOP/s at {peaks['bf16']['shape']} "
         f"(fp32 {peaks['fp32']['flops_per_s'] / 1e9:.0f} GFLOP/s); target {TARGET:.0%} of it, goal {GOAL:.0%}",
         f"memory bandwidth of this run: {bandwidth['sum_bytes_per_s'] / 1e9:.1f} GB/s reading 1 GiB (sum), "
-        f"{bandwidth['matmul_bytes_per_s'] / 1e9:.1f} GB/s streaming 1 GiB of bf16 weights through a batch-16 matmul; "
+        f"{bandwidth['matmul_bytes_per_s'] / 1e9:.1f} GB/s streaming it as the bf16 weights of a batch-16 matmul; "
         "the bound is the weight bytes of one position at the larger of the two",
         f"FLOPs and bytes: {results['flop_count_method']}",
         f"decode: {results['n']} images {results['decode']['image_shape']} with the paper's VQ-VAE (random weights, "
