@@ -240,7 +240,16 @@ def run(args):
     runs alternate (round 1 naive first, round 2 cached first, ...), other processes' CPU use is
     recorded for each, and the medians over the rounds are reported. With the same seed both
     samplers draw the same values: checked on the positions both timed. Prints a table and
-    writes sample.json and sample.md to --out."""
+    writes sample.json and sample.md to --out.
+
+    --pipeline instead: 16 hierarchical samples at the paper's size (vqvae2-top 32x32, then
+    vqvae2-bottom 64x64 given random top codes, then the paper's VQ-VAE decoding to 256x256),
+    random weights, fp32 and bf16 autocast: the cached sampler's time per position of each level
+    (timed on a row and one position, scaled to the grid), the wall time of 16 samples, the model
+    FLOP/s of the cached step against the bf16 matmul peak and the weight bytes per position against
+    the memory bandwidth, both measured in the same run. Writes sample-pipeline.json and .md."""
+    if args.pipeline:
+        return run_pipeline_benchmark(args)
     if args.quick and args.threads is None:
         args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
     if args.threads:
@@ -268,14 +277,33 @@ def run(args):
     REPORT.publish(results, args.out)
 
 
+def run_pipeline_benchmark(args):
+    from bench import sample_pipeline  # imports the trainers' benchmark (its matmul peak): only when asked
+
+    if args.quick and args.threads is None:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = sample_pipeline.run_pipeline(args)
+    sample_pipeline.REPORT.publish(results, args.out)
+
+
 def add_arguments(parser):
+    parser.add_argument("--pipeline", action="store_true",
+                        help="16 hierarchical samples at the paper's size (vqvae2-top, vqvae2-bottom, the VQ-VAE), "
+                             "fp32 and bf16, against the bf16 matmul peak; writes sample-pipeline.json/.md")
+    parser.add_argument("--n-samples", type=int, default=16, help="--pipeline: samples, the batch (default 16)")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="--pipeline: the precisions to time (default both)")
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round, 1 thread")
-    parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all)")
-    parser.add_argument("--rounds", type=int, help="timed runs per sampler and model, interleaved (default 3)")
+    parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all; --pipeline: the levels, top and bottom)")
+    parser.add_argument("--rounds", type=int,
+                        help="timed runs per sampler and model, interleaved (default 3; --pipeline: 1)")
     parser.add_argument("--naive-positions", type=int,
                         help="positions the naive sampler is timed on (default top 16, bottom 6, cpu-small 64)")
     parser.add_argument("--cached-positions", type=int,
-                        help="positions the cached sampler is timed on (default the whole grid)")
+                        help="positions the cached sampler is timed on (default the whole grid; --pipeline: one "
+                             "row and one position)")
     parser.add_argument("--cached-budget", type=float, default=CACHED_BUDGET_S,
                         help=f"seconds after which a cached run stops and is scaled (default {CACHED_BUDGET_S})")
     add_common_arguments(parser, "sample", seed_help="seed of the weights, the inputs and the draws")

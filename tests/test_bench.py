@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, evaluate, extract, lmdb, precision, sample, streams, train, vqvae
+from bench import codecs, evaluate, extract, lmdb, precision, sample, sample_pipeline, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -72,6 +72,29 @@ def test_sample_quick_writes_positive_numbers(tmp_path):
             assert model[key] > 0, (name, key)
         # same seed, same draws: the cached sampler is exact
         assert model["check"]["positions_compared"] > 0 and model["check"]["identical_draws"], name
+
+
+def test_sample_pipeline_quick_counts_flops_and_weight_bytes(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sample", "--pipeline", "--quick", "--out",
+                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    results = json.loads((tmp_path / "sample-pipeline.json").read_text())
+    assert (tmp_path / "sample-pipeline.md").read_text() == sample_pipeline.REPORT.markdown(results)
+    assert results["matmul_peak"]["bf16"]["flops_per_s"] > 0 and min(results["memory_bandwidth"].values()) > 0
+    assert set(results["levels"]) == {"top", "bottom"} and results["precisions"] == ["fp32", "bf16"]
+    for name, level in results["levels"].items():
+        # one row and the next row's first position: a row start is inside the timed steps
+        assert level["timed_positions"] == level["positions"] ** 0.5 + 1, name
+        assert level["flops_per_position"] > 0 and level["weight_bytes_per_position"] > 0, name
+        for dtype in results["precisions"]:
+            assert level["seconds_per_position"][dtype] > 0 and level["total_s"][dtype] > 0, name
+            assert results["decode"][dtype] > 0
+
+
+def test_committed_pipeline_markdown_is_made_from_committed_json():
+    for name in ("sample-pipeline", "sample-pipeline-before-top", "sample-pipeline-before-bottom",
+                 "sample-pipeline-intermediate-top"):
+        results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+        assert sample_pipeline.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
 
 
 def test_vqvae_quick_writes_positive_numbers(tmp_path):

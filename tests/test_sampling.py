@@ -51,6 +51,11 @@ PIXEL_CASES = {
     "pixels, no attention (two streams)": lambda: pixel_case(attention=False),
     "pixels, no attention, one stream": lambda: pixel_case(attention=False, streams="one"),
     "pixels, class label, 2 heads, kernel 3": lambda: pixel_case(n_classes=3, n_heads=2, kernel_size=3),
+    # taller than the kernel: the convs' rings of input rows wrap around, several times
+    "pixels, two streams, residual units, kernel 5, 13 rows": lambda: pixel_case(
+        shape=(13, 6), attention=False, kernel_size=5, res_channels=12
+    ),
+    "pixels, attention, kernel 4, 11 rows": lambda: pixel_case(shape=(11, 5), kernel_size=4, n_heads=2),
 }
 CODE_CASES = {
     "codes, label + cond + attention": lambda: code_case(),
@@ -119,14 +124,25 @@ class LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("attention", [True, False], ids=["attention", "two streams"])
 def test_memory_is_linear_in_the_number_of_positions(attention):
     """On a 16x16 grid (N = 256) the cached sampler creates no tensor anywhere near N x N
-    elements: no attention matrix over the grid, only per-layer grids of activations."""
+    elements: no attention matrix over the grid, only the keys and values and rows of activations."""
     shape = (16, 16)
     n_positions = shape[0] * shape[1]
     model, _, _ = pixel_case(shape=shape, channels=8, n_blocks=1, n_heads=2, attention=attention)
     with LargestTensor() as largest:
         samples = sample_cached(model, 2, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (2, 3, *shape)
-    assert 2 * 8 * n_positions <= largest.numel < n_positions**2 / 10  # sees the (B, C, H, W) buffers
+    assert 2 * 8 * shape[1] <= largest.numel < n_positions**2 / 10  # sees the (B, C, rows, W) buffers
+
+
+def test_each_conv_keeps_only_the_rows_of_input_its_kernel_reads():
+    """kernel height + 1 rows (those read and the one being written), however tall the grid."""
+    for height in (6, 30):
+        model, _, _ = pixel_case(shape=(height, 6), attention=False, kernel_size=5, res_channels=12)
+        network = IncrementalPixelSNAIL(model, 2, None)
+        block = network.blocks[0]
+        convs = [network.input.above, network.input.left, network.vertical_input.conv,
+                 block.res_blocks[0].conv1, block.vertical[0].conv1]
+        assert [conv.inputs.rows.shape[1] for conv in convs] == [5, 6, 6, 6, 6]  # above: a 4 x 9 kernel
 
 
 def test_bad_temperature_is_refused():
@@ -146,7 +162,8 @@ def test_under_autocast_the_sampler_casts_each_weight_once_and_keeps_the_head_in
     with torch.autocast("cpu", dtype=torch.bfloat16):
         network = IncrementalPixelSNAIL(model, 3, model.condition(3, label, cond))
         samples = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(0))
-    assert network.blocks[0].res_blocks[0].conv1.weight.dtype == torch.bfloat16
+    conv1 = network.blocks[0].res_blocks[0].conv1
+    assert conv1.weight_above.dtype == conv1.weight_last.dtype == torch.bfloat16
     assert network.head.weight.dtype == torch.float32
     assert samples.shape == (3, 4, 5) and 0 <= samples.min() and samples.max() < 7
 

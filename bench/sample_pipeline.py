@@ -1,0 +1,259 @@
+"""`bench.py sample --pipeline`: 16 hierarchical samples at the paper's size on this CPU.
+
+The top prior (`vqvae2-top`, 32x32 codes) samples, the bottom prior (`vqvae2-bottom`, 64x64
+codes) samples given top codes, the paper's VQ-VAE decodes both to 256x256; random weights, in
+fp32 and under the bf16 autocast scripts/sample.py uses (pipelines.inference.Runtime). Each level
+is timed on a prefix of its positions with bench.sample's DrawRecorder and scaled to the whole
+grid (see SAMPLING_SCALING); the prefix is one whole row and the next row's first position, so
+the per-position figure includes one row start (the work the cached sampler does once per row).
+
+The model FLOPs of the cached step are counted by torch's FlopCounterMode over the same prefix
+(every convolution, matmul and attention the sampler runs between the first and the last draw,
+the row start included), divided by the positions; the bytes of weights (and attention keys and
+values) those operations read are counted beside them. Both are set against the machine's bf16
+matmul peak and its memory bandwidth, measured in the same run.
+"""
+
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import (Report, load_average, log, machine_info, seconds,
+                          time_interleaved)
+from bench.sample import DrawRecorder, prefix_timing, random_inputs
+from bench.train import CPU_ATTENTION_FLOPS, MATMUL_SHAPES, measure_matmul_peak
+from bench.vqvae import VQVAE_QUICK_MODEL
+from pipelines.inference import make_runtime
+from prior import PixelSNAIL, get_preset
+from prior.sampling import sample_cached
+from vqvae import VQVAE2, VQVAE2Config
+
+LEVELS = {"top": "vqvae2-top", "bottom": "vqvae2-bottom"}
+QUICK_LEVELS = {"top": "cpu-top", "bottom": "cpu-bottom"}
+PRECISIONS = ("fp32", "bf16")
+BANDWIDTH_BYTES = 2**30  # larger than any cache of this machine
+QUICK_BANDWIDTH_BYTES = 2**26
+TARGET, GOAL = 0.10, 0.25  # of the bf16 matmul peak
+FLOP_COUNT_METHOD = (
+    "torch.utils.flop_counter.FlopCounterMode over the timed prefix of the real cached sampler (bf16), from "
+    "the first to the last draw: every convolution and matmul (2 FLOPs per multiply-add) and the attention "
+    "over the cached keys (torch's SDPA formula), the row start included; divided by the positions. Not "
+    "counted: elementwise ops, the draws. Weight bytes: the bytes of every weight operand of those ops (and "
+    "of the attention's keys and values) in the precision they run in: what one position streams from memory."
+)
+
+
+def build_prior(preset, n, seed):
+    """A prior of `preset` with random weights, data-initialised on one random example (in bf16:
+    the statistics need only be sane), and a label / top-code condition to sample n with."""
+    config = get_preset(preset).model
+    torch.manual_seed(seed)
+    model = PixelSNAIL(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.init_from_data(*random_inputs(config, 1, generator))
+    _, label, cond = random_inputs(config, n, generator)
+    return model.eval(), label, cond
+
+
+class WeightBytes(TorchDispatchMode):
+    """Bytes of the weight operands of matmuls and convolutions, and of attention's keys and values."""
+
+    OPERANDS = {torch.ops.aten.mm.default: (1,), torch.ops.aten.addmm.default: (2,),
+                torch.ops.aten.convolution.default: (1,), torch.ops.aten.bmm.default: (1,)}
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = self.OPERANDS.get(func, (1, 2) if "scaled_dot_product" in str(func) else ())
+        self.bytes += sum(args[i].numel() * args[i].element_size() for i in indices)
+        return func(*args, **(kwargs or {}))
+
+
+class CountingRecorder(DrawRecorder):
+    """A DrawRecorder that also reads the FLOP and weight-byte counters at every draw."""
+
+    def __init__(self, model, limit, flops, weight_bytes):
+        super().__init__(model, limit, keep=0)
+        self.counters, self.counts = (flops, weight_bytes), []
+
+    def draw(self, out, generator=None, temperature=1.0):
+        self.counts.append((self.counters[0].get_total_flops(), self.counters[1].bytes))
+        return super().draw(out, generator, temperature)
+
+
+def count_step(model, n, label, cond, positions, seed):
+    """FLOPs and weight bytes per position over positions 1..positions-1 of the cached sampler, bf16."""
+    with (make_runtime("cpu", "bf16").autocast(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+          as flops, WeightBytes() as weight_bytes):
+        recorder = CountingRecorder(model, positions, flops, weight_bytes)
+        recorder.run(sample_cached, n, label, cond, torch.Generator().manual_seed(seed))
+    (flops_0, bytes_0), (flops_k, bytes_k) = recorder.counts[0], recorder.counts[-1]
+    steps = len(recorder.counts) - 1
+    return {"flops_per_position": (flops_k - flops_0) / steps, "weight_bytes_per_position": (bytes_k - bytes_0) / steps}
+
+
+def time_level(model, n, label, cond, positions, rounds, seed, precisions):
+    """Per precision, the prefix timings of the cached sampler (DrawRecorder), interleaved rounds."""
+    recorders = {precision: [] for precision in precisions}
+
+    def sample(precision):
+        recorder = DrawRecorder(model, positions, keep=0)
+        with make_runtime("cpu", precision).autocast():
+            recorder.run(sample_cached, n, label, cond, torch.Generator().manual_seed(seed))
+        recorders[precision].append(recorder)
+
+    _, other_cpu = time_interleaved({p: lambda p=p: sample(p) for p in precisions}, rounds, 0, progress="timing")
+    n_positions = model.config.shape[0] * model.config.shape[1]
+    return {precision: [{**prefix_timing(r, n_positions), "other_cpu_use": other}
+                        for r, other in zip(recorders[precision], other_cpu[precision])]
+            for precision in precisions}
+
+
+def bench_level(level, preset, n, rounds, seed, precisions, positions=None):
+    model, label, cond = build_prior(preset, n, seed)
+    height, width = model.config.shape
+    positions = positions or width + 1  # a whole row, and the next row's start
+    log(f"{level}: {preset}, {model.num_parameters() / 1e6:.1f}M parameters, batch {n}, {height * width} "
+        f"positions, timed on the first {positions}")
+    counts = count_step(model, n, label, cond, positions, seed)
+    runs = time_level(model, n, label, cond, positions, rounds, seed, precisions)
+    medians = {p: sorted(r["seconds_per_position"] for r in runs[p])[len(runs[p]) // 2] for p in precisions}
+    totals = {p: sorted(r["total_s"] for r in runs[p])[len(runs[p]) // 2] for p in precisions}
+    for p in precisions:
+        log(f"  {level} {p}: {seconds(medians[p])}/position, whole grid ~{seconds(totals[p])}")
+    return {"preset": preset, "parameters": model.num_parameters(), "positions": height * width,
+            "timed_positions": positions, **counts, "seconds_per_position": medians, "total_s": totals, "runs": runs}
+
+
+def bench_decode(n, size, seed, quick, precisions):
+    """Seconds to decode n random (top, bottom) code grids to images, per precision, channels_last."""
+    torch.manual_seed(seed)
+    config = VQVAE_QUICK_MODEL if quick else VQVAE2Config()
+    generator = torch.Generator().manual_seed(seed)
+    top = torch.randint(0, config.top_codes, (n, size // 8, size // 8), generator=generator)
+    bottom = torch.randint(0, config.bottom_codes, (n, size // 4, size // 4), generator=generator)
+    result = {}
+    for precision in precisions:
+        runtime = make_runtime("cpu", precision)
+        vqvae = runtime.vqvae(VQVAE2(config))
+        with torch.no_grad(), runtime.autocast():
+            vqvae.decode_codes(top[:1], bottom[:1])  # warm-up
+            start = time.perf_counter()
+            images = vqvae.decode_codes(top, bottom)
+            result[precision] = time.perf_counter() - start
+    result["image_shape"] = list(images.shape)
+    return result
+
+
+def memory_bandwidth(size):
+    """Bytes/s of the best of three reads of `size` bytes (a sum in fp32), and of the same bytes
+    streamed as the weights of a batch-16 bf16 matmul: the rate a cached step's weights can arrive at."""
+    data = torch.randn(size // 4)
+    best_sum = min(timed(data.sum) for _ in range(3))
+    weights = data.view(torch.bfloat16).view(-1, 8192)  # the bits of random floats: finite bf16 values
+    x = torch.randn(16, 8192, dtype=torch.bfloat16)
+    best_matmul = min(timed(lambda: x @ weights.t()) for _ in range(3))
+    return {"sum_bytes_per_s": size / best_sum, "matmul_bytes_per_s": size / best_matmul}
+
+
+def timed(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def run_pipeline(args):
+    """The --pipeline benchmark; returns its results."""
+    rounds = args.rounds or 1
+    info = machine_info()
+    log("matmul peak and memory bandwidth")
+    peaks = measure_matmul_peak([(256, 256, 256)] if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
+    bandwidth = memory_bandwidth(QUICK_BANDWIDTH_BYTES if args.quick else BANDWIDTH_BYTES)
+    levels = {name: preset for name, preset in (QUICK_LEVELS if args.quick else LEVELS).items()
+              if not args.models or name in args.models}
+    results = {
+        "benchmark": "sample --pipeline", **info, "quick": args.quick, "n": args.n_samples, "rounds": rounds,
+        "seed": args.seed, "matmul_peak": peaks, "memory_bandwidth": bandwidth,
+        "flop_count_method": FLOP_COUNT_METHOD, "precisions": args.precisions,
+        "levels": {level: bench_level(level, preset, args.n_samples, rounds, args.seed, args.precisions,
+                                      args.cached_positions)
+                   for level, preset in levels.items()},
+    }
+    results["decode"] = bench_decode(args.n_samples, 32 if args.quick else 256, args.seed, args.quick,
+                                     args.precisions)
+    results["load_average_after"] = load_average()
+    return results
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def timed_precisions(results):
+    return results.get("precisions", PRECISIONS)  # runs from before --precisions timed both
+
+
+def fraction_note(fraction):
+    verdict = "goal met" if fraction >= GOAL else "target met, goal not" if fraction >= TARGET else "target NOT met"
+    return f"{fraction:.1%} ({verdict})"
+
+
+PIPELINE_HEADER = ("level (params)", "precision", "s/position (batch 16)", "whole grid", "model GFLOP/position",
+                   "GFLOP/s", "of bf16 peak", "weight GB/position", "bandwidth bound s/position")
+
+
+def pipeline_rows(results):
+    peak = results["matmul_peak"]["bf16"]["flops_per_s"]
+    bandwidth = max(results["memory_bandwidth"].values())
+    rows = []
+    for level, r in results["levels"].items():
+        for precision in timed_precisions(results):
+            per_position = r["seconds_per_position"][precision]
+            rate = r["flops_per_position"] / per_position
+            # the counted bytes are bf16's; fp32 weights are twice the size
+            weight_bytes = r["weight_bytes_per_position"] * (2 if precision == "fp32" else 1)
+            rows.append((f"{level} ({r['parameters'] / 1e6:.0f}M)", precision, seconds(per_position),
+                         f"~{seconds(r['total_s'][precision])} (scaled from {r['timed_positions']} of {r['positions']})",
+                         f"{r['flops_per_position'] / 1e9:.3g}", f"{rate / 1e9:.3g}", fraction_note(rate / peak),
+                         f"{weight_bytes / 1e9:.2f}", seconds(weight_bytes / bandwidth)))
+    return rows
+
+
+def wall_time_lines(results):
+    lines = []
+    for precision in timed_precisions(results):
+        parts = {level: r["total_s"][precision] for level, r in results["levels"].items()}
+        parts["decode"] = results["decode"][precision]
+        total = sum(parts.values())
+        lines.append(f"{results['n']} hierarchical samples in {precision}: ~{total / 60:.1f} minutes (~{total:.0f} s; "
+                     + ", ".join(f"{name} {'' if name == 'decode' else '~'}{value:.1f} s" for name, value in parts.items())
+                     + "; the levels scaled from their prefixes, the decode measured whole)")
+    return lines
+
+
+def pipeline_summary_lines(results):
+    peaks, bandwidth = results["matmul_peak"], results["memory_bandwidth"]
+    lines = wall_time_lines(results) + [
+        f"bf16 matmul peak of this run: {peaks['bf16']['flops_per_s'] / 1e9:.0f} GFLOP/s at {peaks['bf16']['shape']} "
+        f"(fp32 {peaks['fp32']['flops_per_s'] / 1e9:.0f} GFLOP/s); target {TARGET:.0%} of it, goal {GOAL:.0%}",
+        f"memory bandwidth of this run: {bandwidth['sum_bytes_per_s'] / 1e9:.1f} GB/s reading 1 GiB (sum), "
+        f"{bandwidth['matmul_bytes_per_s'] / 1e9:.1f} GB/s streaming it as the bf16 weights of a batch-16 matmul; "
+        "the bound is the weight bytes of one position at the larger of the two",
+        f"FLOPs and bytes: {results['flop_count_method']}",
+        f"decode: {results['n']} images {results['decode']['image_shape']} with the paper's VQ-VAE (random weights, "
+        "random codes), channels_last, measured whole",
+        "bottom level: conditioned on random top codes (the top level is only timed on a prefix)",
+        f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
+        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
+    ]
+    if results["quick"]:
+        lines.insert(0, "--quick: tiny models, the numbers mean nothing")
+    return lines
+
+
+REPORT = Report("sample-pipeline", "Hierarchical sampling at the paper's size: cached step speed",
+                lambda results: (PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results)))
