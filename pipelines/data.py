@@ -143,12 +143,12 @@ class BuiltinPhotos(ImageTensorDataset):
         sources = rng.integers(len(photos), size=n_images)
         crops = np.empty((n_images, size, size, 3), np.uint8)
         for i, source in enumerate(sources):
-            crops[i] = _random_crop(photos[source], size, rng)
+            crops[i] = random_crop(photos[source], size, rng)
         labels = torch.tensor([BUILTIN_PHOTOS.index(names[source]) for source in sources])
         super().__init__(torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), labels)
 
 
-def _random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
     """One random square of `photo`, resized to (size, size, 3) uint8."""
     short_side = min(photo.size)
     smallest = min(short_side, max(size, short_side / 16))

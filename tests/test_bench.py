@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, extract, lmdb, precision, sample, streams, train, vqvae
+from bench import codecs, extract, lmdb, ood, precision, sample, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -206,3 +206,20 @@ def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_pat
     assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
     markdown = train.format_markdown(added)
     assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in markdown
+
+
+def test_ood_quick_measures_every_kind_for_both_models(tmp_path):
+    results = run_quick("ood", tmp_path, "# Out-of-distribution detection by likelihood")
+    assert set(results["models"]) == {"pixel model", "pipeline"}
+    for measured in results["models"].values():
+        for by_kind in measured["aurocs"].values():
+            assert set(by_kind) == set(ood.KINDS) and all(0 <= value <= 1 for value in by_kind.values())
+    assert set(results["models"]["pipeline"]["aurocs"]) == {
+        "top + bottom bits", "top bits/code", "bottom bits/code", "VQ-VAE reconstruction MSE"}
+
+
+def test_ood_auroc_is_the_rank_statistic():
+    inside = {"score": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)}
+    kinds = {kind: {"score": torch.tensor([2.5, 5.0], dtype=torch.float64)} for kind in ood.KINDS}
+    # pairs (outside > inside): 2.5 beats 1 and 2, 5.0 beats all 4: 6 of 8
+    assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 0.75 for kind in ood.KINDS}
