@@ -14,8 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from bench.common import (ROOT, OtherCpuUse, add_common_arguments, apply_defaults, format_markdown_report,
-                          format_text_report, load_average, log, machine_info, machine_lines, random_pixels,
-                          write_results)
+                          log, machine_info, machine_lines, print_and_write, random_pixels, results_record)
 from bench.vqvae import VQVAE_QUICK_MODEL, to_memory_format, vqvae_extract
 from pipelines.checkpoint import load_vqvae, save_checkpoint
 from pipelines.codes import CodeDataset
@@ -147,19 +146,11 @@ def run(args):
             for precision, db in (("fp32", fp32_db), ("bf16", bf16_db)):
                 run_extraction(trained, data, db, precision, 256)
         codes = compare_codes(fp32_db, bf16_db, trained, data, size)
-    results = {
-        "benchmark": "extract",
-        **info,
-        "load_average_after": load_average(),
-        "quick": args.quick,
-        "config": {"model": asdict(config), "paper_model": config == VQVAE2Config(), "image_size": args.size,
-                   "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
-                   "trained_vqvae": str(trained), "trained_data": str(data), "trained_image_size": size},
-        "speed": speed,
-        "codes": codes,
-    }
-    print(format_text_report(*report(results)))
-    write_results(results, Path(args.out), "extract", format_markdown(results))
+    settings = {"model": asdict(config), "paper_model": config == VQVAE2Config(), "image_size": args.size,
+                "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
+                "trained_vqvae": str(trained), "trained_data": str(data), "trained_image_size": size}
+    results = results_record("extract", info, args.quick, settings, speed=speed, codes=codes)
+    print_and_write(results, args.out, "extract", report, format_markdown)
 
 
 def format_markdown(results):

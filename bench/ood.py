@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torchmetrics.classification import BinaryAUROC
 
-from bench.common import (add_common_arguments, apply_defaults, format_markdown_report, format_text_report,
-                          load_average, log, machine_info, machine_lines, write_results)
+from bench.common import (add_common_arguments, add_quick_argument, apply_defaults, format_markdown_report,
+                          log, machine_info, machine_lines, print_and_write, results_record)
 from pipelines.checkpoint import load_pixelsnail
 from pipelines.data import BuiltinPhotos, random_crop
 from pipelines.generation import Pipeline, load_pipeline
@@ -140,17 +140,10 @@ def run(args):
         torch.set_num_threads(args.threads)
     info = machine_info()
     models = measure(args)
-    results = {
-        "benchmark": "ood",
-        **info,
-        "load_average_after": load_average(),
-        "quick": args.quick,
-        "config": {"images_per_kind": args.images, "batch_size": args.batch_size, "seed": args.seed,
-                   "pixels": args.pixels, "demo": args.demo, "kinds": list(KINDS)},
-        "models": models,
-    }
-    print(format_text_report(*report(results)))
-    write_results(results, Path(args.out), "ood", format_markdown(results))
+    config = {"images_per_kind": args.images, "batch_size": args.batch_size, "seed": args.seed, "pixels": args.pixels,
+              "demo": args.demo, "kinds": list(KINDS)}
+    results = results_record("ood", info, args.quick, config, models=models)
+    print_and_write(results, args.out, "ood", report, format_markdown)
 
 
 def format_markdown(results):
@@ -188,9 +181,8 @@ def report(results):
 
 
 def add_arguments(parser):
-    full, quick = FULL_DEFAULTS, QUICK_DEFAULTS
-    parser.add_argument("--quick", action="store_true", help="smoke run in seconds: "
-                        + ", ".join(f"{k}={v}" for k, v in quick.items()))
+    full = FULL_DEFAULTS
+    add_quick_argument(parser, QUICK_DEFAULTS)
     parser.add_argument("--images", type=int, help=f"images of each kind (default {full['images']})")
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {full['batch_size']})")
     parser.add_argument("--pixels", help=f"the pixel model's run (default {full['pixels']})")

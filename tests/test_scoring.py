@@ -23,7 +23,7 @@ from pipelines.inference import make_runtime
 from pipelines.scoring import MIXTURE, Level, choose_labels, score_levels, score_pipeline
 from pipelines.train_pixel import evaluate_bits
 from pipelines.train_prior import code_inputs
-from prior import PixelSNAIL, PixelSNAILConfig, get_preset
+from prior import PixelSNAIL, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
