@@ -12,6 +12,7 @@ every image of the kind scores above every in-distribution crop, 0.5 chance, bel
 looks *more* likely than the real crops.
 """
 
+import argparse
 import time
 from pathlib import Path
 
@@ -98,24 +99,32 @@ def quick_models(seed):
     return pixels, Pipeline(vqvae.eval(), top.eval(), bottom.eval(), 16)
 
 
-def measure(args):
-    """{model: {"scores": ..., "aurocs": ..., "seconds": ...}} for the pixel model and the pipeline."""
-    runtime = make_runtime(args.device, "fp32")
+MODELS = {"pixels": "pixel model", "pipeline": "pipeline"}  # --models value: name in the results
+
+
+def scorers(args, runtime):
+    """{model: (image size, score(images) -> BatchScores)} of the models in --models."""
     if args.quick:
         pixel_model, pipeline = quick_models(args.seed)
     else:
-        pixel_model = load_pixelsnail(args.pixels)[0]
+        pixel_model = load_pixelsnail(args.pixels)[0] if "pixels" in args.models else None
         demo = Path(args.demo)
-        pipeline = load_pipeline(demo / "vqvae", demo / "top", demo / "bottom")
-    labels = MIXTURE if pipeline.n_classes else None
-    jobs = {
-        "pixel model": (pixel_model.config.shape[0],
-                        lambda images, m=pixel_model.to(runtime.device): score_pixels(m, images, None, runtime)),
-        "pipeline": (pipeline.image_size,
-                     lambda images, p=pipeline.to(runtime): score_pipeline(p, images, labels, runtime)),
-    }
+        pipeline = load_pipeline(demo / "vqvae", demo / "top", demo / "bottom") if "pipeline" in args.models else None
+    jobs = {}
+    if pixel_model is not None:
+        model = pixel_model.to(runtime.device)
+        jobs["pixel model"] = (model.config.shape[0], lambda images: score_pixels(model, images, None, runtime))
+    if pipeline is not None:
+        labels = MIXTURE if pipeline.n_classes else None
+        on_device = pipeline.to(runtime)
+        jobs["pipeline"] = (pipeline.image_size, lambda images: score_pipeline(on_device, images, labels, runtime))
+    return {MODELS[name]: jobs[MODELS[name]] for name in MODELS if name in args.models}
+
+
+def measure(args):
+    """{model: {"image_size", "seconds", "aurocs", "means"}} for the models in --models."""
     results = {}
-    for name, (size, score) in jobs.items():
+    for name, (size, score) in scorers(args, make_runtime(args.device, "fp32")).items():
         log(f"{name}: {args.images} images of each kind at {size}x{size}")
         start = time.perf_counter()
         scores = score_sets(score, image_sets(args.images, size, args.seed), args.batch_size)
@@ -141,7 +150,7 @@ def run(args):
     info = machine_info()
     models = measure(args)
     config = {"images_per_kind": args.images, "batch_size": args.batch_size, "seed": args.seed, "pixels": args.pixels,
-              "demo": args.demo, "kinds": list(KINDS)}
+              "demo": args.demo, "kinds": list(KINDS), "models": args.models}
     results = results_record("ood", info, args.quick, config, models=models)
     print_and_write(results, args.out, "ood", report, format_markdown)
 
@@ -164,9 +173,10 @@ def report(results):
         "(BuiltinPhotos' test split: photos no model trained on) and as many images of each kind; 1: every image "
         "of the kind scores higher (less likely) than every crop, 0.5: chance, below 0.5: the kind looks more "
         "likely than the real crops",
-        f"models: the pixel model {c['pixels']}, the pipeline {c['demo']} (classes unknown: uniform mixture over "
-        "the priors' classes)",
     ]
+    described = {"pixel model": f"the pixel model {c['pixels']}",
+                 "pipeline": f"the pipeline {c['demo']} (classes unknown: the uniform mixture over the priors' classes)"}
+    notes.append("models: " + "; ".join(described[model] for model in results["models"]))
     for model, measured in results["models"].items():
         means = measured["means"]
         scores = list(means[IN_DISTRIBUTION])
@@ -180,6 +190,14 @@ def report(results):
     return header, rows, notes
 
 
+def model_list(text):
+    names = text.split(",")
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}")
+    return names
+
+
 def add_arguments(parser):
     full = FULL_DEFAULTS
     add_quick_argument(parser, QUICK_DEFAULTS)
@@ -187,5 +205,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, help=f"images per batch (default {full['batch_size']})")
     parser.add_argument("--pixels", help=f"the pixel model's run (default {full['pixels']})")
     parser.add_argument("--demo", help=f"the pipeline's directory: vqvae/, top/, bottom/ (default {full['demo']})")
+    parser.add_argument("--models", type=model_list, default=list(MODELS),
+                        help=f"which models, a comma list of {', '.join(MODELS)} (default both)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     add_common_arguments(parser, "ood", seed_help="seed of the crops and the noise")
