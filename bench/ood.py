@@ -76,15 +76,19 @@ def score_sets(score, sets, batch_size):
 
 
 def aurocs(scores):
-    """{score name: {kind: AUROC of the score, the kind against the in-distribution crops}}."""
+    """{score name: {kind: AUROC of the score, the kind against the in-distribution crops}}.
+
+    BinaryAUROC takes scores outside [0, 1] for logits and squashes them with a sigmoid, which
+    rounds large ones (thousands of bits) to 1 alike: it is given their ranks (ties kept tied),
+    scaled into [0, 1], which the AUROC, a function of the order alone, cannot tell apart."""
     inside = scores[IN_DISTRIBUTION]
     table = {}
     for name, in_values in inside.items():
         table[name] = {}
         for kind in KINDS:
-            values = torch.cat([in_values, scores[kind][name]])
+            ranks = torch.unique(torch.cat([in_values, scores[kind][name]]), return_inverse=True)[1].double()
             targets = torch.cat([torch.zeros(len(in_values)), torch.ones(len(scores[kind][name]))]).long()
-            table[name][kind] = float(BinaryAUROC()(values, targets))
+            table[name][kind] = float(BinaryAUROC()(ranks / max(1.0, float(ranks.max())), targets))
     return table
 
 

@@ -147,8 +147,8 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     assert results["codes"]["reconstruction_mse"]["fp32"] > 0
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
@@ -223,3 +223,7 @@ def test_ood_auroc_is_the_rank_statistic():
     kinds = {kind: {"score": torch.tensor([2.5, 5.0], dtype=torch.float64)} for kind in ood.KINDS}
     # pairs (outside > inside): 2.5 beats 1 and 2, 5.0 beats all 4: 6 of 8
     assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 0.75 for kind in ood.KINDS}
+    # scores of thousands of bits (which a sigmoid would round to 1 alike), and a tie, which counts half
+    inside = {"score": torch.tensor([1600.0, 1650.0, 1700.0], dtype=torch.float64)}
+    kinds = {kind: {"score": torch.tensor([1650.0, 2200.0], dtype=torch.float64)} for kind in ood.KINDS}
+    assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 4.5 / 6 for kind in ood.KINDS}
