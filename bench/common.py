@@ -235,3 +235,10 @@ def write_results(results, out_dir, name, markdown):
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(markdown)
     log(f"wrote {out_dir / name}.json and .md")
+
+
+def results_record(name, info, quick, config, **measured):
+    """A benchmark's results: its name, the machine (`info`, from machine_info() before the run) with the
+    load average after it, whether it was --quick, its config and what it measured."""
+    return {"benchmark": name, **info, "load_average_after": load_average(), "quick": quick, "config": config,
+            **measured}

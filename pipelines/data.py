@@ -101,6 +101,10 @@ def _check_readable(path: Path) -> None:
 def _check_split_and_size(split: str, size: int) -> None:
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    _check_size(size)
+
+
+def _check_size(size: int) -> None:
     if not (isinstance(size, int) and size > 0):
         raise DataError(f"size must be a positive integer, got {size!r}")
 
@@ -142,12 +146,12 @@ class BuiltinPhotos(ImageTensorDataset):
         sources = rng.integers(len(photos), size=n_images)
         crops = np.empty((n_images, size, size, 3), np.uint8)
         for i, source in enumerate(sources):
-            crops[i] = _random_crop(photos[source], size, rng)
+            crops[i] = random_crop(photos[source], size, rng)
         labels = torch.tensor([BUILTIN_PHOTOS.index(names[source]) for source in sources])
         super().__init__(torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), labels)
 
 
-def _random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
     """One random square of `photo`, resized to (size, size, 3) uint8."""
     short_side = min(photo.size)
     smallest = min(short_side, max(size, short_side / 16))
@@ -392,14 +396,44 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        file = self.files[index]
-        try:
-            with Image.open(file) as image:
-                image = to_rgb8(ImageOps.exif_transpose(image))
-        except Exception as err:  # PIL raises many types for truncated or foreign files
-            raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
-        pixels = np.array(_resize_center_crop(image, self.size))  # (S, S, 3)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), self.labels[index]
+        return read_image(self.files[index], self.size), self.labels[index]
+
+
+class ImageFiles(Dataset):
+    """Every image of some files and folders (folders walked as ImageFolderDataset walks them, in
+    sorted order), without splits or labels (each label is 0), read as ImageFolderDataset reads
+    them. `files` lists the image paths in order. Example: `ImageFiles(["a.png", "photos/"], 32)`."""
+
+    def __init__(self, paths: list[str | Path], size: int = 32):
+        _check_size(size)
+        self.size = size
+        self.files = []
+        for path in map(Path, paths):
+            if not path.exists():
+                raise DataError(f"image not found: {path}")
+            _check_readable(path)
+            self.files += _image_files(path) if path.is_dir() else [path]
+        if not self.files:
+            raise DataError(f"no images in {', '.join(map(str, paths))}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+        self.labels = [0] * len(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return read_image(self.files[index], self.size), 0
+
+
+def read_image(file: Path, size: int) -> Tensor:
+    """An image file -> uint8 (3, S, S): 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter
+    side resized to S and the centre S x S kept. DataError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(file) as image:
+            image = to_rgb8(ImageOps.exif_transpose(image))
+    except Exception as err:  # PIL raises many types for truncated or foreign files
+        raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
+    pixels = np.array(_resize_center_crop(image, size))  # (S, S, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, as old Pillows open 16-bit PNGs

@@ -275,12 +275,20 @@ class PixelSNAIL(nn.Module):
         """`nll` from an output already computed (a trainer calls its wrapped model itself)."""
         if self.config.pixel_mode:
             return mixture.nll_bits_per_dim(x, out)
+        return self.output_bits_map(x, out).flatten(1).mean(dim=1)
+
+    def output_bits_map(self, x, out):
+        """The bits at each position, (B, H, W), in fp32: -log2 P(x at the position | what precedes
+        it), a pixel's three values together in pixel mode. Their sum over an example is its total
+        bits; `output_nll` is their mean per dimension (per code)."""
+        if self.config.pixel_mode:
+            return -mixture.log_prob(x, out) / math.log(2)
         # over (B*H*W, K) rows: a view of channels_last logits, where the per-pixel softmax of a
         # (B, K, H, W) cross_entropy would first copy them to the contiguous layout
         logits = rearrange(out.float(), "b k h w -> (b h w) k")
         with torch.autocast(x.device.type, enabled=False):
             nats = F.cross_entropy(logits, rearrange(x, "b h w -> (b h w)"), reduction="none")
-        return rearrange(nats, "(b n) -> b n", b=x.shape[0]).mean(dim=1) / math.log(2)
+        return rearrange(nats, "(b h w) -> b h w", b=x.shape[0], h=x.shape[1]) / math.log(2)
 
     @torch.no_grad()
     def init_from_data(self, x, label=None, cond=None):

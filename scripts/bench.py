@@ -19,6 +19,9 @@ Subcommands:
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
   codecs  the pixel model's held-out bits/dim after 2, 5 and 10 minutes of training (one run) beside
           PNG and WebP lossless on the same crops, with a plot.
+  ood     out-of-distribution detection by likelihood: AUROC of the pixel model's bits/dim and of
+          the pipeline's bits (total, per level) between held-out crops and noise, flipped crops,
+          colour-inverted crops and another photo.
   gpu     one CUDA GPU (make gpu-check runs it after the CUDA tests): training steps/s, model
           FLOP/s and memory per example of cifar10 and the paper-size priors in bf16, VQ-VAE
           training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
@@ -46,6 +49,8 @@ Examples:
   python scripts/bench.py eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
+  python scripts/bench.py ood                   # after make demo and make demo-pixels, minutes
+  python scripts/bench.py ood --quick           # smoke run with tiny random models, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
   python scripts/bench.py codecs                # about 12 minutes on 2 idle cores
 """
@@ -58,7 +63,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, evaluate, extract, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
+from bench import codecs, evaluate, extract, gpu, lmdb, ood, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -70,6 +75,7 @@ SUBCOMMANDS = {
     "eval": (evaluate, "every stage of a pipeline run through evaluate.py: numbers, real-data ceilings, seconds"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
+    "ood": (ood, "AUROC of likelihood scores between held-out crops and noise, flipped, inverted crops, another photo"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),
 }
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, evaluate, extract, lmdb, precision, sample, sample_pipeline, streams, train, vqvae
+from bench import codecs, evaluate, extract, lmdb, ood, precision, sample, sample_pipeline, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -170,8 +170,8 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     assert results["codes"]["reconstruction_mse"]["fp32"] > 0
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
@@ -239,3 +239,24 @@ def test_eval_quick_evaluates_every_stage_of_a_run(tmp_path, tiny_pipeline):
     assert all(seconds > 0 for seconds in results["seconds"].values())
     assert results["printed"]["samples"][-1].startswith("CAS: ")
     assert 0 <= results["stages"]["samples"]["cas"] <= 1
+
+
+def test_ood_quick_measures_every_kind_for_both_models(tmp_path):
+    results = run_quick("ood", tmp_path, "# Out-of-distribution detection by likelihood")
+    assert set(results["models"]) == {"pixel model", "pipeline"}
+    for measured in results["models"].values():
+        for by_kind in measured["aurocs"].values():
+            assert set(by_kind) == set(ood.KINDS) and all(0 <= value <= 1 for value in by_kind.values())
+    assert set(results["models"]["pipeline"]["aurocs"]) == {
+        "top + bottom bits", "top bits/code", "bottom bits/code", "VQ-VAE reconstruction MSE"}
+
+
+def test_ood_auroc_is_the_rank_statistic():
+    inside = {"score": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)}
+    kinds = {kind: {"score": torch.tensor([2.5, 5.0], dtype=torch.float64)} for kind in ood.KINDS}
+    # pairs (outside > inside): 2.5 beats 1 and 2, 5.0 beats all 4: 6 of 8
+    assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 0.75 for kind in ood.KINDS}
+    # scores of thousands of bits (which a sigmoid would round to 1 alike), and a tie, which counts half
+    inside = {"score": torch.tensor([1600.0, 1650.0, 1700.0], dtype=torch.float64)}
+    kinds = {kind: {"score": torch.tensor([1650.0, 2200.0], dtype=torch.float64)} for kind in ood.KINDS}
+    assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 4.5 / 6 for kind in ood.KINDS}
