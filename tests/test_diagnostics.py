@@ -1,8 +1,6 @@
 """The training diagnostics on made-up metric sequences, and once in a tiny VQ-VAE run."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipelines import diagnostics, run_state
 from pipelines.diagnostics import CodebookUsage, Overfitting, new_warnings
@@ -65,20 +63,11 @@ def test_codebook_usage_below_its_share_of_what_a_batch_can_use_warns():
     assert new_warnings([check], [], {**low, "top_usage": 0.06}) == {}  # 0.06 >= 0.1 * 0.5
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for k in range(24):
-        Image.fromarray(rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)).save(folder / f"{k:02d}.png")
-    return folder
-
-
 def test_a_tiny_run_warns_once_on_the_console_and_in_its_log(image_folder, tmp_path, monkeypatch, capsys, one_thread):
     """Every usage is below 200% of what a batch can use: each level warns at the first evaluation,
     and never again, in this session or after a resume."""
     monkeypatch.setattr(diagnostics, "MIN_CODEBOOK_USAGE", 2.0)
-    config = dict(data=str(image_folder), out=str(tmp_path / "run"), preset="cpu-small", size=16, batch_size=4,
+    config = dict(data=str(image_folder), out=str(tmp_path / "run"), preset="cpu-small", size=8, batch_size=4,
                   precision="fp32", eval_every=1, eval_batches=1, checkpoint_every=2, n_images=0)
     train(VQVAETrainConfig(steps=3, **config))
     train(VQVAETrainConfig(steps=5, resume=True, **config))
