@@ -61,21 +61,24 @@ def runs_of(path):
     return runs
 
 
-def write_report(paths, out):
-    """Writes the report of the directories `paths` (runs or pipelines) to `out`; returns its path.
-    Every directory is checked before anything is written."""
+def write_report(paths, out, curves=None):
+    """Writes the report of the directories `paths` (runs or pipelines) to `out`, and, given `curves`,
+    the losses of all their runs side by side as a PNG there; returns the report's path. Every
+    directory is checked before anything is written."""
     directories = [(Path(p), runs_of(p)) for p in paths]
-    out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a directory: give a file name, e.g. {out / 'report.html'}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: its folder {out.parent} does not exist")
+    for file in (Path(out), *([Path(curves)] if curves else [])):
+        if file.is_dir() or not file.parent.is_dir():
+            raise FileNotFoundError(f"{file} is a directory: give a file name" if file.is_dir() else
+                                    f"cannot write {file}: its folder {file.parent} does not exist")
     for directory in {d for path, runs in directories for d in (path, *runs)}:
         read_evaluation(directory)  # a damaged eval.json stops the report before any work
+    logs = evaluated_logs([run for _, runs in directories for run in runs])
+    if curves and not logs:
+        raise ValueError(f"no run logged an evaluation in its {run_state.LOG_FILE}: no curves for {curves}")
     shown_codes, body = set(), []
     for path, runs in directories:
         if runs != [path]:
-            body += pipeline_parts(path, shown_codes)
+            body += pipeline_parts(path, runs, shown_codes)
         for run in runs:
             body += run_parts(run, shown_codes)
     title = "Report: " + ", ".join(str(p) for p, _ in directories)
@@ -83,13 +86,27 @@ def write_report(paths, out):
         tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
                        + "\n".join(body) + "\n</body></html>\n")
-    return out
+    if curves:
+        with atomic_path(curves) as tmp:
+            tmp.write_bytes(overview_png(logs))
+    return Path(out)
 
 
-def pipeline_parts(path, shown_codes):
-    """A pipeline's own section: its samples, its evaluation numbers and its code frequencies."""
-    parts = [f"<h2>Pipeline {html.escape(str(path))}</h2>", *pictures(path), "<h3>Evaluation</h3>",
-             evaluation_table(path)]
+def evaluated_logs(runs):
+    """{run name (its path where two share a name): its log records} of the runs that logged a
+    periodic evaluation."""
+    names = [run.name for run in runs]
+    logs = {run.name if names.count(run.name) == 1 else str(run): run_state.read_log(run) for run in runs}
+    return {name: log for name, log in logs.items() if periodic_and_final(log)[0]}
+
+
+def pipeline_parts(path, runs, shown_codes):
+    """A pipeline's own section: its runs' losses, its samples, its evaluation numbers and its code
+    frequencies."""
+    parts = [f"<h2>Pipeline {html.escape(str(path))}</h2>"]
+    if logs := evaluated_logs(runs):
+        parts.append(image_tag(overview_png(logs), f"learning curves of the runs of {path}"))
+    parts += [*pictures(path), "<h3>Evaluation</h3>", evaluation_table(path)]
     return parts + code_parts(path / CODES_DIR, shown_codes)
 
 
@@ -97,8 +114,7 @@ def run_parts(run, shown_codes):
     """A run's section: what it is, its curves, final evaluation, warnings, evaluation and pictures."""
     log, config = run_state.read_log(run), stored_config(run)
     parts = [f"<h2>Run {html.escape(str(run))}</h2>", f"<p>{html.escape(describe(config))}</p>"]
-    periodic = [r for r in log if not r.get("final")]
-    if periodic:
+    if periodic_and_final(log)[0]:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
     else:
         parts.append(f"<p class='none'>no evaluations in {run_state.LOG_FILE}: no learning curves</p>")
@@ -202,33 +218,58 @@ def panel_of(key):
 
 
 def curves_png(log):
-    """Every number of the periodic evaluations against the step (one plot per kind: losses, codebook
-    usage, perplexity), the final evaluation's as stars, and a dashed line where a warning was given."""
-    by_step = {r["step"]: r for r in log if not r.get("final")}  # a step evaluated again: its last line
-    periodic, final = [by_step[s] for s in sorted(by_step)], [r for r in log if r.get("final")][-1:]
-    keys = [k for k, v in periodic[-1].items()
-            if k not in ("step", "eval_batches") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    panels = sorted({panel_of(k) for k in keys}, key=("loss", "usage", "perplexity").index)
+    """Every number of the periodic evaluations against the step, one plot per kind (losses, codebook
+    usage, perplexity), two plots a row."""
+    panels = sorted({panel_of(k) for k in logged_numbers(log)}, key=("loss", "usage", "perplexity").index)
     rows, columns = math.ceil(len(panels) / 2), min(len(panels), 2)
     figure = Figure(figsize=(5.5 * columns, 3.6 * rows), dpi=FIGURE_DPI, layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax, panel in zip(axes, panels):
-        for key in (k for k in keys if panel_of(k) == panel):
-            steps = [r["step"] for r in periodic if key in r]
-            line, = ax.plot(steps, [r[key] for r in periodic if key in r], marker=".", label=curve_label(key))
-            for r in final:
-                if key in r:
-                    ax.plot([r["step"]], [r[key]], marker="*", markersize=12, color=line.get_color())
-        for r in log:
-            if r.get("warnings"):
-                ax.axvline(r["step"], color="#e0a800", linestyle="--")
-        ax.set(xlabel="step", title=panel + (" (star: final, whole split)" if final else ""))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        plot_panel(ax, log, panel, panel)
     return png_of(figure)
+
+
+def overview_png(logs):
+    """The losses of several runs ({name: log}), one plot each, side by side: a pipeline at a glance."""
+    figure = Figure(figsize=(11, 3.6), dpi=FIGURE_DPI, layout="constrained")
+    for ax, (name, log) in zip(figure.subplots(1, len(logs), squeeze=False)[0], logs.items()):
+        plot_panel(ax, log, "loss", name)
+    return png_of(figure)
+
+
+def periodic_and_final(log):
+    """The periodic evaluations in step order (a step evaluated again: its last line) and the final one
+    (a list of at most one)."""
+    by_step = {r["step"]: r for r in log if not r.get("final")}
+    return [by_step[s] for s in sorted(by_step)], [r for r in log if r.get("final")][-1:]
+
+
+def logged_numbers(log):
+    """The names of the numbers the periodic evaluations logged."""
+    periodic, _ = periodic_and_final(log)
+    return [k for k, v in periodic[-1].items()
+            if k not in ("step", "eval_batches") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def plot_panel(ax, log, panel, title):
+    """The numbers of one kind against the step, the final evaluation's as stars, and a dashed line
+    where a warning was given."""
+    periodic, final = periodic_and_final(log)
+    for key in (k for k in logged_numbers(log) if panel_of(k) == panel):
+        steps = [r["step"] for r in periodic if key in r]
+        line, = ax.plot(steps, [r[key] for r in periodic if key in r], marker=".", label=curve_label(key))
+        for r in final:
+            if key in r:
+                ax.plot([r["step"]], [r[key]], marker="*", markersize=12, color=line.get_color())
+    for r in log:
+        if r.get("warnings"):
+            ax.axvline(r["step"], color="#e0a800", linestyle="--")
+    ax.set(xlabel="step", title=title + (" (star: final, whole split)" if final else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def curve_label(key):

@@ -24,13 +24,16 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=user_path, metavar="RUN_DIR", help="runs or pipeline directories")
     p.add_argument("--out", type=user_path, help="the HTML file to write (default: FIRST_RUN_DIR/report.html)")
+    p.add_argument("--curves", type=user_path, help="also write the losses of every run, side by side, as this PNG")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    out = write_report(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report.html")
+    out = write_report(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report.html", args.curves)
     print(f"report: {out}")
+    if args.curves:
+        print(f"curves: {args.curves}")
 
 
 if __name__ == "__main__":

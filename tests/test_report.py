@@ -82,7 +82,9 @@ def test_bad_input_is_one_line_and_writes_nothing(warned_run, tmp_path):
     for directories, out, message in cases:
         with pytest.raises(OSError if "JSON" not in message else ValueError, match=message):
             write_report(directories, out)
-    assert not list(tmp_path.rglob("*.html"))
+    with pytest.raises(OSError, match="does not exist"):
+        write_report([warned_run], tmp_path / "r.html", curves=tmp_path / "no" / "c.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"] and not (run / "report.html").exists()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)")
