@@ -117,7 +117,8 @@ def run_parts(run, shown_codes):
     if periodic_and_final(log)[0]:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
     else:
-        parts.append(f"<p class='none'>no evaluations in {run_state.LOG_FILE}: no learning curves</p>")
+        parts.append(f"<p class='none'>no periodic evaluation in {run_state.LOG_FILE}: no learning curves "
+                     "(a trainer evaluates every --eval-every steps)</p>")
     final = [r for r in log if r.get("final")]
     if final:
         parts += ["<h3>Final evaluation (whole held-out split, from training)</h3>",

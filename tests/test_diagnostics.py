@@ -77,3 +77,10 @@ def test_a_tiny_run_warns_once_on_the_console_and_in_its_log(image_folder, tmp_p
     warned = [r for r in run_state.read_log(tmp_path / "run") if "warnings" in r]
     assert [(r["step"], sorted(r["warnings"])) for r in warned] == [(1, ["bottom_usage", "top_usage"])]
     assert warned[0]["warnings"]["top_usage"] in console
+
+
+def test_the_log_is_read_past_a_line_cut_short(tmp_path):
+    """A kill while appending leaves half a line: the records around it are still read."""
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "test_bits": 3.6}\n{"step": 2, "te\n[1]\n{"step": 3}\n')
+    assert run_state.read_log(tmp_path) == [{"step": 1, "test_bits": 3.6}, {"step": 3}]
+    assert run_state.read_log(tmp_path / "none") == []
