@@ -113,7 +113,7 @@ def pipeline_parts(path, runs, shown_codes):
 def run_parts(run, shown_codes):
     """A run's section: what it is, its curves, final evaluation, warnings, evaluation and pictures."""
     log, config = run_state.read_log(run), stored_config(run)
-    parts = [f"<h2>Run {html.escape(str(run))}</h2>", f"<p>{html.escape(describe(config))}</p>"]
+    parts = [f"<h2>Run {html.escape(str(run))}</h2>", f"<p>{html.escape(describe(config, log))}</p>"]
     if periodic_and_final(log)[0]:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
     else:
@@ -141,10 +141,12 @@ def stored_config(run):
         return {}
 
 
-def describe(config):
-    names = ("preset", "level", "data", "codes", "size", "batch_size", "steps")
+def describe(config, log):
+    """The run's main settings and how far it trained."""
+    names = ("preset", "level", "data", "codes", "size", "batch_size")
     settings = ", ".join(f"{name} {config[name]}" for name in names if config.get(name) is not None)
-    return settings or "no stored settings (no state/ in the run)"
+    steps = f"; logged up to step {max(r['step'] for r in log)} of {config.get('steps', '?')}" if log else ""
+    return (settings or "no stored settings (no state/ in the run)") + steps
 
 
 def read_evaluation(directory):
@@ -165,8 +167,7 @@ def evaluation_table(directory):
     """The numbers of DIRECTORY/eval.json, or a line that says there are none."""
     numbers = read_evaluation(directory)
     if numbers is None:
-        return (f"<p class='none'>not evaluated: no {EVAL_FILE} in {html.escape(str(directory))} "
-                "(scripts/evaluate.py writes it)</p>")
+        return f"<p class='none'>not evaluated: no {EVAL_FILE} in {html.escape(str(directory))}</p>"
     return table(numbers)
 
 
