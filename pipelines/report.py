@@ -7,8 +7,10 @@ URI, so the page is one file that opens anywhere, offline.
 A directory given is a run (it holds log.jsonl or model.safetensors) or a pipeline: a directory whose
 subfolders are runs (scripts/demo.py's vqvae/, top/ and bottom/ beside codes.lmdb and samples.png).
 
-Evaluation numbers: RUN_DIR/eval.json (a run's) or PIPELINE/eval.json (its samples'), one JSON
-object of name -> number (or text); a nested object's entries are shown as "outer / inner".
+Evaluation numbers: eval.json as `scripts/evaluate.py --json` writes it, {stage: {name: value}} with
+the stages pixels, vqvae, top_prior, bottom_prior and samples. A run shows its stage's numbers from
+its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the stages
+that none of its runs shows (its samples').
 """
 
 import base64
@@ -70,7 +72,7 @@ def write_report(paths, out, curves=None):
         if file.is_dir() or not file.parent.is_dir():
             raise FileNotFoundError(f"{file} is a directory: give a file name" if file.is_dir() else
                                     f"cannot write {file}: its folder {file.parent} does not exist")
-    for directory in {d for path, runs in directories for d in (path, *runs)}:
+    for directory in {d for path, runs in directories for run in runs for d in (path, run, run.parent)}:
         read_evaluation(directory)  # a damaged eval.json stops the report before any work
     logs = evaluated_logs([run for _, runs in directories for run in runs])
     if curves and not logs:
@@ -93,11 +95,11 @@ def write_report(paths, out, curves=None):
 
 
 def evaluated_logs(runs):
-    """{run name (its path where two share a name): its log records} of the runs that logged a
-    periodic evaluation."""
+    """{run name (its path where two share a name): its log records} of the runs that logged an
+    evaluation."""
     names = [run.name for run in runs]
     logs = {run.name if names.count(run.name) == 1 else str(run): run_state.read_log(run) for run in runs}
-    return {name: log for name, log in logs.items() if periodic_and_final(log)[0]}
+    return {name: log for name, log in logs.items() if log}
 
 
 def pipeline_parts(path, runs, shown_codes):
@@ -106,7 +108,10 @@ def pipeline_parts(path, runs, shown_codes):
     parts = [f"<h2>Pipeline {html.escape(str(path))}</h2>"]
     if logs := evaluated_logs(runs):
         parts.append(image_tag(overview_png(logs), f"learning curves of the runs of {path}"))
-    parts += [*pictures(path), "<h3>Evaluation</h3>", evaluation_table(path)]
+    shown = {stage_of(run) for run in runs}
+    stages = {stage: numbers for stage, numbers in read_evaluation(path).items() if stage not in shown}
+    parts += [*pictures(path), "<h3>Evaluation</h3>"]
+    parts += [table(flatten(stages))] if stages else [f"<p class='none'>{html.escape(not_evaluated(path, 'samples'))}</p>"]
     return parts + code_parts(path / CODES_DIR, shown_codes)
 
 
@@ -114,9 +119,9 @@ def run_parts(run, shown_codes):
     """A run's section: what it is, its curves, final evaluation, warnings, evaluation and pictures."""
     log, config = run_state.read_log(run), stored_config(run)
     parts = [f"<h2>Run {html.escape(str(run))}</h2>", f"<p>{html.escape(describe(config, log))}</p>"]
-    if periodic_and_final(log)[0]:
+    if log:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
-    else:
+    if not periodic_and_final(log)[0]:
         parts.append(f"<p class='none'>no periodic evaluation in {run_state.LOG_FILE}: no learning curves "
                      "(a trainer evaluates every --eval-every steps)</p>")
     final = [r for r in log if r.get("final")]
@@ -150,25 +155,39 @@ def describe(config, log):
 
 
 def read_evaluation(directory):
-    """The numbers of DIRECTORY/eval.json (name -> value, nested objects flattened), or None without one."""
+    """DIRECTORY/eval.json as {stage: {name: value}}, or {} without one."""
     file = directory / EVAL_FILE
     if not file.is_file():
-        return None
+        return {}
     try:
-        numbers = json.loads(file.read_text())
+        results = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        numbers = None
-    if not isinstance(numbers, dict):
-        raise ValueError(f"{file} is not a JSON object of names and numbers")
-    return flatten(numbers)
+        results = None
+    if not (isinstance(results, dict) and all(isinstance(numbers, dict) for numbers in results.values())):
+        raise ValueError(f"{file} is not a JSON object of stages, each an object of names and numbers "
+                         "(as scripts/evaluate.py --json writes it)")
+    return results
 
 
-def evaluation_table(directory):
-    """The numbers of DIRECTORY/eval.json, or a line that says there are none."""
-    numbers = read_evaluation(directory)
-    if numbers is None:
-        return f"<p class='none'>not evaluated: no {EVAL_FILE} in {html.escape(str(directory))}</p>"
-    return table(numbers)
+def stage_of(run):
+    """The stage of scripts/evaluate.py's results that evaluates `run`."""
+    level = stored_config(run).get("level")
+    if level:
+        return f"{level}_prior"
+    return "vqvae" if any("train_mse" in r for r in run_state.read_log(run)) else "pixels"
+
+
+def not_evaluated(directory, stage):
+    return f"not evaluated: no {stage} results in {directory / EVAL_FILE}"
+
+
+def evaluation_table(run):
+    """The numbers of the run's stage from its eval.json or its parent's, or a line that says there are none."""
+    stage = stage_of(run)
+    for directory in (run, run.parent):
+        if stage in (results := read_evaluation(directory)):
+            return f"<p>from {html.escape(str(directory / EVAL_FILE))}</p>" + table(flatten(results[stage]))
+    return f"<p class='none'>{html.escape(not_evaluated(run, stage))} or {html.escape(str(run.parent / EVAL_FILE))}</p>"
 
 
 def flatten(numbers, prefix=""):
@@ -249,9 +268,9 @@ def periodic_and_final(log):
 
 
 def logged_numbers(log):
-    """The names of the numbers the periodic evaluations logged."""
-    periodic, _ = periodic_and_final(log)
-    return [k for k, v in periodic[-1].items()
+    """The names of the numbers the evaluations logged (the last periodic one, else the final one)."""
+    periodic, final = periodic_and_final(log)
+    return [k for k, v in (periodic or final)[-1].items()
             if k not in ("step", "eval_batches") and isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 

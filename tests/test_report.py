@@ -56,16 +56,28 @@ def test_the_page_is_self_contained_with_curves_and_warnings(warned_run, tmp_pat
     assert any(alt.startswith("test images") for alt in page.images)  # reconstructions.png
     warnings = [m for r in run_state.read_log(warned_run) for m in r.get("warnings", {}).values()]
     assert len(warnings) == 2 and all(html.escape(m) in text for m in warnings)
-    assert "not evaluated: no eval.json" in text and "Final evaluation" in text
+    assert "not evaluated: no vqvae results in" in text and "Final evaluation" in text
 
 
 def test_evaluation_numbers_come_from_eval_json(warned_run, tmp_path):
-    run = tmp_path / "vqvae"
+    """As scripts/evaluate.py --json files them: {stage: {name: value}}, the run's stage in its own
+    eval.json or its pipeline's, the stages no run shows (the samples') in the pipeline's section."""
+    run = tmp_path / "pipeline" / "vqvae"
     shutil.copytree(warned_run, run)
-    (run / "eval.json").write_text(json.dumps({"psnr": 21.5, "top": {"usage": 0.25}, "images": 6}))
-    text = write_report([run], run / "report.html").read_text()
-    assert "<th>psnr</th><td>21.5000</td>" in text and "<th>top / usage</th><td>0.2500</td>" in text
-    assert "<th>images</th><td>6</td>" in text and "not evaluated" not in text
+    results = {"vqvae": {"psnr_db": 21.5, "images": 6}, "samples": {"cas": 0.25}, "top_prior": {"gap": 0.1}}
+    (run.parent / "eval.json").write_text(json.dumps(results))
+    text = write_report([run.parent], tmp_path / "report.html").read_text()
+    pipeline, vqvae = text.split(f"<h2>Run {run}</h2>")
+    assert "<th>psnr_db</th><td>21.5000</td>" in vqvae and "<th>images</th><td>6</td>" in vqvae
+    assert "<th>samples / cas</th><td>0.2500</td>" in pipeline and "<th>top_prior / gap</th>" in pipeline
+    assert "psnr_db" not in pipeline and "not evaluated" not in text
+    (run.parent / "eval.json").write_text(json.dumps({"samples": {"cas": 0.25}}))
+    (run / "eval.json").write_text(json.dumps({"vqvae": {"psnr_db": 20.0}}))
+    text = write_report([run], tmp_path / "report.html").read_text()
+    assert f"from {run / 'eval.json'}" in text and "<th>psnr_db</th><td>20.0000</td>" in text
+    (run / "eval.json").unlink()
+    text = write_report([run], tmp_path / "report.html").read_text()
+    assert f"not evaluated: no vqvae results in {run / 'eval.json'} or {run.parent / 'eval.json'}" in text
 
 
 def test_bad_input_is_one_line_and_writes_nothing(warned_run, tmp_path):
@@ -74,9 +86,9 @@ def test_bad_input_is_one_line_and_writes_nothing(warned_run, tmp_path):
     (tmp_path / "empty").mkdir()
     run = tmp_path / "run"
     shutil.copytree(warned_run, run)
-    (run / "eval.json").write_text("[1, 2]")
+    (run / "eval.json").write_text('{"vqvae": [1, 2]}')
     cases = [([tmp_path / "empty"], tmp_path / "r.html", "holds no run"),
-             ([warned_run, run], tmp_path / "r.html", "is not a JSON object of names and numbers"),
+             ([warned_run, run], tmp_path / "r.html", "is not a JSON object of stages"),
              ([warned_run], tmp_path / "no" / "r.html", "does not exist"),
              ([warned_run], tmp_path, "is a directory")]
     for directories, out, message in cases:
