@@ -288,7 +288,7 @@ def plot_panel(ax, log, panel, title):
         if r.get("warnings"):
             ax.axvline(r["step"], color="#e0a800", linestyle="--")
     ax.set(xlabel="step", title=title + (" (star: final, whole split)" if final else ""))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
 
@@ -298,11 +298,15 @@ def curve_label(key):
 
 
 def code_parts(path, shown_codes):
-    """Frequency histograms of every codebook level over a code database (once per database)."""
-    if not path.is_dir() or path.resolve() in shown_codes:
+    """Frequency histograms of every codebook level over a code database, once per database (a copy
+    of one shown, its metadata the same, is not shown again)."""
+    if not path.is_dir():
         return []
-    shown_codes.add(path.resolve())
     dataset = CodeDataset(path)
+    identity = json.dumps(dataset.metadata, sort_keys=True)
+    if identity in shown_codes:
+        return []
+    shown_codes.add(identity)
     counts = code_counts(dataset)
     caption = (f"codes of the {len(dataset):,} images in {path} (the images the database was extracted from), "
                "codebook entries sorted by frequency")
