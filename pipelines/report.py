@@ -111,7 +111,8 @@ def pipeline_parts(path, runs, shown_codes):
     shown = {stage_of(run) for run in runs}
     stages = {stage: numbers for stage, numbers in read_evaluation(path).items() if stage not in shown}
     parts += [*pictures(path), "<h3>Evaluation</h3>"]
-    parts += [table(flatten(stages))] if stages else [f"<p class='none'>{html.escape(not_evaluated(path, 'samples'))}</p>"]
+    none = f"<p class='none'>{html.escape(not_evaluated(path, 'samples'))}</p>"
+    parts.append(table(flatten(stages)) if stages else none)
     return parts + code_parts(path / CODES_DIR, shown_codes)
 
 
@@ -122,8 +123,8 @@ def run_parts(run, shown_codes):
     if log:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
     if not periodic_and_final(log)[0]:
-        parts.append(f"<p class='none'>no periodic evaluation in {run_state.LOG_FILE}: no learning curves "
-                     "(a trainer evaluates every --eval-every steps)</p>")
+        parts.append(f"<p class='none'>no periodic evaluation in {run_state.LOG_FILE}: only the final one is "
+                     "plotted (a trainer evaluates every --eval-every steps)</p>")
     final = [r for r in log if r.get("final")]
     if final:
         parts += ["<h3>Final evaluation (whole held-out split, from training)</h3>",
