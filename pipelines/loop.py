@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipelines import run_state, runtime
+from pipelines import diagnostics, run_state, runtime
 
 
 @dataclass
@@ -71,6 +71,10 @@ class Task:
     def data_identity(self) -> dict:
         """What the run's data is, stored in its state and checked on resume: the records of each split."""
         return {"train_records": len(self.train_set), "test_records": len(self.test_set)}
+
+    def checks(self) -> list:
+        """The diagnostics (pipelines.diagnostics) run on every periodic evaluation; after `build`."""
+        return []
 
 
 def train_step(accelerator, model, optimizer, loss, batches, step, grad_clip):
@@ -197,8 +201,12 @@ def run_steps(task, run, out):
                 metrics = task.evaluate(run.weights, run.test_loader, accelerator, cfg.eval_batches)
                 bar.write(f"step {step}: train {task.metric} {running:.4f}, test ({cfg.eval_batches} batches) "
                           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                run_state.append_log(accelerator, out, {"step": step, f"train_{task.metric}": running,
-                                                        "eval_batches": cfg.eval_batches, **metrics})
+                record = {"step": step, f"train_{task.metric}": running, "eval_batches": cfg.eval_batches, **metrics}
+                warnings = diagnostics.new_warnings(task.checks(), run_state.read_log(out), record) \
+                    if accelerator.is_main_process else {}
+                for message in warnings.values():
+                    bar.write(message)
+                run_state.append_log(accelerator, out, {**record, "warnings": warnings} if warnings else record)
             if step % cfg.checkpoint_every == 0 or last:
                 checkpoint(task, run, out, step, running)
             if signum:

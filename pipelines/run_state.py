@@ -287,6 +287,24 @@ def logged_final(run_dir, step):
     return isinstance(last, dict) and last.get("final") is True and last.get("step") == step
 
 
+def read_log(run_dir):
+    """The records of RUN_DIR/log.jsonl (none if it does not exist); a line that is not a JSON object
+    (one cut short by a kill) is skipped."""
+    try:
+        lines = (Path(run_dir) / LOG_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def append_log(accelerator, run_dir, record):
     """Appends one JSON line to RUN_DIR/log.jsonl (main process only); the accelerator's trackers,
     if any, log its numbers at its step."""

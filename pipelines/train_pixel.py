@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from pipelines import run_state, runtime
+from pipelines import diagnostics, run_state, runtime
 from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
 from pipelines.loop import Step, Task, fit
@@ -140,6 +140,9 @@ class PixelSNAILTask(Task):
 
     def evaluate(self, model, loader, accelerator, max_batches=None):
         return {"test_bits": evaluate_bits(model, loader, accelerator, self.source.inputs, max_batches)}
+
+    def checks(self):
+        return [diagnostics.Overfitting("train_bits", "test_bits", f"bits/{self.unit}")]
 
     def evaluate_final(self, model, loader, accelerator):
         """Over the whole split in fp32, as scripts/evaluate.py computes it, whatever the training

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import run_state
+from pipelines import diagnostics, run_state
 from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.data import load_dataset, to_model_range
 from pipelines.loop import Step, Task, fit
@@ -103,6 +103,13 @@ class VQVAETask(Task):
 
     def loss(self, model, batch):
         return reconstruction_loss(model, batch)
+
+    def checks(self):
+        sizes = self.model_config.top_codes, self.model_config.bottom_codes
+        usage = [diagnostics.CodebookUsage(f"{level}_usage", min(1.0, self.cfg.batch_size * h * w / size),
+                                           f"{level} codebook")
+                 for level, (h, w), size in zip(("top", "bottom"), self.net.code_shapes(self.cfg.size), sizes)]
+        return [diagnostics.Overfitting("train_mse", "mse", "reconstruction mse"), *usage]
 
     def evaluate(self, model, loader, accelerator, max_batches=None):
         return evaluate_reconstruction(model, loader, accelerator, max_batches)

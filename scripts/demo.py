@@ -6,7 +6,8 @@
 3. trains a small top prior (class-conditional: the class is the source photo) and a bottom prior
    conditioned on the top codes and the class;
 4. samples top codes, then bottom codes (cached sampler), decodes them, and writes
-   RUN/samples.png: one row per class.
+   RUN/samples.png: one row per class;
+5. writes RUN/report.html (scripts/report.py): learning curves, warnings, pictures, code frequencies.
 Every stage resumes when the command is run again. The pixel-space demo is scripts/demo_pixels.py.
 """
 
@@ -24,6 +25,7 @@ from pipelines.checkpoint import write_image_grid
 from pipelines.cli import run
 from pipelines.codes import extract_with_vqvae
 from pipelines.generation import generate, load_pipeline
+from pipelines.report import write_report
 from pipelines.run_state import has_state
 
 
@@ -66,6 +68,7 @@ def main():
     write_image_grid(torch.cat(rows), out / "samples.png", nrow=args.per_class)
     print(f"reconstructions: {out / 'vqvae' / 'reconstructions.png'}")
     print(f"samples ({pipeline.n_classes} classes x {args.per_class}): {out / 'samples.png'}")
+    print(f"report: {write_report([out], out / 'report.html')}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,21 @@ def test_sample_script_writes_images_and_codes(pipeline_runs):
     assert swapped.returncode == 2 and "is not a top prior" in swapped.stderr
 
 
+def test_report_of_the_pipeline(pipeline_runs, tmp_path):
+    """scripts/report.py on the pipeline directory: its runs in pipeline order, the code frequencies."""
+    root, _, _ = pipeline_runs
+    out, curves = tmp_path / "report.html", tmp_path / "curves.png"
+    printed = ok("scripts/report.py", str(root), "--out", str(out), "--curves", str(curves)).split()
+    assert printed == ["report:", str(out), "curves:", str(curves)]
+    text = out.read_text()
+    sections = [text.index(f"<h2>Run {root / name}</h2>") for name in ("vqvae", "top", "bottom")]
+    assert text.index(f"<h2>Pipeline {root}</h2>") < sections[0] < sections[1] < sections[2]
+    assert f"alt='learning curves of the runs of {root}'" in text and text.count("alt='learning curves of ") == 4
+    assert text.count("<h3>Codebook usage</h3>") == 1
+    assert Image.open(curves).size == (1100, 360)
+    assert f"codes of the 27 images in {root / 'codes.lmdb'}" in text
+
+
 def test_generation_is_seeded(pipeline_runs):
     root, _, _ = pipeline_runs
     pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
