@@ -170,3 +170,37 @@ def test_one_generator_per_example_draws_each_example_as_if_alone(case):
         assert torch.equal(alone, cached[k : k + 1])
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         sample_cached(model, 3, label, cond, per_example_generators(seeds[:2]))
+
+
+def random_grid(model, n):
+    c = model.config
+    return random_pixels(n, c.shape) if c.pixel_mode else torch.randint(0, c.n_codes, (n, *c.shape))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_with_a_prefix_the_cached_sampler_draws_what_the_naive_one_draws_and_keeps_the_prefix(case):
+    """Kept positions end mid-row (a two-stream model's next row starts inside the prefix)."""
+    model, label, cond = CASES[case]()
+    width = model.config.shape[1]
+    kept = width + 2
+    prefix = random_grid(model, 3)
+    naive_generator, cached_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    naive = model.sample(3, label, cond, naive_generator, cache=False, prefix=prefix, kept=kept)
+    cached = sample_cached(model, 3, label, cond, cached_generator, prefix=prefix, kept=kept)
+    assert torch.equal(cached, naive)
+    assert torch.equal(cached_generator.get_state(), naive_generator.get_state())
+    flat, flat_prefix = cached.flatten(-2), prefix.flatten(-2)  # (..., H * W) in raster order
+    assert torch.equal(flat[..., :kept], flat_prefix[..., :kept].to(flat))
+    assert not torch.equal(flat[..., kept:], flat_prefix[..., kept:].to(flat))
+
+
+def test_a_whole_prefix_comes_back_and_bad_prefixes_are_refused():
+    model, label, cond = code_case()
+    prefix = random_grid(model, 3)
+    assert torch.equal(sample_cached(model, 3, label, cond, prefix=prefix, kept=20), prefix)
+    with pytest.raises(ValueError, match="kept must lie in"):
+        sample_cached(model, 3, label, cond, prefix=prefix, kept=21)
+    with pytest.raises(ValueError, match="needs a prefix of the samples' shape"):
+        sample_cached(model, 3, label, cond, kept=2)
+    with pytest.raises(ValueError, match="needs a prefix of the samples' shape"):
+        sample_cached(model, 3, label, cond, prefix=prefix[:2], kept=2)
