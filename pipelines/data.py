@@ -397,14 +397,36 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        file = self.files[index]
-        try:
-            with Image.open(file) as image:
-                image = to_rgb8(ImageOps.exif_transpose(image))
-        except Exception as err:  # PIL raises many types for truncated or foreign files
-            raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
-        pixels = np.array(_resize_center_crop(image, self.size))  # (S, S, 3)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), self.labels[index]
+        return read_image(self.files[index], self.size), self.labels[index]
+
+
+def read_image(file: str | Path, size: int) -> Tensor:
+    """One image file as an image folder reads it: (3, S, S) uint8, 8-bit RGB (EXIF rotation
+    applied), its shorter side resized to S and the centre kept."""
+    try:
+        with Image.open(file) as image:
+            image = to_rgb8(ImageOps.exif_transpose(image))
+    except Exception as err:  # PIL raises many types for truncated or foreign files
+        raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
+    pixels = np.array(_resize_center_crop(image, size))  # (S, S, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The images that command-line arguments name: a file as given, a folder's images (recursive
+    and sorted, as an image folder lists them); refuses a path that is neither or yields none."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = _image_files(path)
+            if not found:
+                raise DataError(f"no images in {path}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"image not found: {path}")
+    return files
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, as old Pillows open 16-bit PNGs

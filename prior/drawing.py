@@ -32,9 +32,9 @@ class Drawing:
         if not 0 < self.temperature < math.inf:  # nan fails this too
             raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise ValueError(f"top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise ValueError(f"top-p must lie in (0, 1], got {self.top_p}")
         if self.guidance is not None and not -math.inf < self.guidance < math.inf:
             raise ValueError(f"guidance must be finite, got {self.guidance}")
 

@@ -24,6 +24,9 @@ Subcommands:
           training and extraction images/s at 256x256, 16 hierarchical samples in fp32 and bf16.
   extract code extraction through scripts/extract_codes.py itself, fp32 vs the bf16 fast path,
           interleaved in one run, and the fraction of codes bf16 changes on a trained VQ-VAE.
+  guidance  classifier-free guidance measured: a top and bottom prior trained with label dropout on
+          the demo's codes, a classifier of the built-in crops' classes, and the fraction of samples
+          classified as the class asked for at guidance 0, 1, 2, 4 and at top-p 0.9.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -40,6 +43,8 @@ Examples:
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
   python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
   python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
+  python scripts/bench.py guidance --demo runs/demo   # after `make demo`, about 15 minutes on 2 idle cores
+  python scripts/bench.py guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
@@ -54,7 +59,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, extract, gpu, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
+from bench import codecs, extract, gpu, guidance, lmdb, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -63,6 +68,7 @@ SUBCOMMANDS = {
     "streams": (streams, "cpu-bottom with one and with two streams at equal wall time: validation bits per code"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
+    "guidance": (guidance, "classifier-free guidance: samples classified as the class asked for at guidance 0, 1, 2, 4, top-p 0.9"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),
