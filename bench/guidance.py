@@ -32,7 +32,7 @@ SETTINGS = {
     "guidance 4": Drawing(guidance=4.0),
     "top-p 0.9": Drawing(top_p=0.9),
 }
-FULL_DEFAULTS = dict(minutes=8.0, per_class=24, classifier_steps=600, held_out=1200,
+FULL_DEFAULTS = dict(minutes=14.0, per_class=40, classifier_steps=1500, held_out=1200,
                      demo=str(ROOT / "runs" / "demo"), work=str(ROOT / "runs" / "guidance"))
 QUICK_DEFAULTS = dict(minutes=0.1, per_class=2, classifier_steps=20, held_out=60)
 LABEL_DROPOUT = 0.1

@@ -314,7 +314,7 @@ class IncrementalPixelSNAIL:
                 block.attention.write(i, j, raw, background)
 
 
-def raster_order(shape, start=0, progress=False):
+def raster_order(shape, progress=False, start=0):
     """Yields the positions (i, j) of a grid row by row from raster position `start` on, with a
     progress bar if asked."""
     height, width = shape
@@ -383,7 +383,7 @@ def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.
     job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
     x = job.x
     with evaluating(model):
-        for i, j in raster_order(model.config.shape, job.kept, progress):
+        for i, j in raster_order(model.config.shape, progress, job.kept):
             out = model(job.network_input(x), job.label, job.cond)[:, :, i : i + 1, j : j + 1]
             x[..., i, j] = job.draw(model, out, generator)
     return x
@@ -408,7 +408,7 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
         for i, j in itertools.islice(raster_order(shape), job.kept):
             network.output_at(i, j)  # fills the layers' caches at (i, j)
             network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
-        for i, j in raster_order(shape, job.kept, progress):
+        for i, j in raster_order(shape, progress, job.kept):
             x[..., i, j] = job.draw(model, network.output_at(i, j), generator)
             network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
     return x

@@ -43,7 +43,7 @@ Examples:
   python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
   python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
   python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
-  python scripts/bench.py guidance --demo runs/demo   # after `make demo`, about 15 minutes on 2 idle cores
+  python scripts/bench.py guidance --demo runs/demo   # after `make demo`, about 25 minutes
   python scripts/bench.py guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
