@@ -32,7 +32,7 @@ SETTINGS = {
     "guidance 4": Drawing(guidance=4.0),
     "top-p 0.9": Drawing(top_p=0.9),
 }
-FULL_DEFAULTS = dict(minutes=14.0, per_class=40, classifier_steps=1500, held_out=1200,
+FULL_DEFAULTS = dict(minutes=12.0, per_class=40, classifier_steps=1500, held_out=1200,
                      demo=str(ROOT / "runs" / "demo"), work=str(ROOT / "runs" / "guidance"))
 QUICK_DEFAULTS = dict(minutes=0.1, per_class=2, classifier_steps=20, held_out=60)
 LABEL_DROPOUT = 0.1
@@ -133,9 +133,7 @@ def run(args):
         "prior_validation_bits": prior_bits, "classifier_accuracy": real, "settings": settings,
     }
     print(format_text_report(HEADER, rows(results), summary_lines(results)))
-    write_results(results, Path(args.out), "guidance", format_markdown_report(
-        "Guidance benchmark: samples classified as the class asked for", results, HEADER, rows(results),
-        summary_lines(results)))
+    write_results(results, Path(args.out), "guidance", format_markdown(results))
 
 
 def add_arguments(parser):
@@ -180,3 +178,8 @@ def summary_lines(results):
         f"by ({c['seed']}, i) in every setting; guidance 0 draws from the null class's logits; top-p at guidance 1",
         *machine_lines(results),
     ]
+
+
+def format_markdown(results):
+    return format_markdown_report("Guidance benchmark: samples classified as the class asked for", results, HEADER,
+                                  rows(results), summary_lines(results))
