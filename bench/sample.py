@@ -86,8 +86,8 @@ class DrawRecorder:
         self.times, self.draws, self.outputs = [], [], []
         self.start = None
 
-    def draw(self, out, generator=None, temperature=1.0):
-        drawn = type(self.model).draw(self.model, out, generator, temperature)
+    def draw(self, out, generator=None, *drawing):
+        drawn = type(self.model).draw(self.model, out, generator, *drawing)
         self.times.append(time.perf_counter())
         if len(self.draws) < self.keep:
             self.draws.append(drawn.clone())

@@ -81,9 +81,9 @@ class CountingRecorder(DrawRecorder):
         super().__init__(model, limit, keep=0)
         self.counters, self.counts = (flops, weight_bytes), []
 
-    def draw(self, out, generator=None, temperature=1.0):
+    def draw(self, out, generator=None, *drawing):
         self.counts.append((self.counters[0].get_total_flops(), self.counters[1].bytes))
-        return super().draw(out, generator, temperature)
+        return super().draw(out, generator, *drawing)
 
 
 def count_step(model, n, label, cond, positions, seed):

@@ -112,5 +112,7 @@ def add_run_setting(parser, flag, help, **options):
 def add_pixelsnail_arguments(parser):
     """The run settings of PixelSNAIL trainers beyond the shared ones."""
     add_run_setting(parser, "--dropout", type=float, help="dropout probability")
+    add_run_setting(parser, "--label-dropout", type=float, help="probability of replacing a label by a learned null "
+                    "class (default 0), which classifier-free guidance (sample.py --guidance) needs")
     add_run_setting(parser, "--ema-decay", type=float, help="Polyak averaging of the weights, which evaluation, "
                     "samples and model.safetensors use; 0: none, the weights themselves")

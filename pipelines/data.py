@@ -400,21 +400,13 @@ class ImageFolderDataset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Every image of some files and folders (folders walked as ImageFolderDataset walks them, in
-    sorted order), without splits or labels (each label is 0), read as ImageFolderDataset reads
-    them. `files` lists the image paths in order. Example: `ImageFiles(["a.png", "photos/"], 32)`."""
+    """Every image of some files and folders (see image_files), without splits or labels (each label
+    is 0), read as ImageFolderDataset reads them. Example: `ImageFiles(["a.png", "photos/"], 32)`."""
 
     def __init__(self, paths: list[str | Path], size: int = 32):
         _check_size(size)
         self.size = size
-        self.files = []
-        for path in map(Path, paths):
-            if not path.exists():
-                raise DataError(f"image not found: {path}")
-            _check_readable(path)
-            self.files += _image_files(path) if path.is_dir() else [path]
-        if not self.files:
-            raise DataError(f"no images in {', '.join(map(str, paths))}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+        self.files = image_files(paths)
         self.labels = [0] * len(self.files)
 
     def __len__(self) -> int:
@@ -424,7 +416,7 @@ class ImageFiles(Dataset):
         return read_image(self.files[index], self.size), 0
 
 
-def read_image(file: Path, size: int) -> Tensor:
+def read_image(file: str | Path, size: int) -> Tensor:
     """An image file -> uint8 (3, S, S): 8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter
     side resized to S and the centre S x S kept. DataError naming the file if it cannot be decoded."""
     try:
@@ -434,6 +426,24 @@ def read_image(file: Path, size: int) -> Tensor:
         raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
     pixels = np.array(_resize_center_crop(image, size))  # (S, S, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The images that command-line arguments name: a file as given, a folder's images (recursive
+    and sorted, as an image folder lists them); refuses a path that is neither or yields none."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"image not found: {path}")
+        _check_readable(path)
+        if path.is_dir():
+            found = _image_files(path)
+            if not found:
+                raise DataError(f"no images in {path}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints, as old Pillows open 16-bit PNGs

@@ -11,16 +11,18 @@ with the grid shapes and codebook sizes the VQ-VAE produces, and both with the s
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from einops import rearrange
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
 from pipelines.codes import PriorProvenance, check_fits, file_sha256
 from pipelines.data import to_uint8
 from prior import PixelSNAIL
+from prior.drawing import Drawing
 from vqvae import VQVAE2
 
 
@@ -77,27 +79,58 @@ def sample_generators(seed, indices, device):
     return [torch.Generator(device).manual_seed(sample_seed(seed, int(index))) for index in indices]
 
 
+@dataclass
+class Known:
+    """Codes known before sampling, as completion keeps them: the first `top_kept` raster
+    positions of `top_codes` (n, h, w) and the first `bottom_kept` of `bottom_codes` (n, H, W)."""
+
+    top_codes: Tensor
+    bottom_codes: Tensor
+    top_kept: int
+    bottom_kept: int
+
+    def prefix(self, level):
+        """The sampler's prefix options for `level`."""
+        return {"prefix": getattr(self, f"{level}_codes"), "kept": getattr(self, f"{level}_kept")}
+
+
 @torch.no_grad()
-def generate(pipeline, n, label=None, temperature=1.0, generator=None, progress=False):
+def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progress=False, known=None):
     """n images (n, 3, S, S) in [-1, 1] with their top and bottom codes.
 
     `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
-    priors need one. `generator`: a torch.Generator for the whole batch, or a list of n, one per
+    priors need one. `drawing`: temperature, top-k, top-p and guidance of both priors
+    (prior.drawing). `generator`: a torch.Generator for the whole batch, or a list of n, one per
     sample, whose draws then depend on that sample alone. `progress`: True shows a bar over
     positions; a callable is called after each level with the share of the positions it drew.
+    `known`: codes to keep (Known); sampling starts after them at each level.
     """
     labels = check_labels(pipeline, n, label)
     device = pipeline.top.background.device
     labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
     bars = progress is True
-    top_codes = pipeline.top.sample(n, labels, None, generator, temperature, progress=bars)
+    options = asdict(drawing)  # the samplers' temperature, top_k, top_p and guidance
+
+    def level_options(level):
+        return options if known is None else {**options, **known.prefix(level)}
+
+    top_codes = pipeline.top.sample(n, labels, None, generator, progress=bars, **level_options("top"))
     if callable(progress):
         progress(level_share(pipeline, "top"))
-    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, temperature, progress=bars)
+    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, progress=bars, **level_options("bottom"))
     images = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
     if callable(progress):
         progress(level_share(pipeline, "bottom"))
     return images, top_codes, bottom_codes
+
+
+def check_drawing(pipeline, drawing):
+    """Refuses sampling controls a prior of the pipeline cannot take (guidance without label dropout)."""
+    for level in ("top", "bottom"):
+        try:
+            drawing.check(getattr(pipeline, level).config)
+        except ValueError as error:
+            raise ValueError(f"the {level} prior: {error}") from None
 
 
 def level_share(pipeline, level):
@@ -122,12 +155,12 @@ def check_labels(pipeline, n, label):
 @dataclass(frozen=True)
 class SampleJob:
     """What decides the samples: sample i has class labels[i // per_label] (None for unconditional
-    priors) and draws from a generator seeded by (seed, i)."""
+    priors) and draws from a generator seeded by (seed, i), with the sampling controls `drawing`."""
 
     labels: tuple
     per_label: int
     seed: int
-    temperature: float
+    drawing: Drawing = Drawing()
 
     @property
     def total(self):
@@ -184,7 +217,7 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
             labels = job.labels_of(batch)
             generators = sample_generators(job.seed, batch, runtime.device)
             with runtime.autocast():
-                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.temperature, generators,
+                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.drawing, generators,
                                                            progress=lambda share: bar.update(share * in_round))
             images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
             keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())

@@ -30,6 +30,7 @@ from pipelines.cli import one_line
 from pipelines.codes import dataset_labels
 from pipelines.data import BuiltinPhotos, load_dataset
 from pipelines.generation import SampleJob, make_samples
+from prior.drawing import Drawing
 
 LOCAL_FID = "local FID (classifier features)"
 LOCAL_KID = "local KID (classifier features)"
@@ -206,7 +207,7 @@ def draw_samples(pipeline, runtime, per_class, seed=0, batch_size=16, temperatur
     """`per_class` samples of every class of a class-conditional pipeline -> LabelledImages (on the CPU)."""
     if pipeline.n_classes < 2:
         raise ValueError("the priors are not class-conditional: CAS needs class-conditional samples")
-    job = SampleJob(tuple(range(pipeline.n_classes)), per_class, seed, temperature)
+    job = SampleJob(tuple(range(pipeline.n_classes)), per_class, seed, Drawing(temperature=temperature))
     batches = []
     make_samples(pipeline, runtime, job, list(range(job.total)), batch_size,
                  lambda indices, labels, images, *codes: batches.append((labels, images)))

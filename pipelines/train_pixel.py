@@ -30,6 +30,7 @@ class RunConfig(BaseRunConfig):
     lr_decay: float | None = run_field()  # multiplied into the learning rate every step; None: the preset's
     ema_decay: float | None = run_field()  # Polyak averaging of the weights; 0: none; None: the preset's
     dropout: float | None = run_field()  # None: the preset's
+    label_dropout: float | None = run_field()  # share of labels replaced by the null class; None: 0
     n_samples: int = 16
 
     def __post_init__(self):
@@ -37,7 +38,7 @@ class RunConfig(BaseRunConfig):
         check_at_least(self, 0, "n_samples")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
-        for name in ("ema_decay", "dropout"):
+        for name in ("ema_decay", "dropout", "label_dropout"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}")
@@ -49,11 +50,12 @@ class RunConfig(BaseRunConfig):
         name = self.preset or self.default_preset()
         preset = get_preset(name)
         return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
-                "lr_decay": preset.lr_decay, "ema_decay": preset.ema_decay, "dropout": preset.model.dropout}
+                "lr_decay": preset.lr_decay, "ema_decay": preset.ema_decay, "dropout": preset.model.dropout,
+                "label_dropout": 0.0}
 
     def preset_model(self, **data_fields):
-        """The model of a new run: the preset's, with this run's dropout and the fields its data fixes."""
-        return get_preset(self.preset, dropout=self.dropout, **data_fields).model
+        """The model of a new run: the preset's, with this run's dropouts and the fields its data fixes."""
+        return get_preset(self.preset, dropout=self.dropout, label_dropout=self.label_dropout, **data_fields).model
 
 
 @dataclass

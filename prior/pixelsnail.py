@@ -32,6 +32,7 @@ from einops import rearrange
 
 from prior import mixture, sampling
 from prior.config_json import JSONConfig
+from prior.drawing import Drawing, draw_codes
 from prior.layers import (
     AttentionBlock,
     CausalInput,
@@ -52,6 +53,9 @@ class PixelSNAILConfig(JSONConfig):
     shape: tuple[int, int] = (32, 32)  # (H, W) of the modelled grid
     n_codes: int | None = None  # None: RGB pixels with the mixture head; K: codes with a softmax
     n_classes: int = 0  # > 0: condition on a class label
+    # > 0: training replaces a label by a learned null class (label n_classes) with this probability,
+    # which classifier-free guidance then needs
+    label_dropout: float = 0.0
     cond_codes: int | None = None  # codebook size of the conditioning code grid
     cond_shape: tuple[int, int] | None = None  # (H, W) of the conditioning code grid
     channels: int = 256
@@ -83,6 +87,10 @@ class PixelSNAILConfig(JSONConfig):
             raise ValueError(f"n_codes must be None (pixels) or >= 2, got {self.n_codes}")
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be >= 0, got {self.n_classes}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.label_dropout and not self.n_classes:
+            raise ValueError("label_dropout needs a class-conditional model (n_classes > 0)")
         if (self.cond_codes is None) != (self.cond_shape is None):
             raise ValueError("cond_codes and cond_shape go together: give both or neither")
         if self.cond_codes is not None and self.cond_codes < 2:
@@ -114,6 +122,11 @@ class PixelSNAILConfig(JSONConfig):
     @property
     def two_streams(self):
         return self.streams == "two" or (self.streams == "auto" and not self.attention)
+
+    @property
+    def null_label(self):
+        """The label of the learned null class (no class), or None when training had no label dropout."""
+        return self.n_classes if self.label_dropout else None
 
     @property
     def out_channels(self):
@@ -187,7 +200,8 @@ class PixelSNAIL(nn.Module):
         self.vertical_input = VerticalInput(input_channels + 1, c.channels, c.kernel_size) if c.two_streams else None
         self.register_buffer("background", positional_background(*c.shape), persistent=False)
         cond_channels = c.cond_channels if c.conditioned else 0
-        self.class_embed = nn.Embedding(c.n_classes, cond_channels) if c.n_classes else None
+        n_labels = c.n_classes + (c.null_label is not None)
+        self.class_embed = nn.Embedding(n_labels, cond_channels) if c.n_classes else None
         self.cond_stack = None
         if c.cond_codes is not None:
             self.cond_stack = ConditionStack(c.cond_codes, cond_channels, c.cond_res_blocks, c.shape, c.dropout)
@@ -221,7 +235,9 @@ class PixelSNAIL(nn.Module):
         return rearrange(self.embed(x), "b h w c -> b c h w")
 
     def condition(self, batch_size, label=None, cond=None):
-        """The conditioning map every gated resnet adds in: (B, D, H, W), (B, D, 1, 1) or None."""
+        """The conditioning map every gated resnet adds in: (B, D, H, W), (B, D, 1, 1) or None.
+        A label may be the null class (`config.null_label`) when the model has one; in training
+        mode, label dropout replaces labels by it."""
         c = self.config
         if (label is None) != (c.n_classes == 0):
             raise ValueError(f"label must be given exactly when n_classes > 0 (n_classes={c.n_classes})")
@@ -236,7 +252,10 @@ class PixelSNAIL(nn.Module):
         if label is not None:
             if tuple(label.shape) != (batch_size,):
                 raise ValueError(f"label must have shape ({batch_size},), got {tuple(label.shape)}")
-            check_range("label", label, c.n_classes)
+            check_range("label", label, c.n_classes + (c.null_label is not None))
+            if self.training and c.label_dropout:
+                dropped = torch.rand(label.shape, device=label.device) < c.label_dropout
+                label = torch.where(dropped, c.null_label, label)
             class_map = rearrange(self.class_embed(label), "b d -> b d 1 1")
             cond_map = class_map if cond_map is None else cond_map + class_map
         return cond_map
@@ -298,29 +317,30 @@ class PixelSNAIL(nn.Module):
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def draw(self, out, generator=None, temperature=1.0):
+    def draw(self, out, generator=None, drawing=Drawing()):
         """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,).
 
         `generator`: a torch.Generator (or None) for the batch, or a list of B, one per example,
-        whose draws then depend on that example alone, not on the batch it is in."""
+        whose draws then depend on that example alone, not on the batch it is in. `drawing`: the
+        code mode's temperature, top-k and top-p (prior.drawing)."""
         if isinstance(generator, list):
             if len(generator) != len(out):
                 raise ValueError(f"{len(generator)} generators for a batch of {len(out)}")
-            return torch.cat([self.draw(out[k : k + 1], g, temperature) for k, g in enumerate(generator)])
+            return torch.cat([self.draw(out[k : k + 1], g, drawing) for k, g in enumerate(generator)])
         if self.config.pixel_mode:
             return mixture.sample(out, generator)[:, :, 0, 0]
-        probs = torch.softmax(out[:, :, 0, 0].float() / temperature, dim=1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return draw_codes(out[:, :, 0, 0], generator, drawing)
 
-    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True, progress=False):
+    def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True, progress=False, **options):
         """n samples in raster order: (n, 3, H, W) in [-1, 1] or (n, H, W) codes.
 
         cache=True computes only the new position at each step (prior.sampling); cache=False
         runs the whole network once per position. Both draw the same samples for the same
-        generator state. progress=True shows a bar over positions.
+        generator state. progress=True shows a bar over positions. `options`: the samplers'
+        prefix, kept, top_k, top_p and guidance (prior.sampling.sample_cached).
         """
         sampler = sampling.sample_cached if cache else sampling.sample_naive
-        return sampler(self, n, label, cond, generator, temperature, progress)
+        return sampler(self, n, label, cond, generator, temperature, progress, **options)
 
 
 def check_range(name, values, upper):

@@ -31,7 +31,9 @@ Example:
     >>> images = sample_cached(model, 16, generator=torch.Generator().manual_seed(0))  # (16, 3, 32, 32)
 """
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prior.drawing import Drawing, guide
 from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, VerticalInput, WNConv2d, gate
 from prior.modes import evaluating
 
@@ -444,46 +447,101 @@ class IncrementalPixelSNAIL:
                 block.attention.write(i, j, raw, background)
 
 
-def raster_order(shape, progress=False):
-    """Yields the positions (i, j) of a grid row by row, with a progress bar if asked."""
+def raster_order(shape, progress=False, start=0):
+    """Yields the positions (i, j) of a grid row by row from raster position `start` on, with a
+    progress bar if asked."""
     height, width = shape
-    positions = ((i, j) for i in range(height) for j in range(width))
-    return tqdm(positions, total=height * width, desc="positions", leave=False) if progress else positions
+    positions = (divmod(p, width) for p in range(start, height * width))
+    n = height * width - start
+    return tqdm(positions, total=n, desc="positions", leave=False) if progress else positions
 
 
-def empty_grid(model, n, temperature):
-    """Checks the sampling arguments; returns the grid to fill, (n, 3, H, W) or (n, H, W)."""
+@dataclass
+class Job:
+    """One sampling call, checked: the grid to fill (n, 3, H, W) or (n, H, W), the prefix's kept
+    positions already in it, and the conditions the network runs on, (2n, ...) under guidance:
+    the conditional batch, then the same with the null class."""
+
+    x: Tensor
+    kept: int
+    label: Tensor | None
+    cond: Tensor | None
+    drawing: Drawing
+
+    @property
+    def batch_size(self):
+        return len(self.x) * (2 if self.drawing.guided else 1)
+
+    def network_input(self, values):
+        """The grid (or values at one position) as the network's batch: twice under guidance."""
+        return torch.cat([values, values]) if self.drawing.guided else values
+
+    def draw(self, model, out, generator):
+        """The network's output at one position, (batch_size, P, 1, 1) -> the n values drawn there."""
+        if self.drawing.guided:
+            out = guide(out, self.drawing.guidance)
+        return model.draw(out, generator, self.drawing)
+
+
+def start_job(model, n, label, cond, prefix, kept, drawing) -> Job:
+    """Checks the sampling arguments -> the Job. `prefix` (the grid's shape) gives the values of
+    the first `kept` raster positions; the rest of it is ignored."""
     c = model.config
-    if not 0 < temperature < math.inf:  # nan fails this too
-        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
-    if c.pixel_mode and temperature != 1.0:
-        raise ValueError("temperature applies to code mode only")
+    drawing.check(c)
+    n_positions = math.prod(c.shape)
+    if not 0 <= kept <= n_positions:
+        raise ValueError(f"kept must lie in [0, {n_positions}] (positions of the grid), got {kept}")
     device = model.background.device
     if c.pixel_mode:
-        return torch.zeros(n, 3, *c.shape, device=device, dtype=model.head.bias.dtype)
-    return torch.zeros(n, *c.shape, dtype=torch.long, device=device)
+        x = torch.zeros(n, 3, *c.shape, device=device, dtype=model.head.bias.dtype)
+    else:
+        x = torch.zeros(n, *c.shape, dtype=torch.long, device=device)
+    if kept:
+        if prefix is None or tuple(prefix.shape) != tuple(x.shape) or prefix.is_floating_point() != x.is_floating_point():
+            given = None if prefix is None else f"{prefix.dtype} {tuple(prefix.shape)}"
+            raise ValueError(f"kept > 0 needs a prefix of the samples' shape {tuple(x.shape)} and kind, got {given}")
+        is_kept = torch.arange(n_positions, device=device).view(c.shape) < kept  # (H, W)
+        x = torch.where(is_kept, prefix.to(x), x)
+    if drawing.guided:
+        null = torch.full((n,), c.null_label, dtype=torch.long, device=device)
+        label = None if label is None else torch.cat([label, null])
+        cond = None if cond is None else torch.cat([cond, cond])
+    return Job(x, kept, label, cond, drawing)
 
 
 @torch.no_grad()
-def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False) -> Tensor:
+def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False, *,
+                 prefix=None, kept=0, top_k=None, top_p=None, guidance=None) -> Tensor:
     """The reference sampler: one full forward pass per position, O(N) forwards for N positions."""
-    x = empty_grid(model, n, temperature)
+    job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
+    x = job.x
     with evaluating(model):
-        for i, j in raster_order(model.config.shape, progress):
-            out = model(x, label, cond)[:, :, i : i + 1, j : j + 1]
-            x[..., i, j] = model.draw(out, generator, temperature)
+        for i, j in raster_order(model.config.shape, progress, job.kept):
+            out = model(job.network_input(x), job.label, job.cond)[:, :, i : i + 1, j : j + 1]
+            x[..., i, j] = job.draw(model, out, generator)
     return x
 
 
 @torch.no_grad()
-def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False) -> Tensor:
+def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False, *,
+                  prefix=None, kept=0, top_k=None, top_p=None, guidance=None) -> Tensor:
     """n samples in raster order, (n, 3, H, W) in [-1, 1] or (n, H, W) codes: exactly what
     `sample_naive` returns for the same arguments and generator state, computing one new
-    position per step instead of the whole grid."""
-    x = empty_grid(model, n, temperature)
+    position per step instead of the whole grid.
+
+    `prefix`, `kept`: the first `kept` raster positions are `prefix`'s (returned unchanged; fed
+    through the caches without drawing), sampling starts after them. `top_k`, `top_p`,
+    `guidance`: see prior.drawing; under guidance the conditional and the null-class batch run
+    as one batch of 2n.
+    """
+    job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
+    x, shape = job.x, model.config.shape
     with evaluating(model):
-        network = IncrementalPixelSNAIL(model, n, model.condition(n, label, cond))
-        for i, j in raster_order(model.config.shape, progress):
-            x[..., i, j] = model.draw(network.output_at(i, j), generator, temperature)
-            network.write(i, j, x[..., i : i + 1, j : j + 1])
+        network = IncrementalPixelSNAIL(model, job.batch_size, model.condition(job.batch_size, job.label, job.cond))
+        for i, j in itertools.islice(raster_order(shape), job.kept):
+            network.output_at(i, j)  # fills the layers' caches at (i, j)
+            network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
+        for i, j in raster_order(shape, progress, job.kept):
+            x[..., i, j] = job.draw(model, network.output_at(i, j), generator)
+            network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
     return x

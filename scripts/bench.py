@@ -30,6 +30,9 @@ Subcommands:
   eval    every stage of a pipeline run through scripts/evaluate.py: the VQ-VAE's reconstructions and
           codebook use, both priors' held-out and train bits per code, the samples' CAS and local
           FID / KID beside the real-data ceilings, and how long each evaluation takes.
+  guidance  classifier-free guidance measured: a top and bottom prior trained with label dropout on
+          the demo's codes, a classifier of the built-in crops' classes, and the fraction of samples
+          classified as the class asked for at guidance 0, 1, 2, 4 and at top-p 0.9.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -47,6 +50,8 @@ Examples:
   python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
   python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
   python scripts/bench.py eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
+  python scripts/bench.py guidance --demo runs/demo   # after `make demo`, about 25 minutes
+  python scripts/bench.py guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
   python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
   python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
   python scripts/bench.py ood                   # after make demo and make demo-pixels, minutes
@@ -63,7 +68,7 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, evaluate, extract, gpu, lmdb, ood, precision, sample, streams, train, vqvae  # noqa: E402
+from bench import codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, streams, train, vqvae  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -73,6 +78,7 @@ SUBCOMMANDS = {
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
     "eval": (evaluate, "every stage of a pipeline run through evaluate.py: numbers, real-data ceilings, seconds"),
+    "guidance": (guidance, "classifier-free guidance: samples classified as the class asked for at guidance 0, 1, 2, 4, top-p 0.9"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "ood": (ood, "AUROC of likelihood scores between held-out crops and noise, flipped, inverted crops, another photo"),

@@ -18,6 +18,10 @@ number of processes (up to rounding: see the README).
 (N, S, S, 3), top and bottom codes, labels); a re-run skips the samples already written.
 --out writes them as one grid (one row per class when there are several); without --out-dir it
 is written by default (samples.png), and only then may --save-codes be given.
+
+--temperature, --top-k, --top-p and --guidance apply to both priors, in that order on the logits:
+guidance combines the conditional and the null-class logits (one batch of twice the size), then
+the temperature divides them and top-k / top-p keep the most likely codes.
 """
 
 from pipelines.startup import quiet_ctrl_c_while_starting
@@ -26,6 +30,7 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
 import math
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import save_file
@@ -34,8 +39,9 @@ from pipelines import samples as sample_dir
 from pipelines.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
 from pipelines.cli import run, user_path
 from pipelines.codes import file_sha256
-from pipelines.generation import SampleJob, load_pipeline, make_samples, parse_labels
+from pipelines.generation import SampleJob, check_drawing, load_pipeline, make_samples, parse_labels
 from pipelines.inference import add_runtime_arguments, make_runtime
+from prior.drawing import Drawing
 
 
 def parse_args():
@@ -48,6 +54,13 @@ def parse_args():
                    help="class of the samples: one class, a comma list (3,7,9) or all; needed by class-conditional priors")
     p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="draw each code among the k most likely only (both priors)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: draw each code among the smallest set of most likely codes whose "
+                   "probability reaches p (both priors; after temperature, like --top-k)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale s: draw from uncond + s * (cond - uncond) logits (1: plain "
+                   "conditional sampling, 0: unconditional); needs priors trained with --label-dropout")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
     p.add_argument("--out", type=user_path, default=None, help="image grid to write (default samples.png without --out-dir)")
     p.add_argument("--out-dir", type=user_path, default=None, help="directory for one PNG per sample and samples.npz (resumable)")
@@ -63,6 +76,7 @@ def check_args(args):
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 < args.temperature < math.inf:  # nan fails this too
         raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
+    args.drawing = Drawing(args.temperature, args.top_k, args.top_p, args.guidance)  # checks them
     for option, path, suffix in (("--out", args.out, ".png"), ("--save-codes", args.save_codes, ".safetensors")):
         if path is not None and not path.lower().endswith(suffix):
             raise ValueError(f"{option} {path}: the file is written as {suffix}, so its name must end in {suffix}")
@@ -77,7 +91,8 @@ def main():
     check_args(args)
     runtime = make_runtime(args.device, args.precision)
     pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
-    job = SampleJob(parse_labels(args.label, pipeline.n_classes), args.n, args.seed, args.temperature)
+    check_drawing(pipeline, args.drawing)
+    job = SampleJob(parse_labels(args.label, pipeline.n_classes), args.n, args.seed, args.drawing)
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:
@@ -113,7 +128,7 @@ def sample_to_directory(pipeline, runtime, job, args, out_dir):
         sample_dir.start(out_dir, {
             **{f"{name}_sha256": file_sha256(resolve_checkpoint(getattr(args, name))) for name in ("vqvae", "top", "bottom")},
             "labels": list(job.labels), "per_label": job.per_label, "seed": job.seed,
-            "temperature": job.temperature, "precision": runtime.precision,
+            **asdict(job.drawing), "precision": runtime.precision,
         })
     processes.wait_for_everyone()
     todo = sorted(set(range(job.total)) - sample_dir.done(out_dir))

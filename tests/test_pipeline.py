@@ -41,9 +41,10 @@ def pipeline_runs(tmp_path_factory):
     out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out", str(root / "codes.lmdb"))
     assert out.strip().splitlines()[-1].startswith("wrote 27 records")
     top = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "top", "--preset", "cpu-top",
-             "--steps", "4", "--out", str(root / "top"), *FAST)
+             "--steps", "4", "--out", str(root / "top"), "--label-dropout", "0.2", *FAST)
     bottom = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "bottom",
-                "--preset", "cpu-bottom", "--steps", "4", "--out", str(root / "bottom"), *FAST, processes=2)
+                "--preset", "cpu-bottom", "--steps", "4", "--out", str(root / "bottom"), "--label-dropout", "0.2",
+                *FAST, processes=2)
     return root, top, bottom
 
 
@@ -84,6 +85,55 @@ def test_report_of_the_pipeline(pipeline_runs, tmp_path):
     assert text.count("<h3>Codebook usage</h3>") == 1
     assert Image.open(curves).size == (1100, 360)
     assert f"codes of the 27 images in {root / 'codes.lmdb'}" in text
+
+
+def test_sample_script_guides_and_truncates_and_refuses_guidance_without_a_null_class(pipeline_runs, tmp_path):
+    """The priors trained with --label-dropout 0.2 have a null class; a copy of the bottom prior
+    without one makes --guidance fail in one line, before anything is written."""
+    from pipelines.checkpoint import load_checkpoint
+
+    root, _, _ = pipeline_runs
+    pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
+    assert pipeline.top.config.null_label == 2 and pipeline.bottom.config.label_dropout == 0.2
+    args = ["scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"), "--n", "3", "--label",
+            "0", "--device", "cpu", "--guidance", "3", "--top-k", "5", "--top-p", "0.9"]
+    ok(*args, "--bottom", str(root / "bottom"), "--out", str(tmp_path / "guided.png"))
+    assert Image.open(tmp_path / "guided.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
+
+    state = load_file(root / "bottom" / "model.safetensors")
+    _, config_json, extra = load_checkpoint(root / "bottom", "pixelsnail")
+    plain = PixelSNAILConfig.from_json(config_json)
+    plain.label_dropout = 0.0
+    state["class_embed.weight"] = state["class_embed.weight"][:2].clone()
+    save_checkpoint(tmp_path / "plain.safetensors", state, "pixelsnail", plain, **extra)
+    result = run(*args, "--bottom", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "the bottom prior: guidance needs a prior trained with label dropout" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+    result = run(*args, "--bottom", str(root / "bottom"), "--top-p", "0", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "top-p must lie in (0, 1]" in result.stderr
+
+
+def test_pipeline_completion_keeps_the_codes_of_the_kept_rows(pipeline_runs, tmp_path):
+    """16x16 images, 2x2 top and 4x4 bottom codes: keeping 5 image rows keeps the code rows that
+    cover them, 1 top row and 2 bottom rows, and samples the rest."""
+    from pipelines.completion import complete_codes
+    from pipelines.data import read_image, to_model_range
+
+    root, _, _ = pipeline_runs
+    pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
+    image = to_model_range(read_image(root / "images" / "reds" / "0.png", 16))
+    top, bottom = pipeline.vqvae.encode(image[None])
+    _, top_codes, bottom_codes = complete_codes(pipeline, image, 5, 20, label=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_codes[:, :1], top[:, :1].expand(20, -1, -1))
+    assert torch.equal(bottom_codes[:, :2], bottom[:, :2].expand(20, -1, -1))
+    assert not torch.equal(bottom_codes[:, 2:], bottom[:, 2:].expand(20, -1, -1))
+
+    out = ok("scripts/complete.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"), "--bottom",
+             str(root / "bottom"), str(root / "images" / "blues"), "--keep", "0.5", "--n", "2", "--label", "1",
+             "--guidance", "2", "--out-dir", str(tmp_path), "--device", "cpu")
+    assert "wrote 15 grids of 2 completions (kept 8 of 16 rows)" in out
+    assert Image.open(tmp_path / "0000_0.png").size == (4 * 16 + 5 * 2, 16 + 2 * 2)
 
 
 def test_generation_is_seeded(pipeline_runs):

@@ -7,6 +7,7 @@ from torch.utils._pytree import tree_leaves
 
 from bench.common import random_pixels
 from prior import PixelSNAIL, PixelSNAILConfig
+from prior.drawing import truncate
 from prior.sampling import IncrementalPixelSNAIL, sample_cached
 
 SMALL = dict(channels=16, n_blocks=2, n_res_blocks=1, key_channels=4, value_channels=8, dropout=0.0)
@@ -187,3 +188,148 @@ def test_one_generator_per_example_draws_each_example_as_if_alone(case):
         assert torch.equal(alone, cached[k : k + 1])
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         sample_cached(model, 3, label, cond, per_example_generators(seeds[:2]))
+
+
+def random_grid(model, n):
+    c = model.config
+    return random_pixels(n, c.shape) if c.pixel_mode else torch.randint(0, c.n_codes, (n, *c.shape))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_with_a_prefix_the_cached_sampler_draws_what_the_naive_one_draws_and_keeps_the_prefix(case):
+    """Kept positions end mid-row (a two-stream model's next row starts inside the prefix)."""
+    model, label, cond = CASES[case]()
+    width = model.config.shape[1]
+    kept = width + 2
+    prefix = random_grid(model, 3)
+    naive_generator, cached_generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    naive = model.sample(3, label, cond, naive_generator, cache=False, prefix=prefix, kept=kept)
+    cached = sample_cached(model, 3, label, cond, cached_generator, prefix=prefix, kept=kept)
+    assert torch.equal(cached, naive)
+    assert torch.equal(cached_generator.get_state(), naive_generator.get_state())
+    flat, flat_prefix = cached.flatten(-2), prefix.flatten(-2)  # (..., H * W) in raster order
+    assert torch.equal(flat[..., :kept], flat_prefix[..., :kept].to(flat))
+    assert not torch.equal(flat[..., kept:], flat_prefix[..., kept:].to(flat))
+
+
+def test_a_whole_prefix_comes_back_and_bad_prefixes_are_refused():
+    model, label, cond = code_case()
+    prefix = random_grid(model, 3)
+    assert torch.equal(sample_cached(model, 3, label, cond, prefix=prefix, kept=20), prefix)
+    with pytest.raises(ValueError, match="kept must lie in"):
+        sample_cached(model, 3, label, cond, prefix=prefix, kept=21)
+    with pytest.raises(ValueError, match="needs a prefix of the samples' shape"):
+        sample_cached(model, 3, label, cond, kept=2)
+    with pytest.raises(ValueError, match="needs a prefix of the samples' shape"):
+        sample_cached(model, 3, label, cond, prefix=prefix[:2], kept=2)
+
+
+def test_top_k_keeps_the_k_largest_and_top_p_the_smallest_set_reaching_p():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 9)
+    for k in (1, 3, 9):
+        kept = truncate(logits, top_k=k) > -torch.inf
+        assert torch.equal(kept, torch.zeros_like(kept).scatter(1, logits.topk(k, dim=1).indices, True))
+    for p in (0.05, 0.5, 0.9, 1.0):
+        kept = truncate(logits, top_p=p) > -torch.inf
+        probs = torch.softmax(logits, dim=1)
+        for row in range(len(logits)):
+            order = probs[row].argsort(descending=True)
+            size = int((probs[row][order].cumsum(0) < p - 1e-6).sum()) + 1  # the smallest set whose mass >= p
+            assert kept[row].sum() == min(size, 9) and kept[row][order[:size]].all()
+    both = truncate(logits, top_k=2, top_p=0.99) > -torch.inf
+    assert (both.sum(dim=1) <= 2).all()
+
+
+def test_top_k_1_draws_the_argmax_at_every_position():
+    model, label, cond = code_case()
+    codes = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(0), temperature=0.7, top_k=1)
+    with torch.no_grad():
+        logits = model.eval()(codes, label, cond)  # causal: the logits at p see codes before p only
+    assert torch.equal(codes, logits.argmax(dim=1))
+
+
+CONTROLS = {"top-k 3": dict(top_k=3), "top-p 0.8": dict(top_p=0.8), "top-k 4, top-p 0.6, T 0.7": dict(
+    top_k=4, top_p=0.6, temperature=0.7)}
+
+
+@pytest.mark.parametrize("case", CODE_CASES)
+@pytest.mark.parametrize("controls", CONTROLS)
+def test_with_top_k_and_top_p_the_cached_sampler_draws_what_the_naive_one_draws(case, controls):
+    model, label, cond = CODE_CASES[case]()
+    naive = model.sample(3, label, cond, torch.Generator().manual_seed(1), cache=False, **CONTROLS[controls])
+    cached = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(1), **CONTROLS[controls])
+    assert torch.equal(cached, naive)
+    plain = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(1))
+    assert not torch.equal(cached, plain)  # the controls change the draws
+
+
+GUIDED_CASES = {
+    "label + cond + attention": lambda: code_case(label_dropout=0.1),
+    "label + cond, two streams": lambda: code_case(label_dropout=0.1, attention=False, kernel_size=3),
+    "label + cond, attention + two streams, output stack": lambda: code_case(
+        label_dropout=0.1, streams="two", out_res_blocks=1, n_heads=2),
+}
+
+
+@pytest.mark.parametrize("case", GUIDED_CASES)
+@pytest.mark.parametrize("scale", [0.0, 3.0])
+def test_with_guidance_the_cached_sampler_draws_what_the_naive_one_draws(case, scale):
+    model, label, cond = GUIDED_CASES[case]()
+    prefix = random_grid(model, 3)
+    for options in (dict(guidance=scale), dict(guidance=scale, top_p=0.9, prefix=prefix, kept=7)):
+        naive_generator, cached_generator = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        naive = model.sample(3, label, cond, naive_generator, cache=False, **options)
+        cached = sample_cached(model, 3, label, cond, cached_generator, **options)
+        assert torch.equal(cached, naive)
+        assert torch.equal(cached_generator.get_state(), naive_generator.get_state())
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "naive"])
+def test_guidance_1_draws_exactly_what_plain_conditional_sampling_draws(cache):
+    model, label, cond = GUIDED_CASES["label + cond + attention"]()
+    plain = model.sample(3, label, cond, torch.Generator().manual_seed(5), 0.8, cache=cache)
+    guided = model.sample(3, label, cond, torch.Generator().manual_seed(5), 0.8, cache=cache, guidance=1.0)
+    assert torch.equal(guided, plain)
+
+
+def test_guided_draws_follow_uncond_plus_scale_times_cond_minus_uncond():
+    """With top-k 1 every guided draw is the argmax of the guided logits, which two separate full
+    forwards (with the labels, with the null class) give for the grid drawn."""
+    model, label, cond = GUIDED_CASES["label + cond + attention"]()
+    scale = 2.5
+    codes = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(0), guidance=scale, top_k=1)
+    with torch.no_grad():
+        conditional = model.eval()(codes, label, cond)
+        unconditional = model(codes, torch.full_like(label, model.config.null_label), cond)
+    assert torch.equal(codes, (unconditional + scale * (conditional - unconditional)).argmax(dim=1))
+    assert not torch.equal(codes, conditional.argmax(dim=1))  # the guidance changed the draws
+
+
+def test_guidance_is_refused_without_a_null_class_and_pixel_controls_are_refused():
+    model, label, cond = code_case()
+    with pytest.raises(ValueError, match="trained with label dropout"):
+        sample_cached(model, 3, label, cond, guidance=2.0)
+    pixels, _, _ = pixel_case()
+    for options in (dict(top_k=3), dict(top_p=0.5), dict(guidance=2.0)):
+        with pytest.raises(ValueError, match="code mode only"):
+            sample_cached(pixels, 1, **options)
+    for options, message in ((dict(top_k=0), "top-k must be"), (dict(top_p=0.0), "top-p must"),
+                             (dict(top_p=1.5), "top-p must"), (dict(guidance=float("nan")), "guidance must")):
+        with pytest.raises(ValueError, match=message):
+            sample_cached(model, 3, label, cond, **options)
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_in_training_only():
+    config = PixelSNAILConfig(shape=(2, 2), n_codes=4, n_classes=3, label_dropout=0.3, **SMALL)
+    model = PixelSNAIL(config)
+    labels = torch.zeros(4000, dtype=torch.long)
+    null_map = model.class_embed.weight[config.null_label]
+    torch.manual_seed(0)
+    dropped = (model.train().condition(4000, labels)[:, :, 0, 0] == null_map).all(dim=1).float().mean()
+    assert 0.27 < dropped < 0.33
+    assert not (model.eval().condition(4000, labels)[:, :, 0, 0] == null_map).all(dim=1).any()
+    old = PixelSNAILConfig.from_json(config.to_json().replace('"label_dropout": 0.3, ', ""))
+    assert old.label_dropout == 0.0 and old.null_label is None and PixelSNAIL(old).class_embed.num_embeddings == 3
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        PixelSNAILConfig(shape=(2, 2), n_codes=4, label_dropout=0.1)

@@ -1,0 +1,127 @@
+"""Complete images: keep the top part of each exactly and sample the rest, --n times.
+
+  # a pixel model: the top half of every image in photos/, 4 completions each
+  python scripts/complete.py --ckpt runs/pixelsnail photos/ --keep 0.5 --n 4 --out-dir completions
+  # the VQ-VAE-2 pipeline: the top 24 rows of two images, as class 3, 6 completions each
+  python scripts/complete.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom a.png b.png \\
+      --keep 24 --label 3 --n 6 --out-dir completions
+
+Images (files or folders of them) are read as an image folder reads them: 8-bit RGB, the shorter
+side resized to the model's image size and the centre kept. --keep is a fraction of the rows (0.5)
+or a row count (24). For each image --out-dir gets NNNN_NAME.png, one row: the image, the kept
+part (the rest grey), then the completions.
+
+A pixel model (--ckpt) keeps the kept pixels exactly. The pipeline (--vqvae --top --bottom) encodes
+the image, keeps at each level the code rows that cover the kept rows, samples the rest of the top
+codes, then the rest of the bottom codes, and decodes: its kept part is the VQ-VAE's rendering of
+the kept codes. --temperature, --top-k, --top-p and --guidance apply to the pipeline's priors as in
+scripts/sample.py. Image k's completions draw from a generator seeded by (--seed, k). Runs on CUDA
+when there is one (--device, --precision as scripts/sample.py).
+"""
+
+from pipelines.startup import quiet_ctrl_c_while_starting
+
+quiet_ctrl_c_while_starting()  # before the slow imports below
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.checkpoint import load_pixelsnail, write_image_grid
+from pipelines.cli import run, user_path
+from pipelines.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
+from pipelines.data import image_files, read_image
+from pipelines.generation import check_class, check_drawing, load_pipeline, sample_generators
+from pipelines.inference import add_runtime_arguments, make_runtime
+from prior.drawing import Drawing
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=user_path, help="image files or folders of images")
+    p.add_argument("--ckpt", type=user_path, default=None, help="a pixel-space PixelSNAIL run directory or checkpoint")
+    p.add_argument("--vqvae", type=user_path, default=None, help="VQ-VAE run directory or checkpoint (the pipeline)")
+    p.add_argument("--top", type=user_path, default=None, help="top prior run directory or checkpoint (the pipeline)")
+    p.add_argument("--bottom", type=user_path, default=None, help="bottom prior run directory or checkpoint (the pipeline)")
+    p.add_argument("--keep", default="0.5", help="rows kept: a fraction (0.5, the default) or a row count (24)")
+    p.add_argument("--n", type=int, default=4, help="completions per image (default 4)")
+    p.add_argument("--label", type=int, default=None, help="the class of the completions; class-conditional models need one")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the priors (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="draw each code among the k most likely only")
+    p.add_argument("--top-p", type=float, default=None, help="draw each code from the nucleus of probability p")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (priors trained "
+                   "with --label-dropout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the completions' generators (default 0)")
+    p.add_argument("--out-dir", type=user_path, required=True, help="directory for one grid PNG per image")
+    add_runtime_arguments(p)
+    return p.parse_args()
+
+
+def check_args(args):
+    pipeline = [args.vqvae, args.top, args.bottom]
+    if (args.ckpt is None) == (None in pipeline) or (None in pipeline and any(pipeline)):
+        raise ValueError("give either --ckpt (a pixel model) or all of --vqvae, --top and --bottom (the pipeline)")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not 0 < args.temperature < math.inf:  # nan fails this too
+        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
+    args.drawing = Drawing(args.temperature, args.top_k, args.top_p, args.guidance)  # checks them
+
+
+def main():
+    args = parse_args()
+    check_args(args)
+    runtime = make_runtime(args.device, args.precision)
+    if runtime.processes.num_processes > 1:
+        raise ValueError("complete.py runs in one process: start it without accelerate launch")
+    files = image_files(args.images)
+    complete, size = completer(args, runtime)
+    images = torch.stack([read_image(file, size) for file in files])  # (N, 3, S, S) uint8, all read first
+    rows = kept_rows(args.keep, size)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k, (file, image) in enumerate(zip(tqdm(files, desc="images"), runtime.images(images))):
+        generator = sample_generators(args.seed, [k], runtime.device)[0]
+        with runtime.autocast():
+            completions = complete(image, rows, generator)
+        grid = torch.cat([image[None], with_rest_blank(image, rows)[None], completions.float()])
+        write_image_grid(grid, out_dir / f"{k:04d}_{file.stem}.png", nrow=len(grid))
+    print(f"wrote {len(files)} grids of {args.n} completions (kept {rows} of {size} rows) to {out_dir}")
+
+
+def completer(args, runtime):
+    """Loads the model(s) and checks the options against them -> (complete(image, rows,
+    generator) -> (n, 3, S, S) completions, the image size S)."""
+    if args.ckpt is not None:
+        model, _ = load_pixelsnail(args.ckpt)
+        c = model.config
+        args.drawing.check(c)
+        if not c.pixel_mode or c.shape[0] != c.shape[1]:
+            raise ValueError(f"{args.ckpt} is not a square pixel-space model (shape {c.shape}, codes {c.n_codes})")
+        check_label(args.label, c.n_classes)
+        model = model.to(runtime.device).eval()
+        return lambda image, rows, generator: complete_pixels(model, image, rows, args.n, args.label, generator), c.shape[0]
+    pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
+    check_drawing(pipeline, args.drawing)
+    check_label(args.label, pipeline.n_classes)
+
+    def complete(image, rows, generator):
+        return complete_codes(pipeline, image, rows, args.n, args.label, args.drawing, generator)[0]
+
+    return complete, pipeline.image_size
+
+
+def check_label(label, n_classes):
+    if n_classes and label is None:
+        raise ValueError(f"the model is class-conditional: give --label, a class in [0, {n_classes})")
+    if not n_classes and label is not None:
+        raise ValueError(f"the model is not class-conditional: give no --label (got {label})")
+    if label is not None:
+        check_class(label, n_classes)
+
+
+if __name__ == "__main__":
+    run(main)
