@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (ROOT, add_quick_argument, apply_defaults, format_markdown_report, format_text_report, log,
-                          load_average, machine_info, machine_lines, write_results)
+from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
+                          machine_lines)
 from pipelines import train_prior
 from pipelines.classifier import ClassifierConfig, train_classifier
 from pipelines.data import BuiltinPhotos, to_model_range, to_uint8
@@ -132,8 +132,7 @@ def run(args):
                    "held_out": args.held_out, "image_size": size, "seed": args.seed},
         "prior_validation_bits": prior_bits, "classifier_accuracy": real, "settings": settings,
     }
-    print(format_text_report(HEADER, rows(results), summary_lines(results)))
-    write_results(results, Path(args.out), "guidance", format_markdown(results))
+    REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):
@@ -180,6 +179,5 @@ def summary_lines(results):
     ]
 
 
-def format_markdown(results):
-    return format_markdown_report("Guidance benchmark: samples classified as the class asked for", results, HEADER,
-                                  rows(results), summary_lines(results))
+REPORT = Report("guidance", "Guidance benchmark: samples classified as the class asked for",
+                lambda results: (HEADER, rows(results), summary_lines(results)))
