@@ -4,7 +4,8 @@
    are the test set) and writes RUN/vqvae/reconstructions.png (originals above reconstructions);
 2. encodes the training crops into an LMDB code database (8x8 top and 16x16 bottom codes);
 3. trains a small top prior (class-conditional: the class is the source photo) and a bottom prior
-   conditioned on the top codes and the class;
+   conditioned on the top codes and the class, both with label dropout 0.1 (so that sample.py and
+   complete.py can use --guidance with them);
 4. samples top codes, then bottom codes (cached sampler), decodes them, and writes
    RUN/samples.png: one row per class;
 5. writes RUN/report.html (scripts/report.py): learning curves, warnings, pictures, code frequencies.
@@ -27,6 +28,8 @@ from pipelines.codes import extract_with_vqvae
 from pipelines.generation import generate, load_pipeline
 from pipelines.report import write_report
 from pipelines.run_state import has_state
+
+LABEL_DROPOUT = 0.1  # the priors learn a null class too: classifier-free guidance works with them
 
 
 def parse_args():
@@ -59,7 +62,7 @@ def main():
         train_prior.train(train_prior.PriorTrainConfig(
             codes=str(out / "codes.lmdb"), level=level, out=str(out / level), preset=f"cpu-{level}",
             steps=3000, max_minutes=budget[level], eval_every=1000, checkpoint_every=200,
-            resume=has_state(out / level)))
+            label_dropout=LABEL_DROPOUT, resume=has_state(out / level)))
 
     print("== 4/4 samples")
     pipeline = load_pipeline(out / "vqvae", out / "top", out / "bottom")
