@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import (Report, load_average, log, machine_info, seconds,
+from bench.common import (Report, load_average, log, machine_info, machine_lines, seconds,
                           time_interleaved)
 from bench.sample import DrawRecorder, prefix_timing, random_inputs
 from bench.train import CPU_ATTENTION_FLOPS, MATMUL_SHAPES, measure_matmul_peak
@@ -247,8 +247,7 @@ def pipeline_summary_lines(results):
         f"decode: {results['n']} images {results['decode']['image_shape']} with the paper's VQ-VAE (random weights, "
         "random codes), channels_last, measured whole",
         "bottom level: conditioned on random top codes (the top level is only timed on a prefix)",
-        f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
-        f"load average before/after: {results['load_average_before']} / {results['load_average_after']}",
+        *machine_lines(results),
     ]
     if results["quick"]:
         lines.insert(0, "--quick: tiny models, the numbers mean nothing")

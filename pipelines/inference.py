@@ -76,6 +76,14 @@ def make_runtime(device=None, precision="auto"):
     return Runtime(processes, precision)
 
 
+def one_process_runtime(script, device=None, precision="auto"):
+    """make_runtime for a script that runs in one process: `accelerate launch` is refused in one line."""
+    machine = make_runtime(device, precision)
+    if machine.processes.num_processes > 1:
+        raise ValueError(f"{script} runs in one process: start it with python, not accelerate launch")
+    return machine
+
+
 def add_runtime_arguments(parser, precision_default="auto", precision_note=""):
     """--device and --precision, as every inference script takes them."""
     parser.add_argument("--device", choices=DEVICES, default=None,

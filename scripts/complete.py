@@ -35,7 +35,7 @@ from pipelines.cli import run, user_path
 from pipelines.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
 from pipelines.data import image_files, read_image
 from pipelines.generation import check_class, check_drawing, load_pipeline, sample_generators
-from pipelines.inference import add_runtime_arguments, make_runtime
+from pipelines.inference import add_runtime_arguments, one_process_runtime
 from prior.drawing import Drawing
 
 
@@ -74,9 +74,7 @@ def check_args(args):
 def main():
     args = parse_args()
     check_args(args)
-    runtime = make_runtime(args.device, args.precision)
-    if runtime.processes.num_processes > 1:
-        raise ValueError("complete.py runs in one process: start it without accelerate launch")
+    runtime = one_process_runtime("complete.py", args.device, args.precision)
     files = image_files(args.images)
     complete, size = completer(args, runtime)
     images = torch.stack([read_image(file, size) for file in files])  # (N, 3, S, S) uint8, all read first

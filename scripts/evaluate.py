@@ -42,7 +42,7 @@ from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.data import load_dataset
 from pipelines.evaluation import check_result_file, evaluate_prior, evaluate_vqvae, write_result
 from pipelines.generation import load_pipeline
-from pipelines.inference import add_runtime_arguments, make_runtime, resolve_device
+from pipelines.inference import add_runtime_arguments, one_process_runtime, resolve_device
 from pipelines.train_pixel import evaluate_bits
 
 STAGES = ("pixels", "prior", "vqvae", "samples")
@@ -191,10 +191,7 @@ def samples(args):
 
 
 def one_process(args):
-    machine = make_runtime(args.device, args.precision)
-    if machine.processes.num_processes > 1:
-        raise ValueError(f"evaluate.py {args.stage} runs in one process: start it without accelerate launch")
-    return machine
+    return one_process_runtime(f"evaluate.py {args.stage}", args.device, args.precision)
 
 
 def main():

@@ -36,7 +36,7 @@ from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.codes import count_classes
 from pipelines.data import ImageFiles, load_dataset
 from pipelines.generation import load_pipeline
-from pipelines.inference import add_runtime_arguments, make_runtime
+from pipelines.inference import add_runtime_arguments, one_process_runtime
 from pipelines.scoring import MIXTURE, choose_labels, score_dataset, score_pipeline, score_pixels
 
 
@@ -73,9 +73,7 @@ def check_args(args):
 def main():
     args = parse_args()
     check_args(args)
-    runtime = make_runtime(args.device, args.precision)
-    if runtime.processes.num_processes > 1:
-        raise ValueError("score.py runs as one process: start it with python, not accelerate launch")
+    runtime = one_process_runtime("score.py", args.device, args.precision)
     if args.ckpt is not None:
         model, _ = load_pixelsnail(args.ckpt)
         if not model.config.pixel_mode:
