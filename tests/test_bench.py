@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, evaluate, extract, lmdb, ood, precision, sample, sample_pipeline, streams, train, vqvae
+from bench import codecs, evaluate, extract, guidance, lmdb, ood, precision, sample, sample_pipeline, streams, train, vqvae
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -170,8 +170,8 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     assert results["codes"]["reconstruction_mse"]["fp32"] > 0
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
