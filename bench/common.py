@@ -214,13 +214,21 @@ class Report:
     name: str
     title: str
     table: Callable  # results -> (header, rows, notes)
+    quick: str = ""  # what a --quick run measures, said first in its notes
+
+    def parts(self, results):
+        """(header, rows, notes) of `results`; a --quick run's notes say first that its numbers mean nothing."""
+        header, rows, notes = self.table(results)
+        if results.get("quick") and self.quick:
+            notes = [f"--quick: {self.quick}, the numbers mean nothing", *notes]
+        return header, rows, notes
 
     def text(self, results):
-        header, rows, notes = self.table(results)
+        header, rows, notes = self.parts(results)
         return "\n".join(["", *text_table(header, rows), "", *notes, ""])
 
     def markdown(self, results):
-        header, rows, notes = self.table(results)
+        header, rows, notes = self.parts(results)
         lines = [f"# {self.title}", "", f"`{results['command']}`", "", *markdown_table(header, rows), "",
                  *(f"- {line}" for line in notes), ""]
         return "\n".join(lines)

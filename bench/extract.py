@@ -196,13 +196,12 @@ def report(results):
         "each set of codes decoded in fp32 against the images, in [-1, 1]",
         *machine_lines(results),
     ]
-    if results["quick"]:
-        notes.insert(0, "--quick: a tiny random model and random images, the numbers mean nothing")
     return header, rows, notes
 
 
 REPORT = Report("extract", "Code extraction through extract_codes.py: fp32 vs bf16, and the codes bf16 changes",
-                report)
+                report,
+                quick="a tiny random model and random images")
 
 
 def add_arguments(parser):

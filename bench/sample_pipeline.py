@@ -249,10 +249,9 @@ def pipeline_summary_lines(results):
         "bottom level: conditioned on random top codes (the top level is only timed on a prefix)",
         *machine_lines(results),
     ]
-    if results["quick"]:
-        lines.insert(0, "--quick: tiny models, the numbers mean nothing")
     return lines
 
 
 REPORT = Report("sample-pipeline", "Hierarchical sampling at the paper's size: cached step speed",
-                lambda results: (PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results)))
+                lambda results: (PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results)),
+                quick="tiny models")
