@@ -1,10 +1,16 @@
-"""Running the project's scripts in tests: as one process, or as several real CPU processes under
-`accelerate launch`."""
+"""Running the project's scripts in tests: as one process, as several real CPU processes under
+`accelerate launch`, or in this process (runpy), as `python scripts/X.py` would run them."""
 
+import io
+import runpy
+import signal
 import socket
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+
+import torch
 
 
 def free_port():
@@ -31,8 +37,32 @@ def run_script(*args, processes=1):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def ok(*args, processes=1):
-    """`run_script` that must succeed -> its standard output."""
-    result = run_script(*args, processes=processes)
+def run_in_process(*args):
+    """`run_script(*args)` in this process -> the same CompletedProcess, without the seconds a new
+    interpreter spends importing torch and accelerate. The script path is relative to the
+    repository root, the other paths to the current directory. What a script sets for the whole
+    process is put back after it: sys.argv, the SIGINT and SIGTERM handlers, torch's thread count."""
+    script = str(ROOT / args[0])
+    saved_argv, threads = sys.argv, torch.get_num_threads()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = [script, *map(str, args[1:])]
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            runpy.run_path(script, run_name="__main__")
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code or 0
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess([sys.executable, *args], status, stdout.getvalue(), stderr.getvalue())
+
+
+def ok(*args, processes=1, in_process=False):
+    """`run_script` (or `run_in_process`) that must succeed -> its standard output."""
+    result = run_in_process(*args) if in_process else run_script(*args, processes=processes)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

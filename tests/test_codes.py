@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from launch import launch_command
+from launch import launch_command, run_in_process
 from pipelines.cli import run
 from pipelines.codes import (
     META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
@@ -496,7 +496,7 @@ def run_script(*args):
 
 
 def test_script_help():
-    result = run_script("--help")
+    result = run_in_process("scripts/extract_codes.py", "--help")
     assert result.returncode == 0, result.stderr
     assert "--vqvae" in result.stdout and "--out" in result.stdout
 
@@ -535,7 +535,7 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
     out = tmp_path / "codes.lmdb"
     args = extract_args(tiny_vqvae, out)
 
-    result = run_script(*args)
+    result = run_in_process("scripts/extract_codes.py", *args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"wrote 10 records to {out}"
     codes = CodeDataset(out)
@@ -548,17 +548,17 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
     assert torch.equal(torch.stack([codes[i][1] for i in range(10)]), bottom)
     assert [codes[i][2].item() for i in range(10)] == images.labels
 
-    again = run_script(*args)
+    again = run_in_process("scripts/extract_codes.py", *args)
     assert again.returncode == 0, again.stderr
     assert "is complete already" in again.stdout
-    other_split = run_script(*args, "--split", "test")
+    other_split = run_in_process("scripts/extract_codes.py", *args, "--split", "test")
     assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
 
 
 def test_two_processes_write_the_database_one_process_writes(tiny_vqvae, tmp_path):
     """10 images in batches of 4: in the second round process 0 has the last 2 images, process 1 none."""
     one, two = tmp_path / "one.lmdb", tmp_path / "two.lmdb"
-    assert run_script(*extract_args(tiny_vqvae, one)).returncode == 0
+    assert run_in_process("scripts/extract_codes.py", *extract_args(tiny_vqvae, one)).returncode == 0
     result = subprocess.run(launch_command(2, "scripts/extract_codes.py", *extract_args(tiny_vqvae, two)), cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -597,11 +597,11 @@ def test_script_stops_with_one_line_when_the_file_cannot_grow_and_a_rerun_comple
     kept = int(error.split("): the ")[1].split(" records committed")[0])
     assert 0 < kept < 10
 
-    result = run_script(*args)
+    result = run_in_process("scripts/extract_codes.py", *args)
     assert result.returncode == 0, result.stderr
     assert f"resuming after {kept} of 10 records" in result.stdout
     uninterrupted = tmp_path / "uninterrupted.lmdb"
-    assert run_script(*extract_args(tiny_vqvae, uninterrupted)).returncode == 0
+    assert run_in_process("scripts/extract_codes.py", *extract_args(tiny_vqvae, uninterrupted)).returncode == 0
     assert stored_items(out) == stored_items(uninterrupted)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import ok, run_script as run
+from launch import ok, run_in_process, run_script
 from pipelines.checkpoint import save_checkpoint
 from pipelines.completion import covering_rows, kept_rows
 from prior import PixelSNAIL, PixelSNAILConfig
@@ -47,7 +47,8 @@ def pixel_model(tmp_path_factory):
 def test_pixel_completions_keep_the_kept_rows_exactly(pixel_model, tmp_path):
     root = pixel_model
     out = ok("scripts/complete.py", "--ckpt", str(root / "pixels.safetensors"), str(root / "images"),
-             str(root / "c.png"), "--keep", "0.5", "--n", "3", "--out-dir", str(tmp_path), "--device", "cpu")
+             str(root / "c.png"), "--keep", "0.5", "--n", "3", "--out-dir", str(tmp_path), "--device", "cpu",
+             in_process=True)
     assert "wrote 3 grids of 3 completions (kept 4 of 8 rows)" in out
     names = sorted(path.name for path in tmp_path.glob("*.png"))
     assert names == ["0000_a.png", "0001_b.png", "0002_c.png"]
@@ -64,13 +65,14 @@ def test_pixel_completions_keep_the_kept_rows_exactly(pixel_model, tmp_path):
 
 
 def test_complete_refuses_bad_input_in_one_line_and_writes_nothing(pixel_model, tmp_path):
+    """The first case as a real command line, the others in this process."""
     root = pixel_model
     base = ["scripts/complete.py", "--ckpt", str(root / "pixels.safetensors"), "--out-dir", str(tmp_path / "out")]
-    for extra, message in (([str(root / "missing.png")], "image not found"),
-                           ([str(root / "images"), "--keep", "9"], "row count must lie in [0, 8]"),
-                           ([str(root / "images"), "--top-k", "3"], "code mode only"),
-                           ([str(root / "images"), "--label", "1"], "not class-conditional"),
-                           ([str(root / "images"), "--vqvae", str(root)], "give either --ckpt")):
+    for run, extra, message in ((run_script, [str(root / "missing.png")], "image not found"),
+                                (run_in_process, [str(root / "images"), "--keep", "9"], "row count must lie in [0, 8]"),
+                                (run_in_process, [str(root / "images"), "--top-k", "3"], "code mode only"),
+                                (run_in_process, [str(root / "images"), "--label", "1"], "not class-conditional"),
+                                (run_in_process, [str(root / "images"), "--vqvae", str(root)], "give either --ckpt")):
         result = run(*base, *extra)
         assert result.returncode == 2 and message in result.stderr
         assert result.stderr.strip().count("\n") == 0

@@ -28,7 +28,7 @@ def tiny(tiny_pipeline):
 
 
 def evaluate(*args):
-    return ok("scripts/evaluate.py", *map(str, args)).strip().splitlines()
+    return ok("scripts/evaluate.py", *map(str, args), in_process=True).strip().splitlines()
 
 
 def test_prior_bits_per_code_held_out_and_train(tiny, tmp_path):

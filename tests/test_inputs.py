@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from launch import run_in_process
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
 from pipelines.cli import one_line
 from pipelines.codes import CodeStoreError, file_sha256, read_metadata
@@ -100,18 +101,12 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def script(monkeypatch, capsys):
+def script():
     """Runs scripts/<name> in this process as `python scripts/<name> args...` -> (exit status, stderr)."""
 
     def run(name, *args):
-        monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
-        capsys.readouterr()
-        try:
-            runpy.run_path(str(ROOT / "scripts" / name), run_name="__main__")
-            status = 0
-        except SystemExit as exit_:
-            status = exit_.code
-        return status, capsys.readouterr().err
+        result = run_in_process(f"scripts/{name}", *args)
+        return result.returncode, result.stderr
 
     return run
 

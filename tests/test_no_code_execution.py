@@ -9,9 +9,7 @@ import ast
 import io
 import pathlib
 import pickle
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import lmdb
@@ -20,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from launch import run_in_process
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae
 from pipelines.codes import CodeStoreError, CodeDataset, extract_codes
 from pipelines.data import DataError, ImageTensorDataset, load_dataset
@@ -86,15 +85,12 @@ def test_a_pickled_checkpoint_is_refused_unopened(tmp_path, marker, make_payload
     ("sample.py", ["--vqvae", "{ckpt}", "--top", "{ckpt}", "--bottom", "{ckpt}", "--out", "{tmp}/s.png"]),
     ("extract_codes.py", ["--vqvae", "{ckpt}", "--data", "builtin", "--out", "{tmp}/codes.lmdb"]),
 ])
-def test_the_scripts_refuse_a_pickled_checkpoint(tmp_path, marker, monkeypatch, capsys, script, args):
+def test_the_scripts_refuse_a_pickled_checkpoint(tmp_path, marker, script, args):
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(torch_saved(marker))
     argv = [arg.format(ckpt=ckpt, tmp=tmp_path) for arg in args]
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2 and stderr.strip().splitlines()[-1].startswith(f"error: {ckpt}")
+    result = run_in_process(f"scripts/{script}", *argv)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {ckpt}")
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "codes.lmdb").exists()
 
 
@@ -157,16 +153,14 @@ def test_an_untampered_copy_resumes(tiny_run, tmp_path):
 # (d) datasets and code databases
 
 
-def test_a_cifar_batch_that_would_run_code_is_refused_by_the_trainer(tmp_path, marker, monkeypatch, capsys):
+def test_a_cifar_batch_that_would_run_code_is_refused_by_the_trainer(tmp_path, marker):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (folder / name).write_bytes(pickle.dumps({b"data": TouchMarker(marker), b"labels": [0]}))
-    monkeypatch.setattr(sys, "argv", ["train_pixelsnail.py", "--data", str(folder), "--out", str(tmp_path / "run")])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / "train_pixelsnail.py"), run_name="__main__")
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and "data_batch_1" in last and "only numpy arrays are allowed" in last
+    result = run_in_process("scripts/train_pixelsnail.py", "--data", str(folder), "--out", str(tmp_path / "run"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "data_batch_1" in last and "only numpy arrays are allowed" in last
     assert not (tmp_path / "run").exists()
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch import ok, run_script as run
+from launch import ok, run_in_process, run_script
 from pipelines.checkpoint import save_checkpoint
 from pipelines.generation import generate, load_pipeline
 from prior import PixelSNAIL, PixelSNAILConfig
@@ -37,11 +37,12 @@ def pipeline_runs(tmp_path_factory):
             Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / name / f"{k}.png")
     images = str(root / "images")
     ok("scripts/train_vqvae.py", "--data", images, "--preset", "cpu-small", "--size", "16", "--steps", "4",
-       "--out", str(root / "vqvae"), *FAST)
-    out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out", str(root / "codes.lmdb"))
+       "--out", str(root / "vqvae"), *FAST, in_process=True)
+    out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out",
+             str(root / "codes.lmdb"), in_process=True)
     assert out.strip().splitlines()[-1].startswith("wrote 27 records")
     top = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "top", "--preset", "cpu-top",
-             "--steps", "4", "--out", str(root / "top"), "--label-dropout", "0.2", *FAST)
+             "--steps", "4", "--out", str(root / "top"), "--label-dropout", "0.2", *FAST, in_process=True)
     bottom = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "bottom",
                 "--preset", "cpu-bottom", "--steps", "4", "--out", str(root / "bottom"), "--label-dropout", "0.2",
                 *FAST, processes=2)
@@ -60,14 +61,14 @@ def test_sample_script_writes_images_and_codes(pipeline_runs):
     args = ["scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"),
             "--bottom", str(root / "bottom"), "--n", "4", "--label", "1", "--out", str(root / "samples.png"),
             "--save-codes", str(root / "codes.safetensors")]
-    assert ok(*args).strip().endswith(f"to {root / 'samples.png'}")
+    assert ok(*args, in_process=True).strip().endswith(f"to {root / 'samples.png'}")
     assert Image.open(root / "samples.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     codes = load_file(root / "codes.safetensors")
     assert codes["top_codes"].shape == (4, 2, 2) and codes["bottom_codes"].shape == (4, 4, 4)
 
-    result = run(*args[:-4], "--label", "2", "--out", str(root / "x.png"))
+    result = run_script(*args[:-4], "--label", "2", "--out", str(root / "x.png"))  # the real command line
     assert result.returncode == 2 and "label must lie in [0, 2)" in result.stderr
-    swapped = run("scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "bottom"),
+    swapped = run_in_process("scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "bottom"),
                   "--bottom", str(root / "top"), "--out", str(root / "x.png"))
     assert swapped.returncode == 2 and "is not a top prior" in swapped.stderr
 
@@ -76,7 +77,7 @@ def test_report_of_the_pipeline(pipeline_runs, tmp_path):
     """scripts/report.py on the pipeline directory: its runs in pipeline order, the code frequencies."""
     root, _, _ = pipeline_runs
     out, curves = tmp_path / "report.html", tmp_path / "curves.png"
-    printed = ok("scripts/report.py", str(root), "--out", str(out), "--curves", str(curves)).split()
+    printed = ok("scripts/report.py", str(root), "--out", str(out), "--curves", str(curves), in_process=True).split()
     assert printed == ["report:", str(out), "curves:", str(curves)]
     text = out.read_text()
     sections = [text.index(f"<h2>Run {root / name}</h2>") for name in ("vqvae", "top", "bottom")]
@@ -97,7 +98,7 @@ def test_sample_script_guides_and_truncates_and_refuses_guidance_without_a_null_
     assert pipeline.top.config.null_label == 2 and pipeline.bottom.config.label_dropout == 0.2
     args = ["scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"), "--n", "3", "--label",
             "0", "--device", "cpu", "--guidance", "3", "--top-k", "5", "--top-p", "0.9"]
-    ok(*args, "--bottom", str(root / "bottom"), "--out", str(tmp_path / "guided.png"))
+    ok(*args, "--bottom", str(root / "bottom"), "--out", str(tmp_path / "guided.png"), in_process=True)
     assert Image.open(tmp_path / "guided.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
 
     state = load_file(root / "bottom" / "model.safetensors")
@@ -106,11 +107,11 @@ def test_sample_script_guides_and_truncates_and_refuses_guidance_without_a_null_
     plain.label_dropout = 0.0
     state["class_embed.weight"] = state["class_embed.weight"][:2].clone()
     save_checkpoint(tmp_path / "plain.safetensors", state, "pixelsnail", plain, **extra)
-    result = run(*args, "--bottom", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "x.png"))
+    result = run_in_process(*args, "--bottom", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "the bottom prior: guidance needs a prior trained with label dropout" in result.stderr
     assert not (tmp_path / "x.png").exists()
-    result = run(*args, "--bottom", str(root / "bottom"), "--top-p", "0", "--out", str(tmp_path / "x.png"))
+    result = run_in_process(*args, "--bottom", str(root / "bottom"), "--top-p", "0", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "top-p must lie in (0, 1]" in result.stderr
 
 
@@ -131,7 +132,7 @@ def test_pipeline_completion_keeps_the_codes_of_the_kept_rows(pipeline_runs, tmp
 
     out = ok("scripts/complete.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "top"), "--bottom",
              str(root / "bottom"), str(root / "images" / "blues"), "--keep", "0.5", "--n", "2", "--label", "1",
-             "--guidance", "2", "--out-dir", str(tmp_path), "--device", "cpu")
+             "--guidance", "2", "--out-dir", str(tmp_path), "--device", "cpu", in_process=True)
     assert "wrote 15 grids of 2 completions (kept 8 of 16 rows)" in out
     assert Image.open(tmp_path / "0000_0.png").size == (4 * 16 + 5 * 2, 16 + 2 * 2)
 
@@ -214,7 +215,7 @@ def test_the_same_seed_gives_the_same_samples_whatever_the_batch_size_and_proces
     from pipelines.samples import load
 
     root, _, _ = pipeline_runs
-    ok(*sample_args(root, tmp_path / "one", "--label", "all", "--n", "3", "--batch-size", "5"))
+    ok(*sample_args(root, tmp_path / "one", "--label", "all", "--n", "3", "--batch-size", "5"), in_process=True)
     out = ok(*sample_args(root, tmp_path / "two", "--label", "all", "--n", "3", "--batch-size", "2",
                           "--out", str(tmp_path / "grid.png")), processes=2)
     assert out.count("wrote 6 samples") == 1
@@ -249,9 +250,9 @@ def test_a_killed_sampling_job_resumes_to_the_samples_of_an_uninterrupted_one(pi
     written = len(list((out_dir / "parts").glob("*.npz")))
     assert 3 <= written < 60 and not (out_dir / "samples.npz").exists()
 
-    out = ok(*args)
+    out = ok(*args, in_process=True)
     assert f"{2 * written} of 120 samples written already" in out
-    ok(*sample_args(root, tmp_path / "whole", "--label", "0,1", "--n", "60", "--batch-size", "7"))
+    ok(*sample_args(root, tmp_path / "whole", "--label", "0,1", "--n", "60", "--batch-size", "7"), in_process=True)
     resumed, whole = load(out_dir / "samples.npz"), load(tmp_path / "whole" / "samples.npz")
     assert differing(resumed, whole) == 0
     assert all(np.array_equal(resumed[name], whole[name]) for name in whole)
@@ -260,11 +261,12 @@ def test_a_killed_sampling_job_resumes_to_the_samples_of_an_uninterrupted_one(pi
 
 def test_another_job_in_the_same_directory_is_refused(pipeline_runs, tmp_path):
     root, _, _ = pipeline_runs
-    ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"))
-    result = run(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2", "--temperature", "0.5"))
+    ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"), in_process=True)
+    result = run_in_process(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2",
+                                         "--temperature", "0.5"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "holds samples of another job: temperature 1.0 there, 0.5 now" in result.stderr
-    again = ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"))
+    again = ok(*sample_args(root, tmp_path / "samples", "--label", "1", "--n", "2"), in_process=True)
     assert "2 of 2 samples written already" in again
 
 

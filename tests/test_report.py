@@ -47,7 +47,7 @@ def warned_run(image_folder, tmp_path_factory, one_thread):
 
 def test_the_page_is_self_contained_with_curves_and_warnings(warned_run, tmp_path):
     out = tmp_path / "page.html"
-    assert ok("scripts/report.py", str(warned_run), "--out", str(out)).strip() == f"report: {out}"
+    assert ok("scripts/report.py", str(warned_run), "--out", str(out), in_process=True).strip() == f"report: {out}"
     text = out.read_text()
     page = Links(text)
     assert page.links and all(link.startswith("data:image/png;base64,") for link in page.links)

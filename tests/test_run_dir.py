@@ -38,7 +38,7 @@ def resume_args(trainer, run_dir, *more):
 
 # Item 1: a resumed run checks the identity of its data, wherever the path points.
 
-def test_a_relative_codes_path_resumed_elsewhere_is_checked(data, tmp_path, monkeypatch, capsys):
+def test_a_relative_codes_path_resumed_elsewhere_is_checked(data, tmp_path, monkeypatch):
     """Trained from folder X with `--codes codes.lmdb`, resumed from folder Y with the same words: Y's
     database, made by another VQ-VAE, is refused in one line naming both paths; nothing is trained."""
     x, y = tmp_path / "x", tmp_path / "y"
@@ -48,18 +48,17 @@ def test_a_relative_codes_path_resumed_elsewhere_is_checked(data, tmp_path, monk
     run_dir = tmp_path / "run"
     monkeypatch.chdir(x)
     train_args = [*command("prior", data, run_dir, steps=2), "--codes", "codes.lmdb"]
-    status, stderr = run_script(train_args, monkeypatch, capsys)
+    status, stderr = run_script(train_args)
     assert status == 0, stderr[-2000:]
     assert run_state.read_progress(run_dir)["train_config"]["codes"] == str(x / "codes.lmdb")
     monkeypatch.chdir(y)
-    status, stderr = run_script(resume_args("prior", run_dir, "--codes", "codes.lmdb", "--steps", "3"),
-                                monkeypatch, capsys)
+    status, stderr = run_script(resume_args("prior", run_dir, "--codes", "codes.lmdb", "--steps", "3"))
     assert status == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.startswith("error: ") and str(y / "codes.lmdb") in stderr and str(x / "codes.lmdb") in stderr
     assert "vqvae_sha256" in stderr and saved_step(run_dir) == 2
 
 
-def test_an_image_run_resumes_on_its_own_absolute_data(data, tmp_path, monkeypatch, capsys):
+def test_an_image_run_resumes_on_its_own_absolute_data(data, tmp_path, monkeypatch):
     """`--data images` (relative) is stored absolute: resumed from elsewhere without --data it trains
     on the same images; `--data images` there, another image set, is refused naming both."""
     x, y = tmp_path / "x", tmp_path / "y"
@@ -69,23 +68,23 @@ def test_an_image_run_resumes_on_its_own_absolute_data(data, tmp_path, monkeypat
         extra.unlink()
     run_dir = tmp_path / "run"
     monkeypatch.chdir(x)
-    status, stderr = run_script([*command("pixel", data, run_dir, steps=2), "--data", "images"], monkeypatch, capsys)
+    status, stderr = run_script([*command("pixel", data, run_dir, steps=2), "--data", "images"])
     assert status == 0, stderr[-2000:]
     monkeypatch.chdir(y)
-    status, stderr = run_script(resume_args("pixel", run_dir, "--data", "images", "--steps", "3"), monkeypatch, capsys)
+    status, stderr = run_script(resume_args("pixel", run_dir, "--data", "images", "--steps", "3"))
     assert status == 2 and stderr.count("\n") == 1, stderr[-2000:]
     assert str(y / "images") in stderr and str(x / "images") in stderr and saved_step(run_dir) == 2
-    status, stderr = run_script(resume_args("pixel", run_dir, "--steps", "3"), monkeypatch, capsys)
+    status, stderr = run_script(resume_args("pixel", run_dir, "--steps", "3"))
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
     assert run_state.read_progress(run_dir)["train_config"]["data"] == str(x / "images")
 
 
 # Item 8: a moved database resumes with its new path.
 
-def test_a_moved_database_resumes_with_its_new_path(data, tmp_path, monkeypatch, capsys):
+def test_a_moved_database_resumes_with_its_new_path(data, tmp_path):
     codes = shutil.copytree(data / "codes.lmdb", tmp_path / "codesA.lmdb")
     run_dir = tmp_path / "run"
-    status, stderr = run_script([*command("prior", data, run_dir, steps=2), "--codes", str(codes)], monkeypatch, capsys)
+    status, stderr = run_script([*command("prior", data, run_dir, steps=2), "--codes", str(codes)])
     assert status == 0, stderr[-2000:]
     moved = codes.rename(tmp_path / "codesB.lmdb")
     # in a new process: this one keeps codesA.lmdb open (LMDB opens a database once per process)
@@ -98,27 +97,27 @@ def test_a_moved_database_resumes_with_its_new_path(data, tmp_path, monkeypatch,
 # Item 2: a model without state is never overwritten silently.
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_model_without_state_is_not_overwritten(resume, data, tmp_path, monkeypatch, capsys):
+def test_a_model_without_state_is_not_overwritten(resume, data, tmp_path):
     run_dir = tmp_path / "run"
     TRAINERS["pixel"][1](config("pixel", data, run_dir, steps=2))
     shutil.rmtree(run_dir / "state")
     model = (run_dir / "model.safetensors").read_bytes()
     args = command("pixel", data, run_dir, steps=2) + (["--resume"] if resume else [])
-    status, stderr = run_script(args, monkeypatch, capsys)
+    status, stderr = run_script(args)
     assert status == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert str(run_dir / "model.safetensors") in stderr and "--out" in stderr and "--overwrite" in stderr
     assert (run_dir / "model.safetensors").read_bytes() == model
     if not resume:
-        status, stderr = run_script(args + ["--overwrite"], monkeypatch, capsys)
+        status, stderr = run_script(args + ["--overwrite"])
         assert status == 0 and saved_step(run_dir) == 2, stderr[-2000:]
 
 
 # Item 14: --resume needs a run to resume.
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_resume_without_a_run_is_refused(trainer, data, tmp_path, monkeypatch, capsys):
+def test_resume_without_a_run_is_refused(trainer, data, tmp_path):
     run_dir = tmp_path / "typo"
-    status, stderr = run_script(command(trainer, data, run_dir, steps=2) + ["--resume"], monkeypatch, capsys)
+    status, stderr = run_script(command(trainer, data, run_dir, steps=2) + ["--resume"])
     assert status == 2 and stderr.count("\n") == 1, stderr[-2000:]
     assert stderr.startswith(f"error: --resume: {run_dir} holds no run to resume")
     assert not run_dir.exists()
@@ -126,15 +125,14 @@ def test_resume_without_a_run_is_refused(trainer, data, tmp_path, monkeypatch, c
 
 # Item 6: one trainer at a time in a run directory.
 
-def test_a_second_trainer_is_refused_while_the_first_runs_and_a_killed_one_does_not_block(data, tmp_path,
-                                                                                        monkeypatch, capsys):
+def test_a_second_trainer_is_refused_while_the_first_runs_and_a_killed_one_does_not_block(data, tmp_path):
     """Refused in this process, and under `accelerate launch` with two processes (both refuse, none
     hangs); once the first is killed (SIGKILL), its lock is gone and the run resumes."""
     run_dir = tmp_path / "run"
     first = start(command("pixel", data, run_dir, steps=100_000, checkpoint_every=5))
     try:
         assert wait_until(lambda: saved_step(run_dir) is not None, first), first.communicate()[1][-2000:]
-        status, stderr = run_script(resume_args("pixel", run_dir, "--steps", "3"), monkeypatch, capsys)
+        status, stderr = run_script(resume_args("pixel", run_dir, "--steps", "3"))
         assert status == 2 and stderr.count("\n") == 1, stderr[-2000:]
         assert stderr.startswith(f"error: {run_dir} is in use by another trainer (process {first.pid})")
         launched = subprocess.run(launch_command(2, *resume_args("pixel", run_dir, "--steps", "3")), cwd=ROOT,
@@ -145,20 +143,20 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_a_killed_one_does_
         first.send_signal(signal.SIGKILL)
         first.communicate()
     step = saved_step(run_dir)
-    status, stderr = run_script(resume_args("pixel", run_dir, "--steps", str(step + 1)), monkeypatch, capsys)
+    status, stderr = run_script(resume_args("pixel", run_dir, "--steps", str(step + 1)))
     assert status == 0 and saved_step(run_dir) == step + 1, stderr[-2000:]
 
 
 # Item 9: `~` in every path option.
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_tilde_is_expanded_in_every_path_option(trainer, data, tmp_path, monkeypatch, capsys):
+def test_tilde_is_expanded_in_every_path_option(trainer, data, tmp_path, monkeypatch):
     home = tmp_path / "home"
     shutil.copytree(data, home / "data")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     args = command(trainer, Path("~/data"), "~/run", steps=1)
-    status, stderr = run_script(args, monkeypatch, capsys)
+    status, stderr = run_script(args)
     assert status == 0, stderr[-2000:]
     assert saved_step(home / "run") == 1 and not (tmp_path / "~").exists()
 
@@ -166,10 +164,9 @@ def test_tilde_is_expanded_in_every_path_option(trainer, data, tmp_path, monkeyp
 # Item 11: a batch larger than the data, refused before the run directory exists.
 
 @pytest.mark.parametrize("trainer", ["pixel", "prior"])
-def test_a_batch_larger_than_the_data_is_refused_before_the_run_directory(trainer, data, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_a_batch_larger_than_the_data_is_refused_before_the_run_directory(trainer, data, tmp_path):
     run_dir = tmp_path / "run"
-    status, stderr = run_script(command(trainer, data, run_dir, batch_size=500), monkeypatch, capsys)
+    status, stderr = run_script(command(trainer, data, run_dir, batch_size=500))
     assert status == 2 and stderr.count("\n") == 1, stderr[-2000:]
     assert "--batch-size 500" in stderr and ("38 " if trainer == "prior" else "36 ") in stderr, stderr
     assert not run_dir.exists()

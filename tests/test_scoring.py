@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from launch import ok, run_script
+from launch import ok, run_in_process, run_script
 from pipelines import runtime as runtimes
 from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, resolve_checkpoint, save_checkpoint
 from pipelines.codes import CodeDataset, PriorProvenance, extract_with_vqvae, file_sha256, prior_fields
@@ -43,8 +43,9 @@ def test_mean_of_per_image_bits_is_evaluate_py_result_and_maps_are_written(image
     model = pixel_model()
     save_checkpoint(tmp_path / "pixels.safetensors", model.state_dict(), PIXELSNAIL_KIND, model.config, step=0)
     common = ["--ckpt", str(tmp_path / "pixels.safetensors"), "--data", str(image_folder), "--batch-size", "3"]
-    out = ok("scripts/score.py", *common, "--out", str(tmp_path / "scores.csv"), "--maps", str(tmp_path / "maps"))
-    evaluated = ok("scripts/evaluate.py", *common).strip().splitlines()[-1]
+    out = ok("scripts/score.py", *common, "--out", str(tmp_path / "scores.csv"), "--maps", str(tmp_path / "maps"),
+             in_process=True)
+    evaluated = ok("scripts/evaluate.py", *common, in_process=True).strip().splitlines()[-1]
     rows = read_csv(tmp_path / "scores.csv")
     assert len(rows) == 4 and [row["image"] for row in rows] == ["0", "1", "2", "3"]  # every 10th of 40: test
     mean = sum(float(row["bits_per_dim"]) for row in rows) / len(rows)
@@ -124,7 +125,7 @@ def pipeline_args(root):
 def test_pipeline_bits_per_code_average_to_the_priors_evaluation_on_the_same_codes(pipeline, tmp_path):
     out = tmp_path / "scores.csv"
     ok("scripts/score.py", *pipeline_args(pipeline), "--data", str(pipeline / "images"), "--out", str(out),
-       "--batch-size", "3", "--maps", str(tmp_path / "maps"))
+       "--batch-size", "3", "--maps", str(tmp_path / "maps"), in_process=True)
     rows = read_csv(out)
     assert len(rows) == 2 and [row["label"] for row in rows] == ["0", "1"]  # the folders' classes
     loaded = load_pipeline(pipeline / "vqvae.safetensors", pipeline / "top.safetensors", pipeline / "bottom.safetensors")
@@ -167,7 +168,8 @@ def test_loose_files_of_a_class_conditional_model_need_a_label(pipeline, tmp_pat
     assert result.stderr.strip().splitlines() == [
         "error: the model is class-conditional (2 classes) and image files has no classes: give --label N "
         "(a class in [0, 2)) or --label mixture (the class unknown)"]
-    ok("scripts/score.py", *pipeline_args(pipeline), *files, "--label", "mixture", "--out", str(tmp_path / "b.csv"))
+    ok("scripts/score.py", *pipeline_args(pipeline), *files, "--label", "mixture", "--out", str(tmp_path / "b.csv"),
+       in_process=True)
     rows = read_csv(tmp_path / "b.csv")
     assert [Path(row["image"]).name for row in rows] == ["0.png", *(f"{k}.png" for k in range(10))]
     assert {row["label"] for row in rows} == {"mixture"}
@@ -188,12 +190,14 @@ def test_choose_labels(option, n_classes, dataset_classes, expected):
 
 
 def test_score_py_refuses_bad_combinations_in_one_line(tmp_path):
+    """In this process (test_loose_files_of_a_class_conditional_model_need_a_label refuses on the real
+    command line)."""
     for args, message in (
         (["--ckpt", "x", "--vqvae", "y", "--data", "builtin"], "give a pixel model (--ckpt) or the pipeline"),
         (["--vqvae", "y", "--data", "builtin"], "needs all three"),
         (["--ckpt", str(tmp_path / "missing"), "--data", "builtin"], "checkpoint not found"),
     ):
-        result = run_script("scripts/score.py", *args, "--out", str(tmp_path / "s.csv"))
+        result = run_in_process("scripts/score.py", *args, "--out", str(tmp_path / "s.csv"))
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch import launch_command
+from launch import launch_command, run_in_process, run_script
 from pipelines.checkpoint import CheckpointError, load_checkpoint, load_pixelsnail, save_checkpoint
 from pipelines.data import to_model_range
 from pipelines.train_pixel import TrainConfig, train
@@ -81,24 +80,22 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "missing", "pixelsnail")
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_command_line_end_to_end(image_folder, tmp_path):
+    """The refusals of a missing checkpoint and missing data as real command lines, the rest in this process."""
     run_dir = tmp_path / "run"
     common = ["--data", str(image_folder), "--out", str(run_dir), "--preset", "tiny", "--precision", "fp32"]
-    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "4", "--eval-every", "2", "--n-samples", "4")
+    result = run_in_process("scripts/train_pixelsnail.py", *common, "--steps", "4", "--eval-every", "2",
+                            "--n-samples", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("test bits/dim: ")
     assert (run_dir / "samples.png").is_file() and (run_dir / "model.safetensors").is_file()
     assert Image.open(run_dir / "samples.png").size[0] > 8
 
-    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "6", "--resume")
+    result = run_in_process("scripts/train_pixelsnail.py", *common, "--steps", "6", "--resume")
     assert result.returncode == 0, result.stderr
     assert "resumed" in result.stdout and "at step 4" in result.stdout
 
-    result = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder))
+    result = run_in_process("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("test bits/dim: ") and 0 < float(last.split(": ")[1]) < 16
@@ -107,7 +104,7 @@ def test_command_line_end_to_end(image_folder, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "checkpoint not found" in result.stderr
 
-    result = run_script("scripts/train_pixelsnail.py", *common, "--steps", "4")
+    result = run_in_process("scripts/train_pixelsnail.py", *common, "--steps", "4")
     assert result.returncode == 2 and "--resume" in result.stderr
 
     result = run_script("scripts/train_pixelsnail.py", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "r"))
@@ -147,9 +144,9 @@ def test_ema_decay_0_means_no_polyak_averaging(image_folder, tmp_path):
     """--ema-decay 0 is honoured (not replaced by the preset's decay): the run keeps no average, and
     model.safetensors holds the trained weights themselves."""
     run_dir = tmp_path / "run"
-    result = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
-                        "--preset", "tiny", "--steps", "3", "--precision", "fp32", "--n-samples", "0",
-                        "--ema-decay", "0")
+    result = run_in_process("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                            "--preset", "tiny", "--steps", "3", "--precision", "fp32", "--n-samples", "0",
+                            "--ema-decay", "0")
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "state" / "progress.json").read_text())["train_config"]["ema_decay"] == 0
     assert not (run_dir / "state" / "ema.safetensors").exists()
@@ -162,11 +159,11 @@ def test_the_final_test_bits_are_computed_in_fp32_as_evaluate_does(image_folder,
     """Trained under bf16 autocast, the trainer reports its final test bits/dim in fp32: the very
     number scripts/evaluate.py prints for the checkpoint (same batches)."""
     run_dir = tmp_path / "run"
-    trained = run_script("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
-                         "--preset", "tiny", "--steps", "3", "--precision", "bf16", "--n-samples", "0")
+    trained = run_in_process("scripts/train_pixelsnail.py", "--data", str(image_folder), "--out", str(run_dir),
+                             "--preset", "tiny", "--steps", "3", "--precision", "bf16", "--n-samples", "0")
     assert trained.returncode == 0, trained.stderr
     assert "precision bf16" in trained.stdout
-    evaluated = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder),
-                           "--batch-size", "8")
+    evaluated = run_in_process("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", str(image_folder),
+                               "--batch-size", "8")
     assert evaluated.returncode == 0, evaluated.stderr
     assert trained.stdout.strip().splitlines()[-1] == evaluated.stdout.strip().splitlines()[-1]

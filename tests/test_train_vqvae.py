@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch import launch_command
+from launch import launch_command, run_in_process
 from pipelines.checkpoint import load_vqvae
 from pipelines.train_vqvae import VQVAETrainConfig, train
 
@@ -63,8 +63,7 @@ def test_bad_sizes_are_refused():
 def test_command_line_and_two_processes(image_folder, tmp_path):
     args = ["scripts/train_vqvae.py", "--data", str(image_folder), "--preset", "cpu-small", "--size", "16",
             "--steps", "4", "--batch-size", "4", "--precision", "fp32", "--eval-every", "2"]
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    single = run_in_process(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     assert single.stdout.strip().splitlines()[-1].startswith("test reconstruction mse: ")
     assert (tmp_path / "one" / "reconstructions.png").is_file()

@@ -8,7 +8,6 @@ import math
 import os
 import random
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import torch
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
-from launch import launch_command
+from launch import launch_command, run_in_process
 from pipelines import cli, run_state, runtime
 from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
 from pipelines.codes import extract_codes
@@ -493,40 +492,29 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 @pytest.mark.parametrize("bad, message", BAD_VALUES, ids=[" ".join(b) for b, _ in BAD_VALUES])
-def test_nonsensical_budgets_are_refused_before_anything_is_written(trainer, bad, message, data, tmp_path,
-                                                                    monkeypatch, capsys):
+def test_nonsensical_budgets_are_refused_before_anything_is_written(trainer, bad, message, data, tmp_path):
     """Each script, run as from the command line (in this process), refuses the value with one
     line naming it and exit status 2, and creates no run directory."""
     run_dir = tmp_path / "run"
-    args = command(trainer, data, run_dir)
-    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:], *bad])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    status, stderr = run_script(command(trainer, data, run_dir) + bad)
+    assert status == 2
     assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
     assert not run_dir.exists()
 
 
-def run_script(args, monkeypatch, capsys):
+def run_script(args):
     """A script run as from the command line, in this process: (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", [str(ROOT / args[0]), *args[1:]])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
-        status = 0
-    except SystemExit as exit_info:
-        status = exit_info.code
-    return status, capsys.readouterr().err
+    result = run_in_process(*args)
+    return result.returncode, result.stderr
 
 
-def test_a_bottom_prior_resumes_without_level(data, tmp_path, monkeypatch, capsys):
+def test_a_bottom_prior_resumes_without_level(data, tmp_path):
     """`train_prior.py --codes C --out RUN --resume` takes the level (and every other setting that
     defines the run) from RUN, before it opens the code database."""
     run_dir = tmp_path / "run"
     train_prior(config("prior", data, run_dir, steps=2))
     status, stderr = run_script(["scripts/train_prior.py", "--codes", str(data / "codes.lmdb"), "--out", str(run_dir),
-                                 "--resume", "--steps", "4", "--precision", "fp32"], monkeypatch, capsys)
+                                 "--resume", "--steps", "4", "--precision", "fp32"])
     assert status == 0, stderr[-2000:]
     progress = run_state.read_progress(run_dir)
     assert progress["step"] == 4
@@ -541,20 +529,19 @@ def test_a_bottom_prior_resumes_without_level(data, tmp_path, monkeypatch, capsy
     ("pixel", "--batch-size", "2", "--batch-size 2 differs from the run's batch_size 8"),
     ("vqvae", "--lr", "0.1", "--lr 0.1 differs from the run's lr 0.0003"),
 ])
-def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, value, message, data, tmp_path,
-                                                            monkeypatch, capsys):
+def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, value, message, data, tmp_path):
     """A setting that defines the run, given on resume with another value than the run's, is refused
     in one line (exit 2) and nothing is trained; given with the run's own value, it is accepted."""
     run_dir = tmp_path / "run"
     TRAINERS[trainer][1](config(trainer, data, run_dir, steps=2))
     source = ["--codes", str(data / "codes.lmdb")] if trainer == "prior" else ["--data", str(data / "images")]
     args = [TRAINERS[trainer][0], *source, "--out", str(run_dir), "--resume", "--steps", "3", "--precision", "fp32"]
-    status, stderr = run_script(args + [option, value], monkeypatch, capsys)
+    status, stderr = run_script(args + [option, value])
     assert status == 2 and "Traceback" not in stderr and stderr.count("\n") == 1, stderr[-2000:]
     assert stderr.startswith(f"error: {message} ({run_dir}): ")
     assert saved_step(run_dir) == 2
     stored = str(run_state.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
-    status, stderr = run_script(args + [option, stored], monkeypatch, capsys)
+    status, stderr = run_script(args + [option, stored])
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
 
 
