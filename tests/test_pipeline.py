@@ -68,8 +68,9 @@ def test_sample_script_writes_images_and_codes(pipeline_runs):
 
     result = run_script(*args[:-4], "--label", "2", "--out", str(root / "x.png"))  # the real command line
     assert result.returncode == 2 and "label must lie in [0, 2)" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
     swapped = run_in_process("scripts/sample.py", "--vqvae", str(root / "vqvae"), "--top", str(root / "bottom"),
-                  "--bottom", str(root / "top"), "--out", str(root / "x.png"))
+                             "--bottom", str(root / "top"), "--out", str(root / "x.png"))
     assert swapped.returncode == 2 and "is not a top prior" in swapped.stderr
 
 
