@@ -538,6 +538,13 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
     result = run_in_process("scripts/extract_codes.py", *args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == f"wrote 10 records to {out}"
+    # the reruns before this process reads the records: lmdb opens a database once per process
+    again = run_in_process("scripts/extract_codes.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert "is complete already" in again.stdout
+    other_split = run_in_process("scripts/extract_codes.py", *args, "--split", "test")
+    assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
+
     codes = CodeDataset(out)
     assert codes.metadata["top_shape"] == [4, 4] and codes.metadata["bottom_shape"] == [8, 8]
     assert codes.metadata["n_classes"] == 2 and codes.metadata["bottom_codes"] == 300
@@ -547,12 +554,6 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
     assert torch.equal(torch.stack([codes[i][0] for i in range(10)]), top)
     assert torch.equal(torch.stack([codes[i][1] for i in range(10)]), bottom)
     assert [codes[i][2].item() for i in range(10)] == images.labels
-
-    again = run_in_process("scripts/extract_codes.py", *args)
-    assert again.returncode == 0, again.stderr
-    assert "is complete already" in again.stdout
-    other_split = run_in_process("scripts/extract_codes.py", *args, "--split", "test")
-    assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
 
 
 def test_two_processes_write_the_database_one_process_writes(tiny_vqvae, tmp_path):
