@@ -41,7 +41,10 @@ def run_in_process(*args):
     """`run_script(*args)` in this process -> the same CompletedProcess, without the seconds a new
     interpreter spends importing torch and accelerate. The script path is relative to the
     repository root, the other paths to the current directory. What a script sets for the whole
-    process is put back after it: sys.argv, the SIGINT and SIGTERM handlers, torch's thread count."""
+    process is put back after it: sys.argv, the SIGINT and SIGTERM handlers, torch's thread count.
+    What stays is what a process can set only once: accelerate's state (its mixed precision: a
+    bf16 run needs a process of its own) and lmdb's open databases (a database this process has
+    read cannot be written by a script in it)."""
     script = str(ROOT / args[0])
     saved_argv, threads = sys.argv, torch.get_num_threads()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
