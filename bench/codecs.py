@@ -1,108 +1,144 @@
 """The `codecs` benchmark: a density model's bits/dim is a compression rate, so the pixel model is
 held against the lossless codecs a user knows, on the same held-out crops.
 
-The codecs: PNG at its maximum compression and WebP lossless at its best method (Pillow), as
-bits per sub-pixel of the encoded files (headers included: a file is what a user stores). The
-model: one run of the real trainer (scripts/train_pixelsnail.py) for the marks' minutes in total,
-stopped at each mark by --max-minutes, resumed to the next with --resume (exact resume: one run,
-not several), and evaluated in fp32 over the whole test split by scripts/evaluate.py at each
-mark. Evaluation time does not count as training time.
+Two sets of crops, neither seen in training: the built-in test split (crops of the held-out photos)
+and crops of other photos, by default matplotlib's sample photo of Grace Hopper, cut as the
+built-in crops are cut (pipelines.data.random_crop); `--other-photos` takes the user's own.
+The codecs: PNG at its maximum compression and WebP lossless at its best method (Pillow), as bits
+per sub-pixel of the encoded files (headers included: a file is what a user stores). The model: one
+run of the real trainer (scripts/train_pixelsnail.py, its defaults) per seed, stopped at each mark
+by --max-minutes and resumed to the next with --resume (exact resume: one run, not several), and
+scored in fp32 at each mark: the built-in crops by scripts/evaluate.py, the other crops by
+scripts/score.py. Scoring time does not count as training time.
 """
 
-import io
+import csv
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
-from bench.common import ROOT, load_average, log, machine_info, markdown_table, text_table, write_results
+from bench.common import ROOT, Report, log, machine_info, machine_lines, results_record
 from bench.precision import last_line_value, run_script
-from pipelines.data import load_dataset
+from pipelines.codecs import CODECS, codec_bits_per_subpixel
+from pipelines.data import load_dataset, random_crop, to_rgb8
 from prior import get_preset
 
-CODECS = {
-    "PNG (compress_level 9, optimize)": dict(format="PNG", compress_level=9, optimize=True),
-    "WebP lossless (method 6)": dict(format="WEBP", lossless=True, quality=100, method=6),
-}
 FULL_MARKS = (2.0, 5.0, 10.0)
 QUICK_MARKS = (0.1, 0.2)
+OTHER_CROPS = 1000  # crops of --other-photos
+CROP_SEED = 123  # the other photos' crops are the same in every run
+
+
+def default_other_photos():
+    """matplotlib's sample photo (a portrait, 512x600), installed with matplotlib: no download."""
+    from matplotlib import cbook
+
+    return [str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
 
 
 def test_images(data, size):
     """The test split of `data` as uint8 (N, 3, S, S), as the model is evaluated on it."""
     dataset = load_dataset(data, "test", size)
-    return [dataset[i][0] for i in range(len(dataset))]
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def codec_bits_per_subpixel(images, options):
-    """8 x (bytes of all encoded files) / (sub-pixels of all images)."""
-    total_bytes = 0
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, **options)
-        total_bytes += buffer.tell()
-    return 8 * total_bytes / sum(image.numel() for image in images)
+def photo_crops(photos, n, size, seed=CROP_SEED):
+    """`n` random crops of the photos (each from a photo chosen at random), uint8 (n, 3, S, S)."""
+    pictures = [to_rgb8(Image.open(photo)) for photo in photos]
+    rng = np.random.default_rng(seed)
+    sources = rng.integers(len(pictures), size=n)
+    crops = np.stack([random_crop(pictures[source], size, rng) for source in sources])
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
 
 
-def model_curve(run_dir, preset, train_data, eval_data, marks, seed):
-    """[{minutes, seconds, test bits/dim}] of one training run stopped and evaluated at each mark."""
-    curve, done = [], 0.0
+def write_pngs(images, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:05d}.png")
+
+
+def model_bits(run_dir, eval_data, other_folder, work):
+    """The run's test bits/dim on the built-in test split and its mean bits/dim on the other crops."""
+    output = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", eval_data, "--precision", "fp32")
+    scores = work / "other-scores.csv"
+    run_script("scripts/score.py", "--ckpt", str(run_dir), "--precision", "fp32", "--out", str(scores), str(other_folder))
+    with scores.open() as file:
+        other = [float(row["bits_per_dim"]) for row in csv.DictReader(file)]
+    return last_line_value(output, "test bits/dim: "), statistics.fmean(other)
+
+
+def model_curve(work, args, marks, seed, other_folder):
+    """[{minutes, steps, held_out, other}] of one training run stopped and scored at each mark."""
+    run_dir, curve, done = work / f"run-{seed}", [], 0.0
     for mark in marks:
-        log(f"training {preset} to minute {mark:g}")
+        log(f"seed {seed}: training to minute {mark:g}")
         start = time.perf_counter()
-        run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--preset", preset, "--data", train_data,
-                   "--seed", str(seed), "--steps", str(10**9), "--max-minutes", repr(mark - done),
-                   "--eval-every", str(10**9), "--checkpoint-every", str(10**9), "--n-samples", "0",
-                   *(["--resume"] if done else []))
+        run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--data", args.train_data, "--seed", str(seed),
+                   *(["--preset", args.preset] if args.preset else []), "--steps", str(10**9),
+                   "--max-minutes", repr(mark - done), "--eval-every", str(10**9), "--checkpoint-every", str(10**9),
+                   "--n-samples", "0", *(["--resume"] if done else []))
         seconds = time.perf_counter() - start
         done = mark
-        output = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", eval_data, "--precision", "fp32")
-        curve.append({"minutes": mark, "session_seconds": seconds, "test_bits_per_dim": last_line_value(output, "test bits/dim: ")})
-        log(f"  minute {mark:g}: test bits/dim {curve[-1]['test_bits_per_dim']:.4f}")
+        held_out, other = model_bits(run_dir, args.eval_data, other_folder, work)
+        steps = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
+        curve.append({"minutes": mark, "steps": steps, "session_seconds": seconds, "held_out": held_out, "other": other})
+        log(f"  minute {mark:g}, step {steps}: held-out {held_out:.4f}, other photos {other:.4f} bits/dim")
     return curve
 
 
 def run(args):
-    """Scores the held-out crops with PNG and WebP lossless, then trains the pixel preset for
-    2, 5 and 10 minutes (one run, evaluated at each mark) and puts its test bits/dim beside them;
-    writes codecs.json, codecs.md and codecs.png (bits/dim against training minutes) to --out.
+    """Scores held-out crops with PNG and WebP lossless, then trains the pixel model with the
+    trainer's defaults for 2, 5 and 10 minutes (one run per seed, scored at each mark) and puts its
+    bits/dim beside them; writes codecs.json, codecs.md and codecs.png (bits/dim against training
+    minutes) to --out.
 
-    python scripts/bench.py codecs                    # about 12 minutes on 2 idle cores
-    python scripts/bench.py codecs --no-model         # the codecs alone, seconds
-    python scripts/bench.py codecs --eval-data ~/photos   # the same, on photos you bring
+    python scripts/bench.py codecs                    # about 15 minutes per seed on 2 idle cores
+    python scripts/bench.py codecs --no-model         # the codecs alone, a minute
+    python scripts/bench.py codecs --other-photos ~/photos   # the other crops from your photos
     """
     marks = QUICK_MARKS if args.quick else FULL_MARKS
-    preset = args.preset or ("tiny" if args.quick else "cpu-small")
-    size = get_preset(preset).model.shape[0]  # the model's images: the trainer takes the size from it
-    images = test_images(args.eval_data, size)
-    log(f"{len(images)} test crops of {args.eval_data} at {size}x{size}")
-    results = {**machine_info(), "benchmark": "codecs", "eval_data": args.eval_data, "size": size,
-               "n_images": len(images),
-               "codecs": {name: codec_bits_per_subpixel(images, options) for name, options in CODECS.items()}}
-    for name, bits in results["codecs"].items():
-        log(f"{name}: {bits:.3f} bits per sub-pixel")
-    if not args.no_model:
-        with tempfile.TemporaryDirectory() as tmp:
-            results["model"] = {"preset": preset, "train_data": args.train_data, "seed": args.seed,
-                                "curve": model_curve(Path(tmp) / "run", preset, args.train_data, args.eval_data,
-                                                     marks, args.seed)}
-    results["load_average_after"] = load_average()
-    out = Path(args.out)
-    write_results(results, out, "codecs", format_markdown(results))
-    if "model" in results:
-        plot(results, out / "codecs.png")
-    print("\n".join(["", *text_table(HEADER, rows(results)), ""]))
+    preset = args.preset or ("tiny" if args.quick else None)
+    args.preset = preset
+    size = get_preset(preset or "cpu-small").model.shape[0]  # the trainer takes the image size from the model
+    other_photos = args.other_photos or default_other_photos()
+    info = machine_info()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sets = {"held_out": test_images(args.eval_data, size),
+                "other": photo_crops(other_photos, OTHER_CROPS if not args.quick else 20, size)}
+        write_pngs(sets["other"], work / "other")
+        codecs = {name: {key: codec_bits_per_subpixel(images, options) for key, images in sets.items()}
+                  for name, options in CODECS.items()}
+        for name, bits in codecs.items():
+            log(f"{name}: {bits['held_out']:.3f} / {bits['other']:.3f} bits per sub-pixel (held-out / other crops)")
+        runs = {} if args.no_model else {seed: model_curve(work, args, marks, seed, work / "other") for seed in args.seeds}
+    config = {"preset": preset or "cpu-small (the trainer's default)", "train_data": args.train_data,
+              "eval_data": args.eval_data, "other_photos": [Path(p).name for p in other_photos], "size": size,
+              "n_images": {key: len(images) for key, images in sets.items()}, "marks": marks, "seeds": args.seeds}
+    results = results_record("codecs", info, args.quick, config, codecs=codecs,
+                             runs={str(seed): curve for seed, curve in runs.items()})
+    REPORT.publish(results, args.out)
+    if runs:
+        plot(results, Path(args.out) / "codecs.png")
 
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="tiny preset, 6 and 12 seconds: a smoke run")
     parser.add_argument("--no-model", action="store_true", help="score the codecs only")
-    parser.add_argument("--preset", help="the pixel preset to train (default cpu-small)")
+    parser.add_argument("--preset", help="the pixel preset to train (default: the trainer's, cpu-small)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed (default 0)")
     parser.add_argument("--train-data", default="builtin", help="the training data, as the trainer takes it")
     parser.add_argument("--eval-data", default="builtin",
-                        help="whose test split the model and the codecs score (default builtin: held-out photos)")
-    parser.add_argument("--seed", type=int, default=0, help="the training run's seed")
+                        help="whose test split is the held-out set (default builtin: crops of held-out photos)")
+    parser.add_argument("--other-photos", nargs="+", metavar="PHOTO",
+                        help=f"photos to cut the other {OTHER_CROPS} crops from (default: matplotlib's sample photo "
+                             "grace_hopper.jpg)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
                         help="directory for codecs.json, codecs.md and codecs.png (default bench/results)")
 
@@ -110,25 +146,38 @@ def add_arguments(parser):
 # -- output -----------------------------------------------------------------------------------
 
 
-HEADER = ("coder", "bits per sub-pixel (held-out crops)")
+def mean_curve(results):
+    """[(minutes, mean steps, mean held-out, mean other)] over the seeds' runs."""
+    curves = list(results["runs"].values())
+    return [(points[0]["minutes"], *(statistics.fmean(p[key] for p in points) for key in ("steps", "held_out", "other")))
+            for points in zip(*curves)]
 
 
-def rows(results):
-    table = [[name, f"{bits:.3f}"] for name, bits in results["codecs"].items()]
-    for point in results.get("model", {}).get("curve", []):
-        table.append([f"PixelSNAIL {results['model']['preset']} after {point['minutes']:g} min of training",
-                      f"{point['test_bits_per_dim']:.3f}"])
-    return table
+def table(results):
+    c = results["config"]
+    header = ("coder", f"held-out crops ({c['n_images']['held_out']})", f"other photos ({c['n_images']['other']})")
+    rows = [(name, f"{bits['held_out']:.3f}", f"{bits['other']:.3f}") for name, bits in results["codecs"].items()]
+    seeds = len(results["runs"])
+    for minutes, steps, held_out, other in mean_curve(results) if seeds else []:
+        rows.append((f"PixelSNAIL {c['preset'].split()[0]} after {minutes:g} min ({steps:.0f} steps)"
+                     + (f", mean of {seeds} seeds" if seeds > 1 else ""), f"{held_out:.3f}", f"{other:.3f}"))
+    notes = [
+        f"held-out crops: the test split of {c['eval_data']} (builtin: crops of photos the model never trains on); "
+        f"other photos: {c['n_images']['other']} crops of {', '.join(c['other_photos'])}, cut as the built-in crops are",
+        "codecs: the encoded files' bytes x 8 / sub-pixels, headers included; model: exact bits/dim in fp32 (EMA "
+        "weights), the code length of an ideal entropy coder driven by the model",
+    ]
+    if seeds:
+        notes.append(f"model: the trainer's defaults, {c['train_data']} training data, one run per seed stopped and "
+                     f"scored at {', '.join(f'{m:g}' for m in c['marks'])} minutes")
+    for seed, curve in results["runs"].items():
+        notes.append(f"seed {seed}: " + "; ".join(f"{p['minutes']:g} min, step {p['steps']}: {p['held_out']:.4f} / "
+                                                   f"{p['other']:.4f}" for p in curve))
+    return header, rows, notes + machine_lines(results)
 
 
-def format_markdown(results):
-    lines = [f"# Lossless codecs against the pixel model, on {results['n_images']} held-out "
-             f"{results['size']}x{results['size']} crops of {results['eval_data']}", "",
-             f"`{results['command']}`", "", *markdown_table(HEADER, rows(results)), "",
-             f"- {results['cpu']}, {results['threads']} threads, torch {results['torch']}, {results['date']}",
-             f"- load average before/after: {results['load_average_before']} / {results['load_average_after']}",
-             "- codecs: the encoded files' bytes x 8 / sub-pixels; model: exact test bits/dim (EMA weights, fp32)", ""]
-    return "\n".join(lines)
+REPORT = Report("codecs", "Lossless codecs against the pixel model on crops of photos it never saw", table,
+                quick="the tiny preset for seconds")
 
 
 def plot(results, path):
@@ -137,15 +186,16 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = results["model"]["curve"]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([p["minutes"] for p in curve], [p["test_bits_per_dim"] for p in curve], "o-",
-              label=f"PixelSNAIL {results['model']['preset']}")
-    for (name, bits), style in zip(results["codecs"].items(), ("--", ":")):
-        axes.axhline(bits, linestyle=style, color="grey", label=name)
+    curve = mean_curve(results)
+    figure, axes = plt.subplots(figsize=(6.4, 4))
+    for column, (key, label, colour) in enumerate((("held_out", "held-out crops", "C0"), ("other", "other photos", "C1"))):
+        axes.plot([p[0] for p in curve], [p[2 + column] for p in curve], "o-", color=colour,
+                  label=f"PixelSNAIL, {label}")
+        for (name, bits), style in zip(results["codecs"].items(), ("--", ":")):
+            axes.axhline(bits[key], linestyle=style, color=colour, alpha=0.6, label=f"{name.split(' (')[0]}, {label}")
     axes.set_xlabel("training minutes (2 CPU cores)")
-    axes.set_ylabel("bits per sub-pixel, held-out crops")
-    axes.legend()
+    axes.set_ylabel("bits per sub-pixel")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

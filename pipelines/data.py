@@ -112,9 +112,10 @@ def _check_size(size: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # "builtin": scikit-image's sample photos
 
-# Label = index in this tuple. skimage.data.cat is the same photo as chelsea, so it is left out.
+# Label = index in this tuple. skimage.data.cat is the same photo as chelsea, so it is left out;
+# "motorcycle" is the left view of skimage.data.stereo_motorcycle (the right one is the same scene).
 BUILTIN_PHOTOS = (
-    "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel",
+    "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel", "motorcycle",
     "chelsea", "coffee",
 )
 BUILTIN_TEST_PHOTOS = ("chelsea", "coffee")
@@ -122,11 +123,19 @@ BUILTIN_DEFAULT_COUNTS = {"train": 20_000, "test": 2_000}
 BUILTIN_MAX_BYTES = 256 * 2**20  # larger crops come in smaller numbers: at most this much memory
 
 
+def builtin_photo(name: str) -> np.ndarray:
+    """One of BUILTIN_PHOTOS as uint8 (H, W, 3), from the files that ship with scikit-image."""
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]
+    return getattr(skimage.data, name)()
+
+
 class BuiltinPhotos(ImageTensorDataset):
     """Random square crops of scikit-image's bundled photos: real images without a download.
 
     A crop's side is 1/16 to 1/2 of the photo's shorter side (log-uniform) but not below S pixels
-    when the photo allows it (no upsampling blur); it is resized to S x S with antialiasing. Test
+    when the photo allows it (no upsampling blur); it is resized to S x S with antialiasing. Half
+    the training crops, at random, are mirrored left to right: more variety from few photos. Test
     crops come only from BUILTIN_TEST_PHOTOS, which train never sees, so test bits/dim measures
     generalisation. All crops are made at construction from a fixed seed (about 2 s for 20,000
     at S=32). By default at most BUILTIN_MAX_BYTES of crops are made (at S=256: 1365 train,
@@ -141,12 +150,15 @@ class BuiltinPhotos(ImageTensorDataset):
         if n_images < 1:
             raise DataError(f"n_images must be at least 1, got {n_images}")
         names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
-        photos = [Image.fromarray(getattr(skimage.data, name)()) for name in names]
+        photos = [Image.fromarray(builtin_photo(name)) for name in names]
         rng = np.random.default_rng([seed, SPLITS.index(split)])
         sources = rng.integers(len(photos), size=n_images)
         crops = np.empty((n_images, size, size, 3), np.uint8)
         for i, source in enumerate(sources):
             crops[i] = random_crop(photos[source], size, rng)
+        if split == "train":
+            mirrored = rng.random(n_images) < 0.5
+            crops[mirrored] = crops[mirrored, :, ::-1]
         labels = torch.tensor([BUILTIN_PHOTOS.index(names[source]) for source in sources])
         super().__init__(torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), labels)
 

@@ -33,13 +33,15 @@ PRESETS = {
         batch_size=8,
         ema_decay=0.9997,
     ),
-    # the largest model that learns usefully in minutes on 2 CPU cores
+    # the largest model that learns usefully in minutes on 2 CPU cores; a few hundred steps in ten
+    # minutes, so a short Polyak average (else the average still holds much of the initial weights)
+    # and a higher learning rate: each measured to help, side by side (bench/results/codecs-recipe.md)
     "cpu-small": Preset(
         model=PixelSNAILConfig(
             shape=(32, 32), channels=64, n_blocks=2, n_res_blocks=2, dropout=0.0, n_mixtures=5,
             key_channels=16, value_channels=32,
         ),
-        **CPU_TRAINING,
+        **{**CPU_TRAINING, "ema_decay": 0.98, "lr": 4e-3},
     ),
     # The VQ-VAE-2 priors of the paper's appendix for ImageNet 256 (grid and codebook come from the
     # code database). The top prior: 512 hidden channels, residual units of 2048, 20 gated resnets

@@ -17,8 +17,8 @@ Subcommands:
           the two side by side (one thread each), several seeds: validation bits per code.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
-  codecs  the pixel model's held-out bits/dim after 2, 5 and 10 minutes of training (one run) beside
-          PNG and WebP lossless on the same crops, with a plot.
+  codecs  the pixel model's bits/dim after 2, 5 and 10 minutes of training (one run per seed) beside
+          PNG and WebP lossless on the same crops: of the held-out photos and of another photo; a plot.
   ood     out-of-distribution detection by likelihood: AUROC of the pixel model's bits/dim and of
           the pipeline's bits (total, per level) between held-out crops and noise, flipped crops,
           colour-inverted crops and another photo.
@@ -57,7 +57,7 @@ Examples:
   python scripts/bench.py ood                   # after make demo and make demo-pixels, minutes
   python scripts/bench.py ood --quick           # smoke run with tiny random models, seconds
   python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
-  python scripts/bench.py codecs                # about 12 minutes on 2 idle cores
+  python scripts/bench.py codecs                # about 15 minutes per seed on 2 idle cores
 """
 
 import argparse

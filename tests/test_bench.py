@@ -218,6 +218,28 @@ def test_codecs_are_lossless_and_scored_by_file_size():
         assert codecs.codec_bits_per_subpixel([flat], options) < 1 < 7 < codecs.codec_bits_per_subpixel([noise], options)
 
 
+def test_codecs_crops_of_other_photos_are_fixed_and_cut_like_the_builtin_ones(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(photo)
+    crops = codecs.photo_crops([photo], 5, 16)
+    assert crops.shape == (5, 3, 16, 16) and crops.dtype == torch.uint8
+    assert torch.equal(crops, codecs.photo_crops([photo], 5, 16))
+    assert not torch.equal(crops, codecs.photo_crops([photo], 5, 16, seed=1))
+
+
+def test_codecs_table_averages_the_seeds_at_each_mark():
+    run = lambda steps, held_out, other: [{"minutes": 2.0, "steps": steps, "held_out": held_out, "other": other}]
+    results = {"config": {"n_images": {"held_out": 10, "other": 4}, "preset": "cpu-small (the trainer's default)",
+                          "eval_data": "builtin", "other_photos": ["a.jpg"], "train_data": "builtin", "marks": [2.0]},
+               "codecs": {"PNG": {"held_out": 5.0, "other": 5.5}},
+               "runs": {"0": run(100, 4.0, 4.5), "1": run(110, 4.2, 4.9)},
+               "cpu": "x", "threads": 2, "torch": "t", "date": "d", "load_average_before": [0], "load_average_after": [0]}
+    header, rows, notes = codecs.table(results)
+    assert rows[0] == ("PNG", "5.000", "5.500")
+    assert rows[1] == ("PixelSNAIL cpu-small after 2 min (105 steps), mean of 2 seeds", "4.100", "4.700")
+    assert any(note.startswith("seed 1: 2 min, step 110: 4.2000 / 4.9000") for note in notes)
+
+
 def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_path):
     committed = json.loads((ROOT / "bench" / "results" / "train.json").read_text())
     path = tmp_path / "train.json"

@@ -10,7 +10,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -21,7 +20,9 @@ from pipelines.data import (
     BuiltinPhotos,
     DataError,
     ImageFolderDataset,
+    builtin_photo,
     load_dataset,
+    random_crop,
     to_model_range,
     to_uint8,
 )
@@ -476,10 +477,33 @@ def test_builtin_photos_are_deterministic_and_split_by_photo():
     assert set(test.labels.tolist()) == test_labels
     assert not set(train.labels.tolist()) & test_labels
     assert train.images.float().std() > 10  # real content, not a constant
+    assert set(train.labels.tolist()) <= set(range(len(BUILTIN_PHOTOS) - len(BUILTIN_TEST_PHOTOS)))  # contiguous classes
+
+
+def test_builtin_train_crops_are_mirrored_half_the_time_and_test_crops_never():
+    """The test crops are cut as before the mirroring existed (their random draws come first), so
+    test bits/dim stay comparable; half the training crops, at random, are mirrored copies of a cut."""
+    n = 400
+    test = BuiltinPhotos("test", size=16, n_images=n)
+    photos = [Image.fromarray(builtin_photo(name)) for name in BUILTIN_TEST_PHOTOS]
+    rng = np.random.default_rng([0, 1])  # the test split's generator, as BuiltinPhotos seeds it
+    sources = rng.integers(len(photos), size=n)
+    for i, source in enumerate(sources):
+        assert np.array_equal(test.images[i].permute(1, 2, 0).numpy(), random_crop(photos[source], 16, rng))
+    train = BuiltinPhotos("train", size=16, n_images=n)
+    names = [name for name in BUILTIN_PHOTOS if name not in BUILTIN_TEST_PHOTOS]
+    photos = [Image.fromarray(builtin_photo(name)) for name in names]
+    rng = np.random.default_rng([0, 0])
+    sources = rng.integers(len(photos), size=n)
+    cuts = np.stack([random_crop(photos[source], 16, rng) for source in sources])
+    mirrored = torch.tensor([not np.array_equal(train.images[i].permute(1, 2, 0).numpy(), cuts[i]) for i in range(n)])
+    for i in torch.nonzero(mirrored).flatten():
+        assert np.array_equal(train.images[i].permute(1, 2, 0).numpy(), cuts[i, :, ::-1])
+    assert 0.4 < mirrored.float().mean() < 0.6
 
 
 def test_builtin_photos_are_distinct_rgb_photos():
-    photos = {name: getattr(skimage.data, name)() for name in BUILTIN_PHOTOS}
+    photos = {name: builtin_photo(name) for name in BUILTIN_PHOTOS}
     assert all(photo.dtype == np.uint8 and photo.shape[2:] == (3,) for photo in photos.values())
     for test_name in BUILTIN_TEST_PHOTOS:
         for train_name in set(BUILTIN_PHOTOS) - set(BUILTIN_TEST_PHOTOS):
