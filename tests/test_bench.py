@@ -170,8 +170,8 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     assert results["codes"]["reconstruction_mse"]["fp32"] > 0
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance, codecs],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance", "codecs"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
