@@ -94,7 +94,8 @@ def real_images(data, size, n_classes, n, seed=0):
     # the same seed draws the same order per class: the second set is the next n images of it
     second = per_class(train, n_classes, n, torch.Generator().manual_seed(seed), skip=n)
     if data == "builtin":
-        test = BuiltinPhotos("train", size, n_images=3 * n * n_classes, seed=seed + 1)
+        # random photos per crop: 20 more per class than 3n, so that small n, too, finds n of each
+        test = BuiltinPhotos("train", size, n_images=n_classes * (3 * n + 20), seed=seed + 1)
     else:
         test = load_dataset(data, "test", size)
     return first, second, per_class(test, n_classes, n, generator)
