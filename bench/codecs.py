@@ -3,7 +3,7 @@ held against the lossless codecs a user knows, on the same held-out crops.
 
 Two sets of crops, neither seen in training: the built-in test split (crops of the held-out photos)
 and crops of other photos, by default matplotlib's sample photo of Grace Hopper, cut as the
-built-in crops are cut (pipelines.data.random_crop); `--other-photos` takes the user's own.
+built-in crops are cut (pipelines.data.random_crops); `--other-photos` takes the user's own.
 The codecs: PNG at its maximum compression and WebP lossless at its best method (Pillow), as bits
 per sub-pixel of the encoded files (headers included: a file is what a user stores). The model: one
 run of the real trainer (scripts/train_pixelsnail.py, its defaults) per seed, stopped at each mark
@@ -13,7 +13,6 @@ scripts/score.py. Scoring time does not count as training time.
 """
 
 import csv
-import json
 import statistics
 import tempfile
 import time
@@ -26,7 +25,8 @@ from PIL import Image
 from bench.common import ROOT, Report, log, machine_info, machine_lines, results_record
 from bench.precision import last_line_value, run_script
 from pipelines.codecs import CODECS, codec_bits_per_subpixel
-from pipelines.data import load_dataset, random_crop, to_rgb8
+from pipelines.data import load_dataset, random_crops, to_rgb8
+from pipelines.run_state import read_log
 from prior import get_preset
 
 FULL_MARKS = (2.0, 5.0, 10.0)
@@ -50,11 +50,7 @@ def test_images(data, size):
 
 def photo_crops(photos, n, size, seed=CROP_SEED):
     """`n` random crops of the photos (each from a photo chosen at random), uint8 (n, 3, S, S)."""
-    pictures = [to_rgb8(Image.open(photo)) for photo in photos]
-    rng = np.random.default_rng(seed)
-    sources = rng.integers(len(pictures), size=n)
-    crops = np.stack([random_crop(pictures[source], size, rng) for source in sources])
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+    return random_crops([to_rgb8(Image.open(photo)) for photo in photos], n, size, np.random.default_rng(seed))[0]
 
 
 def write_pngs(images, folder):
@@ -86,7 +82,7 @@ def model_curve(work, args, marks, seed, other_folder):
         seconds = time.perf_counter() - start
         done = mark
         held_out, other = model_bits(run_dir, args.eval_data, other_folder, work)
-        steps = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
+        steps = read_log(run_dir)[-1]["step"]
         curve.append({"minutes": mark, "steps": steps, "session_seconds": seconds, "held_out": held_out, "other": other})
         log(f"  minute {mark:g}, step {steps}: held-out {held_out:.4f}, other photos {other:.4f} bits/dim")
     return curve

@@ -25,7 +25,7 @@ from torchmetrics.classification import BinaryAUROC
 from bench.common import (Report, add_common_arguments, add_quick_argument, apply_defaults, log, machine_info,
                           machine_lines, results_record)
 from pipelines.checkpoint import load_pixelsnail
-from pipelines.data import BuiltinPhotos, random_crop
+from pipelines.data import BuiltinPhotos, random_crops
 from pipelines.generation import Pipeline, load_pipeline
 from pipelines.inference import make_runtime
 from pipelines.scoring import MIXTURE, score_pipeline, score_pixels
@@ -45,7 +45,7 @@ def image_sets(n, size, seed):
     generator = torch.Generator().manual_seed(seed)
     camera = Image.fromarray(skimage.data.camera()).convert("RGB")
     rng = np.random.default_rng(seed)
-    camera_crops = torch.from_numpy(np.stack([random_crop(camera, size, rng) for _ in range(n)])).permute(0, 3, 1, 2)
+    camera_crops, _ = random_crops([camera], n, size, rng)
     return {
         IN_DISTRIBUTION: held_out,
         "uniform noise": torch.randint(0, 256, held_out.shape, dtype=torch.uint8, generator=generator),

@@ -152,15 +152,22 @@ class BuiltinPhotos(ImageTensorDataset):
         names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
         photos = [Image.fromarray(builtin_photo(name)) for name in names]
         rng = np.random.default_rng([seed, SPLITS.index(split)])
-        sources = rng.integers(len(photos), size=n_images)
-        crops = np.empty((n_images, size, size, 3), np.uint8)
-        for i, source in enumerate(sources):
-            crops[i] = random_crop(photos[source], size, rng)
+        images, sources = random_crops(photos, n_images, size, rng)
         if split == "train":
-            mirrored = rng.random(n_images) < 0.5
-            crops[mirrored] = crops[mirrored, :, ::-1]
+            mirrored = torch.from_numpy(rng.random(n_images) < 0.5)
+            images[mirrored] = images[mirrored].flip(-1)
         labels = torch.tensor([BUILTIN_PHOTOS.index(names[source]) for source in sources])
-        super().__init__(torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), labels)
+        super().__init__(images, labels)
+
+
+def random_crops(photos: list[Image.Image], n: int, size: int, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
+    """`n` crops (random_crop), each of a photo drawn at random -> uint8 (n, 3, S, S) and each crop's
+    photo index (n,)."""
+    sources = rng.integers(len(photos), size=n)
+    crops = np.empty((n, size, size, 3), np.uint8)
+    for i, source in enumerate(sources):
+        crops[i] = random_crop(photos[source], size, rng)
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), sources
 
 
 def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:

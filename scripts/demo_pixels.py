@@ -17,6 +17,9 @@ from pipelines.codecs import CODECS, codec_bits_per_subpixel
 from pipelines.data import load_dataset
 from pipelines.run_state import has_state
 from pipelines.train_pixel import TrainConfig, train
+from prior import get_preset
+
+PRESET = "cpu-small"
 
 
 def main():
@@ -25,10 +28,10 @@ def main():
     p.add_argument("--steps", type=int, default=5000, help="total training steps of the run")
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget of this session")
     args = p.parse_args()
-    train(TrainConfig(data="builtin", out=args.out, preset="cpu-small", steps=args.steps,
+    train(TrainConfig(data="builtin", out=args.out, preset=PRESET, steps=args.steps,
                       max_minutes=args.minutes, eval_every=200, checkpoint_every=100,
                       resume=has_state(args.out)))
-    test = load_dataset("builtin", "test", 32)
+    test = load_dataset("builtin", "test", get_preset(PRESET).model.shape[0])  # the crops the model was scored on
     print(f"the same {len(test)} held-out crops as image files, in bits per sub-pixel: " + ", ".join(
         f"{name} {codec_bits_per_subpixel(test.images, options):.3f}" for name, options in CODECS.items()))
 

@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader
 from pipelines.data import (
     BUILTIN_PHOTOS,
     BUILTIN_TEST_PHOTOS,
+    SPLITS,
     BuiltinPhotos,
     DataError,
     ImageFolderDataset,
     builtin_photo,
     load_dataset,
-    random_crop,
+    random_crops,
     to_model_range,
     to_uint8,
 )
@@ -484,22 +485,18 @@ def test_builtin_train_crops_are_mirrored_half_the_time_and_test_crops_never():
     """The test crops are cut as before the mirroring existed (their random draws come first), so
     test bits/dim stay comparable; half the training crops, at random, are mirrored copies of a cut."""
     n = 400
-    test = BuiltinPhotos("test", size=16, n_images=n)
-    photos = [Image.fromarray(builtin_photo(name)) for name in BUILTIN_TEST_PHOTOS]
-    rng = np.random.default_rng([0, 1])  # the test split's generator, as BuiltinPhotos seeds it
-    sources = rng.integers(len(photos), size=n)
-    for i, source in enumerate(sources):
-        assert np.array_equal(test.images[i].permute(1, 2, 0).numpy(), random_crop(photos[source], 16, rng))
-    train = BuiltinPhotos("train", size=16, n_images=n)
-    names = [name for name in BUILTIN_PHOTOS if name not in BUILTIN_TEST_PHOTOS]
-    photos = [Image.fromarray(builtin_photo(name)) for name in names]
-    rng = np.random.default_rng([0, 0])
-    sources = rng.integers(len(photos), size=n)
-    cuts = np.stack([random_crop(photos[source], 16, rng) for source in sources])
-    mirrored = torch.tensor([not np.array_equal(train.images[i].permute(1, 2, 0).numpy(), cuts[i]) for i in range(n)])
-    for i in torch.nonzero(mirrored).flatten():
-        assert np.array_equal(train.images[i].permute(1, 2, 0).numpy(), cuts[i, :, ::-1])
-    assert 0.4 < mirrored.float().mean() < 0.6
+    for split in ("test", "train"):
+        names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
+        photos = [Image.fromarray(builtin_photo(name)) for name in names]
+        rng = np.random.default_rng([0, SPLITS.index(split)])  # the split's generator, as BuiltinPhotos seeds it
+        cuts, _ = random_crops(photos, n, 16, rng)
+        images = BuiltinPhotos(split, size=16, n_images=n).images
+        mirrored = (images != cuts).flatten(1).any(1)
+        assert torch.equal(images[mirrored], cuts[mirrored].flip(-1))
+        if split == "test":
+            assert not mirrored.any()
+        else:
+            assert 0.4 < mirrored.float().mean() < 0.6
 
 
 def test_builtin_photos_are_distinct_rgb_photos():
