@@ -24,6 +24,7 @@ from PIL import Image
 
 from bench.common import ROOT, Report, log, machine_info, machine_lines, results_record
 from bench.precision import last_line_value, run_script
+from pipelines.cli import user_path
 from pipelines.codecs import CODECS, codec_bits_per_subpixel
 from pipelines.data import load_dataset, random_crops, to_rgb8
 from pipelines.run_state import read_log
@@ -132,7 +133,7 @@ def add_arguments(parser):
     parser.add_argument("--train-data", default="builtin", help="the training data, as the trainer takes it")
     parser.add_argument("--eval-data", default="builtin",
                         help="whose test split is the held-out set (default builtin: crops of held-out photos)")
-    parser.add_argument("--other-photos", nargs="+", metavar="PHOTO",
+    parser.add_argument("--other-photos", nargs="+", metavar="PHOTO", type=user_path,
                         help=f"photos to cut the other {OTHER_CROPS} crops from (default: matplotlib's sample photo "
                              "grace_hopper.jpg)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"),

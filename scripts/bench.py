@@ -69,6 +69,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, streams, train, vqvae  # noqa: E402
+from pipelines.cli import run  # noqa: E402
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
@@ -103,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a bad path or value: one line, as every script says it

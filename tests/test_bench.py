@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from bench import codecs, evaluate, extract, guidance, lmdb, ood, precision, sample, sample_pipeline, streams, train, vqvae
+from launch import run_in_process
 from pipelines.codes import extract_codes
 from pipelines.data import ImageTensorDataset
 
@@ -225,6 +226,16 @@ def test_codecs_crops_of_other_photos_are_fixed_and_cut_like_the_builtin_ones(tm
     assert crops.shape == (5, 3, 16, 16) and crops.dtype == torch.uint8
     assert torch.equal(crops, codecs.photo_crops([photo], 5, 16))
     assert not torch.equal(crops, codecs.photo_crops([photo], 5, 16, seed=1))
+
+
+def test_bench_refuses_a_missing_photo_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    result = run_in_process("scripts/bench.py", "codecs", "--quick", "--no-model", "--other-photos",
+                            tmp_path / "missing.jpg", "--out", out)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "missing.jpg" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_codecs_table_averages_the_seeds_at_each_mark():
