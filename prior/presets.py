@@ -21,6 +21,39 @@ PRIOR_TRAINING = dict(batch_size=16, ema_decay=0.9995, lr=3e-4)
 # the models that learn in minutes on 2 CPU cores: large batches of small images, a fast schedule
 CPU_TRAINING = dict(batch_size=32, ema_decay=0.995, lr=2e-3, lr_decay=0.9995)
 
+# The VQ-VAE-2 priors of the paper's appendix for ImageNet 256 (grid and codebook come from the code
+# database). The top prior: 512 hidden channels, residual units of 2048, 20 gated resnets with an
+# 8-head attention block after every fifth (4 in all), 5x5 convs, dropout 0.1, an output stack of 20.
+VQVAE2_TOP = Preset(
+    model=PixelSNAILConfig(
+        shape=(32, 32), n_codes=512, channels=512, res_channels=2048, n_blocks=4, n_res_blocks=5,
+        kernel_size=5, attention=True, n_heads=8, key_channels=128, value_channels=256, dropout=0.1,
+        embed_channels=128, cond_channels=256, out_res_blocks=20,
+    ),
+    **PRIOR_TRAINING,
+)
+
+# The bottom prior: 20 gated resnets (residual units of 1024) in two streams, no attention,
+# conditioned on the top codes through a stack of 20 residual blocks.
+VQVAE2_BOTTOM = Preset(
+    model=PixelSNAILConfig(
+        shape=(64, 64), n_codes=512, cond_codes=512, cond_shape=(32, 32), channels=512, res_channels=1024,
+        n_blocks=1, n_res_blocks=20, kernel_size=5, attention=False, streams="two", dropout=0.1,
+        embed_channels=128, cond_channels=256, cond_res_blocks=20,
+    ),
+    **PRIOR_TRAINING,
+)
+
+
+def narrower(paper: Preset) -> Preset:
+    """A paper prior at a fraction of its size, with the same grids, codebooks, conditioning and
+    training: 256 channels, 5 blocks x 4 gated resnets (the top one with an attention block after
+    each), no residual units or output stack."""
+    model = replace(paper.model, channels=256, res_channels=None, n_blocks=5, n_res_blocks=4, streams="auto",
+                    out_res_blocks=0)
+    return replace(paper, model=model)
+
+
 PRESETS = {
     # the paper's CIFAR-10 model: 12 blocks x 4 gated resnets, 256 filters, ~46M parameters
     "cifar10": Preset(
@@ -43,46 +76,10 @@ PRESETS = {
         ),
         **{**CPU_TRAINING, "ema_decay": 0.98, "lr": 4e-3},
     ),
-    # The VQ-VAE-2 priors of the paper's appendix for ImageNet 256 (grid and codebook come from the
-    # code database). The top prior: 512 hidden channels, residual units of 2048, 20 gated resnets
-    # with an 8-head attention block after every fifth (4 in all), 5x5 convs, dropout 0.1, an
-    # output stack of 20.
-    "vqvae2-top": Preset(
-        model=PixelSNAILConfig(
-            shape=(32, 32), n_codes=512, channels=512, res_channels=2048, n_blocks=4, n_res_blocks=5,
-            kernel_size=5, attention=True, n_heads=8, key_channels=128, value_channels=256, dropout=0.1,
-            embed_channels=128, cond_channels=256, out_res_blocks=20,
-        ),
-        **PRIOR_TRAINING,
-    ),
-    # the bottom prior: 20 gated resnets (residual units of 1024) in two streams, no attention,
-    # conditioned on the top codes through a stack of 20 residual blocks
-    "vqvae2-bottom": Preset(
-        model=PixelSNAILConfig(
-            shape=(64, 64), n_codes=512, cond_codes=512, cond_shape=(32, 32), channels=512, res_channels=1024,
-            n_blocks=1, n_res_blocks=20, kernel_size=5, attention=False, streams="two", dropout=0.1,
-            embed_channels=128, cond_channels=256, cond_res_blocks=20,
-        ),
-        **PRIOR_TRAINING,
-    ),
-    # smaller priors of the same shape: 256 channels, 5 blocks x 4 gated resnets (the top one with
-    # an attention block after each, 5 in all), no residual units or output stack
-    "vqvae2-top-256ch": Preset(
-        model=PixelSNAILConfig(
-            shape=(32, 32), n_codes=512, channels=256, n_blocks=5, n_res_blocks=4, kernel_size=5,
-            attention=True, n_heads=8, key_channels=128, value_channels=256, dropout=0.1,
-            embed_channels=128, cond_channels=256,
-        ),
-        **PRIOR_TRAINING,
-    ),
-    "vqvae2-bottom-256ch": Preset(
-        model=PixelSNAILConfig(
-            shape=(64, 64), n_codes=512, cond_codes=512, cond_shape=(32, 32), channels=256, n_blocks=5,
-            n_res_blocks=4, kernel_size=5, attention=False, dropout=0.1, embed_channels=128,
-            cond_channels=256, cond_res_blocks=20,
-        ),
-        **PRIOR_TRAINING,
-    ),
+    "vqvae2-top": VQVAE2_TOP,
+    "vqvae2-bottom": VQVAE2_BOTTOM,
+    "vqvae2-top-256ch": narrower(VQVAE2_TOP),
+    "vqvae2-bottom-256ch": narrower(VQVAE2_BOTTOM),
     # small priors that learn in minutes on 2 CPU cores
     "cpu-top": Preset(
         model=PixelSNAILConfig(
