@@ -123,6 +123,11 @@ BUILTIN_DEFAULT_COUNTS = {"train": 20_000, "test": 2_000}
 BUILTIN_MAX_BYTES = 256 * 2**20  # larger crops come in smaller numbers: at most this much memory
 
 
+def builtin_split_photos(split: str) -> list[str]:
+    """The names of the photos a split's crops are cut from, in label order."""
+    return [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
+
+
 def builtin_photo(name: str) -> np.ndarray:
     """One of BUILTIN_PHOTOS as uint8 (H, W, 3), from the files that ship with scikit-image."""
     if name == "motorcycle":
@@ -149,7 +154,7 @@ class BuiltinPhotos(ImageTensorDataset):
             n_images = min(BUILTIN_DEFAULT_COUNTS[split], fitting)
         if n_images < 1:
             raise DataError(f"n_images must be at least 1, got {n_images}")
-        names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
+        names = builtin_split_photos(split)
         photos = [Image.fromarray(builtin_photo(name)) for name in names]
         rng = np.random.default_rng([seed, SPLITS.index(split)])
         images, sources = random_crops(photos, n_images, size, rng)

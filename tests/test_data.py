@@ -22,6 +22,7 @@ from pipelines.data import (
     DataError,
     ImageFolderDataset,
     builtin_photo,
+    builtin_split_photos,
     load_dataset,
     random_crops,
     to_model_range,
@@ -478,7 +479,7 @@ def test_builtin_photos_are_deterministic_and_split_by_photo():
     assert set(test.labels.tolist()) == test_labels
     assert not set(train.labels.tolist()) & test_labels
     assert train.images.float().std() > 10  # real content, not a constant
-    assert set(train.labels.tolist()) <= set(range(len(BUILTIN_PHOTOS) - len(BUILTIN_TEST_PHOTOS)))  # contiguous classes
+    assert set(train.labels.tolist()) <= set(range(len(builtin_split_photos("train"))))  # contiguous classes
 
 
 def test_builtin_train_crops_are_mirrored_half_the_time_and_test_crops_never():
@@ -486,8 +487,7 @@ def test_builtin_train_crops_are_mirrored_half_the_time_and_test_crops_never():
     test bits/dim stay comparable; half the training crops, at random, are mirrored copies of a cut."""
     n = 400
     for split in ("test", "train"):
-        names = [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
-        photos = [Image.fromarray(builtin_photo(name)) for name in names]
+        photos = [Image.fromarray(builtin_photo(name)) for name in builtin_split_photos(split)]
         rng = np.random.default_rng([0, SPLITS.index(split)])  # the split's generator, as BuiltinPhotos seeds it
         cuts, _ = random_crops(photos, n, 16, rng)
         images = BuiltinPhotos(split, size=16, n_images=n).images

@@ -13,7 +13,7 @@ from launch import ok
 from pipelines.checkpoint import load_pixelsnail, load_vqvae
 from pipelines.classifier import ClassifierConfig, train_classifier
 from pipelines.codes import CodeDataset
-from pipelines.data import BUILTIN_PHOTOS, BUILTIN_TEST_PHOTOS, load_dataset, to_model_range
+from pipelines.data import builtin_split_photos, load_dataset, to_model_range
 from pipelines.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric, load_samples,
                                       local_fid_kid, real_images)
 from test_inputs import assert_refused, script  # noqa: F401 (script: a fixture)
@@ -179,7 +179,7 @@ def test_cas_is_high_for_faithful_samples_and_chance_for_samples_of_the_wrong_cl
 
 
 def test_builtin_real_sets_hold_the_training_photos_classes_apart(one_thread):
-    n_classes = len(BUILTIN_PHOTOS) - len(BUILTIN_TEST_PHOTOS)  # the training photos
+    n_classes = len(builtin_split_photos("train"))
     first, second, held_out = real_images("builtin", 16, n_classes=n_classes, n=3)
     for images in (first, second, held_out):
         assert len(images) == 3 * n_classes and sorted(images.labels.tolist()) == sorted(list(range(n_classes)) * 3)
