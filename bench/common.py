@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from pipelines.runtime import cpu_flags, cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,23 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cpu_model():
     """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return cpu_info().get("model name") or platform.processor() or "unknown"
 
 
 def load_average():

@@ -40,13 +40,29 @@ class EpochShuffle(Sampler):
         return self.n
 
 
+def cpu_info():
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...), {} where there is
+    no such file: the one reader of it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags():
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return set(cpu_info().get("flags", "").split())
+
+
 def cpu_supports_bf16():
     """True when the CPU has native bf16 arithmetic (AMX or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision, device=None):
