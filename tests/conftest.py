@@ -90,3 +90,34 @@ def tiny_pipeline(tmp_path_factory):
         save_checkpoint(root / level / CHECKPOINT_NAME, PixelSNAIL(prior).state_dict(), "pixelsnail", prior, step=1,
                         **provenance.to_extra())
     return root
+
+
+class Faults:
+    """Faults injected into the code under test, each of which must fire.
+
+    `inject(owner, name, make)` replaces owner.name by make(original, fired): the replacement
+    calls fired() when it injects its fault. At the end of the test every injected fault must
+    have fired: a patch of a name the code no longer calls (a module moved, a writer renamed)
+    fails the test instead of letting it pass without testing anything."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.fired_counts = monkeypatch, {}
+
+    def inject(self, owner, name, make):
+        target = f"{getattr(owner, '__name__', owner)}.{name}"
+        self.fired_counts[target] = 0
+
+        def fired():
+            self.fired_counts[target] += 1
+
+        self.monkeypatch.setattr(owner, name, make(getattr(owner, name), fired))
+
+    def unfired(self):
+        return [target for target, count in self.fired_counts.items() if not count]
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    faults = Faults(monkeypatch)
+    yield faults
+    assert not faults.unfired(), f"injected faults that never fired (a stale patch target?): {faults.unfired()}"

@@ -424,8 +424,8 @@ class DiskFillsAfter:
     """An lmdb Environment whose write transactions fail to commit with lmdb.DiskError, as LMDB does
     on a full disk (ENOSPC from the page writes of mdb_txn_commit), once `commits` have succeeded."""
 
-    def __init__(self, env, commits: int):
-        self.env, self.commits = env, commits
+    def __init__(self, env, commits: int, fired):
+        self.env, self.commits, self.fired = env, commits, fired
 
     def __getattr__(self, name):
         return getattr(self.env, name)
@@ -447,6 +447,7 @@ class FailingCommit:
 
     def __exit__(self, exc_type, exc, traceback):
         if exc_type is None and self.disk.commits == 0:
+            self.disk.fired()
             self.txn.abort()  # what mdb_txn_commit does when a write fails
             raise lmdb.DiskError("mdb_txn_commit: No space left on device")
         self.disk.commits -= exc_type is None
@@ -457,9 +458,9 @@ class FailingCommit:
     pytest.param(1 + 3, 12, id="during-records"),  # __plan__, then 3 batches of 4
     pytest.param(1 + 10, 40, id="at-the-completion-marker"),
 ])
-def test_full_disk_stops_with_one_line_and_a_rerun_completes(tmp_path, monkeypatch, commits, kept):
-    real_open = lmdb.open
-    monkeypatch.setattr(lmdb, "open", lambda path, **kwargs: DiskFillsAfter(real_open(path, **kwargs), commits))
+def test_full_disk_stops_with_one_line_and_a_rerun_completes(tmp_path, monkeypatch, faults, commits, kept):
+    faults.inject(lmdb, "open", lambda real_open, fired: lambda path, **kwargs: DiskFillsAfter(
+        real_open(path, **kwargs), commits, fired))
     out = tmp_path / "codes.lmdb"
     with pytest.raises(CodeStoreError) as stop:
         extract_codes(fake_encode, make_dataset(), out, make_plan(), batch_size=4, progress=False)

@@ -229,6 +229,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             counter["calls"] += 1
             if counter["calls"] == counter["kill_at"]:
                 counter["dead"] = True
+                killed_in.add(name)
                 if name == "rmtree":  # dies half-way through removing the directory
                     files = sorted(Path(args[0]).rglob("*"))
                     for path in files[: len(files) // 2]:
@@ -240,7 +241,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
             return real[name](*args, **kwargs)
         return operation
 
-    kill_points = 0
+    kill_points, killed_in = 0, set()
     for kill_at in range(1, 20):
         run_dir = tmp_path / f"run{kill_at}"
         save(run_dir, 2)  # the state the interrupted save replaces
@@ -262,6 +263,7 @@ def test_a_kill_at_any_point_of_saving_leaves_a_complete_state(tmp_path, monkeyp
         assert load(run_dir) == 4
         assert sorted(p.name for p in run_dir.iterdir()) == ["state"]
     assert kill_points >= 5  # save_state, EMA file, rename old away, rename new in, remove old
+    assert killed_in == set(real), "a patched operation the save never calls (a stale patch target?)"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -360,20 +362,25 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def full_disk_on_call(function, failing_call, written):
-    """`function` (a writer taking (obj, path, ...)) that, on its `failing_call`-th call, writes a
-    few bytes and then fails as a full disk does."""
-    calls = {"n": 0}
+def full_disk_on_call(failing_call, written):
+    """A fault for `faults.inject`: the writer (taking (obj, path, ...)), on its `failing_call`-th
+    call, writes a few bytes and then fails as a full disk does."""
 
-    def writer(obj, path, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == failing_call:
-            Path(path).write_bytes(b"\0" * 10)
-            written.append(Path(path))
-            raise ENOSPC
-        return function(obj, path, *args, **kwargs)
+    def make(function, fired):
+        calls = {"n": 0}
 
-    return writer
+        def writer(obj, path, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == failing_call:
+                fired()
+                Path(path).write_bytes(b"\0" * 10)
+                written.append(Path(path))
+                raise ENOSPC
+            return function(obj, path, *args, **kwargs)
+
+        return writer
+
+    return make
 
 
 def run_cli(train, cfg, capsys):
@@ -394,7 +401,7 @@ def run_cli(train, cfg, capsys):
     ("vqvae", "torch.save", 2),
 ])
 def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, state_kept, data, reference, tmp_path,
-                                                          monkeypatch, capsys):
+                                                          monkeypatch, faults, capsys):
     """ENOSPC in the middle of the second save (step 4; saves every 2 steps): one line naming the
     step, the error and the state kept, exit status 2; the state and model.safetensors on disk
     are complete and resumable, nothing half-written is left, and the resumed run ends
@@ -407,7 +414,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, stat
     run_dir, written = tmp_path / "run", []
     train(config(trainer, data, run_dir, steps=2, checkpoint_every=2))
     assert saved_step(run_dir) == 2
-    monkeypatch.setattr(module, name, full_disk_on_call(getattr(module, name), 1, written))
+    faults.inject(module, name, full_disk_on_call(1, written))
     status, last_line = run_cli(train, config(trainer, data, run_dir, checkpoint_every=2, resume=True), capsys)
     monkeypatch.undo()
     assert status == 2 and written
@@ -422,19 +429,24 @@ def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, stat
 
 
 
-def poison_training_call(monkeypatch, cls, method, at_call, poison):
+def poison_training_call(faults, cls, method, at_call, poison):
     """Makes the `at_call`-th call of cls.method in training mode return poison(its result)."""
-    original, calls = getattr(cls, method), {"n": 0}
 
-    def poisoned(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        if self.training and torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                return poison(result)
-        return result
+    def make(original, fired):
+        calls = {"n": 0}
 
-    monkeypatch.setattr(cls, method, poisoned)
+        def poisoned(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if self.training and torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] == at_call:
+                    fired()
+                    return poison(result)
+            return result
+
+        return poisoned
+
+    faults.inject(cls, method, make)
 
 
 def test_global_means_reduces_several_losses_at_once_and_stops_on_any_non_finite():
@@ -453,20 +465,20 @@ def test_global_means_reduces_several_losses_at_once_and_stops_on_any_non_finite
     ("vqvae", "nan loss", "the loss is nan at step 3"),
 ])
 def test_a_nan_or_infinite_loss_stops_the_run_and_keeps_the_checkpoint(trainer, what, message, data, tmp_path,
-                                                                      monkeypatch, capsys):
+                                                                      faults, capsys):
     """The loss of step 3 (or its gradient) is made non-finite: the run stops with one line
     naming the step, exit status 2, before the update; the state and model.safetensors stay those
     of step 2, with finite weights."""
     run_dir = tmp_path / "run"
     if trainer == "vqvae":
-        poison_training_call(monkeypatch, VQVAE2, "forward", 3, lambda out: out._replace(loss=out.loss * math.nan))
+        poison_training_call(faults, VQVAE2, "forward", 3, lambda out: out._replace(loss=out.loss * math.nan))
     elif what == "nan loss":
-        poison_training_call(monkeypatch, PixelSNAIL, "output_nll", 3, lambda bits: bits * math.nan)
+        poison_training_call(faults, PixelSNAIL, "output_nll", 3, lambda bits: bits * math.nan)
     else:
         def infinite_gradient(bits):
             bits.register_hook(lambda g: torch.full_like(g, math.inf))
             return bits
-        poison_training_call(monkeypatch, PixelSNAIL, "output_nll", 3, infinite_gradient)
+        poison_training_call(faults, PixelSNAIL, "output_nll", 3, infinite_gradient)
     status, last_line = run_cli(TRAINERS[trainer][1], config(trainer, data, run_dir, checkpoint_every=2), capsys)
     assert status == 2
     assert re.fullmatch(f"error: {message}: stopped before updating the weights; the last checkpoint is kept", last_line)
@@ -545,7 +557,7 @@ def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, val
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
 
 
-def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch, faults):
     """With --grad-accum 2, the run dies (a simulated kill) inside step 3, after the backward of its
     first batch and before that of its second: the state on disk stays step 2's, and the resumed
     run ends bit-identical to an uninterrupted one (weights, optimizer, EMA)."""
@@ -556,10 +568,10 @@ def test_a_kill_mid_accumulation_then_resume_equals_an_uninterrupted_run(data, t
         raise Killed
 
     run_dir = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        poison_training_call(patch, PixelSNAIL, "output_nll", 2 * 2 + 2, die)
-        with pytest.raises(Killed):
-            train_prior(config("prior", data, run_dir, **accumulating))
+    poison_training_call(faults, PixelSNAIL, "output_nll", 2 * 2 + 2, die)
+    with pytest.raises(Killed):
+        train_prior(config("prior", data, run_dir, **accumulating))
+    monkeypatch.undo()
     assert saved_step(run_dir) == 2
     train_prior(config("prior", data, run_dir, resume=True, **accumulating))
     assert saved_step(run_dir) == 4
@@ -587,3 +599,12 @@ def test_report_to_tensorboard_logs_what_the_log_file_logs(trainer, data, tmp_pa
 def test_no_tracker_by_default(data, tmp_path):
     train_pixel(config("pixel", data, tmp_path / "run", steps=2))
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_an_injected_fault_that_never_fires_is_reported(monkeypatch):
+    """The `faults` fixture's own check: a patch of a function nothing calls counts as unfired."""
+    from conftest import Faults
+
+    faults = Faults(monkeypatch)
+    faults.inject(run_state, "save_file", lambda original, fired: lambda *a, **k: (fired(), original(*a, **k))[1])
+    assert faults.unfired() == ["pipelines.run_state.save_file"]
