@@ -1,9 +1,11 @@
 """Checkpoint files: weights as safetensors with the model's config inside, written atomically (as
 are the image grids the scripts write).
 
-A checkpoint is one `.safetensors` file whose metadata holds `kind` (which model class it is
-for), `config` (the config dataclass as JSON) and free-form extras such as the training step.
-Nothing in it is ever unpickled. A run directory holds its latest checkpoint as `model.safetensors`;
+A checkpoint is one `.safetensors` file whose metadata holds `format_version`, `kind` (which model
+class it is for), `stage` (what it is in the pipeline: pixels, top_prior, bottom_prior, vqvae,
+classifier; see `stage_of`), `config` (the config dataclass as JSON) and free-form extras such as the training
+step. Checkpoints written before format version 1 have neither `format_version` nor `stage`: they
+load as before, and their stage is read off their kind and extras. Nothing in it is ever unpickled. A run directory holds its latest checkpoint as `model.safetensors`;
 everywhere a checkpoint is asked for, the run directory or the file may be given.
 """
 
@@ -22,6 +24,7 @@ from prior import PixelSNAIL, PixelSNAILConfig
 from vqvae import VQVAE2, VQVAE2Config
 
 CHECKPOINT_NAME = "model.safetensors"
+FORMAT_VERSION = 1  # the format this code writes; it reads this one and the unversioned one before it
 PIXELSNAIL_KIND = "pixelsnail"
 VQVAE_KIND = "vqvae2"
 
@@ -59,11 +62,23 @@ def write_image_grid(images, path, nrow=None):
 
 
 def save_checkpoint(path, state_dict, kind, config, **extra):
-    """Writes `state_dict` with `kind`, `config` (a dataclass with to_json) and `extra` metadata."""
+    """Writes `state_dict` with `kind`, its stage, `config` (a dataclass with to_json) and `extra` metadata."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
-    metadata = {"kind": kind, "config": config.to_json(), "extra": json.dumps(extra, sort_keys=True)}
+    metadata = {"format_version": str(FORMAT_VERSION), "kind": kind, "stage": stage_of(kind, extra),
+                "config": config.to_json(), "extra": json.dumps(extra, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+
+
+def stage_of(kind, extra):
+    """What a model of `kind` with these extras is in the pipeline: a VQ-VAE is `vqvae`, a PixelSNAIL
+    trained on a level's codes names the level in its extras (`top_prior`, `bottom_prior`), any other
+    PixelSNAIL models pixels; other kinds (the sample metrics' classifier) are their own stage."""
+    if kind == VQVAE_KIND:
+        return "vqvae"
+    if kind == PIXELSNAIL_KIND:
+        return f"{extra['level']}_prior" if extra.get("level") in ("top", "bottom") else "pixels"
+    return kind
 
 
 def resolve_checkpoint(path):
@@ -74,6 +89,43 @@ def resolve_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
+
+
+def read_metadata(path):
+    """A checkpoint's checked metadata, its tensors left unread -> (metadata dict, extra dict)."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_what_it_is(path, error)})") from None
+    return check_metadata(path, metadata)
+
+
+def check_metadata(path, metadata):
+    """-> (metadata, extra) of a checkpoint of this project in a format this code reads."""
+    if "kind" not in metadata or "config" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project (no kind/config)")
+    version = metadata.get("format_version", "0")
+    if not version.isdigit():
+        raise CheckpointError(f"{path} has format_version {version!r}: expected a non-negative integer")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version}, newer than this code reads ({FORMAT_VERSION}): "
+                              "update the code")
+    try:
+        extra = json.loads(metadata.get("extra", "{}"))
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
+    return metadata, extra
+
+
+def checkpoint_stage(path):
+    """What a checkpoint (run directory or file) is in the pipeline: pixels, top_prior, bottom_prior,
+    vqvae or classifier. Checkpoints from before format version 1 record none: `stage_of` tells it."""
+    metadata, extra = read_metadata(path)
+    return metadata.get("stage") or stage_of(metadata["kind"], extra)
 
 
 def load_checkpoint(path, kind):
@@ -89,16 +141,9 @@ def load_checkpoint(path, kind):
             state_dict = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_what_it_is(path, error)})") from None
-    if "kind" not in metadata or "config" not in metadata:
-        raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project (no kind/config)")
+    metadata, extra = check_metadata(path, metadata)
     if metadata["kind"] != kind:
         raise CheckpointError(f"{path} holds a {metadata['kind']!r} model, expected {kind!r}")
-    try:
-        extra = json.loads(metadata.get("extra", "{}"))
-    except ValueError:
-        extra = None
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
     return state_dict, metadata["config"], extra
 
 

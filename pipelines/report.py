@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import run_state
-from pipelines.checkpoint import CHECKPOINT_NAME, atomic_path
+from pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
 from pipelines.codes import CodeDataset
 
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
@@ -171,11 +171,12 @@ def read_evaluation(directory):
 
 
 def stage_of(run):
-    """The stage of scripts/evaluate.py's results that evaluates `run`."""
-    level = stored_config(run).get("level")
-    if level:
-        return f"{level}_prior"
-    return "vqvae" if any("train_mse" in r for r in run_state.read_log(run)) else "pixels"
+    """The stage of scripts/evaluate.py's results that evaluates `run`: the one its checkpoint records
+    (None while it holds no readable checkpoint)."""
+    try:
+        return checkpoint_stage(run)
+    except CheckpointError:
+        return None
 
 
 def not_evaluated(directory, stage):
@@ -185,6 +186,8 @@ def not_evaluated(directory, stage):
 def evaluation_table(run):
     """The numbers of the run's stage from its eval.json or its parent's, or a line that says there are none."""
     stage = stage_of(run)
+    if stage is None:
+        return f"<p class='none'>not evaluated: {html.escape(str(run))} holds no readable checkpoint</p>"
     for directory in (run, run.parent):
         if stage in (results := read_evaluation(directory)):
             return f"<p>from {html.escape(str(directory / EVAL_FILE))}</p>" + table(flatten(results[stage]))

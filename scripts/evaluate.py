@@ -18,9 +18,10 @@
                                                        --samples takes sample.py --out-dir's samples instead;
                                                        --inception-weights FILE adds the standard Inception FID.
 
-Without a stage, `pixels` (the original command). `--json FILE` files the stage's numbers as a flat
-object under the stage's name (pixels, vqvae, top_prior, bottom_prior, samples) in FILE, keeping the
-other stages there: one FILE per pipeline collects them all. Runs on CUDA when there is one
+Without a stage, the stage of what --ckpt holds (a pixel model, a prior or a VQ-VAE), as its
+checkpoint records it. `--json FILE` files the stage's numbers as a flat object under the stage's
+name (pixels, vqvae, top_prior, bottom_prior, samples) in FILE, keeping the other stages there: one
+FILE per pipeline collects them all. Runs on CUDA when there is one
 (--device chooses), in fp32 by default (--precision). pixels and prior run on several processes
 under `accelerate launch`, each evaluating a share; vqvae and samples in one process.
 """
@@ -37,7 +38,7 @@ import time
 from torch.utils.data import DataLoader
 
 from pipelines import runtime, sample_metrics
-from pipelines.checkpoint import load_pixelsnail, load_vqvae
+from pipelines.checkpoint import CheckpointError, checkpoint_stage, load_pixelsnail, load_vqvae
 from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.data import load_dataset
 from pipelines.evaluation import check_result_file, evaluate_prior, evaluate_vqvae, write_result
@@ -51,7 +52,7 @@ STAGES = ("pixels", "prior", "vqvae", "samples")
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in (*STAGES, "-h", "--help"):
-        argv = ["pixels", *argv]  # the command before stages existed
+        argv = [stage_of_checkpoint(argv), *argv]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = p.add_subparsers(dest="stage", metavar="{" + ",".join(STAGES) + "}")
     add_pixels_arguments(stage_parser(stages, "pixels", "exact bits/dim of a pixel-space PixelSNAIL"))
@@ -62,6 +63,19 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
+
+
+def stage_of_checkpoint(argv):
+    """The stage that evaluates the checkpoint --ckpt names, as it records it; `pixels` (the command
+    before stages existed) when there is none to read, which then says what is wrong with it."""
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--ckpt", type=user_path)
+    ckpt = given.parse_known_args(argv)[0].ckpt
+    try:
+        stage = checkpoint_stage(ckpt) if ckpt else "pixels"
+    except CheckpointError:
+        return "pixels"
+    return "prior" if stage.endswith("_prior") else stage if stage in STAGES else "pixels"
 
 
 def stage_parser(stages, name, summary):

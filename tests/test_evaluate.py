@@ -184,3 +184,12 @@ def test_builtin_real_sets_hold_the_training_photos_classes_apart(one_thread):
     for images in (first, second, held_out):
         assert len(images) == 3 * n_classes and sorted(images.labels.tolist()) == sorted(list(range(n_classes)) * 3)
     assert not any(torch.equal(a, b) for a in first.images for b in second.images)
+
+
+def test_without_a_stage_evaluate_evaluates_what_the_checkpoint_holds(tiny):
+    """--ckpt alone: a VQ-VAE is evaluated as a VQ-VAE and a prior as a prior, as their checkpoints
+    record, with the same last line as the stage named."""
+    for stage, ckpt, extra in (("vqvae", tiny / "vqvae", ["--data", tiny / "images"]),
+                               ("prior", tiny / "top", ["--codes", tiny / "codes.lmdb"])):
+        named = evaluate(stage, "--ckpt", ckpt, *extra)[-1]
+        assert evaluate("--ckpt", ckpt, *extra)[-1] == named

@@ -80,6 +80,41 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "missing", "pixelsnail")
 
 
+def rewrite_checkpoint_metadata(path, **changes):
+    """The checkpoint at `path` with metadata fields changed (None: removed), weights kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    metadata = {k: v for k, v in {**metadata, **changes}.items() if v is not None}
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_checkpoints_carry_a_format_version_and_their_stage_and_old_ones_load_as_before(tmp_path):
+    from pipelines.checkpoint import FORMAT_VERSION, checkpoint_stage, read_metadata
+
+    model = PixelSNAIL(get_preset("tiny").model)
+    pixels, prior = tmp_path / "pixels.safetensors", tmp_path / "prior.safetensors"
+    save_checkpoint(pixels, model.state_dict(), "pixelsnail", model.config, step=7)
+    save_checkpoint(prior, model.state_dict(), "pixelsnail", model.config, step=7, level="bottom", codes={})
+    metadata, _ = read_metadata(pixels)
+    assert (metadata["format_version"], metadata["stage"]) == (str(FORMAT_VERSION), "pixels")
+    assert checkpoint_stage(prior) == "bottom_prior"
+
+    for path, stage in ((pixels, "pixels"), (prior, "bottom_prior")):  # written before format version 1
+        rewrite_checkpoint_metadata(path, format_version=None, stage=None)
+        assert "stage" not in read_metadata(path)[0] and checkpoint_stage(path) == stage
+    loaded, extra = load_pixelsnail(pixels)
+    assert extra == {"step": 7} and loaded.config == model.config
+
+    rewrite_checkpoint_metadata(pixels, format_version=str(FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError, match=f"format_version {FORMAT_VERSION + 1}, newer than this code reads"):
+        load_pixelsnail(pixels)
+    with pytest.raises(CheckpointError, match="newer than this code reads"):
+        checkpoint_stage(pixels)
+
+
 def test_command_line_end_to_end(image_folder, tmp_path):
     """The refusals of a missing checkpoint and missing data as real command lines, the rest in this process."""
     run_dir = tmp_path / "run"
