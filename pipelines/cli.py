@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from pipelines.errors import one_line
 from pipelines.runtime import Stopped
 
 
@@ -25,19 +26,6 @@ def run(main, interrupted="interrupted"):
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
-
-
-def one_line(error):
-    """An error's message on one line.
-
-    An exception raised in a DataLoader worker is raised again in the main process with the
-    worker's whole traceback as its message ("Caught DataError in DataLoader worker process 0.
-    Original Traceback ..."); its last line, "module.DataError: <message>", holds the message.
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(lines)
 
 
 def user_path(text):

@@ -36,6 +36,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from pipelines.errors import one_line
+
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
@@ -84,11 +86,6 @@ def _held_out(items, split: str, source: Path) -> list:
     if not chosen:
         raise DataError(f"{source} holds {len(items)} image(s): too few to hold out every 10th as test")
     return chosen
-
-
-def _one_line(err: Exception) -> str:
-    """An exception's message fit for a one-line DataError."""
-    return " ".join(str(err).split())
 
 
 def _check_readable(path: Path) -> None:
@@ -268,7 +265,7 @@ def _read_tar_members(tarball: Path, names: list[str]) -> list[bytes]:
                 if member.isfile() and Path(member.name).name in names:
                     found[Path(member.name).name] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # truncated or damaged archive
-        raise DataError(f"cannot read tarball {tarball}: {_one_line(err)} (damaged or incomplete download?)") from err
+        raise DataError(f"cannot read tarball {tarball}: {one_line(err)} (damaged or incomplete download?)") from err
     missing = [name for name in names if name not in found]
     if missing:
         raise DataError(
@@ -284,7 +281,7 @@ def _parse_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, list[int]]:
         # encoding="bytes": the official files are Python 2 pickles, whose str become bytes
         batch = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:  # a malformed pickle fails in many ways; all mean the same to the user
-        raise DataError(f"cannot read CIFAR-10 batch {source}: {_one_line(err)}") from err
+        raise DataError(f"cannot read CIFAR-10 batch {source}: {one_line(err)}") from err
     data = batch.get(b"data") if isinstance(batch, dict) else None
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
     data_ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)
@@ -341,7 +338,7 @@ def _load_imagenet_npz(file: Path, size: int) -> ImageTensorDataset:
         with np.load(file, allow_pickle=False) as npz:
             data, labels = npz["data"], npz["labels"]
     except Exception as err:  # zip, npy header and missing-key errors all mean "not this format"
-        raise DataError(f"cannot read downsampled-ImageNet file {file}: {_one_line(err)}") from err
+        raise DataError(f"cannot read downsampled-ImageNet file {file}: {one_line(err)}") from err
     side = round((data.shape[-1] / 3) ** 0.5) if data.ndim == 2 else 0
     if not (
         data.dtype == np.uint8 and side > 0 and data.shape[1] == 3 * side * side
@@ -447,7 +444,7 @@ def read_image(file: str | Path, size: int) -> Tensor:
         with Image.open(file) as image:
             image = to_rgb8(ImageOps.exif_transpose(image))
     except Exception as err:  # PIL raises many types for truncated or foreign files
-        raise DataError(f"cannot read image {file}: {_one_line(err)}") from err
+        raise DataError(f"cannot read image {file}: {one_line(err)}") from err
     pixels = np.array(_resize_center_crop(image, size))  # (S, S, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 

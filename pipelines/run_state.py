@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from pipelines.checkpoint import CHECKPOINT_NAME
 from pipelines.data import absolute_spec
+from pipelines.errors import one_line
 from pipelines.run_config import data_fields, run_fields, with_defaults
 
 STATE_DIR = "state"
@@ -126,14 +127,8 @@ def check_pickled_state(directory):
 
 
 def _torch_load_reason(error):
-    """The line of a torch.load error that says what is wrong (not its advice to load unsafely)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip()
-    if "mmap can only be used" in str(error):
-        return "not a torch.save zip archive"
-    return lines[0] if lines else type(error).__name__
+    """What is wrong with a file torch.load(mmap=True, weights_only=True) refused, in one line."""
+    return "not a torch.save zip archive" if "mmap can only be used" in str(error) else one_line(error, 300)
 
 
 def load_state(accelerator, run_dir, ema=None):

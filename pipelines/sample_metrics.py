@@ -26,7 +26,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from pipelines import samples as sample_dir
 from pipelines.classifier import ClassifierConfig, train_classifier
-from pipelines.cli import one_line
+from pipelines.errors import one_line
 from pipelines.codes import dataset_labels
 from pipelines.data import BuiltinPhotos, load_dataset
 from pipelines.generation import SampleJob, make_samples
@@ -144,11 +144,6 @@ def evaluate_samples(samples: LabelledImages, real_train, real_other, real_test,
 # -- Inception FID -----------------------------------------------------------------------------------
 
 
-def brief(error):
-    """An error's message, on one line and cut short: torch's messages can run to pages."""
-    return one_line(error)[:200]
-
-
 def inception_fid_metric(weights_path):
     """torchmetrics' FID on Inception v3's 2048 pool features, the network loaded from the user's
     weights file; refuses in one line where the file is missing, is not a plain state dict, or
@@ -159,7 +154,7 @@ def inception_fid_metric(weights_path):
     try:  # never unpickle: weights_only refuses any object but tensors and plain containers
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with code, a zip of something else, a truncated file
-        raise ValueError(f"--inception-weights {path} is not a weights-only torch file ({brief(error)})") from None
+        raise ValueError(f"--inception-weights {path} is not a weights-only torch file ({one_line(error, 200)})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if not isinstance(fc, torch.Tensor) or tuple(fc.shape) != (1008, 2048):
         raise ValueError(f"--inception-weights {path} is not the FID Inception network (no fc.weight of shape "
@@ -171,7 +166,7 @@ def inception_fid_metric(weights_path):
         return FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(path))
     except RuntimeError as error:  # load_state_dict: missing or unexpected keys, other shapes
         raise ValueError(f"--inception-weights {path} does not fit torch-fidelity's Inception v3 "
-                         f"({brief(error)})") from None
+                         f"({one_line(error, 200)})") from None
 
 
 def inception_fid(metric, real: LabelledImages, other: LabelledImages, batch_size=64):
@@ -196,7 +191,7 @@ def load_samples(path):
         arrays = sample_dir.load(path)
         images, labels = torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
     except Exception as error:  # not a zip, not npy, a missing array: all mean "not sample.py's file"
-        raise ValueError(f"{path} is not a samples.npz of sample.py ({brief(error)})") from None
+        raise ValueError(f"{path} is not a samples.npz of sample.py ({one_line(error, 200)})") from None
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3 or labels.shape != (len(images),):
         raise ValueError(f"{path} does not hold uint8 images (N, S, S, 3) with N labels")
     if len(labels) == 0 or labels.min() < 0:

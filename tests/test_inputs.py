@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from launch import run_in_process
 from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
-from pipelines.cli import one_line
+from pipelines.errors import one_line
 from pipelines.codes import CodeStoreError, file_sha256, read_metadata
 from pipelines.data import DataError
 from pipelines.generation import load_pipeline
@@ -188,10 +188,11 @@ def test_damaged_config_metadata_is_named(tmp_path, config_text, problem):
 # Checkpoints of the other kind of model
 
 
-def test_evaluate_refuses_a_vqvae_and_a_code_prior(models, script):
-    assert_refused(script("evaluate.py", "--ckpt", models["vqvae"], "--data", models["images"]),
+def test_evaluate_pixels_refuses_a_vqvae_and_a_code_prior(models, script):
+    """The pixels stage, named: without a stage, evaluate.py evaluates what the checkpoint holds."""
+    assert_refused(script("evaluate.py", "pixels", "--ckpt", models["vqvae"], "--data", models["images"]),
                    models["vqvae"], "'vqvae2' model, expected 'pixelsnail'")
-    assert_refused(script("evaluate.py", "--ckpt", models["top"], "--data", models["images"]),
+    assert_refused(script("evaluate.py", "pixels", "--ckpt", models["top"], "--data", models["images"]),
                    models["top"], "code-mode prior")
 
 
@@ -415,6 +416,10 @@ def test_an_error_from_a_dataloader_worker_becomes_one_line():
     assert "Traceback" in str(excinfo.value)  # what torch makes of it
     assert one_line(excinfo.value) == "cannot read image /data/x.png: image file is truncated"
     assert one_line(ValueError("two\nlines")) == "two lines"
+    refusal = RuntimeError("Weights only load failed. ...\nWeightsUnpickler error: Unsupported global: GLOBAL "
+                           "os.system. Please use `torch.serialization.add_safe_globals` to allowlist it.\n")
+    assert one_line(refusal) == "Unsupported global: GLOBAL os.system"
+    assert one_line(ValueError("x" * 50), limit=10) == "xxxxxxx..." and one_line(KeyError()) == "KeyError"
 
 
 def test_extraction_stopped_by_a_damaged_image_in_a_worker_leaves_an_incomplete_database(models, tmp_path):
