@@ -3,7 +3,7 @@ held against the lossless codecs a user knows, on the same held-out crops.
 
 Two sets of crops, neither seen in training: the built-in test split (crops of the held-out photos)
 and crops of other photos, by default matplotlib's sample photo of Grace Hopper, cut as the
-built-in crops are cut (pipelines.data.random_crops); `--other-photos` takes the user's own.
+built-in crops are cut (pipelines.data.datasets.random_crops); `--other-photos` takes the user's own.
 The codecs: PNG at its maximum compression and WebP lossless at its best method (Pillow), as bits
 per sub-pixel of the encoded files (headers included: a file is what a user stores). The model: one
 run of the real trainer (scripts/train_pixelsnail.py, its defaults) per seed, stopped at each mark
@@ -25,9 +25,9 @@ from PIL import Image
 from bench.common import ROOT, Report, log, machine_info, machine_lines, results_record
 from bench.precision import last_line_value, run_script
 from pipelines.cli import user_path
-from pipelines.codecs import CODECS, codec_bits_per_subpixel
-from pipelines.data import load_dataset, random_crops, to_rgb8
-from pipelines.run_state import read_log
+from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
+from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
+from pipelines.store.run_files import read_log
 from prior import get_preset
 
 FULL_MARKS = (2.0, 5.0, 10.0)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from pipelines.runtime import cpu_flags, cpu_info
+from pipelines.device import cpu_flags, cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 from bench.common import (ROOT, OtherCpuUse, Report, add_common_arguments, apply_defaults, load_average, log,
                           machine_info, machine_lines, random_pixels)
 from bench.vqvae import VQVAE_QUICK_MODEL, to_memory_format, vqvae_extract
-from pipelines.checkpoint import load_vqvae, save_checkpoint
-from pipelines.codes import CodeDataset
-from pipelines.data import load_dataset, to_model_range
+from pipelines.data.datasets import load_dataset, to_model_range
+from pipelines.store.checkpoint import load_vqvae, save_checkpoint
+from pipelines.store.codes import CodeDataset
 from vqvae import VQVAE2, VQVAE2Config
 
 PRECISIONS = ("fp32", "bf16")

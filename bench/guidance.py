@@ -1,7 +1,7 @@
 """The `guidance` benchmark: does classifier-free guidance make samples of the class asked for?
 
 Trains a demo-like top and bottom prior pair with label dropout (the real trainer, on a copy of the
-demo's VQ-VAE and code database), trains the small CNN classifier (pipelines.classifier) on the
+demo's VQ-VAE and code database), trains the small CNN classifier (pipelines.eval.classifier) on the
 built-in training crops' classes (the photo each crop came from), reports its accuracy on held-out
 crops of the same photos (fresh random crops, another seed) and on their VQ-VAE reconstructions
 (what any decoded sample can reach at best), then samples every class at guidance 0 (the null
@@ -18,11 +18,11 @@ import torch
 
 from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
                           machine_lines)
-from pipelines import train_prior
-from pipelines.classifier import ClassifierConfig, train_classifier
-from pipelines.data import BuiltinPhotos, to_model_range, to_uint8
-from pipelines.generation import generate, load_pipeline, sample_generators
-from pipelines.run_state import has_state
+from pipelines.data.datasets import BuiltinPhotos, to_model_range, to_uint8
+from pipelines.eval.classifier import ClassifierConfig, train_classifier
+from pipelines.infer.generation import generate, load_pipeline, sample_generators
+from pipelines.store.run_files import has_state
+from pipelines.train import priors
 from prior.drawing import Drawing
 
 SETTINGS = {
@@ -46,7 +46,7 @@ def train_priors(work, minutes, seed):
     bits = {}
     for level in ("top", "bottom"):
         log(f"{level} prior with label dropout {LABEL_DROPOUT}, {PRIOR_SHARE[level] * minutes:.1f} min")
-        bits[level] = train_prior.train(train_prior.PriorTrainConfig(
+        bits[level] = priors.train(priors.PriorTrainConfig(
             codes=str(work / "codes.lmdb"), level=level, out=str(work / level), preset=f"cpu-{level}",
             steps=100_000, max_minutes=PRIOR_SHARE[level] * minutes, eval_every=100_000, checkpoint_every=200,
             label_dropout=LABEL_DROPOUT, seed=seed, resume=has_state(work / level)))

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from bench.common import (OtherCpuUse, Report, add_common_arguments, apply_defaults, load_average, log, machine_info,
                           machine_lines, seconds)
-from pipelines.codes import CodeDataset, record_size, write_codes
+from pipelines.infer.extract import write_codes
+from pipelines.store.codes import CodeDataset, record_size
 
 CONTEXTS = ("fork", "spawn")
 # the paper's ImageNet 256 setting: 32x32 top and 64x64 bottom grids of 512 codes, 1000 classes
@@ -204,7 +205,7 @@ def lmdb_summary_lines(results):
     lines = [
         f"{c['records']:,} records of {c['top_shape'][0]}x{c['top_shape'][1]} top and {c['bottom_shape'][0]}x"
         f"{c['bottom_shape'][1]} bottom uint16 codes + int32 label ({c['record_bytes']:,} bytes each; data.mdb "
-        f"{build['database_bytes'] / 1e6:.0f} MB), written with pipelines.codes.write_codes in "
+        f"{build['database_bytes'] / 1e6:.0f} MB), written with pipelines.infer.extract.write_codes in "
         f"{seconds(build['seconds'])} ({build['records_per_s']:,.0f} records/s, {WRITE_BATCH} records a transaction)",
         f"read: CodeDataset in a torch DataLoader, batch {c['batch_size']}, {c['sampler']}; each run reads for "
         f"{c['seconds_per_run']:g} s after every worker delivered its first batch (start-up: time to that point); "

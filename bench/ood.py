@@ -6,7 +6,7 @@ trained on). The other kinds, as many of each: uniform noise; other test crops f
 down; other test crops colour-inverted (255 - v); crops of scikit-image's `camera` (a grayscale
 photo not among BUILTIN_PHOTOS, as RGB), cut as BuiltinPhotos cuts its crops. Scores: the pixel
 model's bits/dim; the pipeline's total bits of top and bottom codes, each level's bits per code
-(the classes unknown: the uniform mixture over the priors' classes, pipelines.scoring), and the
+(the classes unknown: the uniform mixture over the priors' classes, pipelines.infer.scoring), and the
 VQ-VAE's reconstruction MSE. AUROC is the exact rank statistic (torchmetrics' BinaryAUROC): 1 means
 every image of the kind scores above every in-distribution crop, 0.5 chance, below 0.5 the kind
 looks *more* likely than the real crops.
@@ -24,11 +24,11 @@ from torchmetrics.classification import BinaryAUROC
 
 from bench.common import (Report, add_common_arguments, add_quick_argument, apply_defaults, log, machine_info,
                           machine_lines, results_record)
-from pipelines.checkpoint import load_pixelsnail
-from pipelines.data import BuiltinPhotos, random_crops
-from pipelines.generation import Pipeline, load_pipeline
-from pipelines.inference import make_runtime
-from pipelines.scoring import MIXTURE, score_pipeline, score_pixels
+from pipelines.data.datasets import BuiltinPhotos, random_crops
+from pipelines.device import make_runtime
+from pipelines.infer.generation import Pipeline, load_pipeline
+from pipelines.infer.scoring import MIXTURE, score_pipeline, score_pixels
+from pipelines.store.checkpoint import load_pixelsnail
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
@@ -146,7 +146,7 @@ def run(args):
     demo-pixels` trains) scored by bits/dim, and the pipeline in --demo (default runs/demo, which
     `make demo` writes: vqvae/, top/, bottom/) scored by its codes' total bits, each level's bits per
     code (the class unknown: the uniform mixture over the priors' classes) and the VQ-VAE's
-    reconstruction MSE. Everything in fp32 (pipelines.scoring, as scripts/score.py). Writes ood.json
+    reconstruction MSE. Everything in fp32 (pipelines.infer.scoring, as scripts/score.py). Writes ood.json
     and ood.md to --out. --quick: tiny random models on 8 images of each kind; the numbers mean nothing."""
     apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     if args.threads:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
                           machine_lines)
-from pipelines.run_state import LOG_FILE
+from pipelines.store.run_files import LOG_FILE
 from prior import get_preset
 
 # name -> (precision, learning rate factor) of the runs made for every seed

@@ -2,7 +2,7 @@
 
 The top prior (`vqvae2-top`, 32x32 codes) samples, the bottom prior (`vqvae2-bottom`, 64x64
 codes) samples given top codes, the paper's VQ-VAE decodes both to 256x256; random weights, in
-fp32 and under the bf16 autocast scripts/sample.py uses (pipelines.inference.Runtime). Each level
+fp32 and under the bf16 autocast scripts/sample.py uses (pipelines.device.Runtime). Each level
 is timed on a prefix of its positions with bench.sample's DrawRecorder and scaled to the whole
 grid (see SAMPLING_SCALING); the prefix is one whole row and the next row's first position, so
 the per-position figure includes one row start (the work the cached sampler does once per row).
@@ -20,12 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import (Report, load_average, log, machine_info, machine_lines, seconds,
-                          time_interleaved)
+from bench.common import Report, load_average, log, machine_info, machine_lines, seconds, time_interleaved
 from bench.sample import DrawRecorder, prefix_timing, random_inputs
 from bench.train import CPU_ATTENTION_FLOPS, MATMUL_SHAPES, measure_matmul_peak
 from bench.vqvae import VQVAE_QUICK_MODEL
-from pipelines.inference import make_runtime
+from pipelines.device import make_runtime
 from prior import PixelSNAIL, get_preset
 from prior.sampling import sample_cached
 from vqvae import VQVAE2, VQVAE2Config

@@ -1,6 +1,6 @@
 """The `streams` benchmark: does the vertical stream help an attention-free prior?
 
-The real prior trainer (`pipelines.train_prior.train`) trains the `cpu-bottom` preset with one
+The real prior trainer (`pipelines.train.priors.train`) trains the `cpu-bottom` preset with one
 stream (the model as it was before the vertical stream: it never sees the codes up and to the
 right beyond its kernel) and with two streams, for the same wall time, on a code database (the
 demo's), for several seeds. The two variants of a seed train at the same time, as two processes
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
                           machine_lines)
-from pipelines.run_state import LOG_FILE
+from pipelines.store.run_files import LOG_FILE
 
 PRESET = "cpu-bottom"
 VARIANTS = ("one", "two")  # the model's `streams`
@@ -41,14 +41,14 @@ def train_variant(run_dir, streams, seed, minutes, codes):
     presets by name) and trains it; prints one JSON line with the result."""
     import torch
 
-    from pipelines import train_prior
+    from pipelines.train import priors
     from prior.presets import PRESETS
 
     torch.set_num_threads(1)
     base = PRESETS[PRESET]
     PRESETS[variant_preset(streams)] = replace(base, model=replace(base.model, streams=streams))
     start = time.perf_counter()
-    bits = train_prior.train(train_prior.PriorTrainConfig(
+    bits = priors.train(priors.PriorTrainConfig(
         codes=codes, level="bottom", out=str(run_dir), preset=variant_preset(streams), steps=STEPS,
         max_minutes=minutes, eval_every=STEPS, checkpoint_every=STEPS, seed=seed, n_samples=0))
     seconds = time.perf_counter() - start

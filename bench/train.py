@@ -3,7 +3,7 @@ each in fp32 and in the fast path (bf16 autocast, as the trainers run by default
 optionally also under torch.compile), next to the machine's matmul peak measured in the same run.
 
 Every model is timed as its trainer runs it, by construction: each timed step is the trainers' own
-step function (`pipelines.loop.train_step`: the loss of the trainer's task on a batch as its loader
+step function (`pipelines.train.loop.train_step`: the loss of the trainer's task on a batch as its loader
 gives it, the finiteness checks, the clipped gradient, the Adam update), with the model's forward
 wrapped in bf16 autocast as `accelerator.prepare` wraps it. Variants of one model are interleaved
 round by round, so background load hits them alike.
@@ -28,10 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from bench.common import (Report, add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
                           machine_lines, paired_speedups, time_interleaved)
 from bench.vqvae import VQVAE_QUICK_MODEL
-from pipelines.loop import train_step
-from pipelines.train_pixel import PixelSNAILTask, bits_loss, image_inputs
-from pipelines.train_prior import code_inputs
-from pipelines.train_vqvae import VQVAETask, reconstruction_loss
+from pipelines.data.codes import code_inputs
+from pipelines.data.datasets import image_inputs
+from pipelines.train.loop import train_step
+from pipelines.train.pixelsnail import PixelSNAILTask, bits_loss
+from pipelines.train.vqvae import VQVAETask, reconstruction_loss
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
@@ -56,7 +57,7 @@ class Case:
     batch_size: int
     build: Callable  # (batch) -> model in train mode, initialised
     make_batch: Callable  # (batch_size, generator) -> a batch as the trainer's loader gives it
-    loss: Callable  # (model) -> the trainer's loss of one step, loss(forward, batch) -> pipelines.loop.Step
+    loss: Callable  # (model) -> the trainer's loss of one step, loss(forward, batch) -> pipelines.train.loop.Step
     betas: tuple
 
 

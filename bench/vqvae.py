@@ -20,7 +20,7 @@ VQVAE_VARIANTS = {
     "fp32_channels_last": ("fp32", True),
 }
 VQVAE_DEFAULT_VARIANTS = ["fp32", "bf16", "bf16_channels_last"]
-VQVAE_LR = 3e-4  # Adam with torch's default betas, as pipelines/train_vqvae.py
+VQVAE_LR = 3e-4  # Adam with torch's default betas, as pipelines/train/vqvae.py
 VQVAE_QUICK_MODEL = VQVAE2Config(channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8)
 # --quick runs one thread: on a tiny model two threads mostly wait on each other, seconds per step
 # when other jobs hold the cores
@@ -37,7 +37,7 @@ def to_memory_format(variant, model, x):
 
 
 def vqvae_train_step(model, optimizer, x, precision):
-    """As pipelines/train_vqvae.py runs a step (without its gradient clipping): the forward,
+    """As pipelines/train/vqvae.py runs a step (without its gradient clipping): the forward,
     with its fp32 losses, under autocast; backward, Adam step and zero_grad outside it."""
     with autocast(precision):
         loss = model(x).loss

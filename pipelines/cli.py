@@ -6,7 +6,7 @@ import signal
 import sys
 
 from pipelines.errors import one_line
-from pipelines.runtime import Stopped
+from pipelines.train.runtime import Stopped
 
 
 def run(main, interrupted="interrupted"):
@@ -53,7 +53,7 @@ def add_image_data_setting(parser):
 
 def add_run_arguments(parser, defaults, presets):
     """The options every trainer shares: the settings that define a run (left out of the namespace
-    unless given: see pipelines.run_config), budgets, precision, evaluation, checkpoints, resume."""
+    unless given: see pipelines.train.run_config), budgets, precision, evaluation, checkpoints, resume."""
     p, d = parser, defaults
     add_run_setting(p, "--preset", choices=list(presets), help="model and training settings")
     add_run_setting(p, "--batch-size", type=int, help="per process")

@@ -30,18 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from modelkit import JSONConfig, check_range
 from prior import mixture, sampling
-from prior.config_json import JSONConfig
 from prior.drawing import Drawing, draw_codes
-from prior.layers import (
-    AttentionBlock,
-    CausalInput,
-    GatedResBlock,
-    VerticalInput,
-    init_from_data,
-    nin,
-    positional_background,
-)
+from prior.layers import (AttentionBlock, CausalInput, GatedResBlock, VerticalInput, init_from_data, nin,
+                          positional_background)
 from prior.modes import evaluating
 
 STREAMS = ("auto", "one", "two")
@@ -341,13 +334,3 @@ class PixelSNAIL(nn.Module):
         """
         sampler = sampling.sample_cached if cache else sampling.sample_naive
         return sampler(self, n, label, cond, generator, temperature, progress, **options)
-
-
-def check_range(name, values, upper):
-    """Raises ValueError unless every integer in `values` lies in [0, upper). Skipped inside
-    torch.compile, where a data-dependent branch would split the graph: the trainers' code
-    databases check every record as they read it."""
-    if torch.compiler.is_compiling():
-        return
-    if values.numel() and (values.min() < 0 or values.max() >= upper):
-        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{values.min()}, {values.max()}]")

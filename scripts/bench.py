@@ -68,8 +68,9 @@ from pathlib import Path
 # the repository root first: from scripts/, this file would shadow the bench package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, streams, train, vqvae  # noqa: E402
-from pipelines.cli import run  # noqa: E402
+from bench import (codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, streams, train,  # noqa: E402
+                   vqvae)
+from pipelines.cli import run
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import load_pixelsnail, write_image_grid
 from pipelines.cli import run, user_path
-from pipelines.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
-from pipelines.data import image_files, read_image
-from pipelines.generation import check_class, check_drawing, load_pipeline, sample_generators
-from pipelines.inference import add_runtime_arguments, one_process_runtime
+from pipelines.data.datasets import image_files, read_image
+from pipelines.device import add_runtime_arguments, one_process_runtime
+from pipelines.infer.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
+from pipelines.infer.generation import check_class, check_drawing, load_pipeline, sample_generators
+from pipelines.store.checkpoint import load_pixelsnail, write_image_grid
 from prior.drawing import Drawing
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from pipelines import train_prior, train_vqvae
-from pipelines.checkpoint import write_image_grid
 from pipelines.cli import run
-from pipelines.codes import extract_with_vqvae
-from pipelines.generation import generate, load_pipeline
-from pipelines.report import write_report
-from pipelines.run_state import has_state
+from pipelines.eval.report import write_report
+from pipelines.infer.extract import extract_with_vqvae
+from pipelines.infer.generation import generate, load_pipeline
+from pipelines.store.checkpoint import write_image_grid
+from pipelines.store.run_files import has_state
+from pipelines.train import priors
+from pipelines.train import vqvae as train_vqvae
 
 LABEL_DROPOUT = 0.1  # the priors learn a null class too: classifier-free guidance works with them
 
@@ -61,7 +62,7 @@ def main():
 
     for level in ("top", "bottom"):
         print(f"== 3/4 {level} prior")
-        train_prior.train(train_prior.PriorTrainConfig(
+        priors.train(priors.PriorTrainConfig(
             codes=str(out / "codes.lmdb"), level=level, out=str(out / level), preset=f"cpu-{level}",
             steps=3000, max_minutes=budget[level], eval_every=1000, checkpoint_every=200,
             label_dropout=LABEL_DROPOUT, resume=has_state(out / level)))

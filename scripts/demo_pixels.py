@@ -13,10 +13,10 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 import argparse
 
 from pipelines.cli import run
-from pipelines.codecs import CODECS, codec_bits_per_subpixel
-from pipelines.data import load_dataset
-from pipelines.run_state import has_state
-from pipelines.train_pixel import TrainConfig, train
+from pipelines.data.datasets import load_dataset
+from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
+from pipelines.store.run_files import has_state
+from pipelines.train.pixels import TrainConfig, train
 from prior import get_preset
 
 PRESET = "cpu-small"

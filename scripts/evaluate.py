@@ -37,14 +37,15 @@ import time
 
 from torch.utils.data import DataLoader
 
-from pipelines import runtime, sample_metrics
-from pipelines.checkpoint import CheckpointError, checkpoint_stage, load_pixelsnail, load_vqvae
 from pipelines.cli import HelpFormatter, run, user_path
-from pipelines.data import load_dataset
-from pipelines.evaluation import check_result_file, evaluate_prior, evaluate_vqvae, write_result
-from pipelines.generation import load_pipeline
-from pipelines.inference import add_runtime_arguments, one_process_runtime, resolve_device
-from pipelines.train_pixel import evaluate_bits
+from pipelines.data.datasets import load_dataset
+from pipelines.device import add_runtime_arguments, one_process_runtime, resolve_device, resolve_precision
+from pipelines.eval import sample_metrics
+from pipelines.eval.stages import evaluate_bits, evaluate_prior, evaluate_vqvae
+from pipelines.infer.generation import load_pipeline
+from pipelines.store.checkpoint import CheckpointError, checkpoint_stage, load_pixelsnail, load_vqvae
+from pipelines.store.results import check_result_file, write_result
+from pipelines.train import runtime
 
 STAGES = ("pixels", "prior", "vqvae", "samples")
 
@@ -126,7 +127,7 @@ def add_samples_arguments(p):
 
 def pixels(args):
     device = resolve_device(args.device)
-    precision = runtime.resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)
     model, extra = load_pixelsnail(args.ckpt)
     if not model.config.pixel_mode:
         raise ValueError(f"{args.ckpt} is a code-mode prior; bits/dim over images needs a pixel-mode model")
@@ -146,7 +147,7 @@ def prior(args):
     if args.max_records is not None and args.max_records < 1:
         raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
     device = resolve_device(args.device)
-    accelerator = runtime.make_accelerator(runtime.resolve_precision(args.precision, device), device=device)
+    accelerator = runtime.make_accelerator(resolve_precision(args.precision, device), device=device)
     result = evaluate_prior(args.ckpt, args.codes, accelerator, args.batch_size, args.max_records)
     accelerator.print(f"{result['level']} prior: {result['heldout_records']} held-out and {result['train_records']} "
                       "training records")

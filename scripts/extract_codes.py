@@ -24,9 +24,8 @@ import argparse
 from accelerate import PartialState
 
 from pipelines.cli import HelpFormatter, run, user_path
-from pipelines.codes import extract_with_vqvae
-from pipelines.inference import add_runtime_arguments
-
+from pipelines.device import add_runtime_arguments
+from pipelines.infer.extract import extract_with_vqvae
 
 INTERRUPTED = "interrupted: the batches committed so far are kept; run the same command again to resume"
 

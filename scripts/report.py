@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from pipelines.cli import run, user_path
-from pipelines.report import write_report
+from pipelines.eval.report import write_report
 
 
 def parse_args():

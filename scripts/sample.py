@@ -35,12 +35,12 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
 
-from pipelines import samples as sample_dir
-from pipelines.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
 from pipelines.cli import run, user_path
-from pipelines.codes import file_sha256
-from pipelines.generation import SampleJob, check_drawing, load_pipeline, make_samples, parse_labels
-from pipelines.inference import add_runtime_arguments, make_runtime
+from pipelines.device import add_runtime_arguments, make_runtime
+from pipelines.infer.generation import SampleJob, check_drawing, load_pipeline, make_samples, parse_labels
+from pipelines.store import samples as sample_dir
+from pipelines.store.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
+from pipelines.store.codes import file_sha256
 from prior.drawing import Drawing
 
 

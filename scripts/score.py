@@ -31,13 +31,13 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 import argparse
 from functools import partial
 
-from pipelines.checkpoint import load_pixelsnail
 from pipelines.cli import HelpFormatter, run, user_path
-from pipelines.codes import count_classes
-from pipelines.data import ImageFiles, load_dataset
-from pipelines.generation import load_pipeline
-from pipelines.inference import add_runtime_arguments, one_process_runtime
-from pipelines.scoring import MIXTURE, choose_labels, score_dataset, score_pipeline, score_pixels
+from pipelines.data.datasets import ImageFiles, load_dataset
+from pipelines.device import add_runtime_arguments, one_process_runtime
+from pipelines.infer.extract import count_classes
+from pipelines.infer.generation import load_pipeline
+from pipelines.infer.scoring import MIXTURE, choose_labels, score_dataset, score_pipeline, score_pixels
+from pipelines.store.checkpoint import load_pixelsnail
 
 
 def parse_args():

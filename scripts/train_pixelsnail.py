@@ -9,7 +9,7 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 from pipelines.cli import add_image_data_setting, add_pixelsnail_arguments, run, trainer_parser
-from pipelines.train_pixel import TrainConfig, train
+from pipelines.train.pixels import TrainConfig, train
 from prior import PRESETS
 
 

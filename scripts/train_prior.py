@@ -14,7 +14,7 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser, user_path
-from pipelines.train_prior import LEVELS, PriorTrainConfig, train
+from pipelines.train.priors import LEVELS, PriorTrainConfig, train
 from prior import PRESETS
 
 

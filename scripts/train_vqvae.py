@@ -10,7 +10,7 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 from pipelines.cli import add_image_data_setting, add_run_setting, run, trainer_parser
-from pipelines.train_vqvae import VQVAETrainConfig, train
+from pipelines.train.vqvae import VQVAETrainConfig, train
 from vqvae.presets import PRESETS
 
 

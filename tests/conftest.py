@@ -2,10 +2,19 @@
 short VQ-VAE training run,
 and a tiny pipeline run directory."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# The scripts the tests start as processes import this checkout's packages, whichever checkout the
+# environment has installed (a second worktree shares one .venv): python puts scripts/ first on
+# their path, not the repository root.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +70,10 @@ def tiny_pipeline(tmp_path_factory):
     """A pipeline's run directory as scripts/demo.py lays it out, tiny and untrained: two classes of
     16x16 images (images/train and images/test, reddish and bluish ramps), a random VQ-VAE (vqvae/),
     its code database (codes.lmdb) and random top and bottom priors that fit it (top/, bottom/)."""
-    from pipelines.checkpoint import CHECKPOINT_NAME, save_checkpoint
-    from pipelines.codes import PriorProvenance, extract_with_vqvae, prior_fields, read_metadata
+    from pipelines.infer.extract import extract_with_vqvae
+    from pipelines.store.checkpoint import CHECKPOINT_NAME, save_checkpoint
+    from pipelines.store.codes import read_metadata
+    from pipelines.store.provenance import PriorProvenance, prior_fields
     from prior import PixelSNAIL, PixelSNAILConfig
     from vqvae import VQVAE2, VQVAE2Config
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import codecs, evaluate, extract, guidance, lmdb, ood, precision, sample, sample_pipeline, streams, train, vqvae
+from bench import (codecs, evaluate, extract, guidance, lmdb, ood, precision, sample, sample_pipeline, streams, train,
+                   vqvae)
 from launch import run_in_process
-from pipelines.codes import extract_codes
-from pipelines.data import ImageTensorDataset
+from pipelines.data.datasets import ImageTensorDataset
+from pipelines.infer.extract import extract_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipelines.checkpoint import CheckpointError
-from pipelines.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier, train_classifier
+from pipelines.eval.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier, train_classifier
+from pipelines.store.checkpoint import CheckpointError
 
 TINY = dict(image_size=16, widths=(8, 16))
 
@@ -58,7 +58,7 @@ def test_the_checkpoint_round_trips(trained, tmp_path):
 
 
 def test_another_kind_of_checkpoint_is_refused(tmp_path):
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.store.checkpoint import save_checkpoint
     from vqvae import VQVAE2, VQVAE2Config
 
     config = VQVAE2Config(top_codes=4, bottom_codes=4, code_dim=2, channels=4, res_channels=2, n_res_blocks=1)

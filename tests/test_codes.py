@@ -19,11 +19,9 @@ from torch.utils.data import DataLoader
 
 from launch import launch_command, run_in_process
 from pipelines.cli import run
-from pipelines.codes import (
-    META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
-    write_codes,
-)
-from pipelines.data import ImageTensorDataset
+from pipelines.data.datasets import ImageTensorDataset
+from pipelines.infer.extract import extract_codes, write_codes
+from pipelines.store.codes import META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, read_metadata, record_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # scripts import this checkout's packages
@@ -162,7 +160,7 @@ KILLED_RUN = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_codes import fake_encode, make_dataset, make_plan
-from pipelines.codes import extract_codes
+from pipelines.store.codes import extract_codes
 
 def slow_encode(images):
     if not slow_encode.started:
@@ -231,7 +229,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 from accelerate import PartialState
 from test_codes import fake_encode, make_dataset, make_plan
-from pipelines.codes import extract_codes
+from pipelines.store.codes import extract_codes
 
 state = PartialState(cpu=True)
 
@@ -507,7 +505,7 @@ def tiny_vqvae(tmp_path_factory):
     """-> (folder of 12 random 32x32 images in two classes, a tiny VQ-VAE's run directory, the VQ-VAE)."""
     from PIL import Image
 
-    from pipelines.checkpoint import save_checkpoint
+    from pipelines.store.checkpoint import save_checkpoint
     from vqvae import VQVAE2, VQVAE2Config
 
     root = tmp_path_factory.mktemp("tiny_vqvae")
@@ -530,7 +528,7 @@ def extract_args(tiny_vqvae, out, batch_size=4) -> list[str]:
 
 
 def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, tmp_path):
-    from pipelines.data import load_dataset, to_model_range
+    from pipelines.data.datasets import load_dataset, to_model_range
 
     image_folder, _, model = tiny_vqvae
     out = tmp_path / "codes.lmdb"
@@ -633,7 +631,7 @@ def damage(path, problem: str) -> str:
 
 @pytest.mark.parametrize("problem", ["foreign", "truncated", "newer-version", "incomplete"])
 def test_train_prior_refuses_a_bad_database_before_training(complete_db, tmp_path, problem):
-    from pipelines.train_prior import PriorTrainConfig, train
+    from pipelines.train.priors import PriorTrainConfig, train
 
     message = damage(complete_db, problem)
     with pytest.raises(CodeStoreError, match=message):

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from launch import ok, run_in_process, run_script
-from pipelines.checkpoint import save_checkpoint
-from pipelines.completion import covering_rows, kept_rows
+from pipelines.infer.completion import covering_rows, kept_rows
+from pipelines.store.checkpoint import save_checkpoint
 from prior import PixelSNAIL, PixelSNAILConfig
 
 PAD = 2  # write_image_grid's padding between cells

@@ -1,4 +1,4 @@
-"""Tests for pipelines/data.py on tiny datasets written to tmp_path in the official layouts."""
+"""Tests for pipelines/data/datasets.py on tiny datasets written to tmp_path in the official layouts."""
 
 import contextlib
 import io
@@ -14,20 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipelines.data import (
-    BUILTIN_PHOTOS,
-    BUILTIN_TEST_PHOTOS,
-    SPLITS,
-    BuiltinPhotos,
-    DataError,
-    ImageFolderDataset,
-    builtin_photo,
-    builtin_split_photos,
-    load_dataset,
-    random_crops,
-    to_model_range,
-    to_uint8,
-)
+from pipelines.data.datasets import (BUILTIN_PHOTOS, BUILTIN_TEST_PHOTOS, SPLITS, BuiltinPhotos, DataError,
+                                     ImageFolderDataset, builtin_photo, builtin_split_photos, load_dataset,
+                                     random_crops, to_model_range, to_uint8)
 
 IMAGES_PER_BATCH = 3
 

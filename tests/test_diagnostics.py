@@ -2,9 +2,10 @@
 
 import pytest
 
-from pipelines import diagnostics, run_state
-from pipelines.diagnostics import CodebookUsage, Overfitting, new_warnings
-from pipelines.train_vqvae import VQVAETrainConfig, train
+from pipelines.store import run_files
+from pipelines.train import diagnostics
+from pipelines.train.diagnostics import CodebookUsage, Overfitting, new_warnings
+from pipelines.train.vqvae import VQVAETrainConfig, train
 
 OVERFIT = Overfitting("train_bits", "test_bits", "bits/code")
 
@@ -74,7 +75,7 @@ def test_a_tiny_run_warns_once_on_the_console_and_in_its_log(image_folder, tmp_p
     console = capsys.readouterr().out
     assert console.count("warning: the top codebook is falling out of use") == 1
     assert console.count("warning: the bottom codebook is falling out of use") == 1
-    warned = [r for r in run_state.read_log(tmp_path / "run") if "warnings" in r]
+    warned = [r for r in run_files.read_log(tmp_path / "run") if "warnings" in r]
     assert [(r["step"], sorted(r["warnings"])) for r in warned] == [(1, ["bottom_usage", "top_usage"])]
     assert warned[0]["warnings"]["top_usage"] in console
 
@@ -82,5 +83,5 @@ def test_a_tiny_run_warns_once_on_the_console_and_in_its_log(image_folder, tmp_p
 def test_the_log_is_read_past_a_line_cut_short(tmp_path):
     """A kill while appending leaves half a line: the records around it are still read."""
     (tmp_path / "log.jsonl").write_text('{"step": 1, "test_bits": 3.6}\n{"step": 2, "te\n[1]\n{"step": 3}\n')
-    assert run_state.read_log(tmp_path) == [{"step": 1, "test_bits": 3.6}, {"step": 3}]
-    assert run_state.read_log(tmp_path / "none") == []
+    assert run_files.read_log(tmp_path) == [{"step": 1, "test_bits": 3.6}, {"step": 3}]
+    assert run_files.read_log(tmp_path / "none") == []

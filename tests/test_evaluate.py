@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from launch import ok
-from pipelines.checkpoint import load_pixelsnail, load_vqvae
-from pipelines.classifier import ClassifierConfig, train_classifier
-from pipelines.codes import CodeDataset
-from pipelines.data import builtin_split_photos, load_dataset, to_model_range
-from pipelines.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric, load_samples,
-                                      local_fid_kid, real_images)
+from pipelines.data.datasets import builtin_split_photos, load_dataset, to_model_range
+from pipelines.eval.classifier import ClassifierConfig, train_classifier
+from pipelines.eval.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric, load_samples,
+                                           local_fid_kid, real_images)
+from pipelines.store.checkpoint import load_pixelsnail, load_vqvae
+from pipelines.store.codes import CodeDataset
 from test_inputs import assert_refused, script  # noqa: F401 (script: a fixture)
 
 NUMBER = r"-?\d+\.\d+"

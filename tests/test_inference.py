@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from pipelines.runtime import resolve_precision
-from pipelines.inference import make_runtime, resolve_device
+from pipelines.device import make_runtime, resolve_device, resolve_precision
 from vqvae import VQVAE2, VQVAE2Config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -24,12 +24,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from launch import run_in_process
-from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
+from pipelines.data.datasets import DataError
 from pipelines.errors import one_line
-from pipelines.codes import CodeStoreError, file_sha256, read_metadata
-from pipelines.data import DataError
-from pipelines.generation import load_pipeline
-from pipelines.train_pixel import TrainConfig, train
+from pipelines.infer.generation import load_pipeline
+from pipelines.store.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
+from pipelines.store.codes import CodeStoreError, file_sha256, read_metadata
+from pipelines.train.pixels import TrainConfig, train
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipelines import runtime
-from pipelines.loop import Step, train_step
+from pipelines.train import runtime
+from pipelines.train.loop import Step, train_step
 
 
 def mse_loss(model, batch):

@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from launch import run_in_process
-from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae
-from pipelines.codes import CodeStoreError, CodeDataset, extract_codes
-from pipelines.data import DataError, ImageTensorDataset, load_dataset
-from pipelines.train_pixel import TrainConfig, train
-from pipelines.run_state import StateError
+from pipelines.data.datasets import DataError, ImageTensorDataset, load_dataset
+from pipelines.infer.extract import extract_codes
+from pipelines.store.checkpoint import CheckpointError, load_pixelsnail, load_vqvae
+from pipelines.store.codes import CodeDataset, CodeStoreError
+from pipelines.store.run_files import StateError
+from pipelines.train.pixels import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_SOURCES = ["prior", "vqvae", "pipelines", "scripts", "bench"]

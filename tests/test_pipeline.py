@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from launch import ok, run_in_process, run_script
-from pipelines.checkpoint import save_checkpoint
-from pipelines.generation import generate, load_pipeline
+from pipelines.infer.generation import generate, load_pipeline
+from pipelines.store.checkpoint import save_checkpoint
 from prior import PixelSNAIL, PixelSNAILConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_report_of_the_pipeline(pipeline_runs, tmp_path):
 def test_sample_script_guides_and_truncates_and_refuses_guidance_without_a_null_class(pipeline_runs, tmp_path):
     """The priors trained with --label-dropout 0.2 have a null class; a copy of the bottom prior
     without one makes --guidance fail in one line, before anything is written."""
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.store.checkpoint import load_checkpoint
 
     root, _, _ = pipeline_runs
     pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
@@ -119,8 +119,8 @@ def test_sample_script_guides_and_truncates_and_refuses_guidance_without_a_null_
 def test_pipeline_completion_keeps_the_codes_of_the_kept_rows(pipeline_runs, tmp_path):
     """16x16 images, 2x2 top and 4x4 bottom codes: keeping 5 image rows keeps the code rows that
     cover them, 1 top row and 2 bottom rows, and samples the rest."""
-    from pipelines.completion import complete_codes
-    from pipelines.data import read_image, to_model_range
+    from pipelines.data.datasets import read_image, to_model_range
+    from pipelines.infer.completion import complete_codes
 
     root, _, _ = pipeline_runs
     pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
@@ -150,7 +150,7 @@ def test_generation_is_seeded(pipeline_runs):
 def test_priors_that_do_not_fit_are_refused(pipeline_runs, tmp_path):
     root, _, _ = pipeline_runs
     state = load_file(root / "top" / "model.safetensors")
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.store.checkpoint import load_checkpoint
 
     _, config_json, extra = load_checkpoint(root / "top", "pixelsnail")
     config = PixelSNAILConfig.from_json(config_json)
@@ -169,7 +169,8 @@ def test_priors_that_do_not_fit_are_refused(pipeline_runs, tmp_path):
 
 def test_a_prior_refuses_a_database_it_does_not_fit(pipeline_runs, tmp_path):
     root, _, _ = pipeline_runs
-    from pipelines.codes import PriorProvenance, check_fits, read_metadata
+    from pipelines.store.codes import read_metadata
+    from pipelines.store.provenance import PriorProvenance, check_fits
 
     metadata = read_metadata(root / "codes.lmdb")
     config = PixelSNAILConfig(shape=(3, 3), n_codes=metadata["top_codes"], n_classes=2)
@@ -179,7 +180,7 @@ def test_a_prior_refuses_a_database_it_does_not_fit(pipeline_runs, tmp_path):
 
 def test_high_resolution_path_256():
     """256x256 images: 32x32 top and 64x64 bottom grids, sampled (cached) and decoded."""
-    from pipelines.generation import Pipeline
+    from pipelines.infer.generation import Pipeline
     from vqvae import VQVAE2, VQVAE2Config
 
     torch.manual_seed(0)
@@ -213,7 +214,7 @@ def differing(a, b):
 def test_the_same_seed_gives_the_same_samples_whatever_the_batch_size_and_processes(pipeline_runs, tmp_path):
     """Sample i draws from a generator seeded by (seed, i): 1 process in batches of 5 and 2 processes
     in batches of 2 make the same 6 samples (3 of each class), in fp32 to the last code and pixel."""
-    from pipelines.samples import load
+    from pipelines.store.samples import load
 
     root, _, _ = pipeline_runs
     ok(*sample_args(root, tmp_path / "one", "--label", "all", "--n", "3", "--batch-size", "5"), in_process=True)
@@ -234,7 +235,7 @@ def test_the_same_seed_gives_the_same_samples_whatever_the_batch_size_and_proces
 
 
 def test_a_killed_sampling_job_resumes_to_the_samples_of_an_uninterrupted_one(pipeline_runs, tmp_path):
-    from pipelines.samples import load
+    from pipelines.store.samples import load
 
     root, _, _ = pipeline_runs
     out_dir = tmp_path / "killed"
@@ -273,7 +274,7 @@ def test_another_job_in_the_same_directory_is_refused(pipeline_runs, tmp_path):
 
 def test_per_sample_generators_draw_the_same_in_any_batch(pipeline_runs):
     """generate() with one generator per sample: sample k of a batch of 5 equals the same sample alone."""
-    from pipelines.generation import sample_generators
+    from pipelines.infer.generation import sample_generators
 
     root, _, _ = pipeline_runs
     pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from launch import ok, run_script
-from pipelines import diagnostics, run_state
-from pipelines.report import write_report
-from pipelines.train_vqvae import VQVAETrainConfig, train
+from pipelines.eval.report import write_report
+from pipelines.store import run_files
+from pipelines.train import diagnostics
+from pipelines.train.vqvae import VQVAETrainConfig, train
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -54,7 +55,7 @@ def test_the_page_is_self_contained_with_curves_and_warnings(warned_run, tmp_pat
     curves = Image.open(io.BytesIO(base64.b64decode(page.images[f"learning curves of {warned_run}"].split(",")[1])))
     assert curves.width > 300 and curves.height > 200
     assert any(alt.startswith("test images") for alt in page.images)  # reconstructions.png
-    warnings = [m for r in run_state.read_log(warned_run) for m in r.get("warnings", {}).values()]
+    warnings = [m for r in run_files.read_log(warned_run) for m in r.get("warnings", {}).values()]
     assert len(warnings) == 2 and all(html.escape(m) in text for m in warnings)
     assert "not evaluated: no vqvae results in" in text and "Final evaluation" in text
 

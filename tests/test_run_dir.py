@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import run_state
-from pipelines.codes import extract_codes
-from pipelines.data import ImageTensorDataset
 from launch import launch_command
-from test_training import (ENV, ROOT, TRAINERS, command, config, data, run_cli, run_script,  # noqa: F401 (data: a fixture)
-                           saved_step, start, wait_until)
+from pipelines.data.datasets import ImageTensorDataset
+from pipelines.infer.extract import extract_codes
+from pipelines.store import run_files
+from test_training import (ENV, ROOT, TRAINERS, command, config, data, run_cli,  # noqa: F401 (data: a fixture)
+                           run_script, saved_step, start, wait_until)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def test_a_relative_codes_path_resumed_elsewhere_is_checked(data, tmp_path, monk
     train_args = [*command("prior", data, run_dir, steps=2), "--codes", "codes.lmdb"]
     status, stderr = run_script(train_args)
     assert status == 0, stderr[-2000:]
-    assert run_state.read_progress(run_dir)["train_config"]["codes"] == str(x / "codes.lmdb")
+    assert run_files.read_progress(run_dir)["train_config"]["codes"] == str(x / "codes.lmdb")
     monkeypatch.chdir(y)
     status, stderr = run_script(resume_args("prior", run_dir, "--codes", "codes.lmdb", "--steps", "3"))
     assert status == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr[-2000:]
@@ -76,7 +76,7 @@ def test_an_image_run_resumes_on_its_own_absolute_data(data, tmp_path, monkeypat
     assert str(y / "images") in stderr and str(x / "images") in stderr and saved_step(run_dir) == 2
     status, stderr = run_script(resume_args("pixel", run_dir, "--steps", "3"))
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
-    assert run_state.read_progress(run_dir)["train_config"]["data"] == str(x / "images")
+    assert run_files.read_progress(run_dir)["train_config"]["data"] == str(x / "images")
 
 
 # Item 8: a moved database resumes with its new path.
@@ -91,7 +91,7 @@ def test_a_moved_database_resumes_with_its_new_path(data, tmp_path):
     resumed = start(resume_args("prior", run_dir, "--codes", str(moved), "--steps", "3"))
     stderr = resumed.communicate()[1]
     assert resumed.returncode == 0 and saved_step(run_dir) == 3, stderr[-2000:]
-    assert run_state.read_progress(run_dir)["train_config"]["codes"] == str(moved)
+    assert run_files.read_progress(run_dir)["train_config"]["codes"] == str(moved)
 
 
 # Item 2: a model without state is never overwritten silently.

@@ -1,4 +1,4 @@
-"""Per-image scores and likelihood maps (pipelines.scoring, scripts/score.py) on tiny random models:
+"""Per-image scores and likelihood maps (pipelines.infer.scoring, scripts/score.py) on tiny random models:
 the per-image scores average to evaluate.py's and the priors' evaluation, the maps sum to the
 totals, the class mixture is the mixture, and the script's refusals."""
 
@@ -14,15 +14,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from launch import ok, run_in_process, run_script
-from pipelines import runtime as runtimes
-from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, resolve_checkpoint, save_checkpoint
-from pipelines.codes import CodeDataset, PriorProvenance, extract_with_vqvae, file_sha256, prior_fields
-from pipelines.data import load_dataset, to_model_range
-from pipelines.generation import load_pipeline
-from pipelines.inference import make_runtime
-from pipelines.scoring import MIXTURE, Level, choose_labels, score_levels, score_pipeline
-from pipelines.train_pixel import evaluate_bits
-from pipelines.train_prior import code_inputs
+from pipelines.data.codes import code_inputs
+from pipelines.data.datasets import load_dataset, to_model_range
+from pipelines.device import make_runtime
+from pipelines.eval.stages import evaluate_bits
+from pipelines.infer.extract import extract_with_vqvae
+from pipelines.infer.generation import load_pipeline
+from pipelines.infer.scoring import MIXTURE, Level, choose_labels, score_levels, score_pipeline
+from pipelines.store.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, resolve_checkpoint, save_checkpoint
+from pipelines.store.codes import CodeDataset, file_sha256
+from pipelines.store.provenance import PriorProvenance, prior_fields
+from pipelines.train import runtime
 from prior import PixelSNAIL, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
@@ -129,7 +131,7 @@ def test_pipeline_bits_per_code_average_to_the_priors_evaluation_on_the_same_cod
     rows = read_csv(out)
     assert len(rows) == 2 and [row["label"] for row in rows] == ["0", "1"]  # the folders' classes
     loaded = load_pipeline(pipeline / "vqvae.safetensors", pipeline / "top.safetensors", pipeline / "bottom.safetensors")
-    accelerator = runtimes.make_accelerator("fp32", device="cpu")
+    accelerator = runtime.make_accelerator("fp32", device="cpu")
     codes = DataLoader(CodeDataset(pipeline / "codes.lmdb"), batch_size=1)
     for level in ("top", "bottom"):
         evaluated = evaluate_bits(getattr(loaded, level), codes, accelerator, code_inputs(level, True), autocast=False)

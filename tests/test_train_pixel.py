@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from launch import launch_command, run_in_process, run_script
-from pipelines.checkpoint import CheckpointError, load_checkpoint, load_pixelsnail, save_checkpoint
-from pipelines.data import to_model_range
-from pipelines.train_pixel import TrainConfig, train
+from pipelines.data.datasets import to_model_range
+from pipelines.store.checkpoint import CheckpointError, load_checkpoint, load_pixelsnail, save_checkpoint
+from pipelines.train.pixels import TrainConfig, train
 from prior import PixelSNAIL, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def tiny_config(image_folder, out, **changes):
 
 
 def test_a_few_steps_lower_the_loss(image_folder):
-    from pipelines.data import load_dataset
+    from pipelines.data.datasets import load_dataset
 
     torch.manual_seed(0)
     images = torch.stack([load_dataset(str(image_folder), "train", 8)[i][0] for i in range(16)])
@@ -92,7 +92,7 @@ def rewrite_checkpoint_metadata(path, **changes):
 
 
 def test_checkpoints_carry_a_format_version_and_their_stage_and_old_ones_load_as_before(tmp_path):
-    from pipelines.checkpoint import FORMAT_VERSION, checkpoint_stage, read_metadata
+    from pipelines.store.checkpoint import FORMAT_VERSION, checkpoint_stage, read_metadata
 
     model = PixelSNAIL(get_preset("tiny").model)
     pixels, prior = tmp_path / "pixels.safetensors", tmp_path / "prior.safetensors"
@@ -162,7 +162,7 @@ def test_evaluation_covers_the_whole_split_exactly():
     from accelerate import Accelerator
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipelines.train_pixel import evaluate_bits
+    from pipelines.eval.stages import evaluate_bits
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from launch import launch_command, run_in_process
-from pipelines.checkpoint import load_vqvae
-from pipelines.train_vqvae import VQVAETrainConfig, train
+from pipelines.store.checkpoint import load_vqvae
+from pipelines.train.vqvae import VQVAETrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_command_line_and_two_processes(image_folder, tmp_path):
 
 def test_a_short_run_lowers_the_reconstruction_error_on_the_folder(image_folder, fit_vqvae):
     """60 full-batch Adam steps on 8 images of the folder at least halve the reconstruction error."""
-    from pipelines.data import load_dataset, to_model_range
+    from pipelines.data.datasets import load_dataset, to_model_range
     from vqvae import VQVAE2, VQVAE2Config
 
     dataset = load_dataset(str(image_folder), "train", 16)

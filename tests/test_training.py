@@ -21,16 +21,18 @@ from accelerate.utils.other import load as load_weights_only  # torch.load(weigh
 from safetensors.torch import load_file
 
 from launch import launch_command, run_in_process
-from pipelines import cli, run_state, runtime
-from pipelines.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
-from pipelines.codes import extract_codes
-from pipelines.data import ImageTensorDataset
-from pipelines.train_pixel import TrainConfig
-from pipelines.train_pixel import train as train_pixel
-from pipelines.train_prior import PriorTrainConfig
-from pipelines.train_prior import train as train_prior
-from pipelines.train_vqvae import VQVAETrainConfig
-from pipelines.train_vqvae import train as train_vqvae
+from pipelines import cli
+from pipelines.data.datasets import ImageTensorDataset
+from pipelines.infer.extract import extract_codes
+from pipelines.store import run_files
+from pipelines.store.checkpoint import PIXELSNAIL_KIND, VQVAE_KIND, load_checkpoint
+from pipelines.train import run_state, runtime
+from pipelines.train.pixels import TrainConfig
+from pipelines.train.pixels import train as train_pixel
+from pipelines.train.priors import PriorTrainConfig
+from pipelines.train.priors import train as train_prior
+from pipelines.train.vqvae import VQVAETrainConfig
+from pipelines.train.vqvae import train as train_vqvae
 from prior import PixelSNAIL
 from vqvae import VQVAE2
 
@@ -125,7 +127,7 @@ def assert_same_weights(run_dir, reference_dir):
 def saved_step(run_dir):
     """The step of the state `--resume` would load, or None (none yet, or being renamed right now)."""
     try:
-        return run_state.read_progress(run_dir)["step"]
+        return run_files.read_progress(run_dir)["step"]
     except (OSError, ValueError):
         return None
 
@@ -133,8 +135,8 @@ def saved_step(run_dir):
 def assert_state_loads(run_dir):
     """The latest state is complete: progress, finite weights, optimizer and RNG files that load
     (as accelerate loads them: weights_only=True), and a model.safetensors that loads. Returns its step."""
-    directory = run_state.state_dir(run_dir)
-    step = json.loads((directory / run_state.PROGRESS_FILE).read_text())["step"]
+    directory = run_files.state_dir(run_dir)
+    step = json.loads((directory / run_files.PROGRESS_FILE).read_text())["step"]
     for path in directory.glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
     for path in [*directory.glob("*.bin"), *directory.glob("*.pkl")]:
@@ -355,7 +357,7 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
     assert len(steps) == 2 and steps[0] == steps[1], stderr[-3000:]
     assert process.returncode != 0  # the launcher reports its workers' exit (143 / 130) as a failure
     assert assert_state_loads(run_dir) == int(steps[0]) < 200
-    assert sorted(p.name for p in run_state.state_dir(run_dir).glob("random_states_*")) == [
+    assert sorted(p.name for p in run_files.state_dir(run_dir).glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
 
 
@@ -406,10 +408,10 @@ def test_a_full_disk_while_saving_keeps_the_previous_state(trainer, writer, stat
     step, the error and the state kept, exit status 2; the state and model.safetensors on disk
     are complete and resumable, nothing half-written is left, and the resumed run ends
     bit-identical to an uninterrupted one."""
-    import pipelines.checkpoint
+    import pipelines.store.checkpoint
 
     module, name = {"torch.save": (torch, "save"), "run_state.save_file": (run_state, "save_file"),
-                    "checkpoint.save_file": (pipelines.checkpoint, "save_file")}[writer]
+                    "checkpoint.save_file": (pipelines.store.checkpoint, "save_file")}[writer]
     train = TRAINERS[trainer][1]
     run_dir, written = tmp_path / "run", []
     train(config(trainer, data, run_dir, steps=2, checkpoint_every=2))
@@ -528,7 +530,7 @@ def test_a_bottom_prior_resumes_without_level(data, tmp_path):
     status, stderr = run_script(["scripts/train_prior.py", "--codes", str(data / "codes.lmdb"), "--out", str(run_dir),
                                  "--resume", "--steps", "4", "--precision", "fp32"])
     assert status == 0, stderr[-2000:]
-    progress = run_state.read_progress(run_dir)
+    progress = run_files.read_progress(run_dir)
     assert progress["step"] == 4
     assert {k: progress["train_config"][k] for k in ("level", "preset", "batch_size")} == dict(
         level="bottom", preset="cpu-bottom", batch_size=4)
@@ -552,7 +554,7 @@ def test_resuming_with_a_conflicting_run_setting_is_refused(trainer, option, val
     assert status == 2 and "Traceback" not in stderr and stderr.count("\n") == 1, stderr[-2000:]
     assert stderr.startswith(f"error: {message} ({run_dir}): ")
     assert saved_step(run_dir) == 2
-    stored = str(run_state.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
+    stored = str(run_files.read_progress(run_dir)["train_config"][option[2:].replace("-", "_")])
     status, stderr = run_script(args + [option, stored])
     assert status == 0 and saved_step(run_dir) == 3, stderr[-2000:]
 
@@ -607,4 +609,4 @@ def test_an_injected_fault_that_never_fires_is_reported(monkeypatch):
 
     faults = Faults(monkeypatch)
     faults.inject(run_state, "save_file", lambda original, fired: lambda *a, **k: (fired(), original(*a, **k))[1])
-    assert faults.unfired() == ["pipelines.run_state.save_file"]
+    assert faults.unfired() == ["pipelines.train.run_state.save_file"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipelines.checkpoint import VQVAE_KIND, CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
+from pipelines.store.checkpoint import VQVAE_KIND, CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
 from vqvae import VQVAE2, VQVAE2Config
 
 SMALL = dict(top_codes=16, bottom_codes=32, code_dim=8, channels=32, res_channels=16, n_res_blocks=1)

@@ -15,7 +15,7 @@ updates (decay 0.99, eps 1e-5), commitment cost 0.25, 128 hidden channels and re
 
 from dataclasses import dataclass
 
-from prior.config_json import JSONConfig
+from modelkit import JSONConfig
 
 
 @dataclass

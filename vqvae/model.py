@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prior.pixelsnail import check_range
+from modelkit import check_range
 from vqvae.config import VQVAE2Config
 from vqvae.quantizer import VectorQuantizerEMA
 

@@ -31,9 +31,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_path
-from pipelines.data import to_model_range
-from pipelines.heatmaps import write_heat_map
+from pipelines.data.datasets import to_model_range
+from pipelines.infer.heatmaps import write_heat_map
+from pipelines.store.checkpoint import atomic_path
 from prior import PixelSNAIL
 
 MIXTURE = "mixture"
@@ -137,7 +137,7 @@ def score_pipeline(pipeline, images: Tensor, labels, runtime) -> BatchScores:
 def choose_labels(option: str | None, n_classes: int, dataset_classes: int, source: str):
     """--label as given -> None (an unconditional model), MIXTURE, an int (every image's class) or
     "data" (each image's class in its dataset), refusing what does not fit in one line.
-    `dataset_classes`: the largest label of the images + 1 (pipelines.codes.count_classes), 0 or 1
+    `dataset_classes`: the largest label of the images + 1 (pipelines.infer.extract.count_classes), 0 or 1
     where they have no classes.
 
     Default: "data" where the images come with classes (a dataset spec with labels), else refused:

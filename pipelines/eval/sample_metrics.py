@@ -1,7 +1,7 @@
 """How good a pipeline's class-conditional samples are, measured offline.
 
 - Classification Accuracy Score (CAS; Ravuri and Vinyals 2019): the small classifier of
-  pipelines/classifier.py trained on the samples and their classes, tested on real held-out images.
+  pipelines/eval/classifier.py trained on the samples and their classes, tested on real held-out images.
   The ceiling: the same classifier trained on as many real training images per class.
 - Local FID / KID: torchmetrics' FrechetInceptionDistance and KernelInceptionDistance with the
   real-trained classifier's penultimate layer as the feature extractor, samples against real
@@ -24,12 +24,12 @@ from einops import rearrange
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from pipelines import samples as sample_dir
-from pipelines.classifier import ClassifierConfig, train_classifier
+from pipelines.data.datasets import BuiltinPhotos, load_dataset
 from pipelines.errors import one_line
-from pipelines.codes import dataset_labels
-from pipelines.data import BuiltinPhotos, load_dataset
-from pipelines.generation import SampleJob, make_samples
+from pipelines.eval.classifier import ClassifierConfig, train_classifier
+from pipelines.infer.extract import dataset_labels
+from pipelines.infer.generation import SampleJob, make_samples
+from pipelines.store import samples as sample_dir
 from prior.drawing import Drawing
 
 LOCAL_FID = "local FID (classifier features)"
@@ -66,7 +66,7 @@ class ClassifierFeatures(nn.Module):
 
 
 def per_class(dataset, n_classes, n, generator, skip=0):
-    """`n` images of each class 0..n_classes-1 from a dataset of pipelines.data (the images chosen at
+    """`n` images of each class 0..n_classes-1 from a dataset of pipelines.data.datasets (the images chosen at
     random, after the first `skip` of each class's random order) -> LabelledImages. Refuses when a
     class has fewer."""
     labels = dataset_labels(dataset)

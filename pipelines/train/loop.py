@@ -19,7 +19,9 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipelines import diagnostics, run_state, runtime
+from pipelines.device import resolve_precision
+from pipelines.store import run_files
+from pipelines.train import diagnostics, run_state, runtime
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Step:
 
 
 class Task:
-    """What a trainer specialises. `cfg` is its resolved run config (pipelines.run_config)."""
+    """What a trainer specialises. `cfg` is its resolved run config (pipelines.train.run_config)."""
 
     metric = "loss"  # the name of `Step.shown` in the progress bar, the log and the messages
     betas = (0.9, 0.999)  # Adam's
@@ -73,7 +75,7 @@ class Task:
         return {"train_records": len(self.train_set), "test_records": len(self.test_set)}
 
     def checks(self) -> list:
-        """The diagnostics (pipelines.diagnostics) run on every periodic evaluation; after `build`."""
+        """The diagnostics (pipelines.train.diagnostics) run on every periodic evaluation; after `build`."""
         return []
 
 
@@ -116,7 +118,7 @@ class Run:
 
 def start(task, cfg, accelerator, out):
     """The loaders, model and optimizer of a run, new or resumed from `out` (whose lock is held)."""
-    resuming = run_state.has_state(out)
+    resuming = run_files.has_state(out)
     if resuming:
         run_state.check_same_data(cfg, task.data_identity())
     accelerator.wait_for_everyone()  # every process has read the run directory before anyone writes
@@ -164,7 +166,7 @@ def checkpoint(task, run, out, step, running):
 def fit(task):
     """Trains (or resumes) the task's run to cfg.steps or the time budget; returns task.finish(...)."""
     cfg, out = task.cfg, Path(task.cfg.out)
-    accelerator = runtime.make_accelerator(runtime.resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
+    accelerator = runtime.make_accelerator(resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
                                            cfg.report_to, out)
     runtime.check_batch_fits(len(task.train_set), cfg.batch_size, accelerator.num_processes)
     with run_state.locked(accelerator, out):
@@ -202,7 +204,7 @@ def run_steps(task, run, out):
                 bar.write(f"step {step}: train {task.metric} {running:.4f}, test ({cfg.eval_batches} batches) "
                           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 record = {"step": step, f"train_{task.metric}": running, "eval_batches": cfg.eval_batches, **metrics}
-                warnings = diagnostics.new_warnings(task.checks(), run_state.read_log(out), record) \
+                warnings = diagnostics.new_warnings(task.checks(), run_files.read_log(out), record) \
                     if accelerator.is_main_process else {}
                 for message in warnings.values():
                     bar.write(message)

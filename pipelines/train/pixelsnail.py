@@ -1,25 +1,21 @@
 """Training PixelSNAIL: on images (here) or on VQ-VAE codes (train_prior.py), one `Task` of the
-loop in pipelines/loop.py. A `Source` says what the data is and how a batch becomes the model's
+loop in pipelines/train/loop.py. A `Source` says what the data is and how a batch becomes the model's
 inputs (x, label, cond). Besides the loop's files, a pixel run writes samples.png, a grid of
 samples from the Polyak-averaged (EMA) weights.
 """
 
-import itertools
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from pipelines import diagnostics, run_state, runtime
-from pipelines.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
-from pipelines.data import load_dataset, to_model_range
-from pipelines.loop import Step, Task, fit
-from pipelines.run_config import BaseRunConfig, check_at_least, data_field, run_field
-from prior import PixelSNAIL, PixelSNAILConfig, get_preset
-from prior.modes import evaluating
+from pipelines.eval.stages import evaluate_bits
+from pipelines.store.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
+from pipelines.train import diagnostics, runtime
+from pipelines.train.loop import Step, Task
+from pipelines.train.run_config import BaseRunConfig, check_at_least, run_field
+from prior import PixelSNAIL, get_preset
 
 
 @dataclass
@@ -59,14 +55,6 @@ class RunConfig(BaseRunConfig):
 
 
 @dataclass
-class TrainConfig(RunConfig):
-    data: str | None = data_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
-
-    def run_defaults(self):
-        return {**super().run_defaults(), "data": "builtin"}
-
-
-@dataclass
 class Source:
     """The data a PixelSNAIL run trains on."""
 
@@ -75,34 +63,6 @@ class Source:
     inputs: Callable  # a batch from the loader -> (x, label or None, cond or None)
     metadata: dict = field(default_factory=dict)  # stored with every checkpoint
     identity: dict = field(default_factory=dict)  # what the data is beyond its record counts (Task.data_identity)
-
-
-def image_inputs(batch):
-    images, _ = batch
-    return to_model_range(images), None, None
-
-
-def image_source(data, size):
-    return Source(load_dataset(data, "train", size), load_dataset(data, "test", size), image_inputs, {"data": data})
-
-
-@torch.no_grad()
-def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test", autocast=True):
-    """Mean bits per dimension (per code) over the loader's examples, all of them unless
-    max_batches, every process's share counted once. autocast=False: no autocast of ours (a model
-    that `accelerator.prepare` did not wrap then computes in fp32)."""
-    total, count = 0.0, 0
-    n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
-    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
-    with evaluating(model), bar:
-        for batch in itertools.islice(loader, n_batches):
-            with accelerator.autocast() if autocast else nullcontext():
-                bits = model.nll(*inputs(batch))
-            bits = accelerator.gather_for_metrics(bits)
-            total += bits.double().sum().item()
-            count += bits.numel()
-            bar.update()
-    return total / count
 
 
 def write_samples(model, path, n, seed):
@@ -166,12 +126,3 @@ class PixelSNAILTask(Task):
             accelerator.print(f"samples: {out / 'samples.png'}")
         accelerator.print(f"test bits/{self.unit}: {metrics['test_bits']:.4f}")
         return metrics["test_bits"]
-
-
-def train(cfg: TrainConfig):
-    """Trains (or resumes) a run on images; returns the final test bits/dim with the EMA weights."""
-    cfg, model_config = run_state.resolve(cfg, PixelSNAILConfig)
-    model_config = model_config or cfg.preset_model()
-    if model_config.shape[0] != model_config.shape[1] or not model_config.pixel_mode:
-        raise ValueError(f"image training needs a square pixel-mode model, got {model_config.shape}")
-    return fit(PixelSNAILTask(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim"))

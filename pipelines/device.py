@@ -1,9 +1,10 @@
-"""Where and how the inference jobs run (code extraction, sampling, evaluation): the device, the
-precision, the memory format and the processes.
+"""Where and how a job runs: the device, the precision, the memory format and the processes. The
+trainers take the device and precision rules from here; the inference jobs (code extraction,
+sampling, evaluation) all of it.
 
 - Device: CUDA when there is one, else the CPU; `--device cpu|cuda` chooses, and CUDA asked for
   where there is none is refused with one line.
-- Precision: the trainers' rule (`runtime.resolve_precision`): `auto` is bf16 autocast where the
+- Precision (`resolve_precision`): `auto` is bf16 autocast where the
   device computes bf16 natively, fp32 elsewhere. Under autocast the model code keeps in fp32 what
   decides a result: the quantizer's distances and argmin, the prior's head and its softmax, every
   likelihood.
@@ -20,13 +21,14 @@ Example:
     ...     top_codes, bottom_codes = vqvae.encode(runtime.images(images_uint8))
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
-from pipelines import runtime
-from pipelines.data import to_model_range
+from pipelines.data.datasets import to_model_range
 
 DEVICES = ("cpu", "cuda")
 
@@ -70,9 +72,9 @@ class Runtime:
 def make_runtime(device=None, precision="auto"):
     """A Runtime on `device` (None: CUDA when present) under `precision` ('auto', 'bf16', 'fp32')."""
     device = resolve_device(device)
-    precision = runtime.resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)
     processes = PartialState(cpu=device == "cpu")
-    runtime.check_processes(processes)
+    check_processes(processes)
     return Runtime(processes, precision)
 
 
@@ -91,3 +93,54 @@ def add_runtime_arguments(parser, precision_default="auto", precision_note=""):
     parser.add_argument("--precision", default=precision_default, choices=["auto", "bf16", "fp32"],
                         help="auto: bf16 autocast where the device computes bf16 natively (AMX, recent GPUs); "
                         "the quantizer's distances and every likelihood always compute in fp32" + precision_note)
+
+
+def cpu_info():
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...), {} where there is
+    no such file: the one reader of it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags():
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return set(cpu_info().get("flags", "").split())
+
+
+def cpu_supports_bf16():
+    """True when the CPU has native bf16 arithmetic (AMX or AVX512-BF16)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def resolve_precision(precision, device=None):
+    """'auto' -> 'bf16' where the device ('cpu' or 'cuda'; None: CUDA when present) computes bf16
+    natively, else 'fp32'."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def check_processes(state):
+    """Refuses a launch whose processes do not see each other (an Accelerator or accelerate's
+    PartialState); gives each CPU process its share of the cores."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if state.num_processes != world_size:
+        raise RuntimeError(
+            f"launched as {world_size} processes but accelerate sees {state.num_processes}: "
+            "on CPU use `accelerate launch --multi_gpu --num_processes N` (this code selects the CPU) or torchrun"
+        )
+    if state.device.type == "cpu" and state.num_processes > 1:
+        # several processes with several threads each thrash the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))

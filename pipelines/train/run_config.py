@@ -3,9 +3,9 @@
 A field made with `run_field` defines the run (its data, model, optimisation and seed). None means
 "not given": a new run takes the value from its preset or the trainer's default (`run_defaults`),
 a resumed run takes it from the run directory, and a value given on resume that differs from the
-run's is refused (`pipelines.run_state.resolve`), since it would silently make another run. A data
+run's is refused (`pipelines.train.run_state.resolve`), since it would silently make another run. A data
 path (`data_field`) is stored absolute and may change on resume: the data it names must then be the
-run's own (`pipelines.run_state.check_same_data`), so a moved database resumes. The other fields belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
+run's own (`pipelines.train.run_state.check_same_data`), so a moved database resumes. The other fields belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
 from the caller every time.
 """
 
@@ -71,7 +71,7 @@ class BaseRunConfig:
     eval_every: int = 500
     eval_batches: int | None = 50  # periodic evaluations use this many test batches; the last uses all
     checkpoint_every: int = 500
-    workers: int | None = None  # DataLoader workers per process; None: pipelines.runtime.default_workers()
+    workers: int | None = None  # DataLoader workers per process; None: pipelines.train.runtime.default_workers()
     report_to: str | None = None  # "tensorboard": accelerate's tracker also logs what log.jsonl logs
     resume: bool = False
     overwrite: bool = False  # start a new run over a model.safetensors that has no state to resume

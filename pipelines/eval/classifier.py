@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import load_model, save_checkpoint
-from pipelines.data import to_model_range
-from prior.config_json import JSONConfig
+from modelkit import JSONConfig
+from pipelines.data.datasets import to_model_range
+from pipelines.store.checkpoint import load_model, save_checkpoint
 
 CLASSIFIER_KIND = "classifier"
 PREDICT_BATCH = 256  # images per forward in predict / features: bounded memory for any N

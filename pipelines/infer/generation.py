@@ -18,9 +18,10 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
-from pipelines.codes import PriorProvenance, check_fits, file_sha256
-from pipelines.data import to_uint8
+from pipelines.data.datasets import to_uint8
+from pipelines.store.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
+from pipelines.store.codes import file_sha256
+from pipelines.store.provenance import PriorProvenance, check_fits
 from prior import PixelSNAIL
 from prior.drawing import Drawing
 from vqvae import VQVAE2

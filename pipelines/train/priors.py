@@ -5,21 +5,18 @@ The bottom prior models the bottom grid conditioned on the top codes (through it
 stack) and the label. Grid shapes and codebook sizes come from the code database; the preset
 gives the network. Every 20th record (0, 20, 40, ...) is held out for validation.
 
-The task is the pixel-space trainer's (`train_pixel.PixelSNAILTask`) on codes.
+The task is PixelSNAIL's (`pipelines.train.pixelsnail.PixelSNAILTask`), on codes.
 """
 
 from dataclasses import dataclass
 
-from torch.utils.data import Subset
-
-from pipelines import run_state
-from pipelines.codes import LEVELS, CodeDataset, PriorProvenance, check_fits, prior_fields
-from pipelines.loop import fit
-from pipelines.run_config import data_field, run_field
-from pipelines.train_pixel import PixelSNAILTask, RunConfig, Source
+from pipelines.data.codes import code_splits
+from pipelines.store.provenance import LEVELS, check_fits, prior_fields
+from pipelines.train import run_state
+from pipelines.train.loop import fit
+from pipelines.train.pixelsnail import PixelSNAILTask, RunConfig, Source
+from pipelines.train.run_config import data_field, run_field
 from prior import PixelSNAILConfig
-
-HOLDOUT_EVERY = 20
 
 
 @dataclass
@@ -41,29 +38,12 @@ class PriorTrainConfig(RunConfig):
         return {**super().run_defaults(), "level": "top", "codes": "codes.lmdb"}
 
 
-def code_inputs(level, labelled):
-    """A batch (top, bottom, label) -> the model's (x, label, cond) for a level."""
-
-    def inputs(batch):
-        top, bottom, label = batch
-        label = label if labelled else None
-        return (top, label, None) if level == "top" else (bottom, label, top)
-
-    return inputs
-
-
 def code_source(path, level):
-    dataset = CodeDataset(path)
-    metadata = dataset.metadata
-    every = range(len(dataset))
-    test = [i for i in every if i % HOLDOUT_EVERY == 0]
-    train = [i for i in every if i % HOLDOUT_EVERY]
-    if not train:
-        raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {HOLDOUT_EVERY}th")
-    provenance = PriorProvenance.of_database(metadata, level)
-    inputs = code_inputs(level, metadata["n_classes"] > 1)
-    identity = {"vqvae_sha256": metadata["vqvae_sha256"]}
-    return Source(Subset(dataset, train), Subset(dataset, test), inputs, provenance.to_extra(), identity), provenance
+    """The code database at `path` as the training source of a prior of `level`."""
+    splits = code_splits(path, level)
+    provenance = splits.provenance
+    identity = {"vqvae_sha256": provenance.vqvae_sha256}
+    return Source(splits.train_set, splits.test_set, splits.inputs, provenance.to_extra(), identity), provenance
 
 
 def train(cfg: PriorTrainConfig):

@@ -1,5 +1,5 @@
 """One self-contained HTML page that shows whether a pipeline's stages are good: per run, its learning
-curves (from log.jsonl), its final evaluation, its warnings (pipelines.diagnostics), its evaluation
+curves (from log.jsonl), its final evaluation, its warnings (pipelines.train.diagnostics), its evaluation
 numbers (eval.json) and its pictures; per pipeline, its samples, the code frequencies of each
 codebook level in its code database, and its evaluation numbers. Every image is embedded as a data
 URI, so the page is one file that opens anywhere, offline.
@@ -27,13 +27,13 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines import run_state
-from pipelines.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
-from pipelines.codes import CodeDataset
+from pipelines.store import run_files
+from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
+from pipelines.store.codes import CodeDataset
+from pipelines.store.results import EVAL_FILE, read_evaluation
 
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
 MIN_SHOWN_WIDTH = 400
-EVAL_FILE = "eval.json"
 CODES_DIR = "codes.lmdb"  # a pipeline's code database (scripts/demo.py's layout)
 STAGE_ORDER = ("vqvae", "top", "bottom")  # a pipeline's runs come in this order, then the others by name
 PICTURES = {"reconstructions.png": "test images (top rows) above their reconstructions (bottom rows)",
@@ -45,7 +45,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 
 
 def is_run(path):
-    return (path / run_state.LOG_FILE).is_file() or (path / CHECKPOINT_NAME).is_file()
+    return (path / run_files.LOG_FILE).is_file() or (path / CHECKPOINT_NAME).is_file()
 
 
 def runs_of(path):
@@ -58,7 +58,7 @@ def runs_of(path):
     runs = sorted((p for p in path.iterdir() if p.is_dir() and is_run(p)),
                   key=lambda p: (STAGE_ORDER.index(p.name) if p.name in STAGE_ORDER else len(STAGE_ORDER), p.name))
     if not runs:
-        raise FileNotFoundError(f"{path} holds no run: no {run_state.LOG_FILE} or {CHECKPOINT_NAME} in it or in "
+        raise FileNotFoundError(f"{path} holds no run: no {run_files.LOG_FILE} or {CHECKPOINT_NAME} in it or in "
                                 "its subfolders")
     return runs
 
@@ -76,7 +76,7 @@ def write_report(paths, out, curves=None):
         read_evaluation(directory)  # a damaged eval.json stops the report before any work
     logs = evaluated_logs([run for _, runs in directories for run in runs])
     if curves and not logs:
-        raise ValueError(f"no run logged an evaluation in its {run_state.LOG_FILE}: no curves for {curves}")
+        raise ValueError(f"no run logged an evaluation in its {run_files.LOG_FILE}: no curves for {curves}")
     shown_codes, body = set(), []
     for path, runs in directories:
         if runs != [path]:
@@ -98,7 +98,7 @@ def evaluated_logs(runs):
     """{run name (its path where two share a name): its log records} of the runs that logged an
     evaluation."""
     names = [run.name for run in runs]
-    logs = {run.name if names.count(run.name) == 1 else str(run): run_state.read_log(run) for run in runs}
+    logs = {run.name if names.count(run.name) == 1 else str(run): run_files.read_log(run) for run in runs}
     return {name: log for name, log in logs.items() if log}
 
 
@@ -118,12 +118,12 @@ def pipeline_parts(path, runs, shown_codes):
 
 def run_parts(run, shown_codes):
     """A run's section: what it is, its curves, final evaluation, warnings, evaluation and pictures."""
-    log, config = run_state.read_log(run), stored_config(run)
+    log, config = run_files.read_log(run), stored_config(run)
     parts = [f"<h2>Run {html.escape(str(run))}</h2>", f"<p>{html.escape(describe(config, log))}</p>"]
     if log:
         parts.append(image_tag(curves_png(log), f"learning curves of {run}"))
     if not periodic_and_final(log)[0]:
-        parts.append(f"<p class='none'>no periodic evaluation in {run_state.LOG_FILE}: only the final one is "
+        parts.append(f"<p class='none'>no periodic evaluation in {run_files.LOG_FILE}: only the final one is "
                      "plotted (a trainer evaluates every --eval-every steps)</p>")
     final = [r for r in log if r.get("final")]
     if final:
@@ -142,8 +142,8 @@ def run_parts(run, shown_codes):
 def stored_config(run):
     """The run's training settings from its state (empty when it has none, or a damaged one)."""
     try:
-        return run_state.read_progress(run)["train_config"]
-    except (FileNotFoundError, run_state.StateError):
+        return run_files.read_progress(run)["train_config"]
+    except (FileNotFoundError, run_files.StateError):
         return {}
 
 
@@ -153,21 +153,6 @@ def describe(config, log):
     settings = ", ".join(f"{name} {config[name]}" for name in names if config.get(name) is not None)
     steps = f"; logged up to step {max(r['step'] for r in log)} of {config.get('steps', '?')}" if log else ""
     return (settings or "no stored settings (no state/ in the run)") + steps
-
-
-def read_evaluation(directory):
-    """DIRECTORY/eval.json as {stage: {name: value}}, or {} without one."""
-    file = directory / EVAL_FILE
-    if not file.is_file():
-        return {}
-    try:
-        results = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        results = None
-    if not (isinstance(results, dict) and all(isinstance(numbers, dict) for numbers in results.values())):
-        raise ValueError(f"{file} is not a JSON object of stages, each an object of names and numbers "
-                         "(as scripts/evaluate.py --json writes it)")
-    return results
 
 
 def stage_of(run):

@@ -8,7 +8,7 @@ colour bar in bits. Each panel has its own scale, from 0 to its largest value.
 
 from matplotlib.figure import Figure
 
-from pipelines.checkpoint import atomic_path
+from pipelines.store.checkpoint import atomic_path
 
 PANEL_INCHES = 2.6
 ALPHA = 0.6

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.checkpoint import atomic_path
+from pipelines.store.checkpoint import atomic_path
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
 NO_LABEL = -1
-TEMPORARY = ".*.tmp"  # what pipelines.checkpoint.atomic_path writes before its rename
+TEMPORARY = ".*.tmp"  # what pipelines.store.checkpoint.atomic_path writes before its rename
 
 
 def png_name(index, label):

@@ -17,7 +17,7 @@ import math
 import torch
 from einops import repeat
 
-from pipelines.generation import Known, generate
+from pipelines.infer.generation import Known, generate
 from prior.drawing import Drawing
 
 

@@ -1,4 +1,4 @@
-"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/loop.py.
+"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/train/loop.py.
 
 A run directory holds:
   model.safetensors    the weights and codebooks with the config and the image size: what code
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import diagnostics, run_state
-from pipelines.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
-from pipelines.data import load_dataset, to_model_range
-from pipelines.loop import Step, Task, fit
-from pipelines.run_config import BaseRunConfig, check_at_least, data_field, run_field
+from pipelines.data.datasets import load_dataset, to_model_range
+from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
+from pipelines.train import diagnostics, run_state
+from pipelines.train.loop import Step, Task, fit
+from pipelines.train.run_config import BaseRunConfig, check_at_least, data_field, run_field
 from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
 from vqvae.presets import get_preset

@@ -42,7 +42,6 @@ try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
-
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ACCEPTED_FORMATS = (
@@ -115,6 +114,8 @@ BUILTIN_PHOTOS = (
     "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel", "motorcycle",
     "chelsea", "coffee",
 )
+
+
 BUILTIN_TEST_PHOTOS = ("chelsea", "coffee")
 BUILTIN_DEFAULT_COUNTS = {"train": 20_000, "test": 2_000}
 BUILTIN_MAX_BYTES = 256 * 2**20  # larger crops come in smaller numbers: at most this much memory
@@ -189,6 +190,8 @@ def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.n
 # CIFAR-10: Python pickles, parsed without running code
 
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
+
+
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
@@ -298,6 +301,8 @@ def _parse_cifar_batch(raw: bytes, source: str) -> tuple[np.ndarray, list[int]]:
 # Downsampled ImageNet (Chrabaszcz et al., 2017): npz files, read with allow_pickle=False
 
 IMAGENET_TRAIN_FILE = re.compile(r"train_data_batch_(\d+)\.npz")
+
+
 IMAGENET_TEST_FILE = "val_data.npz"
 
 
@@ -597,3 +602,8 @@ def load_dataset(spec: str, split: str, size: int = 32) -> Dataset:
     if path.is_dir():
         return ImageFolderDataset(path, split, size)
     raise DataError(f"{path} is not a dataset this loader knows: expected {ACCEPTED_FORMATS}")
+
+
+def image_inputs(batch):
+    images, _ = batch
+    return to_model_range(images), None, None

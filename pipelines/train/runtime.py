@@ -2,7 +2,7 @@
 order, reductions over processes, and the signals that stop a run.
 
 The data order of every epoch is a function of (seed, epoch) and a resumed run skips the batches
-its epoch already used, so resuming is exact (with `pipelines.run_state`). A run stops without
+its epoch already used, so resuming is exact (with `pipelines.train.run_state`). A run stops without
 corrupting anything: on SIGINT / SIGTERM after the current step, having saved (`StopSignals`,
 `Stopped`); on a NaN or infinite loss or gradient before the update reaches the weights
 (`check_finite`).
@@ -14,12 +14,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import GradientAccumulationPlugin
 from torch.utils.data import DataLoader, Sampler
+
+from pipelines.device import check_processes
 
 
 class EpochShuffle(Sampler):
@@ -40,43 +41,6 @@ class EpochShuffle(Sampler):
         return self.n
 
 
-def cpu_info():
-    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...), {} where there is
-    no such file: the one reader of it."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def cpu_flags():
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    return set(cpu_info().get("flags", "").split())
-
-
-def cpu_supports_bf16():
-    """True when the CPU has native bf16 arithmetic (AMX or AVX512-BF16)."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
-
-
-def resolve_precision(precision, device=None):
-    """'auto' -> 'bf16' where the device ('cpu' or 'cuda'; None: CUDA when present) computes bf16
-    natively, else 'fp32'."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device == "cuda" or (device is None and torch.cuda.is_available()):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
 def make_accelerator(precision, compile=False, grad_accum=1, report_to=None, run_dir=None, device=None):
     """An Accelerator for 'bf16' or 'fp32' on `device` ('cpu' or 'cuda'; None: CUDA when present);
     refuses a launch that silently ran several copies.
@@ -94,20 +58,6 @@ def make_accelerator(precision, compile=False, grad_accum=1, report_to=None, run
     )
     check_processes(accelerator)
     return accelerator
-
-
-def check_processes(state):
-    """Refuses a launch whose processes do not see each other (an Accelerator or accelerate's
-    PartialState); gives each CPU process its share of the cores."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if state.num_processes != world_size:
-        raise RuntimeError(
-            f"launched as {world_size} processes but accelerate sees {state.num_processes}: "
-            "on CPU use `accelerate launch --multi_gpu --num_processes N` (this code selects the CPU) or torchrun"
-        )
-    if state.device.type == "cpu" and state.num_processes > 1:
-        # several processes with several threads each thrash the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
 
 
 def batches_from(loader, step):

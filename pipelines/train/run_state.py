@@ -28,26 +28,12 @@ from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipelines.checkpoint import CHECKPOINT_NAME
-from pipelines.data import absolute_spec
+from pipelines.data.datasets import absolute_spec
 from pipelines.errors import one_line
-from pipelines.run_config import data_fields, run_fields, with_defaults
-
-STATE_DIR = "state"
-PROGRESS_FILE = "progress.json"
-EMA_FILE = "ema.safetensors"
-LOG_FILE = "log.jsonl"
-LOCK_FILE = ".lock"
-PICKLED_STATE_PATTERNS = ("*.bin", "*.pkl")  # what accelerate's load_state torch.loads (optimizer, RNG, ...)
-
-
-class StateError(ValueError):
-    """A run's state directory that cannot be resumed from: damaged, foreign, or holding code."""
-
-
-def has_state(run_dir):
-    run_dir = Path(run_dir)
-    return (run_dir / STATE_DIR).is_dir() or (run_dir / f"{STATE_DIR}.old").is_dir()
+from pipelines.store.checkpoint import CHECKPOINT_NAME
+from pipelines.store.run_files import (EMA_FILE, LOCK_FILE, LOG_FILE, PICKLED_STATE_PATTERNS, PROGRESS_FILE, STATE_DIR,
+                                       StateError, has_state, read_progress, state_dir)
+from pipelines.train.run_config import data_fields, run_fields, with_defaults
 
 
 def save_state(accelerator, run_dir, progress, ema=None):
@@ -83,27 +69,6 @@ def save_state(accelerator, run_dir, progress, ema=None):
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
-
-
-def state_dir(run_dir):
-    """The state to resume from: RUN_DIR/state, or state.old if a kill landed between renames."""
-    run_dir = Path(run_dir)
-    for candidate in (run_dir / STATE_DIR, run_dir / f"{STATE_DIR}.old"):
-        if (candidate / PROGRESS_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"no resumable state in {run_dir}")
-
-
-def read_progress(run_dir):
-    """The progress dict of a run's state (step, train and model configs), checked to be one."""
-    file = state_dir(run_dir) / PROGRESS_FILE
-    try:
-        progress = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        progress = None
-    if not (isinstance(progress, dict) and {"step", "train_config", "model_config"} <= progress.keys()):
-        raise StateError(f"{file} is damaged: expected JSON with step, train_config and model_config")
-    return progress
 
 
 def check_pickled_state(directory):
@@ -282,24 +247,6 @@ def logged_final(run_dir, step):
     return isinstance(last, dict) and last.get("final") is True and last.get("step") == step
 
 
-def read_log(run_dir):
-    """The records of RUN_DIR/log.jsonl (none if it does not exist); a line that is not a JSON object
-    (one cut short by a kill) is skipped."""
-    try:
-        lines = (Path(run_dir) / LOG_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
 def append_log(accelerator, run_dir, record):
     """Appends one JSON line to RUN_DIR/log.jsonl (main process only); the accelerator's trackers,
     if any, log its numbers at its step."""
@@ -308,5 +255,3 @@ def append_log(accelerator, run_dir, record):
     if accelerator.is_main_process:
         with open(Path(run_dir) / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-

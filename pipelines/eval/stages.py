@@ -11,9 +11,8 @@
   trainer's figures are per batch, hence lower).
 """
 
-import json
-import math
-from pathlib import Path
+import itertools
+from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -21,10 +20,11 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
-from pipelines.checkpoint import atomic_path, load_pixelsnail
-from pipelines.codes import LEVELS, PriorProvenance, check_fits
-from pipelines.train_pixel import evaluate_bits
-from pipelines.train_prior import code_source
+from pipelines.data.codes import code_splits
+from pipelines.data.datasets import image_inputs
+from pipelines.store.checkpoint import load_pixelsnail
+from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
+from prior.modes import evaluating
 from vqvae.quantizer import batch_statistics
 
 
@@ -36,7 +36,8 @@ def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_recor
     if model.config.pixel_mode:
         raise ValueError(f"{prior_path} is a pixel-mode model: evaluate it with `evaluate.py pixels`")
     trained_on = PriorProvenance.from_extra(extra, prior_path)
-    source, provenance = code_source(codes_path, trained_on.level)
+    source = code_splits(codes_path, trained_on.level)
+    provenance = source.provenance
     if provenance.vqvae_sha256 != trained_on.vqvae_sha256:
         raise ValueError(f"the {trained_on.level} prior {prior_path} was trained on codes of another VQ-VAE "
                          f"than the code database {codes_path}")
@@ -85,31 +86,20 @@ def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
     return result
 
 
-# -- results files ---------------------------------------------------------------------------------
-
-
-def check_result_file(path):
-    """Refuses, before any work, a results file that exists but is not a JSON object."""
-    if path is not None and Path(path).exists():
-        read_results(path)
-
-
-def read_results(path) -> dict:
-    """A results file -> {stage: {name: value}}."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable JSON results file ({error})") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path} is not a JSON object of evaluation results")
-    return results
-
-
-def write_result(path, stage, result):
-    """Files `result` (a flat dict) under `stage` in the JSON file at `path`, keeping the other stages'
-    results there; written atomically. Non-finite numbers become null (JSON has no NaN)."""
-    results = read_results(path) if Path(path).exists() else {}
-    results[stage] = {name: None if isinstance(value, float) and not math.isfinite(value) else value
-                      for name, value in result.items()}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+@torch.no_grad()
+def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test", autocast=True):
+    """Mean bits per dimension (per code) over the loader's examples, all of them unless
+    max_batches, every process's share counted once. autocast=False: no autocast of ours (a model
+    that `accelerator.prepare` did not wrap then computes in fp32)."""
+    total, count = 0.0, 0
+    n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    with evaluating(model), bar:
+        for batch in itertools.islice(loader, n_batches):
+            with accelerator.autocast() if autocast else nullcontext():
+                bits = model.nll(*inputs(batch))
+            bits = accelerator.gather_for_metrics(bits)
+            total += bits.double().sum().item()
+            count += bits.numel()
+            bar.update()
+    return total / count
