@@ -160,7 +160,7 @@ KILLED_RUN = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_codes import fake_encode, make_dataset, make_plan
-from pipelines.store.codes import extract_codes
+from pipelines.infer.extract import extract_codes
 
 def slow_encode(images):
     if not slow_encode.started:
@@ -229,7 +229,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 from accelerate import PartialState
 from test_codes import fake_encode, make_dataset, make_plan
-from pipelines.store.codes import extract_codes
+from pipelines.infer.extract import extract_codes
 
 state = PartialState(cpu=True)
 
