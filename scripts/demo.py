@@ -8,7 +8,8 @@
    complete.py can use --guidance with them);
 4. samples top codes, then bottom codes (cached sampler), decodes them, and writes
    RUN/samples.png: one row per class;
-5. writes RUN/report.html (scripts/report.py): learning curves, warnings, pictures, code frequencies.
+5. writes RUN/report.html (scripts/report.py): learning curves, warnings, pictures, code frequencies,
+   and RUN/figures.json: the figures of the README's demo table (bench/results/demo.json is one run's).
 Every stage resumes when the command is run again. The pixel-space demo is scripts/demo_pixels.py.
 """
 
@@ -17,16 +18,18 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 from pipelines.cli import run
-from pipelines.eval.report import write_report
+from pipelines.eval.report import periodic_and_final, stored_config, write_report
 from pipelines.infer.extract import extract_with_vqvae
 from pipelines.infer.generation import generate, load_pipeline
-from pipelines.store.checkpoint import write_image_grid
-from pipelines.store.run_files import has_state
+from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.codes import read_metadata
+from pipelines.store.run_files import has_state, read_log
 from pipelines.train import priors
 from pipelines.train import vqvae as train_vqvae
 
@@ -75,6 +78,43 @@ def main():
     print(f"reconstructions: {out / 'vqvae' / 'reconstructions.png'}")
     print(f"samples ({pipeline.n_classes} classes x {args.per_class}): {out / 'samples.png'}")
     print(f"report: {write_report([out], out / 'report.html')}")
+    print(f"figures: {write_figures(out)}")
+
+
+def final_evaluation(run_dir):
+    """A stage's final evaluation (its log.jsonl's final line) and its stored training settings."""
+    _, final = periodic_and_final(read_log(run_dir))
+    if not final:
+        raise ValueError(f"{run_dir} has no final evaluation in its log.jsonl: the stage has not finished")
+    return final[0], stored_config(run_dir)
+
+
+def demo_figures(out):
+    """The figures of the README's demo table, read from the run directories in `out` and its code
+    database: the VQ-VAE's final test evaluation, the records extracted, each prior's steps, time
+    budget and final validation bits per code."""
+    vqvae, vqvae_config = final_evaluation(out / "vqvae")
+    figures = {
+        "vqvae": {"preset": vqvae_config["preset"], "size": vqvae_config["size"], "steps": vqvae["step"],
+                  "batch_size": vqvae_config["batch_size"], "test_mse": vqvae["mse"],
+                  "psnr_db": train_vqvae.psnr(vqvae["mse"]), "top_usage": vqvae["top_usage"],
+                  "bottom_usage": vqvae["bottom_usage"]},
+        "codes": {"records": read_metadata(out / "codes.lmdb")["count"]},
+    }
+    for level in ("top", "bottom"):
+        prior, config = final_evaluation(out / level)
+        figures[f"{level}_prior"] = {"preset": config["preset"], "steps": prior["step"],
+                                     "max_minutes": config["max_minutes"], "label_dropout": config["label_dropout"],
+                                     "validation_bits_per_code": prior["test_bits"]}
+    return figures
+
+
+def write_figures(out):
+    """Writes RUN/figures.json (demo_figures) and returns its path."""
+    path = out / "figures.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(demo_figures(out), indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":
