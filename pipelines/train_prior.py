@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 from pipelines import run_state
 from pipelines.codes import LEVELS, CodeDataset, PriorProvenance, check_fits, prior_fields
 from pipelines.loop import fit
-from pipelines.run_config import data_field, run_field
+from pipelines.run_config import data_field, run_field, setting
 from pipelines.train_pixel import PixelSNAILTask, RunConfig, Source
 from prior import PixelSNAILConfig
 
@@ -24,10 +24,10 @@ HOLDOUT_EVERY = 20
 
 @dataclass
 class PriorTrainConfig(RunConfig):
-    codes: str | None = data_field()  # the code database written by extract_codes.py
-    level: str | None = run_field()  # None: top
-    out: str = "runs/prior-top"
-    n_samples: int = 0  # priors draw no sample grid (scripts/sample.py decodes samples)
+    codes: str | None = data_field("code database written by scripts/extract_codes.py", required=True)
+    level: str | None = run_field("the code grid to model (default top)", choices=LEVELS)
+    out: str = setting("runs/prior-top", "run directory (checkpoint, state, log)", required=True)
+    n_samples: int = setting(0, command_line=False)  # priors draw no sample grid (scripts/sample.py decodes samples)
 
     def __post_init__(self):
         super().__post_init__()
