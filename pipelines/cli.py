@@ -8,6 +8,7 @@ import typing
 from dataclasses import fields, is_dataclass
 
 from pipelines.errors import one_line
+from pipelines.generation import label_forms
 from pipelines.run_config import CHOICES, COMMAND_LINE, HELP, PATH, REQUIRED, RUN_FIELD, field_metadata
 from pipelines.runtime import Stopped
 
@@ -100,3 +101,54 @@ def annotated_type(hint):
     """int for `int` or `int | None`; None where the annotation names no single type."""
     types = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_args(hint) else [hint]
     return types[0] if len(types) == 1 else None
+
+
+def options_of(config_class, args):
+    """The dataclass `config_class` made from the options of its fields in `args` (those the parser
+    declared; the others keep their defaults): its checks refuse a bad value in one line."""
+    given = vars(args)
+    return config_class(**{f.name: given[f.name] for f in fields(config_class) if f.name in given})
+
+
+def label_option(parser, forms, purpose, note=""):
+    """--label in the one label grammar (pipelines.generation.parse_label), taking `forms`."""
+    parser.add_argument("--label", default=None, help=f"{purpose}: {label_forms(forms, explained=True)}{note}")
+
+
+PIPELINE = ("vqvae", "top", "bottom")
+PIXEL_MODEL = ("--ckpt", "a pixel model")  # the option instead of the pipeline, and what it gives
+
+
+def add_model_options(parser, pixel_model=True, required=False):
+    """The model a script runs, one argument group: a pixel-space PixelSNAIL (--ckpt, where
+    `pixel_model`) or the VQ-VAE-2 pipeline, a VQ-VAE and its two priors (--vqvae --top --bottom);
+    `chosen_model` says which was given. `required`: the pipeline's three options are (a script
+    that takes nothing else)."""
+    about = "a pixel model (--ckpt), or " if pixel_model else ""
+    group = parser.add_argument_group("model", f"{about}the pipeline: a VQ-VAE and its two priors (--vqvae --top --bottom)")
+    if pixel_model:
+        group.add_argument("--ckpt", type=user_path, default=None,
+                           help="a pixel-space PixelSNAIL: run directory or checkpoint file")
+    for name, what in zip(PIPELINE, ("VQ-VAE", "top prior", "bottom prior")):
+        group.add_argument(f"--{name}", type=user_path, default=None, required=required,
+                           help=f"the pipeline's {what}: run directory or checkpoint file")
+
+
+def chosen_model(args, instead=PIXEL_MODEL):
+    """The pipeline's (vqvae, top, bottom) paths, or None where the option `instead` was given
+    (a flag and what it gives: --ckpt, a pixel model, by default): exactly one of the two, and
+    all three of the pipeline's; None for `instead` where the pipeline is all a script takes."""
+    paths = tuple(getattr(args, name) for name in PIPELINE)
+    flag, what = instead or (None, None)
+    other = flag is not None and getattr(args, flag.lstrip("-").replace("-", "_")) is not None
+    pipeline = "--vqvae, --top and --bottom"
+    if other and any(paths):
+        raise ValueError(f"give {what} ({flag}) or the pipeline (--vqvae --top --bottom), not both: give either {flag} "
+                         f"or {pipeline}")
+    if not other and None in paths:
+        missing = ", ".join(f"--{name}" for name, path in zip(PIPELINE, paths) if path is None)
+        if not any(paths) and flag is not None:
+            raise ValueError(f"give either {pipeline} (the pipeline) or {flag} ({what})")
+        alternative = f": give either all three or {flag} ({what})" if flag else ""
+        raise ValueError(f"the pipeline needs all three of {pipeline} (missing {missing}){alternative}")
+    return None if other else paths
