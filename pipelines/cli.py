@@ -1,4 +1,7 @@
-"""What the command-line scripts share: user errors become one line, not a traceback."""
+"""What the command-line scripts share: user errors become one line, not a traceback, and one
+grammar for their options: a config's options built from its fields (`add_config_options`, the
+trainers' and the sampling controls of prior.drawing.Drawing), --label (`label_option`), and the
+model a script runs, a pixel model or the VQ-VAE and its priors (`add_model_options`)."""
 
 import argparse
 import os
