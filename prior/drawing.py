@@ -10,10 +10,14 @@
 The pixel mixture has no such controls: its sampler draws a mixture component, then a logistic
 value per channel, and truncating either would move the distribution off the model's discretized
 logistic in a way that has no established meaning; the samplers refuse them in pixel mode.
+
+The scripts take these controls as options of the same names (--temperature, --top-k, --top-p,
+--guidance: each field's metadata carries its help) and pass them here unchanged, so a refusal
+names the option.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,20 +27,24 @@ from torch import Tensor
 class Drawing:
     """The sampling controls of one call: all off by default (plain sampling at temperature 1)."""
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance: float | None = None  # None (or 1): no unconditional pass
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the priors (default %(default)s)"})
+    top_k: int | None = field(default=None, metadata={"help": "draw each code among the k most likely only"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "nucleus sampling: draw each code among the smallest set of most likely codes whose probability "
+        "reaches p (after temperature, like --top-k)"})
+    guidance: float | None = field(default=None, metadata={  # None (or 1): no unconditional pass
+        "help": "classifier-free guidance scale s: draw from uncond + s * (cond - uncond) logits (1: plain "
+        "conditional sampling, 0: unconditional); needs priors trained with --label-dropout"})
 
     def __post_init__(self):
         if not 0 < self.temperature < math.inf:  # nan fails this too
-            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
+            raise ValueError(f"--temperature must be > 0 and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top-k must be >= 1, got {self.top_k}")
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must lie in (0, 1], got {self.top_p}")
+            raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.guidance is not None and not -math.inf < self.guidance < math.inf:
-            raise ValueError(f"guidance must be finite, got {self.guidance}")
+            raise ValueError(f"--guidance must be finite, got {self.guidance}")
 
     @property
     def guided(self):

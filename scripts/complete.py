@@ -24,36 +24,30 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.cli import run, user_path
+from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
 from pipelines.data.datasets import image_files, read_image
 from pipelines.device import add_runtime_arguments, one_process_runtime
 from pipelines.infer.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
-from pipelines.infer.generation import check_class, check_drawing, load_pipeline, sample_generators
+from pipelines.infer.generation import check_drawing, load_pipeline, parse_label, read_label, sample_generators
 from pipelines.store.checkpoint import load_pixelsnail, write_image_grid
 from prior.drawing import Drawing
+
+LABEL_FORMS = ("class",)  # one class for all completions
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=user_path, help="image files or folders of images")
-    p.add_argument("--ckpt", type=user_path, default=None, help="a pixel-space PixelSNAIL run directory or checkpoint")
-    p.add_argument("--vqvae", type=user_path, default=None, help="VQ-VAE run directory or checkpoint (the pipeline)")
-    p.add_argument("--top", type=user_path, default=None, help="top prior run directory or checkpoint (the pipeline)")
-    p.add_argument("--bottom", type=user_path, default=None, help="bottom prior run directory or checkpoint (the pipeline)")
+    add_model_options(p)
     p.add_argument("--keep", default="0.5", help="rows kept: a fraction (0.5, the default) or a row count (24)")
     p.add_argument("--n", type=int, default=4, help="completions per image (default 4)")
-    p.add_argument("--label", type=int, default=None, help="the class of the completions; class-conditional models need one")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the priors (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="draw each code among the k most likely only")
-    p.add_argument("--top-p", type=float, default=None, help="draw each code from the nucleus of probability p")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (priors trained "
-                   "with --label-dropout)")
+    label_option(p, LABEL_FORMS, "the class of the completions, needed by class-conditional models")
+    add_config_options(p, Drawing)
     p.add_argument("--seed", type=int, default=0, help="seed of the completions' generators (default 0)")
     p.add_argument("--out-dir", type=user_path, required=True, help="directory for one grid PNG per image")
     add_runtime_arguments(p)
@@ -61,14 +55,11 @@ def parse_args():
 
 
 def check_args(args):
-    pipeline = [args.vqvae, args.top, args.bottom]
-    if (args.ckpt is None) == (None in pipeline) or (None in pipeline and any(pipeline)):
-        raise ValueError("give either --ckpt (a pixel model) or all of --vqvae, --top and --bottom (the pipeline)")
+    args.pipeline = chosen_model(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if not 0 < args.temperature < math.inf:  # nan fails this too
-        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
-    args.drawing = Drawing(args.temperature, args.top_k, args.top_p, args.guidance)  # checks them
+    args.drawing = options_of(Drawing, args)
+    parse_label(args.label, LABEL_FORMS)
 
 
 def main():
@@ -93,32 +84,23 @@ def main():
 def completer(args, runtime):
     """Loads the model(s) and checks the options against them -> (complete(image, rows,
     generator) -> (n, 3, S, S) completions, the image size S)."""
-    if args.ckpt is not None:
+    if args.pipeline is None:
         model, _ = load_pixelsnail(args.ckpt)
         c = model.config
         args.drawing.check(c)
         if not c.pixel_mode or c.shape[0] != c.shape[1]:
             raise ValueError(f"{args.ckpt} is not a square pixel-space model (shape {c.shape}, codes {c.n_codes})")
-        check_label(args.label, c.n_classes)
+        label = read_label(args.label, LABEL_FORMS, c.n_classes, "the model is")
         model = model.to(runtime.device).eval()
-        return lambda image, rows, generator: complete_pixels(model, image, rows, args.n, args.label, generator), c.shape[0]
-    pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
+        return lambda image, rows, generator: complete_pixels(model, image, rows, args.n, label, generator), c.shape[0]
+    pipeline = load_pipeline(*args.pipeline).to(runtime)
     check_drawing(pipeline, args.drawing)
-    check_label(args.label, pipeline.n_classes)
+    label = read_label(args.label, LABEL_FORMS, pipeline.n_classes)
 
     def complete(image, rows, generator):
-        return complete_codes(pipeline, image, rows, args.n, args.label, args.drawing, generator)[0]
+        return complete_codes(pipeline, image, rows, args.n, label, args.drawing, generator)[0]
 
     return complete, pipeline.image_size
-
-
-def check_label(label, n_classes):
-    if n_classes and label is None:
-        raise ValueError(f"the model is class-conditional: give --label, a class in [0, {n_classes})")
-    if not n_classes and label is not None:
-        raise ValueError(f"the model is not class-conditional: give no --label (got {label})")
-    if label is not None:
-        check_class(label, n_classes)
 
 
 if __name__ == "__main__":

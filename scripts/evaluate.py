@@ -31,13 +31,12 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
-import math
 import sys
 import time
 
 from torch.utils.data import DataLoader
 
-from pipelines.cli import HelpFormatter, run, user_path
+from pipelines.cli import HelpFormatter, add_config_options, add_model_options, chosen_model, options_of, run, user_path
 from pipelines.data.datasets import load_dataset
 from pipelines.device import add_runtime_arguments, one_process_runtime, resolve_device, resolve_precision
 from pipelines.eval import sample_metrics
@@ -46,6 +45,7 @@ from pipelines.infer.generation import load_pipeline
 from pipelines.store.checkpoint import CheckpointError, checkpoint_stage, load_pixelsnail, load_vqvae
 from pipelines.store.results import check_result_file, write_result
 from pipelines.train import runtime
+from prior.drawing import Drawing
 
 STAGES = ("pixels", "prior", "vqvae", "samples")
 
@@ -110,8 +110,7 @@ def add_vqvae_arguments(p):
 
 
 def add_samples_arguments(p):
-    for level in ("vqvae", "top", "bottom"):
-        p.add_argument(f"--{level}", type=user_path, default=None, help=f"{level} run directory or checkpoint (to draw samples)")
+    add_model_options(p, pixel_model=False)
     p.add_argument("--samples", type=user_path, default=None,
                    help="instead of drawing: sample.py --out-dir's directory or its samples.npz (class-conditional)")
     p.add_argument("--data", type=user_path, required=True, help="the real data the pipeline was trained on")
@@ -119,7 +118,7 @@ def add_samples_arguments(p):
                    help="samples drawn per class, and real images per class in each real set")
     p.add_argument("--classifier-steps", type=int, default=300, help="training steps of each small classifier")
     p.add_argument("--seed", type=int, default=0, help="of the samples, the real images chosen and the classifiers")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors")
+    add_config_options(p, Drawing, names=("temperature",))
     p.add_argument("--inception-weights", type=user_path, default=None, metavar="FILE",
                    help="Inception v3 FID weights you bring (pytorch-fid's pt_inception-2015-12-05-6726825d.pth): adds "
                    "the standard Inception FID; needs torch-fidelity; nothing is downloaded")
@@ -174,16 +173,12 @@ def vqvae(args):
 def samples(args):
     if min(args.per_class, args.classifier_steps) < 1:
         raise ValueError(f"--per-class and --classifier-steps must be >= 1, got {args.per_class} and {args.classifier_steps}")
-    if not 0 < args.temperature < math.inf:  # nan fails this too
-        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
-    pipeline_paths = [args.vqvae, args.top, args.bottom]
-    drawing = None not in pipeline_paths
-    if drawing == (args.samples is not None) or (not drawing and any(pipeline_paths)):
-        raise ValueError("give either --vqvae, --top and --bottom (to draw samples) or --samples")
+    drawing = options_of(Drawing, args)
+    pipeline_paths = chosen_model(args, instead=("--samples", "sample.py's samples"))
     # every refusal before the slow work: the weights file, the samples or checkpoints, the real data
     inception = sample_metrics.inception_fid_metric(args.inception_weights) if args.inception_weights else None
     machine = one_process(args)
-    if args.samples:
+    if pipeline_paths is None:
         drawn, pipeline = sample_metrics.load_samples(args.samples), None
         n_classes, size = int(drawn.labels.max()) + 1, drawn.images.shape[-1]
     else:
@@ -191,7 +186,7 @@ def samples(args):
         n_classes, size = pipeline.n_classes, pipeline.image_size
     real = sample_metrics.real_images(args.data, size, n_classes, args.per_class, args.seed)
     if pipeline is not None:
-        drawn = sample_metrics.draw_samples(pipeline, machine, args.per_class, args.seed, args.batch_size, args.temperature)
+        drawn = sample_metrics.draw_samples(pipeline, machine, args.per_class, args.seed, args.batch_size, drawing)
     result = sample_metrics.evaluate_samples(drawn, *real, n_classes, args.classifier_steps, args.seed,
                                              machine.device, inception)
     print(f"{len(drawn)} samples of {n_classes} classes against {result['real_heldout']} real held-out images")

@@ -35,32 +35,25 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import save_file
 
-from pipelines.cli import run, user_path
+from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
 from pipelines.device import add_runtime_arguments, make_runtime
-from pipelines.infer.generation import SampleJob, check_drawing, load_pipeline, make_samples, parse_labels
+from pipelines.infer.generation import (ALL, SampleJob, check_drawing, load_pipeline, make_samples, parse_label,
+                                        read_label)
 from pipelines.store import samples as sample_dir
 from pipelines.store.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
 from pipelines.store.codes import file_sha256
 from prior.drawing import Drawing
 
+LABEL_FORMS = ("class", "list", ALL)
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vqvae", type=user_path, required=True, help="VQ-VAE run directory or checkpoint")
-    p.add_argument("--top", type=user_path, required=True, help="top prior run directory or checkpoint")
-    p.add_argument("--bottom", type=user_path, required=True, help="bottom prior run directory or checkpoint")
+    add_model_options(p, pixel_model=False, required=True)
     p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
-    p.add_argument("--label", default=None,
-                   help="class of the samples: one class, a comma list (3,7,9) or all; needed by class-conditional priors")
+    label_option(p, LABEL_FORMS, "class of the samples, needed by class-conditional priors")
     p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="draw each code among the k most likely only (both priors)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling: draw each code among the smallest set of most likely codes whose "
-                   "probability reaches p (both priors; after temperature, like --top-k)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale s: draw from uncond + s * (cond - uncond) logits (1: plain "
-                   "conditional sampling, 0: unconditional); needs priors trained with --label-dropout")
+    add_config_options(p, Drawing)
     p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
     p.add_argument("--out", type=user_path, default=None, help="image grid to write (default samples.png without --out-dir)")
     p.add_argument("--out-dir", type=user_path, default=None, help="directory for one PNG per sample and samples.npz (resumable)")
@@ -74,9 +67,8 @@ def check_args(args):
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0 < args.temperature < math.inf:  # nan fails this too
-        raise ValueError(f"--temperature must be > 0 and finite, got {args.temperature}")
-    args.drawing = Drawing(args.temperature, args.top_k, args.top_p, args.guidance)  # checks them
+    args.drawing = options_of(Drawing, args)
+    parse_label(args.label, LABEL_FORMS)
     for option, path, suffix in (("--out", args.out, ".png"), ("--save-codes", args.save_codes, ".safetensors")):
         if path is not None and not path.lower().endswith(suffix):
             raise ValueError(f"{option} {path}: the file is written as {suffix}, so its name must end in {suffix}")
@@ -90,9 +82,10 @@ def main():
     args = parse_args()
     check_args(args)
     runtime = make_runtime(args.device, args.precision)
-    pipeline = load_pipeline(args.vqvae, args.top, args.bottom).to(runtime)
+    pipeline = load_pipeline(*chosen_model(args, instead=None)).to(runtime)
     check_drawing(pipeline, args.drawing)
-    job = SampleJob(parse_labels(args.label, pipeline.n_classes), args.n, args.seed, args.drawing)
+    labels = read_label(args.label, LABEL_FORMS, pipeline.n_classes)
+    job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing)
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:

@@ -31,26 +31,23 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 import argparse
 from functools import partial
 
-from pipelines.cli import HelpFormatter, run, user_path
+from pipelines.cli import HelpFormatter, add_model_options, chosen_model, label_option, run, user_path
 from pipelines.data.datasets import ImageFiles, load_dataset
 from pipelines.device import add_runtime_arguments, one_process_runtime
 from pipelines.infer.extract import count_classes
-from pipelines.infer.generation import load_pipeline
-from pipelines.infer.scoring import MIXTURE, choose_labels, score_dataset, score_pipeline, score_pixels
+from pipelines.infer.generation import load_pipeline, parse_label
+from pipelines.infer.scoring import LABEL_FORMS, choose_labels, score_dataset, score_pipeline, score_pixels
 from pipelines.store.checkpoint import load_pixelsnail
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("images", nargs="*", type=user_path, help="image files or folders (instead of --data)")
-    p.add_argument("--ckpt", type=user_path, help="a pixel-space PixelSNAIL: run directory or checkpoint file")
-    p.add_argument("--vqvae", type=user_path, help="the pipeline's VQ-VAE (with --top and --bottom)")
-    p.add_argument("--top", type=user_path, help="the pipeline's top prior")
-    p.add_argument("--bottom", type=user_path, help="the pipeline's bottom prior")
+    add_model_options(p)
     p.add_argument("--data", type=user_path, help="a dataset as the trainers take it ('builtin' included)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data")
-    p.add_argument("--label", help=f"class-conditional models: a class N, data (the dataset's labels) or {MIXTURE} "
-                   "(the class unknown); default data for --data, required for files")
+    label_option(p, LABEL_FORMS, "the class of every image, for class-conditional models",
+                 "; default data for --data, required for files")
     p.add_argument("--out", type=user_path, default="scores.csv", help="the CSV written")
     p.add_argument("--maps", type=user_path, metavar="DIR", help="also write a heat map PNG per image into DIR")
     p.add_argument("--batch-size", type=int, default=32)
@@ -59,11 +56,8 @@ def parse_args():
 
 
 def check_args(args):
-    pipeline = [args.vqvae, args.top, args.bottom]
-    if (args.ckpt is None) == all(path is None for path in pipeline):
-        raise ValueError("give a pixel model (--ckpt) or the pipeline (--vqvae --top --bottom), one of the two")
-    if args.ckpt is None and None in pipeline:
-        raise ValueError("the pipeline needs all three of --vqvae, --top and --bottom")
+    args.pipeline = chosen_model(args)
+    parse_label(args.label, LABEL_FORMS)
     if (args.data is None) == (not args.images):
         raise ValueError("give the images as --data (a dataset) or as files and folders, one of the two")
     if args.batch_size < 1:
@@ -74,14 +68,14 @@ def main():
     args = parse_args()
     check_args(args)
     runtime = one_process_runtime("score.py", args.device, args.precision)
-    if args.ckpt is not None:
+    if args.pipeline is None:
         model, _ = load_pixelsnail(args.ckpt)
         if not model.config.pixel_mode:
             raise ValueError(f"{args.ckpt} is a code-mode prior: score codes with --vqvae --top --bottom")
         size, n_classes = model.config.shape[0], model.config.n_classes
         score = partial(score_pixels, model.to(runtime.device), runtime=runtime)
     else:
-        pipeline = load_pipeline(args.vqvae, args.top, args.bottom)
+        pipeline = load_pipeline(*args.pipeline)
         size, n_classes = pipeline.image_size, pipeline.n_classes
         score = partial(score_pipeline, pipeline.to(runtime), runtime=runtime)
     if args.data is not None:

@@ -13,17 +13,12 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
-from pipelines.cli import add_pixelsnail_arguments, add_run_setting, run, trainer_parser, user_path
-from pipelines.train.priors import LEVELS, PriorTrainConfig, train
-from prior import PRESETS
+from pipelines.cli import config_parser, run
+from pipelines.train.priors import PriorTrainConfig, train
 
 
 def main():
-    p = trainer_parser(__doc__, PriorTrainConfig(), PRESETS, "run directory (checkpoint, state, log)", out_required=True)
-    p.add_argument("--codes", type=user_path, required=True, help="code database written by scripts/extract_codes.py")
-    add_run_setting(p, "--level", choices=LEVELS, help="the code grid to model (default top)")
-    add_pixelsnail_arguments(p)
-    train(PriorTrainConfig(**vars(p.parse_args())))
+    train(PriorTrainConfig(**vars(config_parser(PriorTrainConfig, __doc__).parse_args())))
 
 
 if __name__ == "__main__":

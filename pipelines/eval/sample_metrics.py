@@ -199,11 +199,12 @@ def load_samples(path):
     return LabelledImages(rearrange(images, "n h w c -> n c h w").contiguous(), labels.long())
 
 
-def draw_samples(pipeline, runtime, per_class, seed=0, batch_size=16, temperature=1.0):
-    """`per_class` samples of every class of a class-conditional pipeline -> LabelledImages (on the CPU)."""
+def draw_samples(pipeline, runtime, per_class, seed=0, batch_size=16, drawing=Drawing()):
+    """`per_class` samples of every class of a class-conditional pipeline, drawn with `drawing`
+    (prior.drawing) -> LabelledImages (on the CPU)."""
     if pipeline.n_classes < 2:
         raise ValueError("the priors are not class-conditional: CAS needs class-conditional samples")
-    job = SampleJob(tuple(range(pipeline.n_classes)), per_class, seed, Drawing(temperature=temperature))
+    job = SampleJob(tuple(range(pipeline.n_classes)), per_class, seed, drawing)
     batches = []
     make_samples(pipeline, runtime, job, list(range(job.total)), batch_size,
                  lambda indices, labels, images, *codes: batches.append((labels, images)))

@@ -172,20 +172,54 @@ class SampleJob:
         return None if self.labels == (None,) else [self.labels[i // self.per_label] for i in indices]
 
 
-def parse_labels(spec, n_classes):
-    """--label as given ('3', '1,4,7', 'all' or None) -> the classes, a tuple; (None,) for unconditional priors."""
-    if spec is None or not n_classes:
-        check_labels_given(spec, n_classes)
-        return (None,)
-    if spec == "all":
-        return tuple(range(n_classes))
+# -- the one --label grammar: each script takes some of its forms -------------------------------
+
+ALL, DATA, MIXTURE = "all", "data", "mixture"
+LABEL_GRAMMAR = {  # form: (its name, what it means); a class and a comma list are numbers, the others words
+    "class": ("a class", "3"),
+    "list": ("a comma list of classes", "3,7,9"),
+    ALL: ("all", "every class"),
+    DATA: ("data", "each image's class in its dataset"),
+    MIXTURE: ("mixture", "the class unknown: the uniform mixture of the model's classes"),
+}
+
+
+def label_forms(forms, n_classes=None, explained=False):
+    """The label forms `forms` in words, as --help (`explained`) and refusals name them: 'a class, a
+    comma list of classes or all', with the range of a class once the model's n_classes is known."""
+    names = []
+    for form in forms:
+        name, meaning = LABEL_GRAMMAR[form]
+        name += f" in [0, {n_classes})" if form == "class" and n_classes is not None else ""
+        names.append(f"{name} ({meaning})" if explained else name)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def parse_label(spec, forms, n_classes=None):
+    """--label as given, in one of `forms` (keys of LABEL_GRAMMAR) -> a class (int), classes (a tuple,
+    from a comma list, or from all once n_classes is known), ALL, DATA, MIXTURE, or None where none
+    is given. Refuses another form, and classes outside [0, n_classes) once n_classes is known:
+    without it, a script refuses a malformed --label before it loads any model."""
+    if spec is None:
+        return None
+    if spec in forms and spec in (ALL, DATA, MIXTURE):
+        return tuple(range(n_classes)) if spec == ALL and n_classes is not None else spec
     try:
-        labels = tuple(int(part) for part in spec.split(","))
+        classes = tuple(int(part) for part in spec.split(","))
     except ValueError:
-        raise ValueError(f"--label must be a class, a comma list of classes or all, got {spec!r}") from None
-    for label in labels:
+        classes = ()
+    if not classes or ("class" if len(classes) == 1 else "list") not in forms:
+        raise ValueError(f"--label must be {label_forms(forms, n_classes)}, got {spec!r}")
+    for label in classes if n_classes is not None else ():
         check_class(label, n_classes)
-    return labels
+    return classes[0] if len(classes) == 1 else classes
+
+
+def read_label(spec, forms, n_classes, model_is="the priors are"):
+    """--label for a model of `n_classes` classes (0: unconditional) -> None for an unconditional
+    model, else parse_label's answer; refuses a label missing, or given to an unconditional model."""
+    check_labels_given(spec, n_classes, model_is, forms)
+    return parse_label(spec, forms, n_classes)
 
 
 def check_class(label, n_classes):
@@ -193,11 +227,14 @@ def check_class(label, n_classes):
         raise ValueError(f"label must lie in [0, {n_classes}), got {label}")
 
 
-def check_labels_given(spec, n_classes):
-    if n_classes and spec is None:
-        raise ValueError(f"the priors are class-conditional: give a label in [0, {n_classes}), a comma list or all")
-    if not n_classes and spec is not None:
-        raise ValueError(f"the priors are not class-conditional: give no label (got {spec})")
+def check_labels_given(given, n_classes, model_is="the priors are", forms=None):
+    """Refuses a missing label for a class-conditional model and one given to another; `forms`:
+    --label's, named in the advice."""
+    if n_classes and given is None:
+        options = f" (--label: {label_forms(forms)})" if forms else ""
+        raise ValueError(f"{model_is} class-conditional: give a label in [0, {n_classes}){options}")
+    if not n_classes and given is not None:
+        raise ValueError(f"{model_is} not class-conditional: give no label (got {given})")
 
 
 def make_samples(pipeline, runtime, job, indices, batch_size, keep):

@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipelines.data.datasets import to_model_range
+from pipelines.infer.generation import DATA, MIXTURE, check_labels_given, parse_label
 from pipelines.infer.heatmaps import write_heat_map
 from pipelines.store.checkpoint import atomic_path
 from prior import PixelSNAIL
 
-MIXTURE = "mixture"
+LABEL_FORMS = ("class", DATA, MIXTURE)  # what --label takes (pipelines.infer.generation.parse_label)
 
 
 class Level(NamedTuple):
@@ -143,33 +144,24 @@ def choose_labels(option: str | None, n_classes: int, dataset_classes: int, sour
     Default: "data" where the images come with classes (a dataset spec with labels), else refused:
     loose files have no class, and guessing one would score them under the wrong model."""
     if not n_classes:
-        if option is not None:
-            raise ValueError(f"--label {option}: the model is not class-conditional, give no --label")
+        check_labels_given(option, n_classes, "the model is")
         return None
-    if option == MIXTURE:
-        return MIXTURE
-    advice = f"give --label N (a class in [0, {n_classes})) or --label {MIXTURE} (the class unknown)"
-    if option is None or option == "data":
+    chosen = DATA if option is None else parse_label(option, LABEL_FORMS, n_classes)
+    if chosen == DATA:
+        advice = f"give --label N (a class in [0, {n_classes})) or --label {MIXTURE} (the class unknown)"
         if dataset_classes <= 1:
             raise ValueError(f"the model is class-conditional ({n_classes} classes) and {source} has no classes: {advice}")
         if dataset_classes > n_classes:
             raise ValueError(f"{source} has labels up to {dataset_classes - 1} but the model knows {n_classes} "
                              f"classes: {advice}")
-        return "data"
-    try:
-        label = int(option)
-    except ValueError:
-        raise ValueError(f"--label must be a class in [0, {n_classes}), data or {MIXTURE}, got {option!r}") from None
-    if not 0 <= label < n_classes:
-        raise ValueError(f"--label must lie in [0, {n_classes}), got {label}")
-    return label
+    return chosen
 
 
 def batch_labels(chosen, labels: Tensor, device):
     """The labels to score a batch with, from choose_labels' answer and the batch's own labels."""
     if chosen is None or chosen == MIXTURE:
         return chosen
-    if chosen == "data":
+    if chosen == DATA:
         return labels.to(device)
     return torch.full_like(labels, chosen).to(device)
 
@@ -202,7 +194,7 @@ def map_panels(scores: BatchScores, index: int) -> list[tuple[str, Tensor]]:
 def label_text(chosen, label: int) -> str:
     if chosen is None:
         return ""
-    return MIXTURE if chosen == MIXTURE else str(label if chosen == "data" else chosen)
+    return MIXTURE if chosen == MIXTURE else str(label if chosen == DATA else chosen)
 
 
 def map_name(row: int, name: str, from_files: bool) -> str:

@@ -7,13 +7,13 @@ from pipelines.data.datasets import image_inputs, load_dataset
 from pipelines.train import run_state
 from pipelines.train.loop import fit
 from pipelines.train.pixelsnail import PixelSNAILTask, RunConfig, Source
-from pipelines.train.run_config import data_field
+from pipelines.train.run_config import image_data_field
 from prior import PixelSNAILConfig
 
 
 @dataclass
 class TrainConfig(RunConfig):
-    data: str | None = data_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
+    data: str | None = image_data_field()
 
     def run_defaults(self):
         return {**super().run_defaults(), "data": "builtin"}

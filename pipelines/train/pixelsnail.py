@@ -14,20 +14,23 @@ from pipelines.eval.stages import evaluate_bits
 from pipelines.store.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, runtime
 from pipelines.train.loop import Step, Task
-from pipelines.train.run_config import BaseRunConfig, check_at_least, run_field
-from prior import PixelSNAIL, get_preset
+from pipelines.train.run_config import BaseRunConfig, check_at_least, run_field, setting
+from prior import PRESETS, PixelSNAIL, get_preset
 
 
 @dataclass
 class RunConfig(BaseRunConfig):
     """What every PixelSNAIL run has, whatever it trains on."""
 
-    out: str = "runs/pixelsnail"
-    lr_decay: float | None = run_field()  # multiplied into the learning rate every step; None: the preset's
-    ema_decay: float | None = run_field()  # Polyak averaging of the weights; 0: none; None: the preset's
-    dropout: float | None = run_field()  # None: the preset's
-    label_dropout: float | None = run_field()  # share of labels replaced by the null class; None: 0
-    n_samples: int = 16
+    out: str = setting("runs/pixelsnail", "run directory (checkpoints, samples, log)")
+    preset: str | None = run_field(choices=tuple(PRESETS))
+    lr_decay: float | None = run_field(command_line=False)  # multiplied into the lr every step; None: the preset's
+    dropout: float | None = run_field("dropout probability")  # None: the preset's
+    label_dropout: float | None = run_field("probability of replacing a label by a learned null class (default 0), "
+                                            "which classifier-free guidance (sample.py --guidance) needs")
+    ema_decay: float | None = run_field("Polyak averaging of the weights, which evaluation, samples and "
+                                        "model.safetensors use; 0: none, the weights themselves")  # None: the preset's
+    n_samples: int = setting(16, "samples drawn into samples.png at the end")
 
     def __post_init__(self):
         super().__post_init__()

@@ -15,16 +15,16 @@ from pipelines.store.provenance import LEVELS, check_fits, prior_fields
 from pipelines.train import run_state
 from pipelines.train.loop import fit
 from pipelines.train.pixelsnail import PixelSNAILTask, RunConfig, Source
-from pipelines.train.run_config import data_field, run_field
+from pipelines.train.run_config import data_field, run_field, setting
 from prior import PixelSNAILConfig
 
 
 @dataclass
 class PriorTrainConfig(RunConfig):
-    codes: str | None = data_field()  # the code database written by extract_codes.py
-    level: str | None = run_field()  # None: top
-    out: str = "runs/prior-top"
-    n_samples: int = 0  # priors draw no sample grid (scripts/sample.py decodes samples)
+    codes: str | None = data_field("code database written by scripts/extract_codes.py", required=True)
+    level: str | None = run_field("the code grid to model (default top)", choices=LEVELS)
+    out: str = setting("runs/prior-top", "run directory (checkpoint, state, log)", required=True)
+    n_samples: int = setting(0, command_line=False)  # priors draw no sample grid (scripts/sample.py decodes samples)
 
     def __post_init__(self):
         super().__post_init__()

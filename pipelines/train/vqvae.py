@@ -19,20 +19,21 @@ from pipelines.data.datasets import load_dataset, to_model_range
 from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, run_state
 from pipelines.train.loop import Step, Task, fit
-from pipelines.train.run_config import BaseRunConfig, check_at_least, data_field, run_field
+from pipelines.train.run_config import BaseRunConfig, check_at_least, image_data_field, run_field, setting
 from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
-from vqvae.presets import get_preset
+from vqvae.presets import PRESETS, get_preset
 
 
 @dataclass
 class VQVAETrainConfig(BaseRunConfig):
-    data: str | None = data_field()  # "builtin" (scikit-image photo crops), CIFAR-10, ImageNet 32 or an image folder
-    size: int | None = run_field()  # image side, divisible by 8; None: 256
-    out: str = "runs/vqvae"
+    data: str | None = image_data_field()
+    size: int | None = run_field("image side, a multiple of 8 (default 256: 32x32 top, 64x64 bottom codes)")
+    out: str = setting("runs/vqvae", "run directory (checkpoint, reconstructions, log)")
+    preset: str | None = run_field(choices=tuple(PRESETS))
     steps: int = 2000
     eval_batches: int | None = 20
-    n_images: int = 8  # test images shown in reconstructions.png
+    n_images: int = setting(8, "test images in reconstructions.png")
 
     def __post_init__(self):
         super().__post_init__()
