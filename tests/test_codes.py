@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from launch import launch_command, run_in_process
+from launch import drain, launch_command, run_in_process
 from pipelines.cli import run
 from pipelines.codes import (
     META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, extract_codes, read_metadata, record_key,
@@ -261,6 +261,7 @@ def start_launch(script):
             pytest.fail("the launch ended before both processes encoded")
         for rank, pid in re.findall(r"encoding rank (\d+) pid (\d+)", line):
             pids[int(rank)] = int(pid)
+    drain(launcher.stdout)  # the test waits on the launcher from here on
     return launcher, pids
 
 
