@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) scripts/bench.py train
+	$(PY) -m bench train
 
 # on a machine with a CUDA GPU: the CUDA tests, then bench/results/gpu.md (under 8 minutes)
 gpu-check: $(VENV)/.installed

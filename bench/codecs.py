@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import ROOT, Report, log, machine_info, machine_lines, results_record
-from bench.precision import last_line_value, run_script
+from bench.common import (Report, add_out_argument, last_line_value, log, machine_info, machine_lines, recorded_path,
+                          results_record, run_script)
 from pipelines.cli import user_path
 from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
 from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
@@ -95,9 +95,9 @@ def run(args):
     bits/dim beside them; writes codecs.json, codecs.md and codecs.png (bits/dim against training
     minutes) to --out.
 
-    python scripts/bench.py codecs                    # about 15 minutes per seed on 2 idle cores
-    python scripts/bench.py codecs --no-model         # the codecs alone, a minute
-    python scripts/bench.py codecs --other-photos ~/photos   # the other crops from your photos
+    python -m bench codecs                    # about 15 minutes per seed on 2 idle cores
+    python -m bench codecs --no-model         # the codecs alone, a minute
+    python -m bench codecs --other-photos ~/photos   # the other crops from your photos
     """
     marks = QUICK_MARKS if args.quick else FULL_MARKS
     preset = args.preset or ("tiny" if args.quick else None)
@@ -115,9 +115,10 @@ def run(args):
         for name, bits in codecs.items():
             log(f"{name}: {bits['held_out']:.3f} / {bits['other']:.3f} bits per sub-pixel (held-out / other crops)")
         runs = {} if args.no_model else {seed: model_curve(work, args, marks, seed, work / "other") for seed in args.seeds}
-    config = {"preset": preset or "cpu-small (the trainer's default)", "train_data": args.train_data,
-              "eval_data": args.eval_data, "other_photos": [Path(p).name for p in other_photos], "size": size,
-              "n_images": {key: len(images) for key, images in sets.items()}, "marks": marks, "seeds": args.seeds}
+    config = {"preset": preset or "cpu-small (the trainer's default)", "train_data": recorded_path(args.train_data),
+              "eval_data": recorded_path(args.eval_data), "other_photos": [Path(p).name for p in other_photos],
+              "size": size, "n_images": {key: len(images) for key, images in sets.items()}, "marks": marks,
+              "seeds": args.seeds}
     results = results_record("codecs", info, args.quick, config, codecs=codecs,
                              runs={str(seed): curve for seed, curve in runs.items()})
     REPORT.publish(results, args.out)
@@ -136,8 +137,7 @@ def add_arguments(parser):
     parser.add_argument("--other-photos", nargs="+", metavar="PHOTO", type=user_path,
                         help=f"photos to cut the other {OTHER_CROPS} crops from (default: matplotlib's sample photo "
                              "grace_hopper.jpg)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                        help="directory for codecs.json, codecs.md and codecs.png (default bench/results)")
+    add_out_argument(parser, "codecs.json, codecs.md and codecs.png")
 
 
 # -- output -----------------------------------------------------------------------------------

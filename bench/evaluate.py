@@ -4,14 +4,13 @@ how long each evaluation took."""
 
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, OtherCpuUse, Report, add_quick_argument, apply_defaults, load_average, log,
-                          machine_info, machine_lines)
+from bench.common import (OtherCpuUse, Report, add_out_argument, add_quick_argument, apply_defaults, load_average, log,
+                          machine_info, machine_lines, recorded_path, run_command)
 
 QUICK_DEFAULTS = dict(per_class=4, classifier_steps=10)
 FULL_DEFAULTS = dict(per_class=100, classifier_steps=300)
@@ -27,8 +26,7 @@ def add_arguments(parser):
                         help=f"steps of each small classifier (default {FULL_DEFAULTS['classifier_steps']})")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="evaluate.py's --device")
     add_quick_argument(parser, QUICK_DEFAULTS)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                        help="directory for eval.json and eval.md (default bench/results)")
+    add_out_argument(parser, "eval.json and eval.md")
 
 
 def stage_arguments(args):
@@ -54,7 +52,7 @@ def evaluate_stages(args, report):
         log(f"{stage}: {shlex.join(command[1:])}")
         with OtherCpuUse(include_children=True) as contention:
             start = time.perf_counter()
-            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            result = run_command(command, check=False)
             seconds[stage] = time.perf_counter() - start
         if result.returncode:
             raise SystemExit(f"evaluate.py {arguments[0]} failed: {result.stderr.strip()[-2000:]}")
@@ -71,8 +69,8 @@ def run(args):
     included). --quick: a smoke run of few samples and classifier steps."""
     apply_defaults(args, QUICK_DEFAULTS if args.quick else FULL_DEFAULTS)
     results = machine_info()
-    results["config"] = {"run_dir": args.run_dir, "data": args.data, "per_class": args.per_class,
-                         "classifier_steps": args.classifier_steps, "device": args.device}
+    results["config"] = {"run_dir": recorded_path(args.run_dir), "data": recorded_path(args.data),
+                         "per_class": args.per_class, "classifier_steps": args.classifier_steps, "device": args.device}
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "eval.json"
         printed, seconds, other_cpu = evaluate_stages(args, report)

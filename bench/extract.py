@@ -2,7 +2,6 @@
 fast path (bf16 autocast; both channels_last), and the codes bf16 changes on a trained VQ-VAE."""
 
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -13,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from bench.common import (ROOT, OtherCpuUse, Report, add_common_arguments, apply_defaults, load_average, log,
-                          machine_info, machine_lines, random_pixels)
-from bench.vqvae import VQVAE_QUICK_MODEL, to_memory_format, vqvae_extract
+from bench.common import (VQVAE_QUICK_MODEL, OtherCpuUse, Report, add_common_arguments, apply_defaults, channels_last,
+                          load_average, log, machine_info, machine_lines, random_pixels, recorded_path, run_command,
+                          vqvae_extract)
 from pipelines.data.datasets import load_dataset, to_model_range
 from pipelines.store.checkpoint import load_vqvae, save_checkpoint
 from pipelines.store.codes import CodeDataset
@@ -39,19 +38,17 @@ def run_extraction(vqvae, data, out, precision, batch_size):
     """Runs extract_codes.py; -> (images encoded, seconds the script reports for its extraction loop)."""
     command = [sys.executable, "scripts/extract_codes.py", "--vqvae", str(vqvae), "--data", str(data), "--out",
                str(out), "--precision", precision, "--batch-size", str(batch_size), "--device", "cpu"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-    line = next(line for line in result.stdout.splitlines() if line.startswith("encoded "))
+    line = next(line for line in run_command(command).stdout.splitlines() if line.startswith("encoded "))
     words = line.split()  # encoded N images in T s (R images/s)
     return int(words[1]), float(words[4])
 
 
 def time_model_only(model, images, batch_size, precision):
-    """Seconds of bench.vqvae's in-process extraction (model.encode alone, channels_last, the
-    variant the vqvae benchmark reports) over `images` in batches of `batch_size`."""
-    variant = "bf16_channels_last" if precision == "bf16" else "fp32_channels_last"
+    """Seconds of the vqvae benchmark's in-process extraction (model.encode alone, channels_last, the
+    variant it reports) over `images` in batches of `batch_size`."""
     start = time.perf_counter()
     for batch in images.split(batch_size):
-        vqvae_extract(*to_memory_format(variant, model, batch), precision)
+        vqvae_extract(*channels_last(model, batch), precision)
     return time.perf_counter() - start
 
 
@@ -153,7 +150,8 @@ def run(args):
         "quick": args.quick,
         "config": {"model": asdict(config), "paper_model": config == VQVAE2Config(), "image_size": args.size,
                    "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
-                   "trained_vqvae": str(trained), "trained_data": str(data), "trained_image_size": size},
+                   "trained_vqvae": recorded_path(trained), "trained_data": recorded_path(data),
+                   "trained_image_size": size},
         "speed": speed,
         "codes": codes,
     }
@@ -190,7 +188,7 @@ def report(results):
         f"{c['rounds']} round(s) per precision, interleaved; images/s as extract_codes.py prints it for its "
         "extraction loop (loading, encoding, writing); model.encode alone: in this process, right after each "
         "script run, on as many random images already in memory, channels_last (fp32 or bf16 autocast), as "
-        "`bench.py vqvae` times extraction",
+        "`python -m bench vqvae` times extraction",
         f"codes: {c['trained_vqvae']} on {c['trained_data']} ({codes['images']} images of "
         f"{c['trained_image_size']}x{c['trained_image_size']}), extracted once in each precision; reconstruction MSE: "
         "each set of codes decoded in fp32 against the images, in [-1, 1]",

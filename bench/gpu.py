@@ -20,8 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Report, add_common_arguments, load_average, log, machine_info, random_pixels
-from bench.sample import random_inputs
+from bench.common import Report, add_common_arguments, load_average, log, machine_info, random_inputs, random_pixels
 from prior import PixelSNAIL, get_preset
 from prior.sampling import IncrementalPixelSNAIL
 from vqvae import VQVAE2, VQVAE2Config
@@ -184,20 +183,37 @@ def bench_hierarchical_sampling(n, top_preset, bottom_preset, seed):
     return {"n": n, "precisions": {p: results[p] for p in ("bf16", "fp32")}, "levels": per_level}
 
 
-def bench_graph_step(model, n, labels, cond, precision, repeats=50):
-    """The network part of one cached sampling step (`output_at` in the third row), eager
-    against a CUDA graph replay of it: how much of a step is launch overhead. (The write-back
-    checks the drawn values on the host, which a graph cannot capture.)"""
+def prepared_step(model, n, labels, cond):
+    """A cached sampler of `model` (batch n) ready for one step at (i, j), the third row's middle
+    (past the first rows: every stream and cache in use): -> (network, (i, j)), where
+    `network.output_at(i, j)` is the network part of that step, as many times as asked.
+
+    The positions before (i, j) are fed in raster order, drawn as zeros: the sampler computes at
+    each row's first position what the rows above determine, a two-stream model's vertical stream
+    among it. A step at (i, j) of a fresh sampler skips that, and a two-stream model's gated
+    resnets then get no vertical input (bench/results/gpu.md's bottom-prior rows: elu(None))."""
     height, width = model.config.shape
-    i, j = min(2, height - 1), width // 2  # past the first rows: every stream and cache in use
+    i, j = min(2, height - 1), width // 2
+    device = model.background.device
+    network = IncrementalPixelSNAIL(model, n, model.condition(n, labels, cond))
+    if model.config.pixel_mode:
+        drawn = torch.zeros(n, 3, 1, 1, device=device)
+    else:
+        drawn = torch.zeros(n, 1, 1, dtype=torch.long, device=device)
+    for position in range(i * width + j):
+        network.output_at(*divmod(position, width))
+        network.write(*divmod(position, width), drawn)
+    return network, (i, j)
+
+
+def bench_graph_step(model, n, labels, cond, precision, repeats=50):
+    """The network part of one cached sampling step (`prepared_step`), eager against a CUDA graph
+    replay of it: how much of a step is launch overhead. (The write-back checks the drawn values
+    on the host, which a graph cannot capture.) Without gradients, as the sampler runs it."""
     # autocast's weight-cast cache would hold tensors made outside the graph: off in both variants
-    with torch.autocast(CUDA.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
-        network = IncrementalPixelSNAIL(model, n, model.condition(n, labels, cond))
-        drawn = torch.zeros(n, 3, 1, 1, device=CUDA) if model.config.pixel_mode else torch.zeros(
-            n, 1, 1, dtype=torch.long, device=CUDA)
-        for position in range(i * width + j):  # the positions before (i, j), drawn as zeros
-            network.output_at(*divmod(position, width))
-            network.write(*divmod(position, width), drawn)
+    with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                                         cache_enabled=False):
+        network, (i, j) = prepared_step(model, n, labels, cond)
         eager = sorted(timed(lambda: network.output_at(i, j), repeats, warmup=3))[repeats // 2]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -217,8 +233,8 @@ def run(args):
     cifar10 and paper-size prior presets (bf16), VQ-VAE training and extraction images/s at
     256x256, and 16 hierarchical samples (top, bottom, decode) in fp32 and bf16.
 
-    python scripts/bench.py gpu           # a few minutes on one GPU
-    python scripts/bench.py gpu --quick   # smoke run with tiny models
+    python -m bench gpu           # a few minutes on one GPU
+    python -m bench gpu --quick   # smoke run with tiny models
     """
     if not torch.cuda.is_available():
         raise SystemExit("error: the gpu benchmark needs CUDA, and torch sees no GPU here")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
-                          machine_lines)
+from bench.common import (ROOT, Report, add_out_argument, add_quick_argument, apply_defaults, load_average, log,
+                          machine_info, machine_lines, recorded_path)
 from pipelines.data.datasets import BuiltinPhotos, to_model_range, to_uint8
 from pipelines.eval.classifier import ClassifierConfig, train_classifier
 from pipelines.infer.generation import generate, load_pipeline, sample_generators
@@ -127,9 +127,10 @@ def run(args):
                           "per_class": {str(c): float(hits[torch.tensor(labels) == c].float().mean()) for c in classes}}
     results = {
         "benchmark": "guidance", **info, "load_average_after": load_average(),
-        "config": {"demo": str(demo), "work": str(work), "minutes": args.minutes, "label_dropout": LABEL_DROPOUT,
-                   "per_class": args.per_class, "classes": classes, "classifier_steps": args.classifier_steps,
-                   "held_out": args.held_out, "image_size": size, "seed": args.seed},
+        "config": {"demo": recorded_path(demo), "work": recorded_path(work), "minutes": args.minutes,
+                   "label_dropout": LABEL_DROPOUT, "per_class": args.per_class, "classes": classes,
+                   "classifier_steps": args.classifier_steps, "held_out": args.held_out, "image_size": size,
+                   "seed": args.seed},
         "prior_validation_bits": prior_bits, "classifier_accuracy": real, "settings": settings,
     }
     REPORT.publish(results, args.out)
@@ -138,15 +139,16 @@ def run(args):
 def add_arguments(parser):
     full = FULL_DEFAULTS
     add_quick_argument(parser, QUICK_DEFAULTS)
-    parser.add_argument("--demo", help=f"the demo's directory: vqvae/ and codes.lmdb are copied (default {full['demo']})")
-    parser.add_argument("--work", help=f"directory for the copies and the priors; resumed (default {full['work']})")
+    parser.add_argument("--demo", help="the demo's directory: vqvae/ and codes.lmdb are copied (default "
+                        f"{recorded_path(full['demo'])})")
+    parser.add_argument("--work", help="directory for the copies and the priors; resumed (default "
+                        f"{recorded_path(full['work'])})")
     parser.add_argument("--minutes", type=float, help=f"training time of the two priors together (default {full['minutes']})")
     parser.add_argument("--per-class", type=int, help=f"samples of each class per setting (default {full['per_class']})")
     parser.add_argument("--classifier-steps", type=int, help=f"classifier training steps (default {full['classifier_steps']})")
     parser.add_argument("--held-out", type=int, help=f"held-out crops for the accuracy (default {full['held_out']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the priors, classifier and samples (default 0)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                        help="directory for guidance.json and guidance.md (default bench/results)")
+    add_out_argument(parser, "guidance.json and guidance.md")
 
 
 # -- output -----------------------------------------------------------------------------------

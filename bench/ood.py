@@ -23,7 +23,7 @@ from PIL import Image
 from torchmetrics.classification import BinaryAUROC
 
 from bench.common import (Report, add_common_arguments, add_quick_argument, apply_defaults, log, machine_info,
-                          machine_lines, results_record)
+                          machine_lines, recorded_path, results_record)
 from pipelines.data.datasets import BuiltinPhotos, random_crops
 from pipelines.device import make_runtime
 from pipelines.infer.generation import Pipeline, load_pipeline
@@ -153,8 +153,9 @@ def run(args):
         torch.set_num_threads(args.threads)
     info = machine_info()
     models = measure(args)
-    config = {"images_per_kind": args.images, "batch_size": args.batch_size, "seed": args.seed, "pixels": args.pixels,
-              "demo": args.demo, "kinds": list(KINDS), "models": args.models}
+    config = {"images_per_kind": args.images, "batch_size": args.batch_size, "seed": args.seed,
+              "pixels": recorded_path(args.pixels), "demo": recorded_path(args.demo),
+              "kinds": list(KINDS), "models": args.models}
     results = results_record("ood", info, args.quick, config, models=models)
     REPORT.publish(results, args.out)
 

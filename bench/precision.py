@@ -10,14 +10,12 @@ that a paired comparison of this length cannot see through.
 
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ROOT, Report, add_quick_argument, apply_defaults, load_average, log, machine_info,
-                          machine_lines)
+from bench.common import (Report, add_out_argument, add_quick_argument, apply_defaults, last_line_value, load_average,
+                          log, machine_info, machine_lines, recorded_path, run_script)
 from pipelines.store.run_files import LOG_FILE
 from prior import get_preset
 
@@ -26,21 +24,6 @@ RUNS = {"fp32": ("fp32", 1.0), "bf16": ("bf16", 1.0), "control": ("fp32", 1.001)
 SEEDS = (0, 1, 2)
 QUICK_DEFAULTS = dict(preset="tiny", steps=20)
 FULL_DEFAULTS = dict(preset="cpu-small", steps=400)
-
-
-def last_line_value(output, prefix):
-    """The number after `prefix` on the last line of a command's output that starts with it."""
-    lines = [line for line in output.splitlines() if line.startswith(prefix)]
-    if not lines:
-        raise RuntimeError(f"no line starting with {prefix!r} in:\n{output[-2000:]}")
-    return float(lines[-1][len(prefix):])
-
-
-def run_script(*args):
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 def last_train_bits(run_dir):
@@ -92,7 +75,7 @@ def run(args):
         "benchmark": "precision",
         **info,
         "load_average_after": load_average(),
-        "config": {"preset": args.preset, "data": args.data, "steps": args.steps, "seeds": list(SEEDS)},
+        "config": {"preset": args.preset, "data": recorded_path(args.data), "steps": args.steps, "seeds": list(SEEDS)},
         "runs": runs,
         **{measure: compare(runs, measure) for measure in MEASURES},
     }
@@ -119,8 +102,7 @@ def add_arguments(parser):
     parser.add_argument("--preset", help=f"the pixel preset to train (default {full['preset']})")
     parser.add_argument("--steps", type=int, help=f"training steps of each run (default {full['steps']})")
     parser.add_argument("--data", default="builtin", help="the dataset, as the trainer takes it")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                        help="directory for precision.json and precision.md (default bench/results)")
+    add_out_argument(parser, "precision.json and precision.md")
 
 
 # -- output -----------------------------------------------------------------------------------

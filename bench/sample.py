@@ -4,27 +4,16 @@ code model and the cpu-small pixel preset, interleaved in one run; the naive sam
 prefix of positions and scaled to the whole grid."""
 
 import statistics
-import time
 from dataclasses import asdict
 
 import torch
 
-from bench.common import (Report, add_common_arguments, load_average, log, machine_info, machine_lines, random_pixels,
-                          seconds, time_interleaved)
+from bench.common import (SAMPLING_SCALING, DrawRecorder, Report, add_common_arguments, load_average, log, machine_info,
+                          machine_lines, prefix_timing, random_inputs, seconds, time_interleaved)
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from prior.sampling import sample_cached, sample_naive
 
 SAMPLERS = {"naive": sample_naive, "cached": sample_cached}
-SAMPLING_SCALING = (
-    "A sampler timed on its first K of the grid's N positions (raster order, the real sampler "
-    "stopped after its K-th draw) is scaled to the whole grid as: time to the first draw (setup and "
-    "position 0) + (time from the first to the K-th draw) x (N - 1) / (K - 1). Each naive step is a "
-    "full forward over the whole grid, whose cost does not depend on the position, so its prefix is "
-    "a faithful per-position cost. The cached sampler is timed on the whole grid unless marked "
-    "'scaled' (a run is cut short and scaled when it exceeds --cached-budget seconds); with "
-    "attention its per-position cost grows with the position (keys 0..p-1), without attention it "
-    "does not depend on the position either."
-)
 CACHED_BUDGET_S = 180
 
 
@@ -52,78 +41,6 @@ def sample_cases(quick):
                                     channels=128, n_blocks=2, n_res_blocks=4, kernel_size=5, attention=False,
                                     cond_channels=128, cond_res_blocks=4), 16, 6, None),
         "cpu-small": ("cpu-small pixel preset", get_preset("cpu-small").model, 16, 64, None),
-    }
-
-
-def random_inputs(config, batch_size, generator):
-    """(x, label, cond) of the model's kinds, label and cond None where the model takes none."""
-    if config.pixel_mode:
-        x = random_pixels(batch_size, config.shape, generator)
-    else:
-        x = torch.randint(0, config.n_codes, (batch_size, *config.shape), generator=generator)
-    label = torch.randint(0, config.n_classes, (batch_size,), generator=generator) if config.n_classes else None
-    cond = None
-    if config.cond_codes is not None:
-        cond = torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
-    return x, label, cond
-
-
-class StopSampling(Exception):
-    pass
-
-
-class DrawRecorder:
-    """Runs a sampler with `model.draw` wrapped: timestamps each draw, keeps the first `keep`
-    draws and the outputs they were drawn from, and stops the sampler after `limit` draws or
-    once `budget_s` seconds have passed.
-
-    The sampler itself is untouched: an instance attribute shadows the method while the
-    recorder is active, and the real `draw` does the drawing (so generators are consumed as usual).
-    """
-
-    def __init__(self, model, limit, keep, budget_s=None):
-        self.model, self.limit, self.keep, self.budget_s = model, limit, keep, budget_s
-        self.times, self.draws, self.outputs = [], [], []
-        self.start = None
-
-    def draw(self, out, generator=None, *drawing):
-        drawn = type(self.model).draw(self.model, out, generator, *drawing)
-        self.times.append(time.perf_counter())
-        if len(self.draws) < self.keep:
-            self.draws.append(drawn.clone())
-            self.outputs.append(out.float().clone())
-        if len(self.times) == self.limit:
-            raise StopSampling
-        if self.budget_s is not None and self.times[-1] - self.start > self.budget_s and len(self.times) > 1:
-            raise StopSampling
-        return drawn
-
-    def run(self, sampler, *args):
-        self.model.draw = self.draw
-        try:
-            self.start = time.perf_counter()
-            sampler(self.model, *args)
-        except StopSampling:
-            pass
-        finally:
-            del self.model.draw
-        return self
-
-
-def prefix_timing(recorder, n_positions):
-    """A sampler run's times from its draws' timestamps, scaled to the whole grid when the run
-    stopped early (see SAMPLING_SCALING)."""
-    times = recorder.times
-    positions = len(times)
-    first = times[0] - recorder.start  # setup + position 0
-    per_position = (times[-1] - times[0]) / (positions - 1) if positions > 1 else first
-    return {
-        "timed_positions": positions,
-        "seconds": times[-1] - recorder.start,
-        "first_draw_s": first,
-        "seconds_per_position": per_position,
-        "total_s": first + per_position * (n_positions - 1),
-        "scaled": positions < n_positions,
     }
 
 
@@ -247,9 +164,8 @@ def run(args):
     random weights, fp32 and bf16 autocast: the cached sampler's time per position of each level
     (timed on a row and one position, scaled to the grid), the wall time of 16 samples, the model
     FLOP/s of the cached step against the bf16 matmul peak and the weight bytes per position against
-    the memory bandwidth, both measured in the same run. Writes sample-pipeline.json and .md."""
-    if args.pipeline:
-        return run_pipeline_benchmark(args)
+    the memory bandwidth, both measured in the same run (bench/sample_pipeline.py). Writes
+    sample-pipeline.json and .md."""
     if args.quick and args.threads is None:
         args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
     if args.threads:
@@ -275,17 +191,6 @@ def run(args):
         "load_average_after": load_average(),
     }
     REPORT.publish(results, args.out)
-
-
-def run_pipeline_benchmark(args):
-    from bench import sample_pipeline  # imports the trainers' benchmark (its matmul peak): only when asked
-
-    if args.quick and args.threads is None:
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results = sample_pipeline.run_pipeline(args)
-    sample_pipeline.REPORT.publish(results, args.out)
 
 
 def add_arguments(parser):

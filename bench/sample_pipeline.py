@@ -1,10 +1,10 @@
-"""`bench.py sample --pipeline`: 16 hierarchical samples at the paper's size on this CPU.
+"""`python -m bench sample --pipeline`: 16 hierarchical samples at the paper's size on this CPU.
 
 The top prior (`vqvae2-top`, 32x32 codes) samples, the bottom prior (`vqvae2-bottom`, 64x64
 codes) samples given top codes, the paper's VQ-VAE decodes both to 256x256; random weights, in
 fp32 and under the bf16 autocast scripts/sample.py uses (pipelines.device.Runtime). Each level
-is timed on a prefix of its positions with bench.sample's DrawRecorder and scaled to the whole
-grid (see SAMPLING_SCALING); the prefix is one whole row and the next row's first position, so
+is timed on a prefix of its positions with the DrawRecorder and scaled to the whole grid (see
+bench.common's SAMPLING_SCALING); the prefix is one whole row and the next row's first position, so
 the per-position figure includes one row start (the work the cached sampler does once per row).
 
 The model FLOPs of the cached step are counted by torch's FlopCounterMode over the same prefix
@@ -20,10 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Report, load_average, log, machine_info, machine_lines, seconds, time_interleaved
-from bench.sample import DrawRecorder, prefix_timing, random_inputs
-from bench.train import CPU_ATTENTION_FLOPS, MATMUL_SHAPES, measure_matmul_peak
-from bench.vqvae import VQVAE_QUICK_MODEL
+from bench.common import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMUL_SHAPES, VQVAE_QUICK_MODEL, DrawRecorder,
+                          Report, load_average, log, machine_info, machine_lines, measure_matmul_peak, prefix_timing,
+                          random_inputs, seconds, time_interleaved)
 from pipelines.device import make_runtime
 from prior import PixelSNAIL, get_preset
 from prior.sampling import sample_cached
@@ -166,12 +165,22 @@ def timed(call):
     return time.perf_counter() - start
 
 
-def run_pipeline(args):
-    """The --pipeline benchmark; returns its results."""
+def run(args):
+    """The benchmark (`python -m bench sample --pipeline`, its options those of `sample`): measures,
+    writes sample-pipeline.json and .md to --out."""
+    if args.quick and args.threads is None:
+        args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    REPORT.publish(measure(args), args.out)
+
+
+def measure(args):
+    """The results of the benchmark."""
     rounds = args.rounds or 1
     info = machine_info()
     log("matmul peak and memory bandwidth")
-    peaks = measure_matmul_peak([(256, 256, 256)] if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
+    peaks = measure_matmul_peak(QUICK_MATMUL_SHAPES if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
     bandwidth = memory_bandwidth(QUICK_BANDWIDTH_BYTES if args.quick else BANDWIDTH_BYTES)
     levels = {name: preset for name, preset in (QUICK_LEVELS if args.quick else LEVELS).items()
               if not args.models or name in args.models}

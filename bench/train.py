@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import convert_outputs_to_fp32
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import (Report, add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
-                          machine_lines, paired_speedups, time_interleaved)
-from bench.vqvae import VQVAE_QUICK_MODEL
+from bench.common import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMUL_SHAPES, VQVAE_QUICK_MODEL, Report,
+                          add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
+                          machine_lines, measure_matmul_peak, paired_speedups, time_interleaved)
 from pipelines.data.codes import code_inputs
 from pipelines.data.datasets import image_inputs
 from pipelines.train.loop import train_step
@@ -36,13 +36,7 @@ from pipelines.train.vqvae import VQVAETask, reconstruction_loss
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from vqvae import VQVAE2, VQVAE2Config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GRAD_CLIP = 1.0  # the trainers' default
-
-# (m, k, n) of the matmuls whose best FLOP/s is the machine's peak: square ones, and the tall
-# and thin shapes a convolution over a batch of 32x32 maps becomes
-MATMUL_SHAPES = [(4096, 4096, 4096), (2048, 2048, 2048), (8192, 1024, 512), (8192, 2048, 1024)]
-QUICK_MATMUL_SHAPES = [(256, 256, 256)]
 
 # the reference: the most used public implementation's 11.45M top prior, seconds per step (bench/results/train.md)
 REFERENCE_TOP_11M_SECONDS = 4.4
@@ -136,50 +130,9 @@ QUICK_DEFAULTS = dict(cases=",".join(QUICK_CASES), steps=2, warmup=1, matmul_rep
 FULL_DEFAULTS = dict(cases=",".join(FULL_CASES), steps=4, warmup=1, matmul_repeats=4)
 
 
-# -- matmul peak ------------------------------------------------------------------------------
-
-
-def time_matmul(a, b):
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return time.perf_counter() - start
-
-
-def measure_matmul_peak(shapes, repeats):
-    """Per precision: the best FLOP/s over the shapes and repeats (interleaved), and the shape."""
-    generator = torch.Generator().manual_seed(0)
-    best = {}
-    for m, k, n in shapes:
-        operands = {}
-        for name, dtype in DTYPES.items():
-            operands[name] = (torch.randn(m, k, generator=generator).to(dtype),
-                              torch.randn(k, n, generator=generator).to(dtype))
-            time_matmul(*operands[name])  # warm-up: thread pool, oneDNN kernels, page faults
-        for _ in range(repeats):
-            for name, (a, b) in operands.items():
-                flops_per_s = 2 * m * k * n / time_matmul(a, b)
-                if flops_per_s > best.get(name, {}).get("flops_per_s", 0):
-                    best[name] = {"flops_per_s": flops_per_s, "shape": [m, k, n]}
-    return best
-
-
 # -- FLOPs ------------------------------------------------------------------------------------
 
 
-def cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
-
-
-def cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# torch's FlopCounterMode knows the CUDA attention kernels but not the one SDPA runs on CPU:
-# give it torch's own SDPA formulas for that one (full N x N scores, backward recomputing them)
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_attention_backward_flops,
-}
 FLOP_COUNT_METHOD = (
     "torch.utils.flop_counter.FlopCounterMode over one forward + loss + backward at the benchmark's batch "
     "size. It counts convolutions (forward and backward) and matmuls; SDPA on CPU runs "

@@ -8,8 +8,9 @@ from dataclasses import asdict
 
 import torch
 
-from bench.common import (Report, add_common_arguments, apply_defaults, autocast, load_average, log, machine_info,
-                          machine_lines, paired_speedups, random_pixels, seconds, time_interleaved)
+from bench.common import (VQVAE_QUICK_MODEL, Report, add_common_arguments, apply_defaults, autocast, channels_last,
+                          load_average, log, machine_info, machine_lines, paired_speedups, random_pixels, seconds,
+                          time_interleaved, vqvae_extract)
 from vqvae import VQVAE2, VQVAE2Config
 
 # variant -> (precision, channels_last): bf16 is bf16 autocast, the quantizer staying fp32 inside
@@ -21,7 +22,6 @@ VQVAE_VARIANTS = {
 }
 VQVAE_DEFAULT_VARIANTS = ["fp32", "bf16", "bf16_channels_last"]
 VQVAE_LR = 3e-4  # Adam with torch's default betas, as pipelines/train/vqvae.py
-VQVAE_QUICK_MODEL = VQVAE2Config(channels=16, res_channels=8, n_res_blocks=1, top_codes=16, bottom_codes=16, code_dim=8)
 # --quick runs one thread: on a tiny model two threads mostly wait on each other, seconds per step
 # when other jobs hold the cores
 VQVAE_QUICK_DEFAULTS = dict(size=32, batch_size=4, steps=2, warmup=1, extract_batch_size=8, extract_batches=2, threads=1)
@@ -31,9 +31,7 @@ VQVAE_FULL_DEFAULTS = dict(size=256, batch_size=8, steps=10, warmup=2, extract_b
 
 def to_memory_format(variant, model, x):
     """The model and the input in the variant's memory format (channels_last or as they are)."""
-    if VQVAE_VARIANTS[variant][1]:
-        return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    return model, x
+    return channels_last(model, x) if VQVAE_VARIANTS[variant][1] else (model, x)
 
 
 def vqvae_train_step(model, optimizer, x, precision):
@@ -44,12 +42,6 @@ def vqvae_train_step(model, optimizer, x, precision):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-
-
-def vqvae_extract(model, x, precision):
-    """(top codes, bottom codes) of a batch: eval mode, no gradients, as code extraction runs."""
-    with torch.no_grad(), autocast(precision):
-        return model.encode(x)
 
 
 QUIET = 0.10  # a round is quiet when other processes took less than this share of the CPU during every call

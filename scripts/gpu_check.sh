@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT_DIR=${1:-bench/results}
 "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "error: make gpu-check needs CUDA, and torch sees no GPU here")'
 "$PYTHON" -m pytest -q tests/test_cuda.py ${PYTEST_ARGS:-}
-"$PYTHON" scripts/bench.py gpu --out "$OUT_DIR" ${BENCH_ARGS:-}
+"$PYTHON" -m bench gpu --out "$OUT_DIR" ${BENCH_ARGS:-}

@@ -1,9 +1,15 @@
-"""scripts/bench.py still runs end to end and writes what the README quotes."""
+"""`python -m bench` still runs end to end and writes what the README quotes; the benchmarks'
+harness cannot mislead (no benchmark imports another, no worker blocks on a pipe, no results file
+records a machine's directories)."""
 
+import ast
 import io
 import json
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import (codecs, evaluate, extract, guidance, lmdb, ood, precision, sample, sample_pipeline, streams, train,
-                   vqvae)
+from bench import (codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, sample_pipeline,
+                   streams, train, vqvae)
 from launch import run_in_process
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes
@@ -21,16 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
 
 
-def run_quick(benchmark, out_dir, heading, *options):
-    """Runs `bench.py <benchmark> --quick [options]`, checks the markdown's heading and the
-    machine's description in the JSON, and returns the JSON. The timeout leaves room for a
-    machine shared with other jobs."""
+def run_quick(benchmark, out_dir, heading, *options, name=None):
+    """Runs `python -m bench <benchmark> --quick [options]`, checks the markdown's heading and the
+    machine's description in the JSON (`name`.json, by default the benchmark's name), and returns
+    the JSON. The timeout leaves room for a machine shared with other jobs."""
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), benchmark, "--quick", "--out", str(out_dir), *options],
-        check=True, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "bench", benchmark, "--quick", "--out", str(out_dir), *options],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
     )
-    results = json.loads((out_dir / f"{benchmark}.json").read_text())
-    assert (out_dir / f"{benchmark}.md").read_text().startswith(heading)
+    name = name or benchmark
+    results = json.loads((out_dir / f"{name}.json").read_text())
+    assert (out_dir / f"{name}.md").read_text().startswith(heading)
     for key in ("date", "torch", "cpu", "threads", "command"):
         assert results[key], key
     assert f"{benchmark} --quick" in results["command"]
@@ -77,8 +84,8 @@ def test_sample_quick_writes_positive_numbers(tmp_path):
 
 
 def test_sample_pipeline_quick_counts_flops_and_weight_bytes(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sample", "--pipeline", "--quick", "--out",
-                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "bench", "sample", "--pipeline", "--quick", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     results = json.loads((tmp_path / "sample-pipeline.json").read_text())
     assert (tmp_path / "sample-pipeline.md").read_text() == sample_pipeline.REPORT.markdown(results)
     assert results["matmul_peak"]["bf16"]["flops_per_s"] > 0 and min(results["memory_bandwidth"].values()) > 0
@@ -138,7 +145,8 @@ def test_lmdb_quick_writes_positive_numbers(tmp_path):
         assert all(run["startup_s"] > 0 and run["other_cpu_use"] >= 0 for run in variant["runs"])
 
 
-def test_streams_quick_trains_one_and_two_streams_on_a_code_database(tmp_path):
+def tiny_code_database(path):
+    """A code database of 40 records: 2x2 top and 4x4 bottom codes."""
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     plan = dict(top_shape=(2, 2), bottom_shape=(4, 4), top_codes=5, bottom_codes=7, n_classes=3,
                 vqvae_sha256="ab" * 32, image_size=8, source={"data": "random", "split": "train"})
@@ -146,20 +154,50 @@ def test_streams_quick_trains_one_and_two_streams_on_a_code_database(tmp_path):
     def encode(batch):
         return batch[:, 0, ::4, ::4].long() % 5, batch[:, 1, ::2, ::2].long() % 7
 
-    codes = tmp_path / "codes.lmdb"
-    extract_codes(encode, ImageTensorDataset(images, torch.arange(40) % 3), codes, plan, batch_size=8, progress=False)
+    extract_codes(encode, ImageTensorDataset(images, torch.arange(40) % 3), path, plan, batch_size=8, progress=False)
+    return path
+
+
+def test_streams_quick_trains_one_and_two_streams_on_a_code_database(tmp_path):
+    codes = tiny_code_database(tmp_path / "codes.lmdb")
     results = run_quick("streams", tmp_path, "# Streams benchmark", "--codes", str(codes))
     assert [(r["streams"], r["seed"]) for r in results["runs"]] == [("one", 0), ("two", 0)]
     assert all(r["steps"] >= 1 and r["validation_bits"] > 0 for r in results["runs"])
     parameters = results["config"]["parameters"]
     assert parameters["two"] > parameters["one"]
     assert results["two_minus_one"] == [results["runs"][1]["validation_bits"] - results["runs"][0]["validation_bits"]]
+    assert results["config"]["budget"] == "equal wall time" and results["config"]["steps"] is None
+    assert all(r["seconds_per_step"] > 0 and r["train_seconds"] <= r["seconds"] for r in results["runs"])
+    assert len(results["step_time_ratio"]) == 1
+
+
+def test_streams_at_equal_steps_trains_every_run_that_many_steps(tmp_path):
+    codes = tiny_code_database(tmp_path / "codes.lmdb")
+    results = run_quick("streams", tmp_path, f"# {streams.STEPS_REPORT.title}", "--codes", str(codes), "--steps", "3",
+                        name="streams-steps")
+    assert not (tmp_path / "streams.json").exists()
+    assert results["config"]["budget"] == "equal steps" and results["config"]["steps"] == 3
+    assert [(r["streams"], r["steps"]) for r in results["runs"]] == [("one", 3), ("two", 3)]
+    assert all(r["seconds_per_step"] > 0 for r in results["runs"])
+    assert "3 steps per run, no time budget" in (tmp_path / "streams-steps.md").read_text()
+
+
+def test_streams_step_time_ratio_counts_the_steps_both_runs_made_side_by_side():
+    """The one-stream run (a step a second) ends at second 10; the two-stream run (a step every 1.8
+    s, from second 0.5) goes on alone to second 30: the ratio is of the steps made before second 10."""
+    one = {"steps": 10, "train_seconds": 10.0, "step_times": [0.0, *(1.0 * k for k in range(1, 11))]}
+    two = {"steps": 16, "train_seconds": 28.8, "step_times": [0.5, *(0.5 + 1.8 * k for k in range(1, 17))]}
+    assert streams.step_time_ratio([one, two]) == pytest.approx(1.8)
+    assert one["seconds_per_step"] == 1.0 and two["seconds_per_step"] == pytest.approx(1.8)
+    assert "step_times" not in one and two["side_by_side_seconds_per_step"] == pytest.approx(1.8)
+    late = {"steps": 1, "train_seconds": 5.0, "step_times": [9.5, 14.5]}  # no step ended while both trained
+    assert streams.step_time_ratio([{**one, "step_times": [0.0, 1.0, 2.0]}, late]) is None
 
 
 def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     """Four runs of extract_codes.py (a start-up of seconds each): a longer limit than run_quick's."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "extract", "--quick", "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "bench", "extract", "--quick", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     results = json.loads((tmp_path / "extract.json").read_text())
     assert (tmp_path / "extract.md").read_text().startswith("# Code extraction through extract_codes.py")
     for precision in PRECISIONS:
@@ -181,9 +219,9 @@ def test_committed_markdown_is_made_from_committed_json(module):
 
 def test_precision_reads_the_last_result_line_of_a_script():
     output = "new run\ntest bits/dim: 9.1000\nsamples: x.png\ntest bits/dim: 5.2675\n"
-    assert precision.last_line_value(output, "test bits/dim: ") == 5.2675
+    assert common.last_line_value(output, "test bits/dim: ") == 5.2675
     with pytest.raises(RuntimeError, match="no line starting with"):
-        precision.last_line_value("error: bad data\n", "test bits/dim: ")
+        common.last_line_value("error: bad data\n", "test bits/dim: ")
 
 
 def test_train_profile_names_the_ops_of_a_step():
@@ -230,7 +268,7 @@ def test_codecs_crops_of_other_photos_are_fixed_and_cut_like_the_builtin_ones(tm
 
 def test_bench_refuses_a_missing_photo_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "results"
-    result = run_in_process("scripts/bench.py", "codecs", "--quick", "--no-model", "--other-photos",
+    result = run_in_process("bench/__main__.py", "codecs", "--quick", "--no-model", "--other-photos",
                             tmp_path / "missing.jpg", "--out", out)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "missing.jpg" in result.stderr
@@ -256,12 +294,12 @@ def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_pat
     path = tmp_path / "train.json"
     path.write_text(json.dumps(committed))
     case = {**committed["cases"]["cifar10"], "description": "a new case"}
-    run = {"date": "2026-11-29", "command": "python scripts/bench.py train --cases new --add", "threads": 2,
+    run = {"date": "2026-11-29", "command": "python -m bench train --cases new --add", "threads": 2,
            "load_average_before": [1.0], "load_average_after": [2.0], "matmul_peak": committed["matmul_peak"]}
     added = train.added_to(path, {**run, "cases": {"new": case}})
     assert list(added["cases"]) == [*committed["cases"], "new"] and added["cases"]["new"]["run"] == run
     markdown = train.REPORT.markdown(added)
-    assert "new: added by `python scripts/bench.py train --cases new --add` on 2026-11-29" in markdown
+    assert "new: added by `python -m bench train --cases new --add` on 2026-11-29" in markdown
 
 
 def test_eval_quick_evaluates_every_stage_of_a_run(tmp_path, tiny_pipeline):
@@ -293,3 +331,116 @@ def test_ood_auroc_is_the_rank_statistic():
     inside = {"score": torch.tensor([1600.0, 1650.0, 1700.0], dtype=torch.float64)}
     kinds = {kind: {"score": torch.tensor([1650.0, 2200.0], dtype=torch.float64)} for kind in ood.KINDS}
     assert ood.aurocs({ood.IN_DISTRIBUTION: inside, **kinds})["score"] == {kind: 4.5 / 6 for kind in ood.KINDS}
+
+
+# -- a harness that cannot mislead ---------------------------------------------------------------
+
+
+BENCHMARKS = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+
+
+def bench_imports(path):
+    """The bench modules a module imports, at any depth (a lazy import inside a function counts)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = ".".join(filter(None, ["bench", node.module])) if node.level else node.module  # relative
+            names |= {f"bench.{alias.name}" for alias in node.names} if module == "bench" else {module}
+    return {name for name in names if name == "bench" or name.startswith("bench.")}
+
+
+def test_no_benchmark_imports_another():
+    """A benchmark imports bench.common only: what several share lives there, and no import cycle
+    hides behind a lazy import."""
+    assert len(BENCHMARKS) >= 12
+    for path in BENCHMARKS:
+        others = {name for name in bench_imports(path) if name.split(".")[:2] != ["bench", "common"]}
+        assert not others, f"{path.name} imports {sorted(others)}"
+
+
+# a worker that writes over 1 MiB to stdout and to stderr; the slow one starts writing only once the
+# fast one has written everything: a harness that leaves the fast one's output in a pipe it does not
+# read (the old streams benchmark read its workers one after the other) stalls it, and the slow one fails
+WRITER = """
+import os, sys, time
+role, marker, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if role == "slow":
+    deadline = time.monotonic() + 60
+    while not os.path.exists(marker):
+        if time.monotonic() > deadline:
+            sys.exit("the fast worker never finished writing: it is blocked on its output")
+        time.sleep(0.01)
+line = role + " " + "x" * 1000 + "\\n"
+for _ in range(size // len(line) + 1):
+    sys.stdout.write(line)
+    sys.stderr.write(line)
+sys.stdout.flush()
+sys.stderr.flush()
+if role == "fast":
+    open(marker, "w").close()
+"""
+
+
+def test_workers_writing_megabytes_run_side_by_side_and_return_everything(tmp_path):
+    size = 3 * 2**20 // 2  # 1.5 MiB to each stream
+    commands = [[sys.executable, "-c", WRITER, role, tmp_path / "fast-done", size] for role in ("slow", "fast")]
+    start = time.monotonic()
+    slow, fast = common.run_together(commands, timeout=120)
+    assert time.monotonic() - start < 120
+    for result, role in ((slow, "slow"), (fast, "fast")):
+        assert result.returncode == 0, result.stderr[-500:]
+        for output in (result.stdout, result.stderr):
+            assert len(output) > 2**20 and output.count("\n") == size // 1006 + 1 and set(output.split()) == {
+                role, "x" * 1000}, role
+
+
+def test_a_failed_or_late_worker_raises_and_no_worker_outlives_the_runner(tmp_path):
+    with pytest.raises(RuntimeError, match="exit status 3"):
+        common.run_command([sys.executable, "-c", "import sys; sys.stderr.write('bad'); sys.exit(3)"])
+    with pytest.raises(subprocess.TimeoutExpired):
+        common.run_together([[sys.executable, "-c", "import time; time.sleep(60)"]] * 2, timeout=1)
+    assert common.run_command([sys.executable, "-c", "import sys; sys.exit(3)"], check=False).returncode == 3
+
+
+def test_results_record_paths_inside_the_repository_relative_to_it_and_others_as_placeholders(tmp_path):
+    inside_tmp = tmp_path.relative_to(tempfile.gettempdir()).as_posix()
+    assert common.recorded_path(ROOT / "runs" / "demo" / "codes.lmdb") == "runs/demo/codes.lmdb"
+    assert common.recorded_path(tmp_path / "out") == f"<tmp>/{inside_tmp}/out"
+    assert common.recorded_path("/mnt/disk/runs/demo") == "<dir>/demo"
+    assert common.recorded_path("builtin") == "builtin" and common.recorded_path(None) is None
+    command = common.recorded_command(["streams", "--codes", str(ROOT / "runs" / "c.lmdb"), f"--out={tmp_path}"])
+    assert command == f"python -m bench streams --codes runs/c.lmdb --out=<tmp>/{inside_tmp}"
+
+
+def test_no_committed_results_file_records_a_machine_directory():
+    files = [p for p in (ROOT / "bench" / "results").iterdir() if p.suffix in (".json", ".md")]
+    assert files
+    for path in files:
+        found = re.findall(r"(?:/work/|/root/|/home/|/tmp/)\S*", path.read_text())
+        assert not found, f"{path.name}: {found[:3]}"
+
+
+def test_the_gpu_benchmarks_cached_step_runs_on_a_two_stream_model():
+    """The path the GPU benchmark times (and captures as a CUDA graph): a cached sampler fed the
+    positions before (i, j), then its step at (i, j), on the CPU; the bottom prior's rows of
+    bench/results/gpu.md failed there. Its output is the full forward's at (i, j)."""
+    from prior import PixelSNAIL, PixelSNAILConfig
+
+    config = PixelSNAILConfig(shape=(4, 6), n_codes=7, n_classes=3, cond_codes=5, cond_shape=(2, 3), channels=8,
+                              n_blocks=2, n_res_blocks=1, kernel_size=3, attention=False, streams="two",
+                              embed_channels=4, cond_channels=4, cond_res_blocks=1, dropout=0.0)
+    torch.manual_seed(0)
+    model = PixelSNAIL(config)
+    assert model.vertical_input is not None
+    x, label, cond = common.random_inputs(config, 2, torch.Generator().manual_seed(0))
+    model.init_from_data(x, label, cond)
+    model.eval()
+    with torch.no_grad():
+        network, (i, j) = gpu.prepared_step(model, 2, label, cond)
+        step = network.output_at(i, j)
+        assert torch.equal(network.output_at(i, j), step)  # timed and replayed many times: the same each time
+        full = model(torch.zeros_like(x), label, cond)[:, :, i : i + 1, j : j + 1]
+    assert (i, j) == (2, 3)
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from bench.sample import random_inputs
+from bench.common import random_inputs
 from prior import PixelSNAIL, PixelSNAILConfig, get_preset, mixture
 from prior.presets import PRESETS
 

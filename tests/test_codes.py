@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from launch import launch_command, run_in_process
+from launch import drain, launch_command, run_in_process
 from pipelines.cli import run
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes, write_codes
@@ -259,6 +259,7 @@ def start_launch(script):
             pytest.fail("the launch ended before both processes encoded")
         for rank, pid in re.findall(r"encoding rank (\d+) pid (\d+)", line):
             pids[int(rank)] = int(pid)
+    drain(launcher.stdout)  # the test waits on the launcher from here on
     return launcher, pids
 
 

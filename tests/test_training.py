@@ -10,7 +10,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
-from launch import launch_command, run_in_process
+from launch import PopenToFiles, launch_command, run_in_process
 from pipelines import cli
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes
@@ -152,8 +151,7 @@ def assert_state_loads(run_dir):
 
 
 def start(args):
-    return subprocess.Popen([PYTHON, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return PopenToFiles([PYTHON, *args], cwd=ROOT, env=ENV)
 
 
 def wait_until(condition, process, timeout=120):
@@ -337,8 +335,7 @@ def test_two_processes_stop_at_the_same_step(how, data, tmp_path):
     same step, and its state is saved by both (one RNG file each)."""
     run_dir = tmp_path / "run"
     args = command("pixel", data, run_dir, checkpoint_every=1000, eval_every=1, steps=200)
-    process = subprocess.Popen(launch_command(2, *args), cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = PopenToFiles(launch_command(2, *args), cwd=ROOT, env=ENV, start_new_session=True)
     try:
         log = run_dir / "log.jsonl"
         assert wait_until(lambda: log.is_file() and len(log.read_text().splitlines()) >= 2, process)

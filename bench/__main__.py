@@ -1,4 +1,5 @@
-"""Benchmarks of this code on this machine, with the numbers written to JSON and markdown.
+"""Benchmarks of this code on this machine, with the numbers written to JSON and markdown:
+`python -m bench NAME [options]` from the repository root (bench/ is not installed).
 
 Subcommands:
   train   training steps/s of every model the project trains (a top prior of the public
@@ -13,8 +14,9 @@ Subcommands:
           step) sampling time for a top-prior-like code model, a bottom-prior-like conditioned
           code model and the cpu-small pixel preset, interleaved in one run; the naive sampler is
           timed on a prefix of positions and scaled to the whole grid.
-  streams the real prior trainer on cpu-bottom with one and with two streams, at equal wall time,
-          the two side by side (one thread each), several seeds: validation bits per code.
+  streams the real prior trainer on cpu-bottom with one and with two streams, at equal wall time
+          or at equal steps, the two side by side (one thread each), several seeds: validation bits
+          per code and the step times.
   vqvae   VQ-VAE-2 (the paper's model) training and code-extraction images/s at 256x256, fp32
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
   codecs  the pixel model's bits/dim after 2, 5 and 10 minutes of training (one run per seed) beside
@@ -37,46 +39,42 @@ Subcommands:
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
 Examples:
-  python scripts/bench.py train                 # five models, about 15 minutes on 2 idle cores
-  python scripts/bench.py train --cases top-11m --compile   # one model, torch.compile too
-  python scripts/bench.py train --cases vqvae2-top,vqvae2-bottom --steps 1 --add   # the paper's priors, batch 1
-  python scripts/bench.py train --quick         # smoke run with tiny models, seconds
-  python scripts/bench.py precision             # nine cpu-small runs, about 40 minutes
-  python scripts/bench.py sample                # three models, under 10 minutes on 2 idle cores
-  python scripts/bench.py sample --quick        # smoke run with tiny models, seconds
-  python scripts/bench.py streams --codes runs/demo/codes.lmdb   # 3 seeds x 4 minutes
-  python scripts/bench.py vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
-  python scripts/bench.py vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
-  python scripts/bench.py extract               # after `make demo` (its VQ-VAE), a few minutes
-  python scripts/bench.py extract --quick       # smoke run, a tiny model, seconds
-  python scripts/bench.py eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
-  python scripts/bench.py guidance --demo runs/demo   # after `make demo`, about 25 minutes
-  python scripts/bench.py guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
-  python scripts/bench.py lmdb                  # 205 MB database, about 2 minutes
-  python scripts/bench.py lmdb --quick          # smoke run, a tiny database, seconds
-  python scripts/bench.py ood                   # after make demo and make demo-pixels, minutes
-  python scripts/bench.py ood --quick           # smoke run with tiny random models, seconds
-  python scripts/bench.py gpu                   # one CUDA GPU, a few minutes
-  python scripts/bench.py codecs                # about 15 minutes per seed on 2 idle cores
+  python -m bench train                 # five models, about 15 minutes on 2 idle cores
+  python -m bench train --cases top-11m --compile   # one model, torch.compile too
+  python -m bench train --cases vqvae2-top,vqvae2-bottom --steps 1 --add   # the paper's priors, batch 1
+  python -m bench train --quick         # smoke run with tiny models, seconds
+  python -m bench precision             # nine cpu-small runs, about 40 minutes
+  python -m bench sample                # three models, under 10 minutes on 2 idle cores
+  python -m bench sample --quick        # smoke run with tiny models, seconds
+  python -m bench streams --codes runs/demo/codes.lmdb   # 3 seeds x 4 minutes
+  python -m bench streams --steps 1000          # 3 seeds x 1000 steps (streams-steps.md)
+  python -m bench vqvae                 # the paper's VQ-VAE-2 at 256x256, a few minutes
+  python -m bench vqvae --quick         # smoke run, 32x32 and tiny channels, seconds
+  python -m bench extract               # after `make demo` (its VQ-VAE), a few minutes
+  python -m bench extract --quick       # smoke run, a tiny model, seconds
+  python -m bench eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
+  python -m bench guidance --demo runs/demo   # after `make demo`, about 25 minutes
+  python -m bench guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
+  python -m bench lmdb                  # 205 MB database, about 2 minutes
+  python -m bench lmdb --quick          # smoke run, a tiny database, seconds
+  python -m bench ood                   # after make demo and make demo-pixels, minutes
+  python -m bench ood --quick           # smoke run with tiny random models, seconds
+  python -m bench gpu                   # one CUDA GPU, a few minutes
+  python -m bench codecs                # about 15 minutes per seed on 2 idle cores
 """
 
 import argparse
 import inspect
-import sys
-from pathlib import Path
 
-# the repository root first: from scripts/, this file would shadow the bench package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import (codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, streams, train,  # noqa: E402
-                   vqvae)
+from bench import (codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, sample_pipeline, streams,
+                   train, vqvae)
 from pipelines.cli import run
 
 SUBCOMMANDS = {
     "train": (train, "training steps/s and FLOP/s of every model, fp32 vs the bf16 fast path"),
     "precision": (precision, "bf16 against fp32: training loss and test bits/dim of the real trainer, against a control, three seeds"),
-    "sample": (sample, "naive vs cached sampling time for three models"),
-    "streams": (streams, "cpu-bottom with one and with two streams at equal wall time: validation bits per code"),
+    "sample": (sample, "naive vs cached sampling time for three models (--pipeline: hierarchical sampling at the paper's size)"),
+    "streams": (streams, "cpu-bottom with one and with two streams at equal wall time or equal steps: validation bits per code, step times"),
     "vqvae": (vqvae, "VQ-VAE-2 training and extraction images/s, fp32 vs bf16 vs bf16 + channels_last"),
     "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
     "eval": (evaluate, "every stage of a pipeline run through evaluate.py: numbers, real-data ceilings, seconds"),
@@ -88,14 +86,20 @@ SUBCOMMANDS = {
 }
 
 
+def run_sample(args):
+    """`sample`, or with --pipeline the hierarchical sampling benchmark (bench/sample_pipeline.py)."""
+    (sample_pipeline if args.pipeline else sample).run(args)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, summary) in SUBCOMMANDS.items():
         p = subparsers.add_parser(name, help=summary, description=inspect.cleandoc(module.run.__doc__),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(run=module.run)
+        p.set_defaults(run=run_sample if module is sample else module.run)
     return parser.parse_args(argv)
 
 
