@@ -12,7 +12,7 @@ The three must belong together: the priors trained on codes of that VQ-VAE check
 CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
 natively (--precision; the priors' softmax is always fp32). Sample i draws from a generator
 seeded by (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the
-number of processes (up to rounding: see the README).
+number of processes (up to rounding: see docs/pipeline.md).
 
 --out-dir writes one PNG per sample ({index:06d}_label{label}.png) and samples.npz (uint8 images
 (N, S, S, 3), top and bottom codes, labels); a re-run skips the samples already written.
