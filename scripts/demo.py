@@ -25,6 +25,7 @@ import torch
 
 from pipelines.cli import run
 from pipelines.eval.report import periodic_and_final, stored_config, write_report
+from pipelines.eval.stages import psnr_db
 from pipelines.infer.extract import extract_with_vqvae
 from pipelines.infer.generation import generate, load_pipeline
 from pipelines.store.checkpoint import atomic_path, write_image_grid
@@ -97,7 +98,7 @@ def demo_figures(out):
     figures = {
         "vqvae": {"preset": vqvae_config["preset"], "size": vqvae_config["size"], "steps": vqvae["step"],
                   "batch_size": vqvae_config["batch_size"], "test_mse": vqvae["mse"],
-                  "psnr_db": train_vqvae.psnr(vqvae["mse"]), "top_usage": vqvae["top_usage"],
+                  "psnr_db": psnr_db(vqvae["mse"]), "top_usage": vqvae["top_usage"],
                   "bottom_usage": vqvae["bottom_usage"]},
         "codes": {"records": read_metadata(out / "codes.lmdb")["count"]},
     }

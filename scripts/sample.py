@@ -30,18 +30,15 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
 import math
-from dataclasses import asdict
 
 import torch
 from safetensors.torch import save_file
 
 from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
 from pipelines.device import add_runtime_arguments, make_runtime
-from pipelines.infer.generation import (ALL, SampleJob, check_drawing, load_pipeline, make_samples, parse_label,
-                                        read_label)
-from pipelines.store import samples as sample_dir
-from pipelines.store.checkpoint import atomic_path, resolve_checkpoint, write_image_grid
-from pipelines.store.codes import file_sha256
+from pipelines.infer.generation import ALL, SampleJob, check_drawing, load_pipeline, parse_label, read_label
+from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
+from pipelines.store.checkpoint import atomic_path, write_image_grid
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class", "list", ALL)
@@ -89,7 +86,9 @@ def main():
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:
-        samples = sample_to_directory(pipeline, runtime, job, args, args.out_dir)
+        paths = {name: getattr(args, name) for name in ("vqvae", "top", "bottom")}
+        samples = sample_to_directory(pipeline, runtime, job, paths, args.out_dir, args.batch_size,
+                                      read_back=bool(args.out))
     if samples is None:  # not the main process
         return
     if args.out:
@@ -100,40 +99,6 @@ def main():
                       tmp)
     where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)
     print(f"wrote {job.total} samples ({pipeline.image_size}x{pipeline.image_size}) to {where}")
-
-
-def sample_in_memory(pipeline, runtime, job, batch_size):
-    """All samples in one process, kept in memory: {images, top_codes, bottom_codes, labels} arrays."""
-    if runtime.processes.num_processes > 1:
-        raise ValueError("several processes write their samples to --out-dir: give one")
-    batches = []
-    make_samples(pipeline, runtime, job, list(range(job.total)), batch_size,
-                 lambda indices, labels, *arrays: batches.append(arrays))
-    return {name: torch.cat([batch[k] for batch in batches]).numpy()
-            for k, name in enumerate(("images", "top_codes", "bottom_codes"))}
-
-
-def sample_to_directory(pipeline, runtime, job, args, out_dir):
-    """The samples of `job` not yet in `out_dir`, shared by the processes; -> all of them, read
-    back from samples.npz on the main process (None elsewhere)."""
-    processes = runtime.processes
-    if processes.is_main_process:
-        sample_dir.start(out_dir, {
-            **{f"{name}_sha256": file_sha256(resolve_checkpoint(getattr(args, name))) for name in ("vqvae", "top", "bottom")},
-            "labels": list(job.labels), "per_label": job.per_label, "seed": job.seed,
-            **asdict(job.drawing), "precision": runtime.precision,
-        })
-    processes.wait_for_everyone()
-    todo = sorted(set(range(job.total)) - sample_dir.done(out_dir))
-    if processes.is_main_process and len(todo) < job.total:
-        print(f"{out_dir}: {job.total - len(todo)} of {job.total} samples written already")
-    make_samples(pipeline, runtime, job, todo, args.batch_size,
-                 lambda *batch: sample_dir.write_batch(out_dir, *batch))
-    processes.wait_for_everyone()
-    if not processes.is_main_process:
-        return None
-    written = sample_dir.finish(out_dir, job.total)
-    return sample_dir.load(written) if args.out else {}
 
 
 def write_grid(samples, job, path):

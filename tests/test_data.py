@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipelines.data.datasets import (BUILTIN_PHOTOS, BUILTIN_TEST_PHOTOS, SPLITS, BuiltinPhotos, DataError,
-                                     ImageFolderDataset, builtin_photo, builtin_split_photos, load_dataset,
-                                     random_crops, to_model_range, to_uint8)
+from pipelines.data.datasets import (BUILTIN_PHOTOS, SPLITS, BuiltinPhotos, DataError, ImageFolderDataset,
+                                     builtin_photo, builtin_split_photos, load_dataset, random_crops, to_model_range,
+                                     to_uint8)
+from pipelines.data.holdout import BUILTIN_TEST_PHOTOS
 
 IMAGES_PER_BATCH = 3
 

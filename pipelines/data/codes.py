@@ -5,10 +5,9 @@ from typing import Callable
 
 from torch.utils.data import Subset
 
+from pipelines.data.holdout import CODE_HELD_OUT_EVERY, is_held_out_record
 from pipelines.store.codes import CodeDataset
 from pipelines.store.provenance import PriorProvenance
-
-HOLDOUT_EVERY = 20  # every 20th record (0, 20, 40, ...) is held out for validation
 
 
 @dataclass
@@ -25,10 +24,10 @@ def code_splits(path, level) -> CodeSplits:
     """The training and held-out records of the code database at `path` for a prior of `level`."""
     dataset = CodeDataset(path)
     every = range(len(dataset))
-    test = [i for i in every if i % HOLDOUT_EVERY == 0]
-    train = [i for i in every if i % HOLDOUT_EVERY]
+    test = [i for i in every if is_held_out_record(i)]
+    train = [i for i in every if not is_held_out_record(i)]
     if not train:
-        raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {HOLDOUT_EVERY}th")
+        raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {CODE_HELD_OUT_EVERY}th")
     inputs = code_inputs(level, dataset.metadata["n_classes"] > 1)
     provenance = PriorProvenance.of_database(dataset.metadata, level)
     return CodeSplits(Subset(dataset, train), Subset(dataset, test), inputs, provenance)

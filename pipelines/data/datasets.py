@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from pipelines.data.holdout import IMAGE_TEST_EVERY, is_test_image, is_test_photo
 from pipelines.errors import one_line
 
 try:
@@ -80,10 +81,10 @@ class ImageTensorDataset(Dataset):
 
 
 def _held_out(items, split: str, source: Path) -> list:
-    """The items of `split` of a source without splits of its own: every 10th (0, 10, 20, ...) is test."""
-    chosen = [item for i, item in enumerate(items) if (i % 10 == 0) == (split == "test")]
+    """The items of `split` of a source without splits of its own (`pipelines.data.holdout`)."""
+    chosen = [item for i, item in enumerate(items) if is_test_image(i) == (split == "test")]
     if not chosen:
-        raise DataError(f"{source} holds {len(items)} image(s): too few to hold out every 10th as test")
+        raise DataError(f"{source} holds {len(items)} image(s): too few to hold out every {IMAGE_TEST_EVERY}th as test")
     return chosen
 
 
@@ -115,15 +116,13 @@ BUILTIN_PHOTOS = (
     "chelsea", "coffee",
 )
 
-
-BUILTIN_TEST_PHOTOS = ("chelsea", "coffee")
 BUILTIN_DEFAULT_COUNTS = {"train": 20_000, "test": 2_000}
 BUILTIN_MAX_BYTES = 256 * 2**20  # larger crops come in smaller numbers: at most this much memory
 
 
 def builtin_split_photos(split: str) -> list[str]:
     """The names of the photos a split's crops are cut from, in label order."""
-    return [name for name in BUILTIN_PHOTOS if (name in BUILTIN_TEST_PHOTOS) == (split == "test")]
+    return [name for name in BUILTIN_PHOTOS if is_test_photo(name) == (split == "test")]
 
 
 def builtin_photo(name: str) -> np.ndarray:
@@ -139,8 +138,8 @@ class BuiltinPhotos(ImageTensorDataset):
     A crop's side is 1/16 to 1/2 of the photo's shorter side (log-uniform) but not below S pixels
     when the photo allows it (no upsampling blur); it is resized to S x S with antialiasing. Half
     the training crops, at random, are mirrored left to right: more variety from few photos. Test
-    crops come only from BUILTIN_TEST_PHOTOS, which train never sees, so test bits/dim measures
-    generalisation. All crops are made at construction from a fixed seed (about 2 s for 20,000
+    crops come only from the test photos (`pipelines.data.holdout`), which train never sees, so
+    test bits/dim measures generalisation. All crops are made at construction from a fixed seed (about 2 s for 20,000
     at S=32). By default at most BUILTIN_MAX_BYTES of crops are made (at S=256: 1365 train,
     136 test). Example: `BuiltinPhotos("test", 32).images.shape == (2000, 3, 32, 32)`.
     """

@@ -1,22 +1,24 @@
-"""Offline evaluation of the VQ-VAE and of a prior; each returns a flat dict of named numbers, and
-`write_result` files it under its stage in a JSON file (what scripts/evaluate.py --json writes).
+"""Each stage's figures: bits per dimension (or per code) of a PixelSNAIL over a loader, which the
+trainers report too, and the offline evaluation of the VQ-VAE and of a prior, each a flat dict of
+named numbers that `pipelines.store.results.write_result` files under its stage.
 
 - A prior on its code database: bits per code over the held-out records (every 20th, as the prior
   trainer holds them out) and over the training records, and the gap (held-out - train): a gap
   that grows while the training loss falls is overfitting.
-- A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), PSNR and SSIM
-  (torchmetrics, images in [0, 1]) of the reconstructions the pipeline decodes (clamped to
-  [-1, 1]), and per level the codebook usage (share of the codes used at least once over the whole
+- A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), the PSNR it
+  gives (`psnr_db`, the trainer's too) and SSIM (torchmetrics, images in [0, 1]) of the
+  reconstructions the pipeline decodes (clamped to [-1, 1]), and per level the codebook usage (share of the codes used at least once over the whole
   split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
   trainer's figures are per batch, hence lower).
 """
 
 import itertools
+import math
 from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 from torchmetrics.regression import MeanSquaredError
 from tqdm.auto import tqdm
 
@@ -55,13 +57,18 @@ def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_recor
             "train_records": counts["train"]}
 
 
+def psnr_db(mse):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2) from their mean squared
+    error: the trainer's figure and evaluate_vqvae's."""
+    return 10 * math.log10(4 / mse) if mse > 0 else math.inf
+
+
 @torch.no_grad()
 def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
     """A VQ-VAE (on the runtime's device, eval mode) on a dataset of uint8 images -> {mse, psnr_db,
     ssim, images, and per level usage, perplexity, codes}. One process."""
     device = runtime.device
-    metrics = {"mse": MeanSquaredError(), "psnr_db": PeakSignalNoiseRatio(data_range=1.0),
-               "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}
+    metrics = {"mse": MeanSquaredError(), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}
     metrics = {name: metric.to(device) for name, metric in metrics.items()}
     counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), device=device) for level in LEVELS}
     n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -73,11 +80,11 @@ def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
             reconstruction = vqvae.decode_codes(codes["top"], codes["bottom"]).float()
         x, reconstruction = x.contiguous(), reconstruction.contiguous()  # torchmetrics views them flat
         metrics["mse"].update(reconstruction, x)
-        for name in ("psnr_db", "ssim"):
-            metrics[name].update((reconstruction + 1) / 2, (x + 1) / 2)
+        metrics["ssim"].update((reconstruction + 1) / 2, (x + 1) / 2)
         for level in LEVELS:
             counts[level] += torch.bincount(codes[level].flatten(), minlength=len(counts[level]))
     result = {name: metric.compute().item() for name, metric in metrics.items()}
+    result["psnr_db"] = psnr_db(result["mse"])
     result["images"] = n_images
     for level in LEVELS:
         perplexity, usage = batch_statistics(counts[level])

@@ -1,7 +1,7 @@
-"""Training PixelSNAIL: on images (here) or on VQ-VAE codes (train_prior.py), one `Task` of the
-loop in pipelines/train/loop.py. A `Source` says what the data is and how a batch becomes the model's
-inputs (x, label, cond). Besides the loop's files, a pixel run writes samples.png, a grid of
-samples from the Polyak-averaged (EMA) weights.
+"""Training PixelSNAIL, one `Task` of the loop in pipelines/train/loop.py for images
+(`pipelines.train.pixels`) and VQ-VAE codes (`pipelines.train.priors`) alike. A `Source` says what
+the data is and how a batch becomes the model's inputs (x, label, cond). Besides the loop's files,
+a pixel run writes samples.png, a grid of samples from the Polyak-averaged (EMA) weights.
 """
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
-"""A run directory on disk: the state `--resume` needs, the run's stored settings, and its log.
+"""A run directory, written by its trainer: the state `--resume` needs, the run's stored settings,
+and its log (their names and readers: `pipelines.store.run_files`).
 
 `accelerator.save_state` keeps the weights, the optimizer and every process's RNG. Our own extras
 (EMA weights, progress counters, the configs) are written beside them as safetensors and JSON, so

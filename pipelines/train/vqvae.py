@@ -9,13 +9,13 @@ A run directory holds:
 """
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from pipelines.data.datasets import load_dataset, to_model_range
+from pipelines.eval.stages import psnr_db
 from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, run_state
 from pipelines.train.loop import Step, Task, fit
@@ -125,7 +125,7 @@ class VQVAETask(Task):
 
     def finish(self, model, out, metrics, accelerator):
         accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
-        accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr(metrics['mse']):.2f} dB)")
+        accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr_db(metrics['mse']):.2f} dB)")
         return metrics["mse"]
 
 
@@ -139,8 +139,3 @@ def train(cfg: VQVAETrainConfig):
 
 def channels_last(images):
     return images.contiguous(memory_format=torch.channels_last)
-
-
-def psnr(mse):
-    """Peak signal-to-noise ratio of images in [-1, 1] (peak-to-peak 2)."""
-    return 10 * math.log10(4 / mse) if mse > 0 else float("inf")
