@@ -577,9 +577,10 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def absolute_spec(spec: str) -> str:
-    """A dataset spec as a run stores it: its path made absolute, so that the same words given in
-    another folder are seen to name other data; "builtin" stays a name."""
-    return spec if spec == "builtin" else str(Path(spec).resolve())
+    """A dataset spec as a run or a code database stores it: its path made absolute (`~` expanded),
+    so that the same words given in another folder are seen to name other data; "builtin" stays a
+    name. The one rule for every stored data path."""
+    return spec if spec == "builtin" else str(Path(spec).expanduser().resolve())
 
 
 def load_dataset(spec: str, split: str, size: int = 32) -> Dataset:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from pipelines.data.datasets import load_dataset
+from pipelines.data.datasets import absolute_spec, load_dataset
 from pipelines.device import make_runtime, resolve_device
 from pipelines.store.checkpoint import load_vqvae, resolve_checkpoint
 from pipelines.store.codes import (DEFAULT_MAP_SIZE, FORMAT, FORMAT_VERSION, META_KEY, PLAN_FIELDS, PLAN_KEY,
@@ -218,7 +218,7 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
         raise ValueError(f"{vqvae_path} does not record the image size it was trained on: pass --size")
     top_shape, bottom_shape = model.code_shapes(image_size)  # refuses sizes that are not multiples of 8
     dataset = load_dataset(data, split, image_size)
-    source = data if data == "builtin" else str(Path(data).expanduser().resolve())
+    source = absolute_spec(data)
     labels_seen = count_classes(dataset)
     if n_classes is not None and n_classes > 0 and labels_seen > n_classes:
         raise ValueError(f"the {split} split of {data} has labels up to {labels_seen - 1}: --n-classes {n_classes} is too few")
