@@ -1,0 +1,112 @@
+"""Each stage's figures: bits per dimension (or per code) of a PixelSNAIL over a loader, which the
+trainers report too, and the offline evaluation of the VQ-VAE and of a prior, each a flat dict of
+named numbers that `pipelines.store.results.write_result` files under its stage.
+
+- A prior on its code database: bits per code over the held-out records (every 20th, as the prior
+  trainer holds them out) and over the training records, and the gap (held-out - train): a gap
+  that grows while the training loss falls is overfitting.
+- A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), the PSNR it
+  gives (`psnr_db`, the trainer's too) and SSIM (torchmetrics, images in [0, 1]) of the
+  reconstructions the pipeline decodes (clamped to [-1, 1]), and per level the codebook usage (share of the codes used at least once over the whole
+  split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
+  trainer's figures are per batch, hence lower).
+"""
+
+import itertools
+import math
+from contextlib import nullcontext
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchmetrics.image import StructuralSimilarityIndexMeasure
+from torchmetrics.regression import MeanSquaredError
+from tqdm.auto import tqdm
+
+from pipelines.data.codes import code_splits
+from pipelines.data.datasets import image_inputs
+from pipelines.store.checkpoint import load_pixelsnail
+from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
+from prior.modes import evaluating
+from vqvae.quantizer import batch_statistics
+
+
+def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_records=None):
+    """A code-mode prior on its code database -> {level, heldout_bits_per_code, train_bits_per_code,
+    gap_bits_per_code, heldout_records, train_records}. `max_records`: at most this many records of
+    each split (the first ones), None: all."""
+    model, extra = load_pixelsnail(prior_path)
+    if model.config.pixel_mode:
+        raise ValueError(f"{prior_path} is a pixel-mode model: evaluate it with `evaluate.py pixels`")
+    trained_on = PriorProvenance.from_extra(extra, prior_path)
+    source = code_splits(codes_path, trained_on.level)
+    provenance = source.provenance
+    if provenance.vqvae_sha256 != trained_on.vqvae_sha256:
+        raise ValueError(f"the {trained_on.level} prior {prior_path} was trained on codes of another VQ-VAE "
+                         f"than the code database {codes_path}")
+    check_fits(model.config, provenance, f"the code database {codes_path}")
+    model = model.to(accelerator.device)
+    bits, counts = {}, {}
+    for name, dataset in (("heldout", source.test_set), ("train", source.train_set)):
+        if max_records is not None:
+            dataset = Subset(dataset, range(min(max_records, len(dataset))))
+        loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size))
+        bits[name] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
+        counts[name] = len(dataset)
+    return {"level": trained_on.level, "heldout_bits_per_code": bits["heldout"], "train_bits_per_code": bits["train"],
+            "gap_bits_per_code": bits["heldout"] - bits["train"], "heldout_records": counts["heldout"],
+            "train_records": counts["train"]}
+
+
+def psnr_db(mse):
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2) from their mean squared
+    error: the trainer's figure and evaluate_vqvae's."""
+    return 10 * math.log10(4 / mse) if mse > 0 else math.inf
+
+
+@torch.no_grad()
+def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
+    """A VQ-VAE (on the runtime's device, eval mode) on a dataset of uint8 images -> {mse, psnr_db,
+    ssim, images, and per level usage, perplexity, codes}. One process."""
+    device = runtime.device
+    metrics = {"mse": MeanSquaredError(), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}
+    metrics = {name: metric.to(device) for name, metric in metrics.items()}
+    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), device=device) for level in LEVELS}
+    n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(n_images)), batch_size=batch_size)
+    for images, _ in tqdm(loader, desc="reconstructing", leave=False):
+        x = runtime.images(images)  # (B, 3, S, S) in [-1, 1], channels_last
+        with runtime.autocast():
+            codes = dict(zip(LEVELS, vqvae.encode(x)))  # (B, S/8, S/8), (B, S/4, S/4)
+            reconstruction = vqvae.decode_codes(codes["top"], codes["bottom"]).float()
+        x, reconstruction = x.contiguous(), reconstruction.contiguous()  # torchmetrics views them flat
+        metrics["mse"].update(reconstruction, x)
+        metrics["ssim"].update((reconstruction + 1) / 2, (x + 1) / 2)
+        for level in LEVELS:
+            counts[level] += torch.bincount(codes[level].flatten(), minlength=len(counts[level]))
+    result = {name: metric.compute().item() for name, metric in metrics.items()}
+    result["psnr_db"] = psnr_db(result["mse"])
+    result["images"] = n_images
+    for level in LEVELS:
+        perplexity, usage = batch_statistics(counts[level])
+        result.update({f"{level}_usage": usage.item(), f"{level}_perplexity": perplexity.item(),
+                       f"{level}_codes": len(counts[level])})
+    return result
+
+
+@torch.no_grad()
+def evaluate_bits(model, loader, accelerator, inputs=image_inputs, max_batches=None, desc="test", autocast=True):
+    """Mean bits per dimension (per code) over the loader's examples, all of them unless
+    max_batches, every process's share counted once. autocast=False: no autocast of ours (a model
+    that `accelerator.prepare` did not wrap then computes in fp32)."""
+    total, count = 0.0, 0
+    n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    with evaluating(model), bar:
+        for batch in itertools.islice(loader, n_batches):
+            with accelerator.autocast() if autocast else nullcontext():
+                bits = model.nll(*inputs(batch))
+            bits = accelerator.gather_for_metrics(bits)
+            total += bits.double().sum().item()
+            count += bits.numel()
+            bar.update()
+    return total / count

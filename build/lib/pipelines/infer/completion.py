@@ -1,0 +1,69 @@
+"""Completion: keep the top rows of an image exactly and sample the rest, n times.
+
+A pixel model keeps the pixel rows themselves: the samplers' prefix (prior.sampling) holds them
+and sampling starts after them. The VQ-VAE-2 pipeline encodes the image, keeps at each level the
+code rows that cover the kept image rows (a code row covers image_size / grid_height image rows,
+so ceil(rows * grid_height / image_size) of them), samples the rest of the top grid, then the
+rest of the bottom grid given the whole top grid, and decodes. Its kept rows are the VQ-VAE's
+reconstruction of the kept part, not the pixels themselves.
+
+Example:
+    >>> completions = complete_pixels(model, image, rows=16, n=4, generator=torch.Generator().manual_seed(0))
+    >>> completions.shape   # (4, 3, 32, 32), completions[:, :, :16] == image[:, :16] in [-1, 1]
+"""
+
+import math
+
+import torch
+from einops import repeat
+
+from pipelines.infer.generation import Known, generate
+from prior.drawing import Drawing
+
+
+def kept_rows(keep: str, height: int) -> int:
+    """--keep as given: a fraction of the rows (a number with a point in [0, 1], e.g. 0.5) or a
+    whole row count in [0, height] -> the number of rows kept (a fraction's rows rounded down)."""
+    try:
+        value = int(keep) if keep.strip().lstrip("+-").isdigit() else float(keep)
+    except ValueError:
+        raise ValueError(f"--keep must be a fraction of the rows (0.5) or a row count (16), got {keep!r}") from None
+    if isinstance(value, float):
+        if not 0 <= value <= 1:  # nan fails this too
+            raise ValueError(f"--keep as a fraction of the rows must lie in [0, 1], got {keep}")
+        return math.floor(value * height)
+    if not 0 <= value <= height:
+        raise ValueError(f"--keep as a row count must lie in [0, {height}] (the image's rows), got {value}")
+    return value
+
+
+def covering_rows(image_rows: int, image_size: int, grid_height: int) -> int:
+    """The code rows of a grid of `grid_height` rows over `image_size` image rows that cover the
+    first `image_rows` image rows."""
+    return math.ceil(image_rows * grid_height / image_size)
+
+
+def with_rest_blank(image, rows):
+    """(3, H, W) in [-1, 1] -> the same with rows `rows` on grey (0), the picture of what is kept."""
+    blank = image.clone()
+    blank[:, rows:] = 0
+    return blank
+
+
+@torch.no_grad()
+def complete_pixels(model, image, rows, n, label=None, generator=None, progress=False):
+    """(3, H, W) image in [-1, 1] -> (n, 3, H, W) completions whose first `rows` rows are the image's."""
+    prefix = repeat(image, "c h w -> n c h w", n=n)
+    labels = None if label is None else torch.full((n,), label, dtype=torch.long, device=image.device)
+    return model.sample(n, labels, None, generator, progress=progress, prefix=prefix, kept=rows * image.shape[2])
+
+
+@torch.no_grad()
+def complete_codes(pipeline, image, rows, n, label=None, drawing=Drawing(), generator=None, progress=False):
+    """(3, S, S) image in [-1, 1] -> (n, 3, S, S) decoded completions, with their top and bottom
+    codes, which keep the image's codes in the rows covering its first `rows` rows."""
+    top, bottom = pipeline.vqvae.encode(image[None])  # (1, h, w), (1, 2h, 2w)
+    known = Known(repeat(top[0], "h w -> n h w", n=n), repeat(bottom[0], "h w -> n h w", n=n),
+                  covering_rows(rows, pipeline.image_size, top.shape[1]) * top.shape[2],
+                  covering_rows(rows, pipeline.image_size, bottom.shape[1]) * bottom.shape[2])
+    return generate(pipeline, n, label, drawing, generator, progress, known)

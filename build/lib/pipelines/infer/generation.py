@@ -1,0 +1,261 @@
+"""Generation with the VQ-VAE-2 pipeline: sample top codes, then bottom codes given them, decode.
+
+A sampling job (`SampleJob`, `make_samples`) makes many samples in batches, on several processes:
+sample i draws from a generator seeded by (seed, i) alone, so the same seed gives the same samples
+whatever the batch size and the number of processes.
+
+`load_pipeline` loads a VQ-VAE and its two priors and checks that they belong together: each
+prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the right level,
+with the grid shapes and codebook sizes the VQ-VAE produces, and both with the same classes.
+"""
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipelines.data.datasets import to_uint8
+from pipelines.store.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
+from pipelines.store.codes import file_sha256
+from pipelines.store.provenance import PriorProvenance, check_fits
+from prior import PixelSNAIL
+from prior.drawing import Drawing
+from vqvae import VQVAE2
+
+
+@dataclass
+class Pipeline:
+    vqvae: VQVAE2
+    top: PixelSNAIL
+    bottom: PixelSNAIL
+    image_size: int
+
+    @property
+    def n_classes(self):
+        return self.top.config.n_classes
+
+    def to(self, runtime):
+        """The pipeline on the runtime's device, in eval mode, the VQ-VAE channels_last."""
+        device = runtime.device
+        return Pipeline(runtime.vqvae(self.vqvae), self.top.to(device).eval(), self.bottom.to(device).eval(),
+                        self.image_size)
+
+
+def load_pipeline(vqvae_path, top_path, bottom_path):
+    """Loads and cross-checks the three checkpoints (run directories or files) -> Pipeline."""
+    vqvae, vqvae_extra = load_vqvae(vqvae_path)
+    vqvae_hash = file_sha256(resolve_checkpoint(vqvae_path))
+    image_size = vqvae_extra.get("image_size")
+    if not isinstance(image_size, int):
+        raise CheckpointError(f"{vqvae_path} does not record the image size it was trained on: not a VQ-VAE run's checkpoint")
+    priors = {}
+    for level, path in (("top", top_path), ("bottom", bottom_path)):
+        prior, extra = load_pixelsnail(path)
+        if extra.get("level") != level:
+            raise ValueError(f"{path} is not a {level} prior (its level: {extra.get('level', 'none, a pixel model')})")
+        if PriorProvenance.from_extra(extra, path).vqvae_sha256 != vqvae_hash:
+            raise ValueError(f"the {level} prior {path} was trained on codes of another VQ-VAE than {vqvae_path}")
+        priors[level] = prior
+    top_shape, bottom_shape = vqvae.code_shapes(image_size)
+    for level, prior in priors.items():
+        # what the VQ-VAE gives a prior of this level, with the top prior's classes
+        fits = PriorProvenance(level, vqvae_hash, image_size, top_shape, bottom_shape, vqvae.config.top_codes,
+                               vqvae.config.bottom_codes, priors["top"].config.n_classes)
+        check_fits(prior.config, fits, f"the VQ-VAE {vqvae_path} (with the top prior's classes)")
+    return Pipeline(vqvae, priors["top"], priors["bottom"], image_size)
+
+
+def sample_seed(seed, index):
+    """The seed of sample `index`'s generator: a hash of (seed, index), so that its draws depend on
+    nothing else (not the batch it is in, nor the process that makes it)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little")
+
+
+def sample_generators(seed, indices, device):
+    """One generator per sample, seeded from (seed, index)."""
+    return [torch.Generator(device).manual_seed(sample_seed(seed, int(index))) for index in indices]
+
+
+@dataclass
+class Known:
+    """Codes known before sampling, as completion keeps them: the first `top_kept` raster
+    positions of `top_codes` (n, h, w) and the first `bottom_kept` of `bottom_codes` (n, H, W)."""
+
+    top_codes: Tensor
+    bottom_codes: Tensor
+    top_kept: int
+    bottom_kept: int
+
+    def prefix(self, level):
+        """The sampler's prefix options for `level`."""
+        return {"prefix": getattr(self, f"{level}_codes"), "kept": getattr(self, f"{level}_kept")}
+
+
+@torch.no_grad()
+def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progress=False, known=None):
+    """n images (n, 3, S, S) in [-1, 1] with their top and bottom codes.
+
+    `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
+    priors need one. `drawing`: temperature, top-k, top-p and guidance of both priors
+    (prior.drawing). `generator`: a torch.Generator for the whole batch, or a list of n, one per
+    sample, whose draws then depend on that sample alone. `progress`: True shows a bar over
+    positions; a callable is called after each level with the share of the positions it drew.
+    `known`: codes to keep (Known); sampling starts after them at each level.
+    """
+    labels = check_labels(pipeline, n, label)
+    device = pipeline.top.background.device
+    labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
+    bars = progress is True
+    options = asdict(drawing)  # the samplers' temperature, top_k, top_p and guidance
+
+    def level_options(level):
+        return options if known is None else {**options, **known.prefix(level)}
+
+    top_codes = pipeline.top.sample(n, labels, None, generator, progress=bars, **level_options("top"))
+    if callable(progress):
+        progress(level_share(pipeline, "top"))
+    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, progress=bars, **level_options("bottom"))
+    images = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
+    if callable(progress):
+        progress(level_share(pipeline, "bottom"))
+    return images, top_codes, bottom_codes
+
+
+def check_drawing(pipeline, drawing):
+    """Refuses sampling controls a prior of the pipeline cannot take (guidance without label dropout)."""
+    for level in ("top", "bottom"):
+        try:
+            drawing.check(getattr(pipeline, level).config)
+        except ValueError as error:
+            raise ValueError(f"the {level} prior: {error}") from None
+
+
+def level_share(pipeline, level):
+    """The share of a sample's positions that `level` draws."""
+    sizes = {name: math.prod(getattr(pipeline, name).config.shape) for name in ("top", "bottom")}
+    return sizes[level] / sum(sizes.values())
+
+
+def check_labels(pipeline, n, label):
+    """-> a list of n labels, or None for unconditional priors; refuses labels that do not fit."""
+    check_labels_given(label, pipeline.n_classes)
+    if label is None:
+        return None
+    labels = [label] * n if isinstance(label, int) else [int(value) for value in label]
+    if len(labels) != n:
+        raise ValueError(f"expected {n} labels, got {len(labels)}")
+    for value in labels:
+        check_class(value, pipeline.n_classes)
+    return labels
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """What decides the samples: sample i has class labels[i // per_label] (None for unconditional
+    priors) and draws from a generator seeded by (seed, i), with the sampling controls `drawing`."""
+
+    labels: tuple
+    per_label: int
+    seed: int
+    drawing: Drawing = Drawing()
+
+    @property
+    def total(self):
+        return len(self.labels) * self.per_label
+
+    def labels_of(self, indices):
+        """The labels of samples `indices`, or None for unconditional priors."""
+        return None if self.labels == (None,) else [self.labels[i // self.per_label] for i in indices]
+
+
+# -- the one --label grammar: each script takes some of its forms -------------------------------
+
+ALL, DATA, MIXTURE = "all", "data", "mixture"
+LABEL_GRAMMAR = {  # form: (its name, what it means); a class and a comma list are numbers, the others words
+    "class": ("a class", "3"),
+    "list": ("a comma list of classes", "3,7,9"),
+    ALL: ("all", "every class"),
+    DATA: ("data", "each image's class in its dataset"),
+    MIXTURE: ("mixture", "the class unknown: the uniform mixture of the model's classes"),
+}
+
+
+def label_forms(forms, n_classes=None, explained=False):
+    """The label forms `forms` in words, as --help (`explained`) and refusals name them: 'a class, a
+    comma list of classes or all', with the range of a class once the model's n_classes is known."""
+    names = []
+    for form in forms:
+        name, meaning = LABEL_GRAMMAR[form]
+        name += f" in [0, {n_classes})" if form == "class" and n_classes is not None else ""
+        names.append(f"{name} ({meaning})" if explained else name)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def parse_label(spec, forms, n_classes=None):
+    """--label as given, in one of `forms` (keys of LABEL_GRAMMAR) -> a class (int), classes (a tuple,
+    from a comma list, or from all once n_classes is known), ALL, DATA, MIXTURE, or None where none
+    is given. Refuses another form, and classes outside [0, n_classes) once n_classes is known:
+    without it, a script refuses a malformed --label before it loads any model."""
+    if spec is None:
+        return None
+    if spec in forms and spec in (ALL, DATA, MIXTURE):
+        return tuple(range(n_classes)) if spec == ALL and n_classes is not None else spec
+    try:
+        classes = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        classes = ()
+    if not classes or ("class" if len(classes) == 1 else "list") not in forms:
+        raise ValueError(f"--label must be {label_forms(forms, n_classes)}, got {spec!r}")
+    for label in classes if n_classes is not None else ():
+        check_class(label, n_classes)
+    return classes[0] if len(classes) == 1 else classes
+
+
+def read_label(spec, forms, n_classes, model_is="the priors are"):
+    """--label for a model of `n_classes` classes (0: unconditional) -> None for an unconditional
+    model, else parse_label's answer; refuses a label missing, or given to an unconditional model."""
+    check_labels_given(spec, n_classes, model_is, forms)
+    return parse_label(spec, forms, n_classes)
+
+
+def check_class(label, n_classes):
+    if not 0 <= label < n_classes:
+        raise ValueError(f"label must lie in [0, {n_classes}), got {label}")
+
+
+def check_labels_given(given, n_classes, model_is="the priors are", forms=None):
+    """Refuses a missing label for a class-conditional model and one given to another; `forms`:
+    --label's, named in the advice."""
+    if n_classes and given is None:
+        options = f" (--label: {label_forms(forms)})" if forms else ""
+        raise ValueError(f"{model_is} class-conditional: give a label in [0, {n_classes}){options}")
+    if not n_classes and given is not None:
+        raise ValueError(f"{model_is} not class-conditional: give no label (got {given})")
+
+
+def make_samples(pipeline, runtime, job, indices, batch_size, keep):
+    """Makes samples `indices` of `job` in batches of `batch_size`, batch k on process k mod N, and
+    calls keep(batch_indices, labels, images (B, S, S, 3) uint8, top_codes, bottom_codes) on the CPU
+    after each. One progress bar for the whole job, on the main process, advanced per level drawn."""
+    processes = runtime.processes
+    batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    rounds = [batches[k : k + processes.num_processes] for k in range(0, len(batches), processes.num_processes)]
+    bar = tqdm(total=len(indices), desc="sampling", disable=not processes.is_main_process,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} samples [{elapsed}<{remaining}]")
+    with bar:
+        for batches_of_round in rounds:
+            if processes.process_index >= len(batches_of_round):
+                break
+            batch = batches_of_round[processes.process_index]
+            in_round = sum(len(each) for each in batches_of_round)  # what the bar counts for all processes
+            labels = job.labels_of(batch)
+            generators = sample_generators(job.seed, batch, runtime.device)
+            with runtime.autocast():
+                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.drawing, generators,
+                                                           progress=lambda share: bar.update(share * in_round))
+            images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
+            keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())

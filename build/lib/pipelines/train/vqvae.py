@@ -1,0 +1,141 @@
+"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/train/loop.py.
+
+A run directory holds:
+  model.safetensors    the weights and codebooks with the config and the image size: what code
+                       extraction loads
+  state/               everything `--resume` needs (weights, optimizer, RNG, progress)
+  reconstructions.png  test images (top rows) above their reconstructions (bottom rows)
+  log.jsonl            one line per evaluation
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.data.datasets import load_dataset, to_model_range
+from pipelines.eval.stages import psnr_db
+from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
+from pipelines.train import diagnostics, run_state
+from pipelines.train.loop import Step, Task, fit
+from pipelines.train.run_config import BaseRunConfig, check_at_least, image_data_field, run_field, setting
+from prior.modes import evaluating
+from vqvae import VQVAE2, VQVAE2Config
+from vqvae.presets import PRESETS, get_preset
+
+
+@dataclass
+class VQVAETrainConfig(BaseRunConfig):
+    data: str | None = image_data_field()
+    size: int | None = run_field("image side, a multiple of 8 (default 256: 32x32 top, 64x64 bottom codes)")
+    out: str = setting("runs/vqvae", "run directory (checkpoint, reconstructions, log)")
+    preset: str | None = run_field(choices=tuple(PRESETS))
+    steps: int = 2000
+    eval_batches: int | None = 20
+    n_images: int = setting(8, "test images in reconstructions.png")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preset is not None:
+            get_preset(self.preset)
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise ValueError(f"size must be a positive multiple of 8, got {self.size}")
+        check_at_least(self, 0, "n_images")
+
+    def run_defaults(self):
+        name = self.preset or "vqvae2"
+        preset = get_preset(name)
+        return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
+                "data": "builtin", "size": 256}
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model, loader, accelerator, max_batches=None):
+    """Mean squared reconstruction error per image (images in [-1, 1]) and mean code statistics."""
+    totals = {"mse": 0.0, "top_perplexity": 0.0, "bottom_perplexity": 0.0, "top_usage": 0.0, "bottom_usage": 0.0}
+    n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(total=n_batches, desc="test", leave=False, disable=not accelerator.is_main_process)
+    with evaluating(model), bar:
+        for images, _ in itertools.islice(loader, n_batches):
+            x = channels_last(to_model_range(images))
+            with accelerator.autocast():
+                out = model(x)
+            errors = accelerator.gather_for_metrics((out.reconstruction.float() - x).square().mean(dim=(1, 2, 3)))
+            totals["mse"] += errors.double().sum().item()
+            n_images += errors.numel()
+            for level in ("top", "bottom"):
+                stats = getattr(out, level)
+                totals[f"{level}_perplexity"] += accelerator.reduce(stats.perplexity.float(), "mean").item()
+                totals[f"{level}_usage"] += accelerator.reduce(stats.usage.float(), "mean").item()
+            bar.update()
+    return {name: value / (n_images if name == "mse" else n_batches) for name, value in totals.items()}
+
+
+@torch.no_grad()
+def write_reconstructions(model, images, path):
+    """Originals (top rows) above their reconstructions (bottom rows)."""
+    x = to_model_range(images)
+    with evaluating(model):
+        reconstruction = model(x).reconstruction.float().clamp(-1, 1)
+    write_image_grid(torch.cat([x, reconstruction]), path, nrow=min(len(x), 8))
+
+
+def reconstruction_loss(model, batch):
+    """The loss of one step: the VQ-VAE's loss; the progress bar follows the reconstruction error."""
+    images, _ = batch
+    result = model(channels_last(to_model_range(images)))
+    postfix = {"ppl": f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
+               "used": f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}"}
+    return Step(result.loss, result.reconstruction_loss, postfix)
+
+
+class VQVAETask(Task):
+    metric = "mse"
+
+    def summary(self):
+        top_shape, bottom_shape = self.net.code_shapes(self.cfg.size)
+        return f", {self.cfg.size}x{self.cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
+
+    def build(self, initialise):
+        # channels_last: oneDNN convolutions run faster on it (bench/results/vqvae.md)
+        self.net = VQVAE2(self.model_config).to(memory_format=torch.channels_last)
+        return self.net
+
+    def loss(self, model, batch):
+        return reconstruction_loss(model, batch)
+
+    def checks(self):
+        sizes = self.model_config.top_codes, self.model_config.bottom_codes
+        usage = [diagnostics.CodebookUsage(f"{level}_usage", min(1.0, self.cfg.batch_size * h * w / size),
+                                           f"{level} codebook")
+                 for level, (h, w), size in zip(("top", "bottom"), self.net.code_shapes(self.cfg.size), sizes)]
+        return [diagnostics.Overfitting("train_mse", "mse", "reconstruction mse"), *usage]
+
+    def evaluate(self, model, loader, accelerator, max_batches=None):
+        return evaluate_reconstruction(model, loader, accelerator, max_batches)
+
+    def write(self, model, out, step):
+        save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), VQVAE_KIND, self.model_config, step=step,
+                        image_size=self.cfg.size)
+        shown = [self.test_set[i][0] for i in range(min(self.cfg.n_images, len(self.test_set)))]
+        if shown:
+            device = next(model.parameters()).device
+            write_reconstructions(model, torch.stack(shown).to(device), out / "reconstructions.png")
+
+    def finish(self, model, out, metrics, accelerator):
+        accelerator.print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "mse"))
+        accelerator.print(f"test reconstruction mse: {metrics['mse']:.5f} (PSNR {psnr_db(metrics['mse']):.2f} dB)")
+        return metrics["mse"]
+
+
+def train(cfg: VQVAETrainConfig):
+    """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
+    cfg, model_config = run_state.resolve(cfg, VQVAE2Config)
+    model_config = model_config or get_preset(cfg.preset).model
+    train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
+    return fit(VQVAETask(cfg, model_config, train_set, test_set))
+
+
+def channels_last(images):
+    return images.contiguous(memory_format=torch.channels_last)
