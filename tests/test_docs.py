@@ -63,6 +63,7 @@ HEADLINE = {
     "ood": lambda d: [d["models"]["pixel model"]["aurocs"]["bits/dim"][kind]
                       for kind in ("uniform noise", "colour-inverted", "another photo (camera)")],
     "lmdb": lambda d: [d["read"]["main process"]["records_per_s"]],
+    "streams-steps": lambda d: [statistics.mean(d["two_minus_one"]), statistics.mean(d["step_time_ratio"])],
     "gpu": lambda d: [1 / d["training"][0]["seconds_per_step"], 100 * d["training"][0]["flops_per_s"]
                       / d["bf16_matmul_peak_flops"]],
 }
