@@ -1,2 +1,0 @@
-"""Using trained models: loading a pipeline, generation, completion, scoring with likelihood maps,
-and code extraction."""
