@@ -31,6 +31,7 @@ from accelerate import PartialState
 from pipelines.data.datasets import to_model_range
 
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively
 
 
 def resolve_device(device=None):
@@ -90,7 +91,7 @@ def add_runtime_arguments(parser, precision_default="auto", precision_note=""):
     """--device and --precision, as every inference script takes them."""
     parser.add_argument("--device", choices=DEVICES, default=None,
                         help="where the models run (default: cuda when present, else cpu)")
-    parser.add_argument("--precision", default=precision_default, choices=["auto", "bf16", "fp32"],
+    parser.add_argument("--precision", default=precision_default, choices=PRECISIONS,
                         help="auto: bf16 autocast where the device computes bf16 natively (AMX, recent GPUs); "
                         "the quantizer's distances and every likelihood always compute in fp32" + precision_note)
 
@@ -123,7 +124,7 @@ def cpu_supports_bf16():
 def resolve_precision(precision, device=None):
     """'auto' -> 'bf16' where the device ('cpu' or 'cuda'; None: CUDA when present) computes bf16
     natively, else 'fp32'."""
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision != "auto":
         return precision

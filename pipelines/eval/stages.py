@@ -7,8 +7,8 @@ named numbers that `pipelines.store.results.write_result` files under its stage.
   that grows while the training loss falls is overfitting.
 - A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), the PSNR it
   gives (`psnr_db`, the trainer's too) and SSIM (torchmetrics, images in [0, 1]) of the
-  reconstructions the pipeline decodes (clamped to [-1, 1]), and per level the codebook usage (share of the codes used at least once over the whole
-  split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
+  reconstructions the pipeline decodes (clamped to [-1, 1]), and per level the codebook usage
+  (share of the codes used at least once over the whole split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
   trainer's figures are per batch, hence lower).
 """
 

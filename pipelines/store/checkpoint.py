@@ -3,10 +3,11 @@ are the image grids the scripts write).
 
 A checkpoint is one `.safetensors` file whose metadata holds `format_version`, `kind` (which model
 class it is for), `stage` (what it is in the pipeline: pixels, top_prior, bottom_prior, vqvae,
-classifier; see `stage_of`), `config` (the config dataclass as JSON) and free-form extras such as the training
-step. Checkpoints written before format version 1 have neither `format_version` nor `stage`: they
-load as before, and their stage is read off their kind and extras. Nothing in it is ever unpickled. A run directory holds its latest checkpoint as `model.safetensors`;
-everywhere a checkpoint is asked for, the run directory or the file may be given.
+classifier; see `stage_of`), `config` (the config dataclass as JSON) and free-form extras such as
+the training step. Checkpoints written before format version 1 have neither `format_version` nor
+`stage`: they load as before, and their stage is read off their kind and extras. Nothing in it is
+ever unpickled. A run directory holds its latest checkpoint as `model.safetensors`; everywhere a
+checkpoint is asked for, the run directory or the file may be given.
 """
 
 import json
@@ -91,19 +92,21 @@ def resolve_checkpoint(path):
     return path
 
 
-def read_metadata(path):
-    """A checkpoint's checked metadata, its tensors left unread -> (metadata dict, extra dict)."""
+def read_checkpoint(path, tensors=True):
+    """A checkpoint (run directory or file) -> (its file, metadata, extra dict, state dict or None
+    where not `tensors`), its metadata checked to be a checkpoint of this project in a format this
+    code reads.
+
+    Only safetensors is read: a pickle or a torch.save file is refused unopened, as unpickling
+    runs whatever code the file names.
+    """
     path = resolve_checkpoint(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
+            state_dict = {name: f.get_tensor(name) for name in f.keys()} if tensors else None
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_what_it_is(path, error)})") from None
-    return check_metadata(path, metadata)
-
-
-def check_metadata(path, metadata):
-    """-> (metadata, extra) of a checkpoint of this project in a format this code reads."""
     if "kind" not in metadata or "config" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project (no kind/config)")
     version = metadata.get("format_version", "0")
@@ -118,7 +121,12 @@ def check_metadata(path, metadata):
         extra = None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
-    return metadata, extra
+    return path, metadata, extra, state_dict
+
+
+def read_metadata(path):
+    """A checkpoint's checked metadata, its tensors left unread -> (metadata dict, extra dict)."""
+    return read_checkpoint(path, tensors=False)[1:3]
 
 
 def checkpoint_stage(path):
@@ -129,19 +137,8 @@ def checkpoint_stage(path):
 
 
 def load_checkpoint(path, kind):
-    """Reads a checkpoint of the given kind -> (state_dict, config JSON text, extra dict).
-
-    Only safetensors is read: a pickle or a torch.save file is refused unopened, as unpickling
-    runs whatever code the file names.
-    """
-    path = resolve_checkpoint(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            state_dict = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({_what_it_is(path, error)})") from None
-    metadata, extra = check_metadata(path, metadata)
+    """Reads a checkpoint of the given kind -> (state_dict, config JSON text, extra dict)."""
+    path, metadata, extra, state_dict = read_checkpoint(path)
     if metadata["kind"] != kind:
         raise CheckpointError(f"{path} holds a {metadata['kind']!r} model, expected {kind!r}")
     return state_dict, metadata["config"], extra

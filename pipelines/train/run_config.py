@@ -17,6 +17,8 @@ a path, required). A subclass that redeclares a field only to change its default
 
 from dataclasses import dataclass, field, fields, replace
 
+from pipelines.device import PRECISIONS
+
 RUN_FIELD = "run"  # the field metadata key that marks a run-defining setting
 DATA_FIELD = "data"  # ... and among them, the paths of the run's data
 # the keys of the command-line option a field declares
@@ -108,7 +110,7 @@ class BaseRunConfig:
     steps: int = setting(1000, "total optimizer steps of the run")
     max_minutes: float | None = setting(None, "stop and save after this long")  # in this session
     precision: str = setting("auto", "auto: bf16 autocast where the hardware has native bf16 (AMX, recent GPUs); "
-                             "likelihoods and quantizers always compute in fp32", choices=("auto", "bf16", "fp32"))
+                             "likelihoods and quantizers always compute in fp32", choices=PRECISIONS)
     compile: bool = setting(False, "torch.compile the model: compiles for a minute or more at the start, then runs "
                             "each step faster where it pays (see bench/results/train.md)")
     eval_every: int = setting(500, "steps between test evaluations")
