@@ -1,6 +1,6 @@
 """Running the project's scripts in tests: as one process, as several real CPU processes under
-`accelerate launch`, or in this process (runpy), as `python scripts/X.py` would run them; and
-starting a process whose output can never block it while the test waits on something else."""
+`accelerate launch`, or in this process (runpy), as `python scripts/X.py` would run them. (A child
+a test waits on while it runs starts as bench.common.PopenToFiles, whose output never blocks it.)"""
 
 import io
 import runpy
@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -38,27 +37,6 @@ def run_script(*args, processes=1):
     `processes` CPU processes -> the CompletedProcess, output captured."""
     command = [sys.executable, *args] if processes == 1 else launch_command(processes, *args)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-class PopenToFiles(subprocess.Popen):
-    """subprocess.Popen with the child's stdout and stderr in unnamed temporary files, not pipes;
-    communicate() waits for the child and returns both as text. A pipe holds 64 KiB: a child that
-    writes more (a progress bar writes ~150 bytes a step) blocks until the pipe is read, so a test
-    that waits on something else first (a file the child writes, another process) would stall it
-    there. A file never fills up."""
-
-    def __init__(self, args, **kwargs):
-        self.outputs = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        super().__init__(args, stdin=subprocess.DEVNULL, stdout=self.outputs[0], stderr=self.outputs[1], **kwargs)
-
-    def communicate(self, input=None, timeout=None):
-        assert input is None, "a PopenToFiles child reads no input"
-        self.wait(timeout)
-        texts = []
-        for output in self.outputs:
-            output.seek(0)
-            texts.append(output.read().decode(errors="replace"))
-        return tuple(texts)
 
 
 def drain(pipe):

@@ -19,7 +19,8 @@ import torch
 from accelerate.utils.other import load as load_weights_only  # torch.load(weights_only=True), numpy allowed
 from safetensors.torch import load_file
 
-from launch import PopenToFiles, launch_command, run_in_process
+from bench.common import PopenToFiles
+from launch import launch_command, run_in_process
 from pipelines import cli
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes

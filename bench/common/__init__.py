@@ -12,7 +12,7 @@ The benchmarks import these names from here.
 from bench.common.machine import (ROOT, OtherCpuUse, cpu_model, load_average, machine_info, recorded_command,
                                   recorded_path)
 from bench.common.models import VQVAE_QUICK_MODEL, autocast, channels_last, random_inputs, random_pixels, vqvae_extract
-from bench.common.processes import Worker, last_line_value, run_command, run_script, run_together
+from bench.common.processes import PopenToFiles, last_line_value, run_command, run_script, run_together
 from bench.common.report import (Report, add_common_arguments, add_out_argument, add_quick_argument, apply_defaults,
                                  log, machine_lines, markdown_table, results_record, seconds, text_table, write_results)
 from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMUL_SHAPES, SAMPLING_SCALING,
@@ -22,7 +22,7 @@ from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMU
 __all__ = [
     "ROOT", "OtherCpuUse", "cpu_model", "load_average", "machine_info", "recorded_command", "recorded_path",
     "VQVAE_QUICK_MODEL", "autocast", "channels_last", "random_inputs", "random_pixels", "vqvae_extract",
-    "Worker", "last_line_value", "run_command", "run_script", "run_together",
+    "PopenToFiles", "last_line_value", "run_command", "run_script", "run_together",
     "Report", "add_common_arguments", "add_out_argument", "add_quick_argument", "apply_defaults", "log",
     "machine_lines", "markdown_table", "results_record", "seconds", "text_table", "write_results",
     "CPU_ATTENTION_FLOPS", "MATMUL_SHAPES", "QUICK_MATMUL_SHAPES", "SAMPLING_SCALING", "DrawRecorder", "StopSampling",

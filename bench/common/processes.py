@@ -17,57 +17,61 @@ import time
 from bench.common.machine import ROOT
 
 
-class Worker:
-    """A child process started now, with its output going to files (see the module's docstring)."""
+class PopenToFiles(subprocess.Popen):
+    """subprocess.Popen with the child's stdout and stderr in unnamed temporary files, not pipes (see
+    the module's docstring); communicate() waits for the child and returns both as text. The tests
+    start their long-running children with it too."""
 
-    def __init__(self, command, cwd=ROOT, env=None):
-        self.command = [str(word) for word in command]
-        self.outputs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # stdout, stderr
-        self.process = subprocess.Popen(self.command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self.outputs[0], stderr=self.outputs[1])
+    def __init__(self, args, **kwargs):
+        self.outputs = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # stdout, stderr
+        super().__init__([str(word) for word in args], stdin=subprocess.DEVNULL, stdout=self.outputs[0],
+                         stderr=self.outputs[1], **kwargs)
 
-    def finish(self, timeout=None, check=True):
-        """Waits for the child -> its CompletedProcess, stdout and stderr as text. After `timeout`
-        seconds the child is killed and subprocess.TimeoutExpired raised; check: a child that
-        failed raises RuntimeError with the end of its stderr."""
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.close()
-            raise
-        stdout, stderr = (self.read(output) for output in self.outputs)
-        if check and self.process.returncode:
-            raise RuntimeError(f"{shlex.join(self.command)} failed (exit status {self.process.returncode}):\n"
-                               f"{stderr[-3000:]}")
-        return subprocess.CompletedProcess(self.command, self.process.returncode, stdout, stderr)
-
-    @staticmethod
-    def read(output):
-        output.seek(0)
-        return output.read().decode(errors="replace")
+    def communicate(self, input=None, timeout=None):
+        assert input is None, "a PopenToFiles child reads no input"
+        self.wait(timeout)
+        texts = []
+        for output in self.outputs:
+            output.seek(0)
+            texts.append(output.read().decode(errors="replace"))
+        return tuple(texts)
 
     def close(self):
         """Kills the child if it still runs, and lets go of its output files."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.poll() is None:
+            self.kill()
+            self.wait()
         for output in self.outputs:
             output.close()
+
+
+def finish(child, timeout=None, check=True):
+    """Waits for a PopenToFiles child -> its CompletedProcess, stdout and stderr as text. After
+    `timeout` seconds the child is killed and subprocess.TimeoutExpired raised; check: a child that
+    failed raises RuntimeError with the end of its stderr."""
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.close()
+        raise
+    if check and child.returncode:
+        raise RuntimeError(f"{shlex.join(child.args)} failed (exit status {child.returncode}):\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
 def run_together(commands, timeout=None, check=True, cwd=ROOT, env=None):
     """Starts every command at once, then collects them -> their CompletedProcess, in order.
     timeout: seconds for all of them together; a timeout or a failure (check) kills the others."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    workers = []
+    children = []
     try:
         for command in commands:
-            workers.append(Worker(command, cwd, env))
-        return [worker.finish(None if deadline is None else max(0.0, deadline - time.monotonic()), check)
-                for worker in workers]
+            children.append(PopenToFiles(command, cwd=cwd, env=env))
+        return [finish(child, None if deadline is None else max(0.0, deadline - time.monotonic()), check)
+                for child in children]
     finally:
-        for worker in workers:
-            worker.close()
+        for child in children:
+            child.close()
 
 
 def run_command(command, timeout=None, check=True, cwd=ROOT, env=None):
