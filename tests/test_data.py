@@ -747,3 +747,14 @@ def test_imagenet_file_that_is_not_an_npz_is_named(tmp_path, content):
     with pytest.raises(DataError) as excinfo:
         load_dataset(str(tmp_path), "train")
     assert_one_line_error(excinfo, npz, "cannot read downsampled-ImageNet file")
+
+
+def test_a_stored_data_path_is_absolute_with_home_expanded_and_builtin_stays_a_name(tmp_path, monkeypatch):
+    """The one rule for the data paths runs and code databases store (data.datasets.absolute_spec)."""
+    from pipelines.data.datasets import absolute_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert absolute_spec("~/photos") == str(tmp_path.resolve() / "photos")
+    assert absolute_spec("photos") == str(tmp_path.resolve() / "photos")
+    assert absolute_spec("builtin") == "builtin"
