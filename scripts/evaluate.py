@@ -22,8 +22,8 @@ Without a stage, the stage of what --ckpt holds (a pixel model, a prior or a VQ-
 checkpoint records it. `--json FILE` files the stage's numbers as a flat object under the stage's
 name (pixels, vqvae, top_prior, bottom_prior, samples) in FILE, keeping the other stages there: one
 FILE per pipeline collects them all. Runs on CUDA when there is one
-(--device chooses), in fp32 by default (--precision). pixels and prior run on several processes
-under `accelerate launch`, each evaluating a share; vqvae and samples in one process.
+(--device chooses), in fp32 by default (--precision). pixels, prior and vqvae run on several
+processes under `accelerate launch`, each evaluating a share; samples in one process.
 """
 
 from pipelines.startup import quiet_ctrl_c_while_starting
@@ -34,7 +34,8 @@ import argparse
 import sys
 import time
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Subset
 
 from pipelines.cli import HelpFormatter, add_config_options, add_model_options, chosen_model, options_of, run, user_path
 from pipelines.data.datasets import load_dataset
@@ -124,18 +125,24 @@ def add_samples_arguments(p):
                    "the standard Inception FID; needs torch-fidelity; nothing is downloaded")
 
 
-def pixels(args):
+def stage_accelerator(args):
+    """The Accelerator a stage that runs on several processes evaluates with, made after every check of
+    the stage: accelerate fixes one precision per Python process (tests run scripts in theirs)."""
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    accelerator = runtime.make_accelerator(precision, device=device)
+    accelerator.print(f"{accelerator.num_processes} process(es) on {device}, precision {precision}")
+    return accelerator
+
+
+def pixels(args):
     model, extra = load_pixelsnail(args.ckpt)
     if not model.config.pixel_mode:
         raise ValueError(f"{args.ckpt} is a code-mode prior; bits/dim over images needs a pixel-mode model")
     dataset = load_dataset(args.data, args.split, model.config.shape[0])
-    # after every check: accelerate fixes one precision per Python process (tests run scripts in theirs)
-    accelerator = runtime.make_accelerator(precision, device=device)
+    accelerator = stage_accelerator(args)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
     model = model.to(accelerator.device)
-    accelerator.print(f"{accelerator.num_processes} process(es) on {device}, precision {precision}")
     bits = evaluate_bits(model, loader, accelerator, desc=args.split)
     accelerator.print(f"{len(dataset)} images, checkpoint step {extra.get('step', '?')}")
     accelerator.print(f"{args.split} bits/dim: {bits:.4f}")
@@ -145,8 +152,7 @@ def pixels(args):
 def prior(args):
     if args.max_records is not None and args.max_records < 1:
         raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
-    device = resolve_device(args.device)
-    accelerator = runtime.make_accelerator(resolve_precision(args.precision, device), device=device)
+    accelerator = stage_accelerator(args)
     result = evaluate_prior(args.ckpt, args.codes, accelerator, args.batch_size, args.max_records)
     accelerator.print(f"{result['level']} prior: {result['heldout_records']} held-out and {result['train_records']} "
                       "training records")
@@ -160,14 +166,19 @@ def vqvae(args):
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     model, extra = load_vqvae(args.ckpt)
     dataset = load_dataset(args.data, args.split, extra.get("image_size", 0))
-    machine = one_process(args)
-    result = evaluate_vqvae(machine.vqvae(model), dataset, machine, args.batch_size, args.max_images)
+    if args.max_images is not None:
+        dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
+    accelerator = stage_accelerator(args)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
+    model = model.to(accelerator.device, memory_format=torch.channels_last)
+    result = evaluate_vqvae(model, loader, accelerator, desc=args.split)
     for level in ("top", "bottom"):
-        print(f"{level} codes: {result[f'{level}_usage']:.1%} of {result[f'{level}_codes']} used, "
-              f"perplexity {result[f'{level}_perplexity']:.1f}")
-    print(f"{result['images']} {args.split} images")
-    print(f"{args.split} reconstruction mse: {result['mse']:.5f} (PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.4f})")
-    return "vqvae", result, machine.processes
+        accelerator.print(f"{level} codes: {result[f'{level}_usage']:.1%} of {result[f'{level}_codes']} used, "
+                          f"perplexity {result[f'{level}_perplexity']:.1f}")
+    accelerator.print(f"{result['images']} {args.split} images")
+    accelerator.print(f"{args.split} reconstruction mse: {result['mse']:.5f} (PSNR {result['psnr_db']:.2f} dB, "
+                      f"SSIM {result['ssim']:.4f})")
+    return "vqvae", result, accelerator
 
 
 def samples(args):

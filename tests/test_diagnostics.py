@@ -59,8 +59,8 @@ def test_codebook_usage_below_its_share_of_what_a_batch_can_use_warns():
     check = CodebookUsage("top_usage", attainable=0.5, name="top codebook")
     low = {"step": 300, "eval_batches": 5, "top_usage": 0.04}
     message = new_warnings([check], [], low)["top_usage"]
-    assert message.startswith("warning: the top codebook is falling out of use: 4.0% of its codes per batch at step 300")
-    assert "10% of the 50.0% a batch could use" in message
+    assert message.startswith("warning: the top codebook is falling out of use: 4.0% of its codes used at step 300")
+    assert "10% of the 50.0% the test images could use" in message
     assert new_warnings([check], [], {**low, "top_usage": 0.06}) == {}  # 0.06 >= 0.1 * 0.5
 
 

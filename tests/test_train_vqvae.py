@@ -1,5 +1,6 @@
 """The VQ-VAE trainer and its script on a tiny generated image folder."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from launch import launch_command, run_in_process
 from pipelines.store.checkpoint import load_vqvae
+from pipelines.store.run_files import read_log
 from pipelines.train.vqvae import VQVAETrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +45,19 @@ def test_checkpoint_carries_config_and_image_size(image_folder, tmp_path):
     assert extra["image_size"] == 16 and extra["step"] == 2
     top, bottom = model.encode(torch.zeros(1, 3, 16, 16))
     assert top.shape == (1, 2, 2) and bottom.shape == (1, 4, 4)
+
+
+def test_the_trainer_logs_what_evaluate_reports(image_folder, tmp_path):
+    """One VQ-VAE evaluator: the trainer's final evaluation (the whole test split) and `evaluate.py
+    vqvae` on the same split give the same figures."""
+    train(tiny(image_folder, tmp_path / "run", steps=2))
+    final = [record for record in read_log(tmp_path / "run") if record.get("final")][-1]
+    run_in_process("scripts/evaluate.py", "vqvae", "--ckpt", str(tmp_path / "run"), "--data", str(image_folder),
+                   "--json", str(tmp_path / "eval.json"))
+    reported = json.loads((tmp_path / "eval.json").read_text())["vqvae"]
+    for key in ("mse", "top_usage", "bottom_usage", "top_perplexity", "bottom_perplexity"):
+        assert final[key] == pytest.approx(reported[key], rel=1e-6), key
+    assert reported["images"] == 3  # every 10th of the 30 images is held out
 
 
 def test_resume_continues_exactly(image_folder, tmp_path):

@@ -166,7 +166,7 @@ class VectorQuantizerEMA(nn.Module):
 
 
 def batch_statistics(counts):
-    """(K,) code counts of one batch -> (perplexity, fraction of codes used), fp32 scalars."""
+    """(K,) code counts (of a batch, or of a whole split) -> (perplexity, fraction of codes used), fp32 scalars."""
     probs = counts / counts.sum()
     entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum()
     return entropy.exp(), (counts > 0).float().mean()

@@ -5,11 +5,11 @@ named numbers that `pipelines.store.results.write_result` files under its stage.
 - A prior on its code database: bits per code over the held-out records (every 20th, as the prior
   trainer holds them out) and over the training records, and the gap (held-out - train): a gap
   that grows while the training loss falls is overfitting.
-- A VQ-VAE on images: reconstruction MSE (images in [-1, 1], as the trainer logs it), the PSNR it
-  gives (`psnr_db`, the trainer's too) and SSIM (torchmetrics, images in [0, 1]) of the
-  reconstructions the pipeline decodes (clamped to [-1, 1]), and per level the codebook usage
-  (share of the codes used at least once over the whole split) and perplexity (exp of the entropy of the code frequencies over the whole split; the
-  trainer's figures are per batch, hence lower).
+- A VQ-VAE on images (`evaluate_vqvae`, the one evaluator: the trainer's periodic evaluations and
+  `evaluate.py vqvae` both run it): reconstruction MSE (images in [-1, 1]), the PSNR it gives
+  (`psnr_db`) and SSIM (torchmetrics, images in [0, 1]) of the reconstructions the pipeline decodes
+  (clamped to [-1, 1]), and per level the codebook usage (share of the codes used at least once over
+  the images evaluated) and perplexity (exp of the entropy of their code frequencies).
 """
 
 import itertools
@@ -18,12 +18,11 @@ from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.image import StructuralSimilarityIndexMeasure
-from torchmetrics.regression import MeanSquaredError
+from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from pipelines.data.codes import code_splits
-from pipelines.data.datasets import image_inputs
+from pipelines.data.datasets import image_inputs, to_model_range
 from pipelines.store.checkpoint import load_pixelsnail
 from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
 from prior.modes import evaluating
@@ -64,30 +63,39 @@ def psnr_db(mse):
 
 
 @torch.no_grad()
-def evaluate_vqvae(vqvae, dataset, runtime, batch_size=64, max_images=None):
-    """A VQ-VAE (on the runtime's device, eval mode) on a dataset of uint8 images -> {mse, psnr_db,
-    ssim, images, and per level usage, perplexity, codes}. One process."""
-    device = runtime.device
-    metrics = {"mse": MeanSquaredError(), "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}
-    metrics = {name: metric.to(device) for name, metric in metrics.items()}
-    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), device=device) for level in LEVELS}
-    n_images = len(dataset) if max_images is None else min(max_images, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n_images)), batch_size=batch_size)
-    for images, _ in tqdm(loader, desc="reconstructing", leave=False):
-        x = runtime.images(images)  # (B, 3, S, S) in [-1, 1], channels_last
-        with runtime.autocast():
-            codes = dict(zip(LEVELS, vqvae.encode(x)))  # (B, S/8, S/8), (B, S/4, S/4)
-            reconstruction = vqvae.decode_codes(codes["top"], codes["bottom"]).float()
-        x, reconstruction = x.contiguous(), reconstruction.contiguous()  # torchmetrics views them flat
-        metrics["mse"].update(reconstruction, x)
-        metrics["ssim"].update((reconstruction + 1) / 2, (x + 1) / 2)
-        for level in LEVELS:
-            counts[level] += torch.bincount(codes[level].flatten(), minlength=len(counts[level]))
-    result = {name: metric.compute().item() for name, metric in metrics.items()}
-    result["psnr_db"] = psnr_db(result["mse"])
-    result["images"] = n_images
+def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
+    """A VQ-VAE over a loader of (uint8 images, labels) batches on the accelerator's device -> {mse,
+    psnr_db, ssim, images, and per level usage, perplexity, codes (the codebook size)}: what the
+    trainer logs at each evaluation and `evaluate.py vqvae` reports. The reconstructions are the
+    pipeline's (codes decoded, clamped to [-1, 1]); every figure is over all the images evaluated,
+    every process's share counted once. max_batches: each process's first batches only."""
+    vqvae = accelerator.unwrap_model(model)
+    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), dtype=torch.long, device=accelerator.device)
+              for level in LEVELS}
+    totals = {"mse": 0.0, "ssim": 0.0}
+    n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
+    with evaluating(vqvae), bar:
+        for images, _ in itertools.islice(loader, n_batches):
+            x = to_model_range(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+            with accelerator.autocast():
+                codes = vqvae.encode(x)  # (B, S/8, S/8), (B, S/4, S/4)
+                reconstruction = vqvae.decode_codes(*codes).float()  # (B, 3, S, S)
+            x, reconstruction = x.contiguous(), reconstruction.contiguous()
+            squared_error = (reconstruction - x).square().mean(dim=(1, 2, 3))  # (B,)
+            similarity = structural_similarity_index_measure((reconstruction + 1) / 2, (x + 1) / 2, data_range=1.0,
+                                                             reduction="none")  # (B,)
+            squared_error, similarity, *codes = accelerator.gather_for_metrics((squared_error, similarity, *codes))
+            totals["mse"] += squared_error.double().sum().item()
+            totals["ssim"] += similarity.double().sum().item()
+            n_images += len(squared_error)
+            for level, level_codes in zip(LEVELS, codes):
+                counts[level] += torch.bincount(level_codes.flatten(), minlength=len(counts[level]))
+            bar.update()
+    result = {name: total / n_images for name, total in totals.items()}
+    result.update(psnr_db=psnr_db(result["mse"]), images=n_images)
     for level in LEVELS:
-        perplexity, usage = batch_statistics(counts[level])
+        perplexity, usage = batch_statistics(counts[level].float())
         result.update({f"{level}_usage": usage.item(), f"{level}_perplexity": perplexity.item(),
                        f"{level}_codes": len(counts[level])})
     return result

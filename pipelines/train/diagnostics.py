@@ -10,7 +10,7 @@ The checks read the periodic evaluations only, each over the same first `eval_ba
 from dataclasses import dataclass
 
 OVERFIT_EVALUATIONS = 3  # held-out loss rising this many evaluations in a row (while training falls) warns
-MIN_CODEBOOK_USAGE = 0.1  # codes in use per batch below this fraction of what a batch could use warns
+MIN_CODEBOOK_USAGE = 0.1  # codes in use below this fraction of what the evaluated images could use warns
 
 
 @dataclass
@@ -39,11 +39,11 @@ class Overfitting:
 
 @dataclass
 class CodebookUsage:
-    """A codebook level whose codes in use per evaluation batch fell below MIN_CODEBOOK_USAGE of the
-    fraction a batch can use at all (`attainable`: a batch of N code positions uses at most N codes)."""
+    """A codebook level whose share of codes in use over an evaluation fell below MIN_CODEBOOK_USAGE of
+    the share its images can use at all (`attainable`: N code positions use at most N codes)."""
 
-    key: str  # the log's usage value, e.g. "top_usage": fraction of the codebook used per batch
-    attainable: float  # min(1, code positions per batch / codebook size)
+    key: str  # the log's usage value, e.g. "top_usage": share of the codebook the evaluation's images used
+    attainable: float  # min(1, code positions evaluated / codebook size)
     name: str  # e.g. "top codebook"
 
     @property
@@ -54,9 +54,9 @@ class CodebookUsage:
         usage = history[-1].get(self.key)
         if usage is None or usage >= MIN_CODEBOOK_USAGE * self.attainable:
             return None
-        return (f"warning: the {self.name} is falling out of use: {usage:.1%} of its codes per batch at step "
-                f"{history[-1]['step']}, below {MIN_CODEBOOK_USAGE:.0%} of the {self.attainable:.1%} a batch could "
-                "use: codebook collapse; keep dead-code restarts on (dead_code_threshold > 0), or lower the "
+        return (f"warning: the {self.name} is falling out of use: {usage:.1%} of its codes used at step "
+                f"{history[-1]['step']}, below {MIN_CODEBOOK_USAGE:.0%} of the {self.attainable:.1%} the test images "
+                "could use: codebook collapse; keep dead-code restarts on (dead_code_threshold > 0), or lower the "
                 "learning rate or the codebook size")
 
 

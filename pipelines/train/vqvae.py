@@ -8,14 +8,12 @@ A run directory holds:
   log.jsonl            one line per evaluation
 """
 
-import itertools
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from pipelines.data.datasets import load_dataset, to_model_range
-from pipelines.eval.stages import psnr_db
+from pipelines.eval.stages import evaluate_vqvae, psnr_db
 from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, run_state
 from pipelines.train.loop import Step, Task, fit
@@ -23,6 +21,10 @@ from pipelines.train.run_config import BaseRunConfig, check_at_least, image_data
 from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
 from vqvae.presets import PRESETS, get_preset
+
+
+# the evaluator's figures a run logs (the rest, SSIM and the like, `evaluate.py vqvae` reports)
+LOGGED = ("mse", "top_perplexity", "bottom_perplexity", "top_usage", "bottom_usage")
 
 
 @dataclass
@@ -51,28 +53,6 @@ class VQVAETrainConfig(BaseRunConfig):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, loader, accelerator, max_batches=None):
-    """Mean squared reconstruction error per image (images in [-1, 1]) and mean code statistics."""
-    totals = {"mse": 0.0, "top_perplexity": 0.0, "bottom_perplexity": 0.0, "top_usage": 0.0, "bottom_usage": 0.0}
-    n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
-    bar = tqdm(total=n_batches, desc="test", leave=False, disable=not accelerator.is_main_process)
-    with evaluating(model), bar:
-        for images, _ in itertools.islice(loader, n_batches):
-            x = channels_last(to_model_range(images))
-            with accelerator.autocast():
-                out = model(x)
-            errors = accelerator.gather_for_metrics((out.reconstruction.float() - x).square().mean(dim=(1, 2, 3)))
-            totals["mse"] += errors.double().sum().item()
-            n_images += errors.numel()
-            for level in ("top", "bottom"):
-                stats = getattr(out, level)
-                totals[f"{level}_perplexity"] += accelerator.reduce(stats.perplexity.float(), "mean").item()
-                totals[f"{level}_usage"] += accelerator.reduce(stats.usage.float(), "mean").item()
-            bar.update()
-    return {name: value / (n_images if name == "mse" else n_batches) for name, value in totals.items()}
-
-
-@torch.no_grad()
 def write_reconstructions(model, images, path):
     """Originals (top rows) above their reconstructions (bottom rows)."""
     x = to_model_range(images)
@@ -84,7 +64,7 @@ def write_reconstructions(model, images, path):
 def reconstruction_loss(model, batch):
     """The loss of one step: the VQ-VAE's loss; the progress bar follows the reconstruction error."""
     images, _ = batch
-    result = model(channels_last(to_model_range(images)))
+    result = model(to_model_range(images).contiguous(memory_format=torch.channels_last))
     postfix = {"ppl": f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
                "used": f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}"}
     return Step(result.loss, result.reconstruction_loss, postfix)
@@ -107,13 +87,15 @@ class VQVAETask(Task):
 
     def checks(self):
         sizes = self.model_config.top_codes, self.model_config.bottom_codes
-        usage = [diagnostics.CodebookUsage(f"{level}_usage", min(1.0, self.cfg.batch_size * h * w / size),
-                                           f"{level} codebook")
+        images = len(self.test_set) if self.cfg.eval_batches is None else \
+            min(len(self.test_set), self.cfg.eval_batches * self.cfg.batch_size)  # one process's share at least
+        usage = [diagnostics.CodebookUsage(f"{level}_usage", min(1.0, images * h * w / size), f"{level} codebook")
                  for level, (h, w), size in zip(("top", "bottom"), self.net.code_shapes(self.cfg.size), sizes)]
         return [diagnostics.Overfitting("train_mse", "mse", "reconstruction mse"), *usage]
 
     def evaluate(self, model, loader, accelerator, max_batches=None):
-        return evaluate_reconstruction(model, loader, accelerator, max_batches)
+        metrics = evaluate_vqvae(model, loader, accelerator, max_batches)
+        return {name: metrics[name] for name in LOGGED}
 
     def write(self, model, out, step):
         save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), VQVAE_KIND, self.model_config, step=step,
@@ -136,6 +118,3 @@ def train(cfg: VQVAETrainConfig):
     train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
     return fit(VQVAETask(cfg, model_config, train_set, test_set))
 
-
-def channels_last(images):
-    return images.contiguous(memory_format=torch.channels_last)
