@@ -55,13 +55,18 @@ def _coupled_means(means: Tensor, coeffs: Tensor, x: Tensor) -> Tensor:
 
 
 def _channel_log_probs(x: Tensor, means: Tensor, log_scales: Tensor, coeffs: Tensor) -> Tensor:
-    """log P(x_c | x_<c, m) for x (B, 3, H, W) in fp32: (B, 3, M, H, W).
+    """log P(x_c | x_<c, m) for x (B, 3, H, W) in fp32: (B, 3, M, H, W)."""
+    values = rearrange(x, "b c h w -> b c 1 h w")  # broadcasts over components
+    return _bin_log_probs(values, values - _coupled_means(means, coeffs, x), log_scales)
+
+
+def _bin_log_probs(values: Tensor, centered: Tensor, log_scales: Tensor) -> Tensor:
+    """log P(value) of a logistic's bin: `values` on the 256-value grid, `centered` their distance
+    from the logistic's mean; every argument broadcasts against the others.
 
     Every branch is computed everywhere and kept finite, so torch.where never routes NaN or inf
     into values or gradients.
     """
-    values = rearrange(x, "b c h w -> b c 1 h w")  # broadcasts over components
-    centered = values - _coupled_means(means, coeffs, x)
     inv_scale = torch.exp(-log_scales)
     half_bin_in = BIN_HALF_WIDTH * inv_scale  # half the bin width, standardised
     mid_in = inv_scale * centered  # standardised bin centre
@@ -102,6 +107,28 @@ def log_prob(x: Tensor, params: Tensor) -> Tensor:
         log_channels = _channel_log_probs(x.float(), means, log_scales, coeffs)  # (B, 3, M, H, W)
         log_joint = F.log_softmax(logits, dim=1) + log_channels.sum(dim=1)  # (B, M, H, W)
         return torch.logsumexp(log_joint, dim=1)
+
+
+def channel_distribution(params: Tensor, x: Tensor, channel: int) -> Tensor:
+    """The distribution of one channel's 256 values given the channels before it, as the
+    likelihood factors a pixel: R, then G given R, then B given R and G. `params` (B, 10*M) at one
+    position, `x` (B, 3) the known values in [-1, 1] (channels from `channel` on are ignored) ->
+    (B, 256) probabilities in fp32, normalised (the bins fall short of 1 by the mid-point rule).
+
+    Given the earlier channels, the components are weighed by their posterior: P(x_c | x_<c) =
+    sum_m P(m | x_<c) P(x_c | x_<c, m). The three factors at a pixel's own values multiply to
+    exp(log_prob) of that pixel (up to the normalisation).
+    """
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        # logits (B, M, 1, 1); means, log_scales, coeffs (B, 3, M, 1, 1)
+        logits, means, log_scales, coeffs = _split_params(rearrange(params, "b p -> b p 1 1"))
+        known = rearrange(x.float(), "b c -> b c 1 1")
+        log_known = _channel_log_probs(known, means, log_scales, coeffs)[:, :channel].sum(dim=1)  # (B, M, 1, 1)
+        log_weights = F.log_softmax(logits, dim=1) + log_known  # log P(m | x_<c) + a constant
+        values = (torch.arange(256, device=params.device) / 127.5 - 1).view(1, 1, 1, 256)  # the grid of the data
+        centered = values - _coupled_means(means, coeffs, known)[:, channel]  # (B, M, 1, 256)
+        log_bins = _bin_log_probs(values, centered, log_scales[:, channel])  # (B, M, 1, 256)
+        return torch.softmax(torch.logsumexp(log_weights + log_bins, dim=1)[:, 0], dim=-1)
 
 
 def nll_bits_per_dim(x: Tensor, params: Tensor) -> Tensor:
