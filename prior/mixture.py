@@ -109,26 +109,42 @@ def log_prob(x: Tensor, params: Tensor) -> Tensor:
         return torch.logsumexp(log_joint, dim=1)
 
 
-def channel_distribution(params: Tensor, x: Tensor, channel: int) -> Tensor:
-    """The distribution of one channel's 256 values given the channels before it, as the
-    likelihood factors a pixel: R, then G given R, then B given R and G. `params` (B, 10*M) at one
-    position, `x` (B, 3) the known values in [-1, 1] (channels from `channel` on are ignored) ->
-    (B, 256) probabilities in fp32, normalised (the bins fall short of 1 by the mid-point rule).
+class PixelFactors:
+    """The likelihood of one pixel factor by factor, in its own order: R, then G given R, then B given
+    R and G. For each channel in turn, `distribution(x)` gives its 256 values' probabilities given
+    the earlier channels of x, then `observe(values)` takes the channel's values and moves on.
 
-    Given the earlier channels, the components are weighed by their posterior: P(x_c | x_<c) =
-    sum_m P(m | x_<c) P(x_c | x_<c, m). The three factors at a pixel's own values multiply to
-    exp(log_prob) of that pixel (up to the normalisation).
+    Given the earlier channels the components are weighed by their posterior: P(x_c | x_<c) =
+    sum_m P(m | x_<c) P(x_c | x_<c, m), where P(m | x_<c) grows from the mixture weights by each
+    observed channel's likelihood under m. The three factors at a pixel's own values multiply to
+    exp(log_prob) of that pixel (up to the normalisation of each).
+
+    params (B, 10*M) at one position; x (B, 3) in [-1, 1], of which only the channels before the
+    current one are read.
     """
-    with torch.autocast(device_type=params.device.type, enabled=False):
-        # logits (B, M, 1, 1); means, log_scales, coeffs (B, 3, M, 1, 1)
-        logits, means, log_scales, coeffs = _split_params(rearrange(params, "b p -> b p 1 1"))
-        known = rearrange(x.float(), "b c -> b c 1 1")
-        log_known = _channel_log_probs(known, means, log_scales, coeffs)[:, :channel].sum(dim=1)  # (B, M, 1, 1)
-        log_weights = F.log_softmax(logits, dim=1) + log_known  # log P(m | x_<c) + a constant
-        values = (torch.arange(256, device=params.device) / 127.5 - 1).view(1, 1, 1, 256)  # the grid of the data
-        centered = values - _coupled_means(means, coeffs, known)[:, channel]  # (B, M, 1, 256)
-        log_bins = _bin_log_probs(values, centered, log_scales[:, channel])  # (B, M, 1, 256)
-        return torch.softmax(torch.logsumexp(log_weights + log_bins, dim=1)[:, 0], dim=-1)
+
+    def __init__(self, params: Tensor):
+        with torch.autocast(device_type=params.device.type, enabled=False):
+            # logits (B, M, 1, 1); means, log_scales, coeffs (B, 3, M, 1, 1)
+            logits, self.means, self.log_scales, self.coeffs = _split_params(rearrange(params, "b p -> b p 1 1"))
+            self.log_weights = F.log_softmax(logits, dim=1)  # log P(m | the channels observed) + a constant
+        self.values = (torch.arange(256, device=params.device) / 127.5 - 1).view(1, 1, 1, 256)  # the data's grid
+        self.channel, self.log_bins = 0, None
+
+    def distribution(self, x: Tensor) -> Tensor:
+        """(B, 256) probabilities of the current channel's values in fp32, normalised (the bins fall
+        short of 1 by the mid-point rule)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            known = rearrange(x.float(), "b c -> b c 1 1")
+            centered = self.values - _coupled_means(self.means, self.coeffs, known)[:, self.channel]  # (B, M, 1, 256)
+            self.log_bins = _bin_log_probs(self.values, centered, self.log_scales[:, self.channel])
+            return torch.softmax(torch.logsumexp(self.log_weights + self.log_bins, dim=1)[:, 0], dim=-1)
+
+    def observe(self, values: Tensor):
+        """The current channel's values, (B,) integers 0..255: the next channel is given them."""
+        index = repeat(values, "b -> b m 1 1", m=self.log_bins.shape[1])
+        self.log_weights = self.log_weights + self.log_bins.gather(3, index)
+        self.channel += 1
 
 
 def nll_bits_per_dim(x: Tensor, params: Tensor) -> Tensor:

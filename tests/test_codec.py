@@ -98,11 +98,12 @@ def test_the_three_channel_distributions_multiply_to_the_likelihood():
     torch.manual_seed(0)
     params = torch.randn(64, 50) * 2  # 5 components
     x = torch.randint(0, 256, (64, 3))
-    log_joint = torch.zeros(64)
+    log_joint, factors = torch.zeros(64), mixture.PixelFactors(params)
     for channel in range(3):
-        probabilities = mixture.channel_distribution(params, to_model_range(x), channel)
+        probabilities = factors.distribution(to_model_range(x.masked_fill(torch.arange(3) >= channel, 0)))
         assert torch.allclose(probabilities.sum(dim=1), torch.ones(64))
         log_joint += probabilities.gather(1, x[:, channel : channel + 1])[:, 0].log()
+        factors.observe(x[:, channel])
     expected = mixture.log_prob(to_model_range(x)[:, :, None, None], params[:, :, None, None])[:, 0, 0]
     assert torch.allclose(log_joint, expected, atol=1e-4)
 

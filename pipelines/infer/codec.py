@@ -16,7 +16,7 @@ Passes and batches. Pass k runs the k-th window of every band; its windows run t
 sampler (prior.sampling.IncrementalPixelSNAIL, `output_at` and `write` only) as batches of at most
 `batch_limit`, in lock step over the grid's positions in raster order. At a position the network's
 output gives each coded pixel's distribution; the values are coded R, then G given R, then B given
-R and G (prior.mixture.channel_distribution: the likelihood's factors), each channel for all the
+R and G (prior.mixture.PixelFactors: the likelihood's factors), each channel for all the
 batch's tiles at once.
 
 The same floats on both sides. Encoder and decoder run this one loop (`code_image`) and differ only
@@ -46,7 +46,7 @@ from pipelines.errors import one_line
 from pipelines.store.checkpoint import load_pixelsnail, resolve_checkpoint
 from pipelines.store.codec_file import SUFFIX, Header, pack, tile_checksum, unpack
 from pipelines.store.codes import file_sha256
-from prior.mixture import channel_distribution
+from prior.mixture import PixelFactors
 from prior.modes import evaluating
 from prior.sampling import IncrementalPixelSNAIL
 
@@ -206,11 +206,12 @@ def fixed_threads(threads):
 def code_pixel(params, values, coder):
     """Codes one pixel of each of n tiles, channel by channel: params (n, 10*M), values (n, 3) long
     (true values to the encoder, placeholders to the decoder) -> the coded values (n, 3)."""
-    values = values.clone()
+    values, factors = values.clone(), PixelFactors(params)
     for channel in range(3):
         known = values.masked_fill(torch.arange(3) >= channel, 0)  # the same inputs on both sides
-        probabilities = channel_distribution(params, to_model_range(known), channel).numpy()
+        probabilities = factors.distribution(to_model_range(known)).numpy()
         values[:, channel] = torch.from_numpy(coder.code(probabilities, values[:, channel].numpy()).astype(np.int64))
+        factors.observe(values[:, channel])
     return values
 
 
@@ -233,15 +234,18 @@ def code_batch(model, windows, image, coder):
     rows, columns = torch.tensor([w.rows for w in windows]), torch.tensor([w.columns for w in windows])
     # the column a position repeats: itself inside the image, the row's last pixel past its right edge
     source_column = torch.minimum(torch.arange(grid[1])[None], columns[:, None] - 1)  # (B, S_w)
+    i, j = torch.arange(grid[0])[:, None, None], torch.arange(grid[1])[None, :, None]
+    coded = (first_new <= i) & (i < rows) & (j < columns)  # (S_h, S_w, B): the tiles' pixels
+    coded_at = [where.nonzero()[:, 0] for where in rearrange(coded, "h w b -> (h w) b")]  # windows coded at each position
+    last = max(k for k, who in enumerate(coded_at) if len(who))  # the raster positions after it are never read
     batch = torch.arange(len(windows))
-    last = max((w.rows - 1) * grid[1] + w.columns - 1 for w in windows)  # the last raster position coded
     network = IncrementalPixelSNAIL(model, len(windows), None)
     for position in range(last + 1):
         i, j = divmod(position, grid[1])
         out = network.output_at(i, j)  # (B, 10*M, 1, 1)
-        coded = (first_new <= i) & (i < rows) & (j < columns)  # (B,)
-        if coded.any():
-            pixels[coded, :, i, j] = code_pixel(out[coded, :, 0, 0], pixels[coded, :, i, j].long(), coder).to(torch.uint8)
+        who = coded_at[position]
+        if len(who):
+            pixels[who, :, i, j] = code_pixel(out[who, :, 0, 0], pixels[who, :, i, j].long(), coder).to(torch.uint8)
         x = pixels[batch, :, i, source_column[:, j]]  # (B, 3)
         network.write(i, j, rearrange(to_model_range(x), "b c -> b c 1 1"))
     for b, window in enumerate(windows):
