@@ -3,6 +3,7 @@ pixel model: bit-for-bit round trips at any size and in both layouts, the code l
 model's, the same file whatever else is coded and whatever the thread count, and one-line refusals
 that write nothing."""
 
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench.codec
 from launch import ok, run_in_process
 from pipelines.data.datasets import to_model_range
 from pipelines.infer.codec import CodecModel, band_tops, decode_image, encode_image, passes
@@ -216,3 +218,19 @@ def test_images_that_are_not_8_bit_rgb_are_refused_unless_converted(files):
     assert compress(files, "--out", files / "c", "--convert", rgba).returncode == 0
     assert decompress(files, "--out", files / "back", files / "c").returncode == 0
     assert np.array_equal(np.asarray(Image.open(files / "back" / "rgba.png")), np.tile([10, 20, 30], (4, 5, 1)))
+
+
+def test_the_benchmark_codes_every_photo_with_every_coder_and_checks_it(files, tmp_path):
+    from bench.__main__ import main as bench_main
+
+    bench_main(["codec", "--quick", "--crop", "12", "--models", str(files / "model.safetensors"),
+                "--out", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "codec.json").read_text())
+    assert set(results["coders"]) == {"PNG (compress_level 9, optimize)", "WebP lossless (method 6)",
+                                      "JPEG-XL lossless (effort 9)"}
+    (model,) = results["models"]
+    for layout in ("context", "independent"):
+        assert sorted(model[layout]["bytes"]) == sorted(results["config"]["photos"]) == ["chelsea", "coffee",
+                                                                                         "grace_hopper"]
+    assert (tmp_path / "results" / "codec.md").read_text() == bench.codec.REPORT.markdown(results)
+    assert (tmp_path / "results" / "codec.png").stat().st_size > 0
