@@ -17,8 +17,6 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
 
-import torch
-
 from pipelines.cli import run, user_path
 from pipelines.data.datasets import image_files
 from pipelines.infer.codec import encode_image, load_codec_model, output_paths, read_codec_image
@@ -35,8 +33,7 @@ def parse_args():
     p.add_argument("--convert", action="store_true",
                    help="code images that are not 8-bit RGB as 8-bit RGB (else they are refused)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads while coding, recorded in each file for its decoding (default: torch's, "
-                        f"{torch.get_num_threads()} here)")
+                   help="torch threads while coding, recorded in each file for its decoding (default: torch's)")
     return p.parse_args()
 
 

@@ -50,7 +50,7 @@ from prior.mixture import PixelFactors
 from prior.modes import evaluating
 from prior.sampling import IncrementalPixelSNAIL
 
-CONTEXT_SHARE = 4  # by default a quarter of each later window's rows are context: 8 of a 32-row grid
+CONTEXT_SHARE = 8  # by default an eighth of each later window's rows are context: 4 of a 32-row grid
 MIN_BATCH = 64  # bands are added until a pass holds this many windows (a smaller batch costs as much per step)
 BATCH_LIMIT = 256  # windows per batch: bounds the sampler's caches (attention keys of every position)
 CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
