@@ -28,8 +28,9 @@ from pipelines.eval.report import periodic_and_final, stored_config, write_repor
 from pipelines.eval.stages import psnr_db
 from pipelines.infer.extract import extract_with_vqvae
 from pipelines.infer.generation import generate, load_pipeline
-from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.checkpoint import write_image_grid
 from pipelines.store.codes import read_metadata
+from pipelines.store.outputs import output_file
 from pipelines.store.run_files import has_state, read_log
 from pipelines.train import priors
 from pipelines.train import vqvae as train_vqvae
@@ -113,7 +114,7 @@ def demo_figures(out):
 def write_figures(out):
     """Writes RUN/figures.json (demo_figures) and returns its path."""
     path = out / "figures.json"
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         tmp.write_text(json.dumps(demo_figures(out), indent=2) + "\n")
     return path
 

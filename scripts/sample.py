@@ -38,7 +38,8 @@ from pipelines.cli import add_config_options, add_model_options, chosen_model, l
 from pipelines.device import add_runtime_arguments, make_runtime
 from pipelines.infer.generation import ALL, SampleJob, check_drawing, load_pipeline, parse_label, read_label
 from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
-from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.checkpoint import write_image_grid
+from pipelines.store.outputs import output_file
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class", "list", ALL)
@@ -94,7 +95,7 @@ def main():
     if args.out:
         write_grid(samples, job, args.out)
     if args.save_codes:
-        with atomic_path(args.save_codes) as tmp:
+        with output_file(args.save_codes) as tmp:
             save_file({name: torch.from_numpy(samples[name].astype("int64")) for name in ("top_codes", "bottom_codes")},
                       tmp)
     where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)

@@ -28,8 +28,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.store import run_files
-from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
+from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_stage
 from pipelines.store.codes import CodeDataset
+from pipelines.store.outputs import output_file
 from pipelines.store.results import EVAL_FILE, read_evaluation
 
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
@@ -84,12 +85,12 @@ def write_report(paths, out, curves=None):
         for run in runs:
             body += run_parts(run, shown_codes)
     title = "Report: " + ", ".join(str(p) for p, _ in directories)
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
                        + "\n".join(body) + "\n</body></html>\n")
     if curves:
-        with atomic_path(curves) as tmp:
+        with output_file(curves) as tmp:
             tmp.write_bytes(overview_png(logs))
     return Path(out)
 

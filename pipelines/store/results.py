@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import output_file
 
 EVAL_FILE = "eval.json"  # where a pipeline's (or a run's) results are filed by convention
 
@@ -40,5 +40,5 @@ def write_result(path, stage, result):
     results = read_results(path) if Path(path).exists() else {}
     results[stage] = {name: None if isinstance(value, float) and not math.isfinite(value) else value
                       for name, value in result.items()}
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -14,11 +14,9 @@ One trainer at a time: a run holds an advisory lock on RUN_DIR/.lock for its lif
 kernel releases it when the process ends, however it ends, so a killed run leaves no stale lock.
 """
 
-import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -209,20 +207,6 @@ def locked(accelerator, run_dir):
     finally:
         if lock is not None:
             os.close(lock)  # releases the lock
-
-
-def write_failure(error):
-    """A save's error -> an OSError if it says that a file could not be written (a full disk), else
-    None. safetensors and torch.save do not raise OSError: safetensors reports the OS error in
-    words, and torch's writer only that its stream failed."""
-    if isinstance(error, OSError):
-        return error
-    message = " ".join(str(error).split())
-    if isinstance(error, SafetensorError) and (code := re.search(r"os error (\d+)", message)):
-        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-    if isinstance(error, RuntimeError) and re.search(r"unexpected pos|iostream error|failed writing", message):
-        return OSError(errno.EIO, f"torch could not write a file, the disk may be full: {message.split('] . ')[-1]}")
-    return None
 
 
 def save_failed(error, run_dir, step):
