@@ -19,7 +19,6 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -30,7 +29,7 @@ from pipelines.infer.extract import extract_with_vqvae
 from pipelines.infer.generation import generate, load_pipeline
 from pipelines.store.checkpoint import write_image_grid
 from pipelines.store.codes import read_metadata
-from pipelines.store.outputs import output_file
+from pipelines.store.outputs import check_output, output_file
 from pipelines.store.run_files import has_state, read_log
 from pipelines.train import priors
 from pipelines.train import vqvae as train_vqvae
@@ -50,7 +49,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    out = Path(args.out)
+    out = check_output(args.out, "--out", directory=True)
     budget = {"vqvae": 0.4 * args.minutes, "top": 0.25 * args.minutes, "bottom": 0.35 * args.minutes}
 
     print("== 1/4 VQ-VAE")

@@ -330,10 +330,10 @@ def test_evaluate_refuses_missing_data(models, script, tmp_path):
     (["--size", 12], "image_size must be a multiple of 8 and >= 8 (two levels of stride 4 and 8), got 12"),
     (["--size", 0], "got 0"),
     (["--size", -8], "got -8"),
-    (["--batch-size", 0], "batch size must be >= 1, got 0"),
-    (["--batch-size", -1], "batch size must be >= 1, got -1"),
-    (["--workers", -1], "workers must be >= 0, got -1"),
-    (["--n-classes", -1], "n_classes must be >= 0, got -1"),
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", -1], "--batch-size must be >= 1, got -1"),
+    (["--workers", -1], "--workers must be >= 0, got -1"),
+    (["--n-classes", -1], "--n-classes must be >= 0, got -1"),
     (["--n-classes", 1, "--data", "LABELLED"], "has labels up to 1: --n-classes 1 is too few"),
 ])
 def test_extract_codes_refuses_bad_sizes_before_writing(models, script, tmp_path, options, message):

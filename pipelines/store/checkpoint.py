@@ -18,11 +18,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from pipelines.errors import one_line
 from pipelines.store.outputs import output_file
 from prior import PixelSNAIL, PixelSNAILConfig
 from vqvae import VQVAE2, VQVAE2Config
 
 CHECKPOINT_NAME = "model.safetensors"
+HEADER_ERROR = "Error while deserializing header: "  # how safetensors begins the refusal of a damaged header
+HEADER_ERROR_CHARACTERS = 80
 FORMAT_VERSION = 1  # the format this code writes; it reads this one and the unversioned one before it
 PIXELSNAIL_KIND = "pixelsnail"
 VQVAE_KIND = "vqvae2"
@@ -130,7 +133,9 @@ def _what_it_is(path, error):
         return "it is a zip archive, as torch.save writes: not loaded, since unpickling it could run code"
     if start[:1] == b"\x80":
         return "it is a pickle: not loaded, since unpickling it could run code"
-    return str(error)
+    if str(error).startswith(HEADER_ERROR):  # safetensors may quote the damaged header at length: the gist only
+        return "its header is damaged: " + one_line(str(error).removeprefix(HEADER_ERROR), HEADER_ERROR_CHARACTERS)
+    return one_line(error)
 
 
 def load_model(path, kind, model_class, config_class):

@@ -15,10 +15,13 @@ before the work starts and written so that a reader never sees half of it.
   command leaves as it found it when nothing of its work was kept there.
 
 A temporary is `.NAME.<16 hex digits>.tmp` beside NAME (`TEMPORARY`). Only a SIGKILL (or a power
-cut) leaves one behind; `check_output` and `remove_temporaries` remove them on the next run.
+cut) leaves one behind; `check_output` and `remove_temporaries` remove them on the next run. A
+writer holds a lock on its temporary while it writes (the kernel drops it when the process dies,
+however it dies), so a temporary another process is still writing is never taken for a leftover.
 """
 
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -57,7 +60,17 @@ def remove_temporaries(folder, name=None) -> None:
     for leftover in folder.glob(TEMPORARY):
         match = TEMPORARY_NAME.fullmatch(leftover.name)
         if match and leftover.is_file() and (name is None or match["stem"] == name[:STEM_CHARACTERS]):
-            leftover.unlink(missing_ok=True)
+            try:
+                handle = os.open(leftover, os.O_RDONLY)
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                leftover.unlink(missing_ok=True)
+            except BlockingIOError:  # a live writer holds it
+                pass
+            finally:
+                os.close(handle)
 
 
 def check_output(path, option, suffixes=(), *, directory=False, replace=True) -> Path:
@@ -141,11 +154,12 @@ def output_file(path, resumes=False):
     tmp = temporary_of(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:  # from mkdir: a folder on the way is a file
         raise write_failed(path, OSError(errno.ENOTDIR, "a folder on its way is a file"), resumes) from None
     except OSError as error:
         raise write_failed(path, error, resumes, tmp) from None
+    fcntl.flock(handle, fcntl.LOCK_EX)  # ours while this process lives: not a leftover (remove_temporaries)
     mode = tmp.stat().st_mode  # 0666 less the umask, as every file we write (safetensors writes 0600)
     try:
         yield tmp
@@ -158,16 +172,18 @@ def output_file(path, resumes=False):
         raise write_failed(path, failure, resumes, tmp) from error
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(handle)
 
 
 @contextmanager
 def output_dir(path, scaffolding=()):
     """Yields the directory `path`, created if need be. Should the block fail while the directory
     holds nothing but the files named in `scaffolding` (a job file that a rerun would check, say),
-    nothing of the work was kept: those files go, and the folders this call created, so that the
-    failed command leaves nothing behind (and the corrected command starts afresh)."""
+    nothing of the work was kept: those of them this call made go, and the folders it created, so
+    that the failed command leaves nothing behind (and the corrected command starts afresh)."""
     path = Path(path)
     created = [folder for folder in (path, *path.parents) if not folder.exists()]
+    made = [name for name in scaffolding if not (path / name).exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -177,7 +193,7 @@ def output_dir(path, scaffolding=()):
     except BaseException:
         remove_temporaries(path)
         if all(entry.name in scaffolding and entry.is_file() for entry in path.iterdir()):
-            for name in scaffolding:
+            for name in made:
                 (path / name).unlink(missing_ok=True)
             for folder in created:  # the deepest first
                 with suppress(OSError):  # another process wrote into it meanwhile: it stays

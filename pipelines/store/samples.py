@@ -9,8 +9,9 @@
   and `bottom_codes` (N, Hb, Wb) uint16, `labels` (N,) int64 (-1 for unconditional priors), in
   index order. Its images are read back from the PNGs one at a time, so memory does not grow with N.
 
-Every file is written under a temporary name and renamed, so a kill leaves only whole files.
-Everything is read back with allow_pickle=False.
+Every file is written under a temporary name and renamed (pipelines.store.outputs), so a kill leaves
+only whole files; a job that fails before its first sample leaves no job.json behind
+(pipelines.infer.sample_jobs). Everything is read back with allow_pickle=False.
 """
 
 import json
@@ -70,9 +71,9 @@ def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> No
     """One batch: a PNG per sample, then its part. images (B, S, S, 3) uint8, codes (B, H, W)."""
     out_dir = Path(out_dir)
     for index, label, image in zip(indices, labels, images):
-        with output_file(out_dir / png_name(index, label)) as tmp:
+        with output_file(out_dir / png_name(index, label), resumes=True) as tmp:
             Image.fromarray(np.asarray(image)).save(tmp, format="png")
-    with output_file(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz") as tmp, open(tmp, "wb") as file:
+    with output_file(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz", resumes=True) as tmp, open(tmp, "wb") as file:
         np.savez(file, indices=np.asarray(indices, np.int64),
                  labels=np.asarray([NO_LABEL if label is None else label for label in labels], np.int64),
                  top_codes=np.asarray(top_codes, np.uint16), bottom_codes=np.asarray(bottom_codes, np.uint16))
@@ -95,7 +96,8 @@ def finish(out_dir, total: int) -> Path:
     names = [png_name(index, None if label == NO_LABEL else int(label)) for index, label in
              enumerate(arrays["labels"])]
     first = np.asarray(Image.open(out_dir / names[0]))
-    with output_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (output_file(path, resumes=True) as tmp,
+          zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive):
         with archive.open("images.npy", "w", force_zip64=True) as file:
             np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
                                                         "shape": (total, *first.shape)})

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipelines.data.datasets import absolute_spec
 from pipelines.errors import one_line
 from pipelines.store.checkpoint import CHECKPOINT_NAME
+from pipelines.store.outputs import check_output
 from pipelines.store.run_files import (EMA_FILE, LOCK_FILE, LOG_FILE, PICKLED_STATE_PATTERNS, PROGRESS_FILE, STATE_DIR,
                                        StateError, has_state, read_progress, state_dir)
 from pipelines.train.run_config import data_fields, run_fields, with_defaults
@@ -114,8 +115,8 @@ def resolve(cfg, model_config_class):
     """The run's settings, before any of its data is opened: (cfg with every run setting filled and
     its data paths absolute, the stored model config, or None for a new run). A directory that holds
     a run needs --resume; --resume needs one; a model.safetensors without state is never replaced
-    unless --overwrite says so."""
-    out, model_config = Path(cfg.out), None
+    unless --overwrite says so; an --out that could not be written is refused (pipelines.store.outputs)."""
+    out, model_config = check_output(cfg.out, "--out", directory=True), None
     model = out / CHECKPOINT_NAME
     if has_state(out):
         if not cfg.resume:
