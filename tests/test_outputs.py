@@ -5,6 +5,7 @@ import errno
 import os
 
 import pytest
+from launch import run_in_process
 from safetensors import SafetensorError
 
 from pipelines.store import outputs
@@ -165,3 +166,144 @@ def test_a_failed_directory_job_leaves_nothing_unless_work_was_kept(tmp_path):
             (directory / "000000.png").write_text("")
             raise RuntimeError("the second batch failed")
     assert listing(out) == ["000000.png", "job.json"]
+
+
+def test_a_temporary_a_live_writer_holds_is_no_leftover(tmp_path):
+    target = tmp_path / "scores.csv"
+    with output_file(target) as tmp:
+        tmp.write_text("half")
+        check_output(target, "--out", (".csv",))  # a second command on the same output, meanwhile
+        assert tmp.exists()
+    assert listing(tmp_path) == ["scores.csv"]
+
+
+# -- the scripts -----------------------------------------------------------------------------------
+
+
+def one_error_line(result):
+    """The one error line a script exited 2 with (after its progress bar, if any) -> its message."""
+    last = result.stderr.rstrip("\n").split("\n")[-1]
+    assert result.returncode == 2 and last.startswith("error: ") and "Traceback" not in result.stderr, \
+        (result.returncode, result.stderr[-2000:])
+    return last.removeprefix("error: ")
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    return file
+
+
+MODEL = ["--vqvae", "no-vqvae", "--top", "no-top", "--bottom", "no-bottom"]  # never read: refused before
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("score.py", ["--ckpt", "no-model", "--data", "builtin", "--out", "{tmp}/x.xlsx"],
+     "--out {tmp}/x.xlsx: the file is written as .csv, so its name must end in .csv"),
+    ("score.py", ["--ckpt", "no-model", "--data", "builtin", "--maps", "{file}"],
+     "--maps {file} is a file: give a directory"),
+    ("sample.py", [*MODEL, "--out", "{tmp}/grid.png", "--save-codes", "{file}/codes.safetensors"],
+     "--save-codes {file}/codes.safetensors: {file} is a file, not a folder"),
+    ("sample.py", [*MODEL, "--out", "{tmp}/grid.jpg"],
+     "--out {tmp}/grid.jpg: the file is written as .png, so its name must end in .png"),
+    ("sample.py", [*MODEL, "--out-dir", "{file}"], "--out-dir {file} is a file: give a directory"),
+    ("complete.py", ["--ckpt", "no-model", "{tmp}", "--out-dir", "{file}/sub"],
+     "--out-dir {file}/sub: {file} is a file, not a folder"),
+    ("extract_codes.py", ["--vqvae", "no-vqvae", "--data", "builtin", "--out", "{file}"],
+     "--out {file} is a file: give a directory"),
+    ("evaluate.py", ["pixels", "--ckpt", "no-model", "--data", "builtin", "--json", "{tmp}/eval.txt"],
+     "--json {tmp}/eval.txt: the file is written as .json, so its name must end in .json"),
+    ("train_prior.py", ["--codes", "no-codes", "--level", "top", "--out", "{file}"],
+     "--out {file} is a file: give a directory"),
+])
+def test_scripts_refuse_an_output_they_could_not_write_before_any_work(script, args, message, a_file, tmp_path):
+    """Each refusal comes before any model or data is read (none of them exists) and writes nothing."""
+    fill = {"tmp": tmp_path, "file": a_file}
+    result = run_in_process(f"scripts/{script}", *(arg.format(**fill) for arg in args))
+    assert one_error_line(result) == message.format(**fill)
+    assert listing(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("stop, status, last_line", [
+    (ValueError("the first batch failed"), 2, "error: the first batch failed"),
+    (KeyboardInterrupt(), 130, "interrupted: the samples written to --out-dir are kept; run the same command again "
+                               "to resume after them"),
+])
+def test_a_sampling_job_that_fails_before_its_first_sample_leaves_nothing(stop, status, last_line, tiny_pipeline,
+                                                                          tmp_path, faults):
+    import pipelines.infer.sample_jobs
+
+    def failing(original, fired):
+        def make_samples(*args, **kwargs):
+            fired()
+            raise stop
+        return make_samples
+
+    command = ["scripts/sample.py", *(f"--{name}={tiny_pipeline / name}" for name in ("vqvae", "top", "bottom")),
+               "--label", "0", "--n", "2", "--device", "cpu"]
+    (tmp_path / "empty").mkdir()
+    for out_dir in (tmp_path / "new" / "samples", tmp_path / "empty"):
+        faults.inject(pipelines.infer.sample_jobs, "make_samples", failing)
+        result = run_in_process(*command, "--out-dir", out_dir)
+        faults.monkeypatch.undo()
+        assert result.returncode == status and result.stderr.strip().splitlines()[-1] == last_line, result.stderr
+        assert listing(tmp_path) == ["empty"] and listing(tmp_path / "empty") == []
+    result = run_in_process(*command, "--out-dir", tmp_path / "empty")  # the corrected command is not refused
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "samples.npz" in listing(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def pixel_model(tmp_path_factory):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pipelines.store.checkpoint import save_checkpoint
+    from prior import PixelSNAIL, PixelSNAILConfig
+
+    root = tmp_path_factory.mktemp("outputs")
+    config = PixelSNAILConfig(shape=(8, 8), channels=8, n_blocks=1, n_res_blocks=1, key_channels=4, value_channels=4,
+                              n_mixtures=2, dropout=0.0)
+    torch.manual_seed(0)
+    save_checkpoint(root / "pixels.safetensors", PixelSNAIL(config).state_dict(), "pixelsnail", config)
+    (root / "images").mkdir()
+    for name in ("a", "b"):
+        pixels = np.random.default_rng(len(name)).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{name}.png")
+    return root
+
+
+def test_score_removes_the_temporaries_a_kill_left_and_names_its_csv_on_a_full_disk(pixel_model, tmp_path, faults):
+    import pipelines.infer.scoring
+
+    out, maps = tmp_path / "out" / "scores.csv", tmp_path / "out" / "maps"
+    maps.mkdir(parents=True)
+    for leftover in (out.parent / ".scores.csv.0123456789abcdef.tmp", maps / ".000000_a.png.fedcba9876543210.tmp"):
+        leftover.write_text("a SIGKILL left this")
+    command = ["scripts/score.py", "--ckpt", pixel_model / "pixels.safetensors", pixel_model / "images",
+               "--out", out, "--maps", maps, "--device", "cpu"]
+    result = run_in_process(*command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert listing(out.parent) == ["maps", "scores.csv"] and listing(maps) == ["000000_a.png", "000001_b.png"]
+    written = out.read_text()
+
+    def full_disk(original, fired):
+        def writer(file, *args, **kwargs):
+            rows = original(file, *args, **kwargs)
+
+            class Rows:
+                def writerow(self, row):
+                    if row[0] != "image":  # the header goes in; the first image's row fills the disk
+                        fired()
+                        raise ENOSPC
+                    return rows.writerow(row)
+            return Rows()
+        return writer
+
+    faults.inject(pipelines.infer.scoring.csv, "writer", full_disk)
+    result = run_in_process(*command)
+    assert one_error_line(result) == (f"cannot write {out}: No space left on device; free space and run the same "
+                                      "command again")
+    assert out.read_text() == written and listing(out.parent) == ["maps", "scores.csv"]
