@@ -307,3 +307,19 @@ def test_score_removes_the_temporaries_a_kill_left_and_names_its_csv_on_a_full_d
     assert one_error_line(result) == (f"cannot write {out}: No space left on device; free space and run the same "
                                       "command again")
     assert out.read_text() == written and listing(out.parent) == ["maps", "scores.csv"]
+
+
+@pytest.mark.parametrize("damage", [(b'"F32"', b'"932"'),  # safetensors lists every dtype it knows
+                                    (b'"shape"', b'"shap\\"')])  # the JSON itself broken
+def test_a_damaged_safetensors_header_is_one_short_line(damage, pixel_model, tmp_path):
+    from pipelines.store.checkpoint import CheckpointError, load_pixelsnail
+
+    data = (pixel_model / "pixels.safetensors").read_bytes()
+    assert data.count(damage[0]) >= 1 and len(damage[0]) == len(damage[1])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data.replace(damage[0], damage[1], 1))
+    with pytest.raises(CheckpointError) as caught:
+        load_pixelsnail(bad)
+    message = str(caught.value)
+    assert message.startswith(f"{bad} is not a readable safetensors checkpoint (its header is damaged: ")
+    assert len(message) < len(str(bad)) + 150 and "\n" not in message and "BF16" not in message
