@@ -94,7 +94,7 @@ def stage_parser(stages, name, summary):
 def add_pixels_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="a run directory (its model.safetensors) or a checkpoint file")
     p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data evaluated")
 
 
 def add_prior_arguments(p):
@@ -106,7 +106,7 @@ def add_prior_arguments(p):
 def add_vqvae_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="the VQ-VAE's run directory or checkpoint file")
     p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data evaluated")
     p.add_argument("--max-images", type=int, default=None, help="at most this many images (default the whole split)")
 
 

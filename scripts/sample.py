@@ -38,7 +38,8 @@ from pipelines.cli import add_config_options, add_model_options, chosen_model, l
 from pipelines.device import add_runtime_arguments, make_runtime
 from pipelines.infer.generation import ALL, SampleJob, check_drawing, load_pipeline, parse_label, read_label
 from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
-from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.checkpoint import write_image_grid
+from pipelines.store.outputs import check_output, output_file
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class", "list", ALL)
@@ -66,17 +67,23 @@ def check_args(args):
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     args.drawing = options_of(Drawing, args)
     parse_label(args.label, LABEL_FORMS)
-    for option, path, suffix in (("--out", args.out, ".png"), ("--save-codes", args.save_codes, ".safetensors")):
-        if path is not None and not path.lower().endswith(suffix):
-            raise ValueError(f"{option} {path}: the file is written as {suffix}, so its name must end in {suffix}")
     if args.out_dir is not None and args.save_codes is not None:
         raise ValueError("--save-codes goes without --out-dir: samples.npz holds the codes")
     if args.out_dir is None and args.out is None:
         args.out = "samples.png"
+    for option, path, suffixes in (("--out", args.out, (".png",)), ("--save-codes", args.save_codes, (".safetensors",))):
+        if path is not None:
+            check_output(path, option, suffixes)
+    if args.out_dir is not None:
+        check_output(args.out_dir, "--out-dir", directory=True)
 
 
-def main():
-    args = parse_args()
+INTERRUPTED = "interrupted"
+INTERRUPTED_DIR = ("interrupted: the samples written to --out-dir are kept; run the same command again to resume "
+                   "after them")
+
+
+def main(args):
     check_args(args)
     runtime = make_runtime(args.device, args.precision)
     pipeline = load_pipeline(*chosen_model(args, instead=None)).to(runtime)
@@ -94,7 +101,7 @@ def main():
     if args.out:
         write_grid(samples, job, args.out)
     if args.save_codes:
-        with atomic_path(args.save_codes) as tmp:
+        with output_file(args.save_codes) as tmp:  # checked before the work, with --out
             save_file({name: torch.from_numpy(samples[name].astype("int64")) for name in ("top_codes", "bottom_codes")},
                       tmp)
     where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)
@@ -109,4 +116,5 @@ def write_grid(samples, job, path):
 
 
 if __name__ == "__main__":
-    run(main)
+    arguments = parse_args()
+    run(lambda: main(arguments), interrupted=INTERRUPTED_DIR if arguments.out_dir else INTERRUPTED)

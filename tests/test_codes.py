@@ -537,11 +537,12 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
 
     result = run_in_process("scripts/extract_codes.py", *args)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"wrote 10 records to {out}"
+    assert result.stdout.strip().splitlines()[-1] == f"{out}: 10 records, complete"
     # the reruns before this process reads the records: lmdb opens a database once per process
     again = run_in_process("scripts/extract_codes.py", *args)
     assert again.returncode == 0, again.stderr
-    assert "is complete already" in again.stdout
+    assert "is complete already" in again.stdout and "wrote" not in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == f"{out}: 10 records, complete"
     other_split = run_in_process("scripts/extract_codes.py", *args, "--split", "test")
     assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
 
@@ -564,7 +565,7 @@ def test_two_processes_write_the_database_one_process_writes(tiny_vqvae, tmp_pat
                             capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es) on cpu, precision fp32" in result.stdout
-    assert result.stdout.count(f"wrote 10 records to {two}") == 1
+    assert result.stdout.count(f"{two}: 10 records, complete") == 1
     assert stored_items(two) == stored_items(one)
 
 

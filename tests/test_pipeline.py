@@ -40,7 +40,7 @@ def pipeline_runs(tmp_path_factory):
        "--out", str(root / "vqvae"), *FAST, in_process=True)
     out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out",
              str(root / "codes.lmdb"), in_process=True)
-    assert out.strip().splitlines()[-1].startswith("wrote 27 records")
+    assert out.strip().splitlines()[-1] == f"{root / 'codes.lmdb'}: 27 records, complete"
     top = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "top", "--preset", "cpu-top",
              "--steps", "4", "--out", str(root / "top"), "--label-dropout", "0.2", *FAST, in_process=True)
     bottom = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "bottom",

@@ -28,8 +28,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.store import run_files
-from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
+from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_stage
 from pipelines.store.codes import CodeDataset
+from pipelines.store.outputs import check_output, output_file
 from pipelines.store.results import EVAL_FILE, read_evaluation
 
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
@@ -68,10 +69,9 @@ def write_report(paths, out, curves=None):
     the losses of all their runs side by side as a PNG there; returns the report's path. Every
     directory is checked before anything is written."""
     directories = [(Path(p), runs_of(p)) for p in paths]
-    for file in (Path(out), *([Path(curves)] if curves else [])):
-        if file.is_dir() or not file.parent.is_dir():
-            raise FileNotFoundError(f"{file} is a directory: give a file name" if file.is_dir() else
-                                    f"cannot write {file}: its folder {file.parent} does not exist")
+    check_output(out, "--out", (".html", ".htm"))
+    if curves:
+        check_output(curves, "--curves", (".png",))
     for directory in {d for path, runs in directories for run in runs for d in (path, run, run.parent)}:
         read_evaluation(directory)  # a damaged eval.json stops the report before any work
     logs = evaluated_logs([run for _, runs in directories for run in runs])
@@ -84,12 +84,12 @@ def write_report(paths, out, curves=None):
         for run in runs:
             body += run_parts(run, shown_codes)
     title = "Report: " + ", ".join(str(p) for p, _ in directories)
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
                        + "\n".join(body) + "\n</body></html>\n")
     if curves:
-        with atomic_path(curves) as tmp:
+        with output_file(curves) as tmp:
             tmp.write_bytes(overview_png(logs))
     return Path(out)
 

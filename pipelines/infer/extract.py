@@ -67,7 +67,7 @@ def extract_codes(
     with writer or nullcontext():
         start = _shared_resume_point(writer, job, total, processes)
         if start is None:
-            processes.print(f"{out} is complete already ({total} records from the same job): nothing to do", flush=True)
+            processes.print(f"{out} is complete already ({total} records from the same job): nothing to encode", flush=True)
             return total
         if start > 0:
             processes.print(f"{out}: resuming after {start} of {total} records", flush=True)
@@ -155,9 +155,9 @@ def _write_rows(writer: CodeWriter, rows: np.ndarray, start: int, bar=None) -> i
 
 def _check_loader_arguments(batch_size: int, workers: int) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise ValueError(f"--workers must be >= 0, got {workers}")
 
 
 def _normalised_plan(plan: dict, out) -> dict:
@@ -210,7 +210,7 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
     """
     _check_loader_arguments(batch_size, workers)
     if n_classes is not None and n_classes < 0:
-        raise ValueError(f"n_classes must be >= 0, got {n_classes}")
+        raise ValueError(f"--n-classes must be >= 0, got {n_classes}")
     runtime = make_runtime(device, precision)
     model, extra = load_vqvae(vqvae_path)
     image_size = extra.get("image_size") if size is None else size

@@ -224,7 +224,7 @@ def read_label(spec, forms, n_classes, model_is="the priors are"):
 
 def check_class(label, n_classes):
     if not 0 <= label < n_classes:
-        raise ValueError(f"label must lie in [0, {n_classes}), got {label}")
+        raise ValueError(f"--label must lie in [0, {n_classes}), got {label}")
 
 
 def check_labels_given(given, n_classes, model_is="the priors are", forms=None):

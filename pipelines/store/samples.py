@@ -9,8 +9,9 @@
   and `bottom_codes` (N, Hb, Wb) uint16, `labels` (N,) int64 (-1 for unconditional priors), in
   index order. Its images are read back from the PNGs one at a time, so memory does not grow with N.
 
-Every file is written under a temporary name and renamed, so a kill leaves only whole files.
-Everything is read back with allow_pickle=False.
+Every file is written under a temporary name and renamed (pipelines.store.outputs), so a kill leaves
+only whole files; a job that fails before its first sample leaves no job.json behind
+(pipelines.infer.sample_jobs). Everything is read back with allow_pickle=False.
 """
 
 import json
@@ -20,13 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import output_file, remove_temporaries
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
 NO_LABEL = -1
-TEMPORARY = ".*.tmp"  # what pipelines.store.checkpoint.atomic_path writes before its rename
 
 
 def png_name(index, label):
@@ -37,8 +37,8 @@ def start(out_dir, job: dict) -> None:
     """Records `job` in a new directory, or checks that an existing one holds the same job; removes
     the temporary files a kill left behind."""
     out_dir = Path(out_dir)
-    for leftover in [*out_dir.glob(TEMPORARY), *(out_dir / PARTS_DIR).glob(TEMPORARY)]:
-        leftover.unlink()
+    remove_temporaries(out_dir)
+    remove_temporaries(out_dir / PARTS_DIR)
     file = out_dir / JOB_FILE
     if file.exists():
         stored = json.loads(file.read_text())
@@ -49,7 +49,7 @@ def start(out_dir, job: dict) -> None:
         return
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and holds no {JOB_FILE}: choose a new or empty --out-dir")
-    with atomic_path(file) as tmp:
+    with output_file(file) as tmp:
         tmp.write_text(json.dumps(job, indent=2))
 
 
@@ -71,9 +71,9 @@ def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> No
     """One batch: a PNG per sample, then its part. images (B, S, S, 3) uint8, codes (B, H, W)."""
     out_dir = Path(out_dir)
     for index, label, image in zip(indices, labels, images):
-        with atomic_path(out_dir / png_name(index, label)) as tmp:
+        with output_file(out_dir / png_name(index, label), resumes=True) as tmp:
             Image.fromarray(np.asarray(image)).save(tmp, format="png")
-    with atomic_path(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz") as tmp, open(tmp, "wb") as file:
+    with output_file(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz", resumes=True) as tmp, open(tmp, "wb") as file:
         np.savez(file, indices=np.asarray(indices, np.int64),
                  labels=np.asarray([NO_LABEL if label is None else label for label in labels], np.int64),
                  top_codes=np.asarray(top_codes, np.uint16), bottom_codes=np.asarray(bottom_codes, np.uint16))
@@ -96,7 +96,8 @@ def finish(out_dir, total: int) -> Path:
     names = [png_name(index, None if label == NO_LABEL else int(label)) for index, label in
              enumerate(arrays["labels"])]
     first = np.asarray(Image.open(out_dir / names[0]))
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (output_file(path, resumes=True) as tmp,
+          zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive):
         with archive.open("images.npy", "w", force_zip64=True) as file:
             np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
                                                         "shape": (total, *first.shape)})

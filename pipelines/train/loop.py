@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipelines.device import resolve_precision
 from pipelines.store import run_files
+from pipelines.store.outputs import os_error_of
 from pipelines.train import diagnostics, run_state, runtime
 
 
@@ -157,7 +158,7 @@ def checkpoint(task, run, out, step, running):
         if run.accelerator.is_main_process:
             task.write(run.weights, out, step)
     except (OSError, SafetensorError, RuntimeError) as error:
-        failure = run_state.write_failure(error)
+        failure = os_error_of(error)
         if failure is None:
             raise
         raise run_state.save_failed(failure, out, step) from error

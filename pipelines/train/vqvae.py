@@ -42,7 +42,7 @@ class VQVAETrainConfig(BaseRunConfig):
         if self.preset is not None:
             get_preset(self.preset)
         if self.size is not None and (self.size < 8 or self.size % 8):
-            raise ValueError(f"size must be a positive multiple of 8, got {self.size}")
+            raise ValueError(f"--size must be a positive multiple of 8, got {self.size}")
         check_at_least(self, 0, "n_images")
 
     def run_defaults(self):
