@@ -412,7 +412,7 @@ class ImageFolderDataset(Dataset):
         has_splits = len(folders) == 2
         source = split if has_splits else next(iter(folders))  # "all", or "train" alone: every 10th is test
         split_root, chosen = folders[source], groups[source]
-        stats = {path: stat for images in chosen.values() for path, stat in images.items()}
+        stats = {path: status for images in chosen.values() for path, status in images.items()}
         files = sorted(stats)
         self.files = files if has_splits or not files else _held_out(files, split, split_root)
         if not self.files:
@@ -601,8 +601,8 @@ def _check_apart(groups: dict[str, dict[str | None, dict[Path, FileStat]]]) -> N
     first = {}  # identity -> (split, class, path) of the first path that reached it
     for split, classes in groups.items():
         for name, images in classes.items():
-            for path, stat in images.items():
-                seen_split, seen_class, seen_path = first.setdefault(stat.identity, (split, name, path))
+            for path, status in images.items():
+                seen_split, seen_class, seen_path = first.setdefault(status.identity, (split, name, path))
                 if (seen_split, seen_class) == (split, name):
                     continue
                 where = (f"both {seen_split} and {split}" if seen_split != split
