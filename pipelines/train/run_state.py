@@ -172,8 +172,8 @@ def check_same_data(cfg, identity):
     names = data_fields(type(cfg))
     given = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in names)
     theirs = ", ".join(str(progress["train_config"].get(name)) for name in names)
-    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): {'; '.join(differences)}; "
-                     "give the run's data, or start a new run in another --out")
+    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): "
+                     f"{'; '.join(differences)}; give the run's data, or start a new run in another --out")
 
 
 def _difference(key, given, stored):
