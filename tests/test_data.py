@@ -537,9 +537,13 @@ def test_split_folders_that_cannot_be_told_apart_are_refused(tmp_path):
     images_in(no_train / "val" / "a", ["x.png"])
     extra = imagenet_layout(tmp_path / "extra")
     images_in(extra / "extras" / "a", ["x.png"])
+    loose = tmp_path / "loose"
+    images_in(loose / "train", ["a.png"])
+    images_in(loose, ["b.png"])
     for root, fragments in ((both, ["test/, train/, val/", "more than one test split"]),
                             (no_train, ["no train/ beside val/"]),
-                            (extra, ["split folders beside other folders", "move extras/ out"])):
+                            (extra, ["split folders beside other folders", "move extras/ out"]),
+                            (loose, ["1 image(s) lie directly in", "b.png", "beside the split folders train/"])):
         with pytest.raises(DataError) as excinfo:
             load_dataset(str(root), "train", 8)
         assert_one_line_error(excinfo, root, *fragments)

@@ -420,12 +420,10 @@ class ImageFolderDataset(Dataset):
         empty = [file for file in self.files if stats[file].size == 0]
         if empty:
             raise DataError(f"empty image file {empty[0]} (0 bytes; {len(empty)} such in {split_root}): remove or replace it")
-        label_of = {path: self._label(name) for name, images in chosen.items() for path in images}
+        label_of_class = {None: 0, **{name: label for label, name in enumerate(self.classes)}}
+        label_of = {path: label_of_class[name] for name, images in chosen.items() for path in images}
         self.labels = [label_of[file] for file in self.files]
         self.fingerprint = files_fingerprint(root, {file: stats[file] for file in self.files})
-
-    def _label(self, class_name: str | None) -> int:
-        return 0 if class_name is None else self.classes.index(class_name)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -516,6 +514,10 @@ class FileStat(NamedTuple):
     size: int
     mtime: int
 
+    @classmethod
+    def of(cls, status: os.stat_result) -> "FileStat":
+        return cls((status.st_dev, status.st_ino), status.st_size, int(status.st_mtime))
+
 
 def _broken_link(path: Path) -> DataError:
     return DataError(f"broken link {path} -> {os.readlink(path)}: remove it or restore its target")
@@ -556,6 +558,9 @@ def _split_folders(root: Path) -> dict[str, Path]:
     if others:
         raise DataError(f"{root} holds split folders beside other folders ({shown}): move "
                         f"{', '.join(f'{name}/' for name in others)} out, or into each split as a class")
+    if loose := _loose_images(root):
+        raise DataError(f"{len(loose)} image(s) lie directly in {root} (e.g. {loose[0].name}) beside the split "
+                        f"folders {shown}: move them into a split folder")
     return {"train": root / TRAIN_FOLDER, **({"test": root / tests[0]} if tests else {})}
 
 
@@ -566,9 +571,7 @@ def _class_groups(folder: Path) -> dict[str | None, dict[Path, FileStat]]:
     classes = _subfolders(folder)
     if not classes:
         return {None: _image_stats(folder)}
-    loose = sorted(path for path in folder.iterdir()
-                   if not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir())
-    if loose:
+    if loose := _loose_images(folder):
         raise DataError(
             f"{len(loose)} image(s) lie directly in {folder} (e.g. {loose[0].name}) beside the class folders "
             f"{', '.join(sub.name for sub in classes)}: move them into a class folder (a label is a first-level folder)"
@@ -579,6 +582,12 @@ def _class_groups(folder: Path) -> dict[str | None, dict[Path, FileStat]]:
             raise DataError(f"class folder {sub} holds no images (expected files ending in "
                             f"{', '.join(IMAGE_EXTENSIONS)}): remove it or add its images")
     return groups
+
+
+def _loose_images(folder: Path) -> list[Path]:
+    """The visible files named like images that lie directly in `folder`, sorted."""
+    return sorted(path for path in folder.iterdir()
+                  if not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir())
 
 
 def _check_same_layout(folders: dict[str, Path], groups: dict) -> None:
@@ -646,7 +655,7 @@ def _image_stats(folder: Path) -> dict[Path, FileStat]:
             identity = status.st_dev, status.st_ino
             if stat.S_ISREG(status.st_mode) and identity not in listed:
                 listed.add(identity)
-                files[path] = FileStat(identity, status.st_size, int(status.st_mtime))
+                files[path] = FileStat.of(status)
     return files
 
 
@@ -664,11 +673,7 @@ def files_fingerprint(root: Path, files: dict[Path, FileStat]) -> str:
 def _with_fingerprint(dataset: Dataset, spec: Path, files: list[Path]) -> Dataset:
     """`dataset` with the fingerprint of the files it was read from (a one-file spec: by file name)."""
     root = spec if spec.is_dir() else spec.parent
-    stats = {}
-    for file in files:
-        status = os.stat(file)
-        stats[file] = FileStat((status.st_dev, status.st_ino), status.st_size, int(status.st_mtime))
-    dataset.fingerprint = files_fingerprint(root, stats)
+    dataset.fingerprint = files_fingerprint(root, {file: FileStat.of(os.stat(file)) for file in files})
     return dataset
 
 
