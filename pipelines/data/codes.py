@@ -16,6 +16,7 @@ class CodeSplits:
 
     train_set: Subset
     test_set: Subset
+    every_record: CodeDataset  # the whole database: all of it is held out from a prior trained on another
     inputs: Callable  # a batch (top, bottom, label) -> the model's (x, label, cond)
     provenance: PriorProvenance
 
@@ -30,7 +31,7 @@ def code_splits(path, level) -> CodeSplits:
         raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {CODE_HELD_OUT_EVERY}th")
     inputs = code_inputs(level, dataset.metadata["n_classes"] > 1)
     provenance = PriorProvenance.of_database(dataset.metadata, level)
-    return CodeSplits(Subset(dataset, train), Subset(dataset, test), inputs, provenance)
+    return CodeSplits(Subset(dataset, train), Subset(dataset, test), dataset, inputs, provenance)
 
 
 def code_inputs(level, labelled):

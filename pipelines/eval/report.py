@@ -8,9 +8,10 @@ A directory given is a run (it holds log.jsonl or model.safetensors) or a pipeli
 subfolders are runs (scripts/demo.py's vqvae/, top/ and bottom/ beside codes.lmdb and samples.png).
 
 Evaluation numbers: eval.json as `scripts/evaluate.py --json` writes it, {stage: {name: value}} with
-the stages pixels, vqvae, top_prior, bottom_prior and samples. A run shows its stage's numbers from
-its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the stages
-that none of its runs shows (its samples').
+the stages pixels, vqvae, top_prior, bottom_prior and samples (a prior's name the code database they
+were measured on, and whether it is the one the prior trained on). A run shows its stage's numbers
+from its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the
+stages that none of its runs shows (its samples').
 """
 
 import base64
@@ -175,8 +176,19 @@ def evaluation_table(run):
         return f"<p class='none'>not evaluated: {html.escape(str(run))} holds no readable checkpoint</p>"
     for directory in (run, run.parent):
         if stage in (results := read_evaluation(directory)):
-            return f"<p>from {html.escape(str(directory / EVAL_FILE))}</p>" + table(flatten(results[stage]))
+            source = html.escape(f"{directory / EVAL_FILE}{prior_database(results[stage])}")
+            return f"<p>from {source}</p>" + table(flatten(results[stage]))
     return f"<p class='none'>{html.escape(not_evaluated(run, stage))} or {html.escape(str(run.parent / EVAL_FILE))}</p>"
+
+
+def prior_database(numbers):
+    """What a prior's numbers were measured on, in words ("" for other stages and older results)."""
+    if "trained_on_database" not in numbers:
+        return ""
+    if numbers["trained_on_database"]:
+        return f", on {numbers['database']}, the code database it trained on"
+    return (f", on {numbers['database']}, not the code database it trained on: every record is held out "
+            "(no train figure, no gap)")
 
 
 def flatten(numbers, prefix=""):

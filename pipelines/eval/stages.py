@@ -4,7 +4,8 @@ named numbers that `pipelines.store.results.write_result` files under its stage.
 
 - A prior on its code database: bits per code over the held-out records (every 20th, as the prior
   trainer holds them out) and over the training records, and the gap (held-out - train): a gap
-  that grows while the training loss falls is overfitting.
+  that grows while the training loss falls is overfitting. On another database of its VQ-VAE
+  (another split, other images), every record is held out: one figure, no gap.
 - A VQ-VAE on images (`evaluate_vqvae`, the one evaluator: the trainer's periodic evaluations and
   `evaluate.py vqvae` both run it): reconstruction MSE (images in [-1, 1]), the PSNR it gives
   (`psnr_db`) and SSIM (torchmetrics, images in [0, 1]) of the reconstructions the pipeline decodes
@@ -22,7 +23,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from pipelines.data.codes import code_splits
-from pipelines.data.datasets import image_inputs, to_model_range
+from pipelines.data.datasets import absolute_spec, image_inputs, to_model_range
 from pipelines.store.checkpoint import load_pixelsnail
 from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
 from prior.modes import evaluating
@@ -30,9 +31,12 @@ from vqvae.quantizer import batch_statistics
 
 
 def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_records=None):
-    """A code-mode prior on its code database -> {level, heldout_bits_per_code, train_bits_per_code,
-    gap_bits_per_code, heldout_records, train_records}. `max_records`: at most this many records of
-    each split (the first ones), None: all."""
+    """A code-mode prior on a code database of its VQ-VAE -> {level, database (its absolute path),
+    trained_on_database (whether it is the prior's own), heldout_bits_per_code, heldout_records}, and
+    on its own database train_bits_per_code, train_records and gap_bits_per_code. On its own database
+    the held-out records are every 20th, as the trainer holds them out; on another (the identity of
+    its database that the prior stored says so) every record is held out: no train figure, no gap.
+    `max_records`: at most this many records of each split (the first ones), None: all."""
     model, extra = load_pixelsnail(prior_path)
     if model.config.pixel_mode:
         raise ValueError(f"{prior_path} is a pixel-mode model: evaluate it with `evaluate.py pixels`")
@@ -43,17 +47,19 @@ def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_recor
         raise ValueError(f"the {trained_on.level} prior {prior_path} was trained on codes of another VQ-VAE "
                          f"than the code database {codes_path}")
     check_fits(model.config, provenance, f"the code database {codes_path}")
+    own = trained_on.same_database(provenance)
+    splits = {"heldout": source.test_set, "train": source.train_set} if own else {"heldout": source.every_record}
     model = model.to(accelerator.device)
-    bits, counts = {}, {}
-    for name, dataset in (("heldout", source.test_set), ("train", source.train_set)):
+    result = {"level": trained_on.level, "database": absolute_spec(str(codes_path)), "trained_on_database": own}
+    for name, dataset in splits.items():
         if max_records is not None:
             dataset = Subset(dataset, range(min(max_records, len(dataset))))
         loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size))
-        bits[name] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
-        counts[name] = len(dataset)
-    return {"level": trained_on.level, "heldout_bits_per_code": bits["heldout"], "train_bits_per_code": bits["train"],
-            "gap_bits_per_code": bits["heldout"] - bits["train"], "heldout_records": counts["heldout"],
-            "train_records": counts["train"]}
+        result[f"{name}_bits_per_code"] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
+        result[f"{name}_records"] = len(dataset)
+    if own:
+        result["gap_bits_per_code"] = result["heldout_bits_per_code"] - result["train_bits_per_code"]
+    return result
 
 
 def psnr_db(mse):

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torchvision.utils import save_image
@@ -102,7 +103,20 @@ def read_checkpoint(path, tensors=True):
         extra = None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
+    if tensors:
+        _check_finite(path, state_dict)
     return path, metadata, extra, state_dict
+
+
+def _check_finite(path, state_dict):
+    """Refuses weights holding NaN or Inf (bit rot, a bad copy): every model would compute NaN from them."""
+    bad = {name: int(tensor.numel() - torch.isfinite(tensor).sum()) for name, tensor in state_dict.items()
+           if tensor.is_floating_point()}
+    bad = {name: count for name, count in bad.items() if count}
+    if bad:
+        raise CheckpointError(f"{path} is damaged: {sum(bad.values())} weight value(s) are NaN or infinite, in "
+                              f"{len(bad)} tensor(s) ({', '.join(list(bad)[:3])}{', ...' if len(bad) > 3 else ''}); "
+                              "restore the file or use another checkpoint")
 
 
 def read_metadata(path):

@@ -5,7 +5,8 @@ A field made with `run_field` defines the run (its data, model, optimisation and
 a resumed run takes it from the run directory, and a value given on resume that differs from the
 run's is refused (`pipelines.train.run_state.resolve`), since it would silently make another run. A data
 path (`data_field`) is stored absolute and may change on resume: the data it names must then be the
-run's own (`pipelines.train.run_state.check_same_data`), so a moved database resumes. The other fields
+run's own (`pipelines.train.run_state.check_same_data`: its record counts, the fingerprint of its files,
+a code database's VQ-VAE), so moved data resumes and other data under the same path does not. The other fields
 (`setting`) belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
 from the caller every time.
 

@@ -159,19 +159,27 @@ def restored(cfg, model_config_class):
 
 def check_same_data(cfg, identity):
     """Refuses to resume the run in cfg.out on data other than its own, naming both: `identity` (what
-    the data cfg names is: record counts, the code database's VQ-VAE) must be what the run stored.
-    A run that stored none (made before identities were kept) is not checked."""
+    the data cfg names is: pipelines.data.datasets.data_identity, and a code database's VQ-VAE) must
+    agree with what the run stored. What a run did not store (made before it was kept) is not
+    checked; the resumed run stores it from then on."""
     progress = read_progress(cfg.out)
-    stored = progress.get("data")
-    if stored is None or stored == identity:
+    stored = progress.get("data") or {}
+    differences = [_difference(key, identity.get(key), stored[key]) for key in sorted(stored)
+                   if identity.get(key) != stored[key]]
+    if not differences:
         return
     names = data_fields(type(cfg))
     given = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in names)
     theirs = ", ".join(str(progress["train_config"].get(name)) for name in names)
-    differences = "; ".join(f"{key} {identity.get(key)} there, {stored.get(key)} in the run"
-                            for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key))
-    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): {differences}; "
-                     "give the run's data, or start a new run in another --out")
+    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): "
+                     f"{'; '.join(differences)}; give the run's data, or start a new run in another --out")
+
+
+def _difference(key, given, stored):
+    """How the data given differs from the run's in one identity field, in words."""
+    if key.endswith("_fingerprint"):
+        return f"its {key.removesuffix('_fingerprint')} files differ (names, sizes or modification times)"
+    return f"{key} {given} there, {stored} in the run"
 
 
 @contextmanager
