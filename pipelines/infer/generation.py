@@ -1,8 +1,9 @@
 """Generation with the VQ-VAE-2 pipeline: sample top codes, then bottom codes given them, decode.
 
 A sampling job (`SampleJob`, `make_samples`) makes many samples in batches, on several processes:
-sample i draws from a generator seeded by (seed, i) alone, so the same seed gives the same samples
-whatever the batch size and the number of processes.
+sample i draws from per-sample keys of (seed, i) alone (prior.noise), so the same seed gives the
+same samples whatever the batch size and the number of processes (bitwise in fp32 on the CPU; on a
+GPU a kernel chosen per batch size may flip a code at a near tie).
 
 `load_pipeline` loads a VQ-VAE and its two priors and checks that they belong together: each
 prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the right level,
@@ -24,6 +25,7 @@ from pipelines.store.codes import file_sha256
 from pipelines.store.provenance import PriorProvenance, check_fits
 from prior import PixelSNAIL
 from prior.drawing import Drawing
+from prior.noise import SampleKeys, at_level
 from vqvae import VQVAE2
 
 
@@ -70,14 +72,19 @@ def load_pipeline(vqvae_path, top_path, bottom_path):
 
 
 def sample_seed(seed, index):
-    """The seed of sample `index`'s generator: a hash of (seed, index), so that its draws depend on
-    nothing else (not the batch it is in, nor the process that makes it)."""
+    """The seed of a torch generator for sample `index` (complete.py: one per image's completions)."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little")
 
 
 def sample_generators(seed, indices, device):
-    """One generator per sample, seeded from (seed, index)."""
+    """One torch generator per index, seeded from (seed, index)."""
     return [torch.Generator(device).manual_seed(sample_seed(seed, int(index))) for index in indices]
+
+
+def sample_keys(seed, indices, device):
+    """The per-sample keys of samples `indices` (prior.noise): sample i's draws depend on (seed, i)
+    alone, not on the batch it is in, nor the process that makes it."""
+    return SampleKeys.of(seed, indices, device)
 
 
 @dataclass
@@ -101,8 +108,8 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
 
     `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
     priors need one. `drawing`: temperature, top-k, top-p and guidance of both priors
-    (prior.drawing). `generator`: a torch.Generator for the whole batch, or a list of n, one per
-    sample, whose draws then depend on that sample alone. `progress`: True shows a bar over
+    (prior.drawing). `generator`: a torch.Generator for the whole batch, or per-sample keys
+    (`sample_keys`), whose draws then depend on each sample alone. `progress`: True shows a bar over
     positions; a callable is called after each level with the share of the positions it drew.
     `known`: codes to keep (Known); sampling starts after them at each level.
     """
@@ -115,10 +122,12 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
     def level_options(level):
         return options if known is None else {**options, **known.prefix(level)}
 
-    top_codes = pipeline.top.sample(n, labels, None, generator, progress=bars, **level_options("top"))
+    top_codes = pipeline.top.sample(n, labels, None, at_level(generator, "top"), progress=bars,
+                                    **level_options("top"))
     if callable(progress):
         progress(level_share(pipeline, "top"))
-    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, progress=bars, **level_options("bottom"))
+    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, at_level(generator, "bottom"), progress=bars,
+                                          **level_options("bottom"))
     images = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
     if callable(progress):
         progress(level_share(pipeline, "bottom"))
@@ -156,7 +165,7 @@ def check_labels(pipeline, n, label):
 @dataclass(frozen=True)
 class SampleJob:
     """What decides the samples: sample i has class labels[i // per_label] (None for unconditional
-    priors) and draws from a generator seeded by (seed, i), with the sampling controls `drawing`."""
+    priors) and draws from the keys of (seed, i) (`sample_keys`), with the sampling controls `drawing`."""
 
     labels: tuple
     per_label: int
@@ -253,9 +262,9 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
             batch = batches_of_round[processes.process_index]
             in_round = sum(len(each) for each in batches_of_round)  # what the bar counts for all processes
             labels = job.labels_of(batch)
-            generators = sample_generators(job.seed, batch, runtime.device)
+            keys = sample_keys(job.seed, batch, runtime.device)
             with runtime.autocast():
-                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.drawing, generators,
+                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.drawing, keys,
                                                            progress=lambda share: bar.update(share * in_round))
             images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
             keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())
