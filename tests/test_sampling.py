@@ -384,3 +384,51 @@ def test_the_cached_step_compiles_without_a_graph_break_and_equals_the_eager_ste
                     torch.testing.assert_close(output(), eager.output_at(i, j))
                     feed(x[..., i : i + 1, j : j + 1])
                     eager.write(i, j, x[..., i : i + 1, j : j + 1])
+
+
+def test_a_sample_directory_holds_the_images_as_arr_0_for_fid_evaluators(tmp_path):
+    """fid_images.npz: one array arr_0, uint8 (N, S, S, 3), the images of samples.npz in index order."""
+    import numpy as np
+
+    from pipelines.store import samples
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    codes = np.zeros((5, 2, 2), np.int64)
+    samples.start(tmp_path, {"seed": 0})
+    samples.write_batch(tmp_path, [3, 4], [1, 1], images[3:], codes[3:], codes[3:])
+    samples.write_batch(tmp_path, [0, 1, 2], [0, 0, 1], images[:3], codes[:3], codes[:3])
+    samples.finish(tmp_path, 5)
+    with np.load(tmp_path / "fid_images.npz", allow_pickle=False) as evaluator:
+        assert evaluator.files == ["arr_0"]
+        assert evaluator["arr_0"].dtype == np.uint8 and np.array_equal(evaluator["arr_0"], images)
+    assert np.array_equal(samples.load(tmp_path / "samples.npz")["images"], images)
+
+
+def test_batch_size_auto_plans_from_the_caches_per_sample_and_out_of_memory_is_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines.device import make_runtime
+    from pipelines.infer import generation
+
+    top, label, _ = code_case(conditioned=False)
+    bottom, _, _ = code_case()
+    pipeline = SimpleNamespace(top=top.eval(), bottom=bottom.eval())
+    runtime = make_runtime("cpu", "fp32")
+    job = generation.SampleJob((0,), 1000, 0)
+    per_level = generation.cache_bytes_per_sample(pipeline, runtime, job.drawing)
+    with torch.no_grad():  # the caches grow linearly: 5 samples hold 4 more than 1
+        sizes = [generation.tensor_bytes(IncrementalPixelSNAIL(top, n, None)) for n in (1, 5)]
+    assert 0 < sizes[1] - sizes[0] <= 4 * per_level["top"]  # the rows' parts come on top
+    monkeypatch.setattr(generation, "free_bytes", lambda device: 100 * max(per_level.values()))
+    batch_size, plan = generation.plan_batch_size(pipeline, runtime, job)
+    assert batch_size == 60 and plan.startswith("--batch-size auto: ") and "batch 60" in plan
+    guided = generation.cache_bytes_per_sample(pipeline, runtime, Drawing(guidance=2.0))
+    assert guided == {level: 2 * size for level, size in per_level.items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generation, "generate", out_of_memory)
+    with pytest.raises(ValueError, match=r"^out of memory on cpu at --batch-size 60: try --batch-size 30 \("):
+        generation.make_samples(pipeline, runtime, job, list(range(100)), 60, lambda *batch: None)
