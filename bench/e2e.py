@@ -77,7 +77,8 @@ class Stages:
         print(f"{'PASS' if passed else 'FAIL'} {name}: {note[:200]}", flush=True)
 
     def kill_and_resume(self, name, command, needs=()):
-        """The command started, SIGKILLed once its first state is saved, then run again with --resume."""
+        """The command (a long run) started, SIGKILLed once its first state is saved, then run again with
+        --resume to two steps past the saved one."""
         progress = self.work / "killed" / "state" / "progress.json"
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -93,7 +94,8 @@ class Stages:
                                  "note": f"the run ended (exit {process.returncode}) before a state was saved"})
             return
         step = json.loads(progress.read_text())["step"]
-        self.run(name, [*command, "--resume"], check=lambda: json.loads(progress.read_text())["step"] > step,
+        self.run(name, [*command, "--resume", "--steps", str(step + 2)],
+                 check=lambda: json.loads(progress.read_text())["step"] > step,
                  needs=needs)
         self.results[-1]["note"] = f"killed at step {step}; resumed: {self.results[-1]['note']}"
 

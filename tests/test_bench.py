@@ -102,7 +102,8 @@ def test_sample_pipeline_quick_counts_flops_and_weight_bytes(tmp_path):
         before, after = rows[preset, 4, "before"], rows[preset, 4, "after"]
         assert before["samples_per_s"] > 0 and after["samples_per_s"] > 0
         # the per-sample loop adds ops with the batch; the keyed draw does not
-        assert after["ops_per_position"] == rows[preset, 1, "after"]["ops_per_position"] < before["ops_per_position"]
+        assert after["ops_per_position"] == rows[preset, 1, "after"]["ops_per_position"]
+        assert before["ops_per_position"] > rows[preset, 1, "before"]["ops_per_position"]
 
 
 def test_committed_pipeline_markdown_is_made_from_committed_json():
