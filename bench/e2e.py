@@ -68,7 +68,7 @@ class Stages:
         start = time.perf_counter()
         try:
             done = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=self.timeout)
-            lines = [line for line in (done.stdout + done.stderr).strip().splitlines() if "%|" not in line] or [""]
+            lines = [line for line in (done.stdout + done.stderr).strip().splitlines() if line.strip() and "%|" not in line] or [""]
             passed = done.returncode == 0 and check()
             note = lines[-1] if passed else f"exit {done.returncode}: {lines[-1]}"
         except subprocess.TimeoutExpired:
@@ -130,7 +130,7 @@ def run_stages(device, work, timeout):
                                      str(w / "codes.lmdb"), "--device", device],
                needs=["top prior (accelerate launch)"])
     stages.run("evaluation: samples", [python, "scripts/evaluate.py", "samples", "--samples", str(w / "samples"),
-                                       "--data", str(w / "images"), "--per-class", "4", "--classifier-steps", "5",
+                                       "--data", str(w / "images"), "--per-class", "2", "--classifier-steps", "5",
                                        "--device", device], needs=["sampling to --out-dir"])
     return stages.results
 
