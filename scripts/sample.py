@@ -10,12 +10,14 @@
 --vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files.
 The three must belong together: the priors trained on codes of that VQ-VAE checkpoint. Runs on
 CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
-natively (--precision; the priors' softmax is always fp32). Sample i draws from a generator
-seeded by (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the
-number of processes (up to rounding: see docs/pipeline.md).
+natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
+of (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the number of
+processes (up to rounding: see docs/sampling.md). --batch-size auto picks the largest batch whose
+caches fit the free memory; --capture replays each step as a CUDA graph.
 
---out-dir writes one PNG per sample ({index:06d}_label{label}.png) and samples.npz (uint8 images
-(N, S, S, 3), top and bottom codes, labels); a re-run skips the samples already written.
+--out-dir writes one PNG per sample ({index:06d}_label{label}.png), samples.npz (uint8 images
+(N, S, S, 3), top and bottom codes, labels) and fid_images.npz (the images as arr_0, what FID
+evaluators read); a re-run skips the samples already written.
 --out writes them as one grid (one row per class when there are several); without --out-dir it
 is written by default (samples.png), and only then may --save-codes be given.
 
@@ -36,7 +38,8 @@ from safetensors.torch import save_file
 
 from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
 from pipelines.device import add_runtime_arguments, make_runtime
-from pipelines.infer.generation import ALL, SampleJob, check_drawing, load_pipeline, parse_label, read_label
+from pipelines.infer.generation import (ALL, SampleJob, check_drawing, load_pipeline, parse_label, plan_batch_size,
+                                        read_label)
 from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
 from pipelines.store.checkpoint import write_image_grid
 from pipelines.store.outputs import check_output, output_file
@@ -50,20 +53,35 @@ def parse_args():
     add_model_options(p, pixel_model=False, required=True)
     p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
     label_option(p, LABEL_FORMS, "class of the samples, needed by class-conditional priors")
-    p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
+    p.add_argument("--batch-size", type=batch_size_option, default=16,
+                   help="samples drawn together per process, or auto: the largest batch whose sampling caches fit "
+                   "the free memory (the plan is printed) (default 16)")
     add_config_options(p, Drawing)
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' random numbers (default 0)")
     p.add_argument("--out", type=user_path, default=None, help="image grid to write (default samples.png without --out-dir)")
     p.add_argument("--out-dir", type=user_path, default=None, help="directory for one PNG per sample and samples.npz (resumable)")
     p.add_argument("--save-codes", type=user_path, default=None, help="also write the sampled codes here (.safetensors)")
+    p.add_argument("--capture", action="store_true",
+                   help="replay each sampling step as a CUDA graph, captured once per prior (CUDA only): "
+                   "no launch overhead per step")
     add_runtime_arguments(p)
     return p.parse_args()
+
+
+def batch_size_option(value):
+    """--batch-size: a number, or auto (checked in check_args, so that the refusal is one line)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, got {value!r}") from None
 
 
 def check_args(args):
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
+    if args.batch_size != "auto" and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     args.drawing = options_of(Drawing, args)
     parse_label(args.label, LABEL_FORMS)
@@ -89,7 +107,13 @@ def main(args):
     pipeline = load_pipeline(*chosen_model(args, instead=None)).to(runtime)
     check_drawing(pipeline, args.drawing)
     labels = read_label(args.label, LABEL_FORMS, pipeline.n_classes)
-    job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing)
+    job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing, args.capture)
+    if args.capture and runtime.device.type != "cuda":
+        raise ValueError(f"--capture replays CUDA graphs: it needs --device cuda (this run is on {runtime.device.type})")
+    if args.batch_size == "auto":
+        args.batch_size, plan = plan_batch_size(pipeline, runtime, job)
+        if runtime.processes.is_main_process:
+            print(plan)
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:

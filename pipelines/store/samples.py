@@ -8,6 +8,9 @@
 - `samples.npz`, written last by process 0: `images` (N, S, S, 3) uint8, `top_codes` (N, Ht, Wt)
   and `bottom_codes` (N, Hb, Wb) uint16, `labels` (N,) int64 (-1 for unconditional priors), in
   index order. Its images are read back from the PNGs one at a time, so memory does not grow with N.
+- `fid_images.npz`, written with it: the same images as `arr_0` (N, S, S, 3) uint8, the one array
+  the reference FID / Inception-score evaluators read from an npz (the layout of
+  `np.savez(path, images)`).
 
 Every file is written under a temporary name and renamed (pipelines.store.outputs), so a kill leaves
 only whole files; a job that fails before its first sample leaves no job.json behind
@@ -26,6 +29,7 @@ from pipelines.store.outputs import output_file, remove_temporaries
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
+EVALUATOR_FILE = "fid_images.npz"  # arr_0: what the reference FID evaluators read
 NO_LABEL = -1
 
 
@@ -80,11 +84,11 @@ def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> No
 
 
 def finish(out_dir, total: int) -> Path:
-    """Writes samples.npz from the parts and the PNGs (once); -> its path. Every sample 0..total-1
-    must be written exactly once."""
+    """Writes samples.npz and fid_images.npz from the parts and the PNGs (once); -> samples.npz's
+    path. Every sample 0..total-1 must be written exactly once."""
     out_dir = Path(out_dir)
     path = out_dir / SAMPLES_FILE
-    if path.exists():
+    if path.exists() and (out_dir / EVALUATOR_FILE).exists():
         return path
     pieces = [read_part(part) for part in parts(out_dir)]
     indices = np.concatenate([piece["indices"] for piece in pieces])
@@ -95,21 +99,30 @@ def finish(out_dir, total: int) -> Path:
               for name in ("labels", "top_codes", "bottom_codes")}
     names = [png_name(index, None if label == NO_LABEL else int(label)) for index, label in
              enumerate(arrays["labels"])]
-    first = np.asarray(Image.open(out_dir / names[0]))
-    with (output_file(path, resumes=True) as tmp,
-          zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive):
-        with archive.open("images.npy", "w", force_zip64=True) as file:
-            np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
-                                                        "shape": (total, *first.shape)})
-            for name in names:
-                image = np.asarray(Image.open(out_dir / name))
-                if image.shape != first.shape or image.dtype != np.uint8:
-                    raise ValueError(f"{out_dir / name} is {image.dtype} {image.shape}, expected uint8 {first.shape}")
-                file.write(np.ascontiguousarray(image).tobytes())
+    with output_file(out_dir / EVALUATOR_FILE, resumes=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                                                                                    allowZip64=True) as archive:
+        write_images(archive, "arr_0.npy", out_dir, names)
+    with output_file(path, resumes=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                                                                 allowZip64=True) as archive:
+        write_images(archive, "images.npy", out_dir, names)
         for name, array in arrays.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as file:
                 np.lib.format.write_array(file, array, allow_pickle=False)
     return path
+
+
+def write_images(archive, member, out_dir, names):
+    """The PNGs `names` of out_dir as one uint8 array (N, S, S, 3) in `member` of a zip archive (an
+    npz), read one at a time: memory does not grow with N."""
+    first = np.asarray(Image.open(out_dir / names[0]))
+    with archive.open(member, "w", force_zip64=True) as file:
+        np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
+                                                    "shape": (len(names), *first.shape)})
+        for name in names:
+            image = np.asarray(Image.open(out_dir / name))
+            if image.shape != first.shape or image.dtype != np.uint8:
+                raise ValueError(f"{out_dir / name} is {image.dtype} {image.shape}, expected uint8 {first.shape}")
+            file.write(np.ascontiguousarray(image).tobytes())
 
 
 def load(path) -> dict:
