@@ -3,12 +3,14 @@ stored in the prior's checkpoint and checked against the VQ-VAE it is sampled wi
 
 from dataclasses import dataclass
 
+from modelkit import level_names
 from pipelines.store.checkpoint import CheckpointError
+from pipelines.store.codes import TWO_LEVELS
 
 # ------------------------------------------------------------------------------------------------
 # What a prior was trained on
 
-LEVELS = ("top", "bottom")
+LEVELS = level_names(TWO_LEVELS)  # the levels priors are trained on so far: two-level code databases
 
 
 @dataclass(frozen=True)
