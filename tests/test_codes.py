@@ -356,6 +356,8 @@ def test_reader_refuses_a_foreign_lmdb(tmp_path):
     pytest.param({"format_version": 3}, "format_version 3, newer than this code reads", id="newer-version"),
     pytest.param({"levels": 3}, "lacks middle_shape, middle_codes", id="levels-without-their-grids"),
     pytest.param({"levels": 1}, "has levels 1: expected an integer >= 2", id="one-level"),
+    pytest.param({"levels": 3, "middle_shape": [3, 3], "middle_codes": 5}, "has 3 levels but format_version 1",
+                 id="levels-in-version-1"),
     pytest.param({"count": 41}, "holds 40 records but its metadata says 41", id="count"),
 ])
 def test_reader_refuses_bad_metadata(complete_db, changes, message):
@@ -769,3 +771,14 @@ def test_a_three_level_vqvae_extracts_every_level_and_priors_refuse_it_for_now(t
     with pytest.raises(ValueError, match=r"holds 3 levels of codes \(top, middle, bottom\): priors are trained on "
                                          r"two-level code databases"):
         code_splits(out, "top")
+
+
+def test_the_reports_codebook_histograms_count_every_level(tmp_path):
+    from pipelines.eval.report import code_counts
+
+    labels, top, middle, bottom = three_level_batch(6)
+    write_codes(tmp_path / "codes.lmdb", three_level_plan(), [(labels, top, middle, bottom)])
+    counts = code_counts(CodeDataset(tmp_path / "codes.lmdb"))
+    assert list(counts) == ["top", "middle", "bottom"]
+    for count, grid, size in zip(counts.values(), (top, middle, bottom), (5, 7, 300)):
+        assert count.tolist() == torch.bincount(grid.flatten(), minlength=size).tolist()
