@@ -1,4 +1,4 @@
-"""Train the VQ-VAE (VQ-VAE-2, EMA codebooks; two levels, or --levels N) on an image folder, CIFAR-10, ImageNet 32 or built-in photos.
+"""Train the VQ-VAE (VQ-VAE-2, EMA codebooks, --levels N) on an image folder, CIFAR-10, ImageNet 32 or built-in photos.
 
 Runs as `python scripts/train_vqvae.py ...` or `accelerate launch scripts/train_vqvae.py ...`
 (on CPU, two real processes: `accelerate launch --multi_gpu --num_processes 2 ...`).

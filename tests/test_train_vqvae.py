@@ -69,12 +69,13 @@ def test_three_levels_log_every_level_under_its_name_as_evaluate_reports_it(imag
     run_in_process("scripts/evaluate.py", "vqvae", "--ckpt", str(tmp_path / "run"), "--data", str(image_folder),
                    "--json", str(tmp_path / "eval.json"))
     reported = json.loads((tmp_path / "eval.json").read_text())["vqvae"]
-    for key in ("mse", *[f"{level}_{figure}" for level in ("top", "middle", "bottom") for figure in ("usage", "perplexity")]):
+    per_level = [f"{level}_{figure}" for level in ("top", "middle", "bottom") for figure in ("usage", "perplexity")]
+    for key in ("mse", *per_level):
         assert final[key] == pytest.approx(reported[key], rel=1e-6), key
     with pytest.raises(ValueError, match=r"--levels 2 differs from the run's levels 3"):
         train(tiny(image_folder, tmp_path / "run", steps=4, levels=2, resume=True))
-    with pytest.raises(ValueError, match=r"--size must be a multiple of 16 and >= 16 \(three levels of stride 4, 8 and 16\), "
-                                         r"got 24"):
+    with pytest.raises(ValueError, match=r"--size must be a multiple of 16 and >= 16 "
+                                         r"\(three levels of stride 4, 8 and 16\), got 24"):
         train(tiny(image_folder, tmp_path / "other", size=24, levels=3))
     assert not (tmp_path / "other").exists()
 

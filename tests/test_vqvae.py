@@ -100,7 +100,8 @@ def test_level_names():
     assert VQVAE2Config(levels=3, bottom_stride=8).strides() == (32, 16, 8)
 
 
-@pytest.mark.parametrize("fields, size", [(dict(levels=3), 32), (dict(levels=4), 32), (dict(levels=3, bottom_stride=8), 64)])
+@pytest.mark.parametrize("fields, size",
+                         [(dict(levels=3), 32), (dict(levels=4), 32), (dict(levels=3, bottom_stride=8), 64)])
 def test_shapes_of_deeper_models(fields, size):
     model = small_model(**fields, middle_codes=24)
     images = smooth_images(2, size)

@@ -209,7 +209,8 @@ class VQVAE2(nn.Module):
         above = None  # the levels above, decoded to this level's grid: (B, D, H_k, W_k)
         for k, level_features in enumerate(features):
             inputs = level_features if above is None else torch.cat([above, level_features], dim=1)
-            level_quantized, result = quantize(self.level_module("quantizer", k), self.level_module("pre_quantize", k)(inputs))
+            latents = self.level_module("pre_quantize", k)(inputs)  # (B, D, H_k, W_k)
+            level_quantized, result = quantize(self.level_module("quantizer", k), latents)
             quantized.append(level_quantized)
             results.append(result)
             if k < self.config.levels - 1:
@@ -256,7 +257,8 @@ class VQVAE2(nn.Module):
             raise ValueError(f"expected {len(names)} code grids ({', '.join(names)}), got {len(codes)}")
         for name, level_codes in zip(names, codes):
             if level_codes.dim() != 3 or level_codes.is_floating_point():
-                raise ValueError(f"{name} must be integer (B, H, W), got {level_codes.dtype} {tuple(level_codes.shape)}")
+                raise ValueError(f"{name} must be integer (B, H, W), got {level_codes.dtype} "
+                                 f"{tuple(level_codes.shape)}")
         for k in range(1, len(codes)):
             batch, height, width = codes[k - 1].shape
             if tuple(codes[k].shape) != (batch, 2 * height, 2 * width):

@@ -100,7 +100,8 @@ def encode_records(labels: Tensor, codes, layout: dict) -> np.ndarray:
     codes: one integer grid per level, top first, (B, H, W) each (what VQVAE2.encode returns)."""
     batch, grids = len(labels), level_grids(layout)
     if len(codes) != len(grids):
-        raise ValueError(f"encode gave {len(codes)} code grids, expected {len(grids)} ({', '.join(n for n, _, _ in grids)})")
+        names = ", ".join(name for name, _, _ in grids)
+        raise ValueError(f"encode gave {len(codes)} code grids, expected {len(grids)} ({names})")
     for level_codes, (name, shape, n_codes) in zip(codes, grids):
         _check_codes(name, level_codes, (batch, *shape), n_codes)
     n_classes = layout["n_classes"]
