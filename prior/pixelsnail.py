@@ -61,6 +61,9 @@ class PixelSNAILConfig(JSONConfig):
     # "auto": two streams exactly when attention is off
     streams: str = "auto"
     dropout: float = 0.5
+    # training drops each attention weight with this probability (VQ-VAE-2's priors); 0, the
+    # default, is the model of checkpoints written before the field existed
+    attention_dropout: float = 0.0
     n_mixtures: int = 10  # pixel mode only
     kernel_size: int = 2  # causal convolutions are kernel_size x kernel_size
     key_channels: int = 16
@@ -103,6 +106,10 @@ class PixelSNAILConfig(JSONConfig):
             raise ValueError(f"kernel_size must be >= 2 (causal convs), got {self.kernel_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if self.attention_dropout and not self.attention:
+            raise ValueError("attention_dropout needs attention (attention=True)")
         if self.key_channels % self.n_heads or self.value_channels % self.n_heads:
             raise ValueError(
                 f"key_channels ({self.key_channels}) and value_channels ({self.value_channels}) "
@@ -169,7 +176,8 @@ class PixelSNAILBlock(nn.Module):
         self.attention = None
         if c.attention:
             self.attention = AttentionBlock(
-                c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout
+                c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout,
+                c.attention_dropout,
             )
 
     def forward(self, h, vertical, raw, background, cond):

@@ -182,7 +182,7 @@ def vqvae(args):
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
     result = evaluate_vqvae(model, loader, accelerator, desc=args.split)
-    for level in ("top", "bottom"):
+    for level in model.config.level_names:
         accelerator.print(f"{level} codes: {result[f'{level}_usage']:.1%} of {result[f'{level}_codes']} used, "
                           f"perplexity {result[f'{level}_perplexity']:.1f}")
     accelerator.print(f"{result['images']} {args.split} images")

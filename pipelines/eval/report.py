@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipelines.store import run_files
 from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_stage
-from pipelines.store.codes import CodeDataset
+from pipelines.store.codes import CodeDataset, level_grids
 from pipelines.store.outputs import check_output, output_file
 from pipelines.store.results import EVAL_FILE, read_evaluation
 
@@ -316,10 +316,9 @@ def code_parts(path, shown_codes):
 
 def code_counts(dataset):
     """{level: (n_codes,) int64 counts} of every record of a CodeDataset."""
-    meta = dataset.metadata
-    counts = {level: np.zeros(meta[f"{level}_codes"], dtype=np.int64) for level in ("top", "bottom")}
+    counts = {level: np.zeros(n_codes, dtype=np.int64) for level, _, n_codes in level_grids(dataset.metadata)}
     for index in tqdm(range(len(dataset)), desc="codes", leave=False):
-        for level, codes in zip(counts, dataset[index][:2]):
+        for level, codes in zip(counts, dataset[index][:-1]):  # every level's grid, then the label
             counts[level] += np.bincount(codes.flatten().numpy(), minlength=len(counts[level]))
     return counts
 

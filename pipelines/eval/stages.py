@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pipelines.data.codes import code_splits
 from pipelines.data.datasets import absolute_spec, image_inputs, to_model_range
 from pipelines.store.checkpoint import load_pixelsnail
-from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
+from pipelines.store.provenance import PriorProvenance, check_fits
 from prior.modes import evaluating
 from vqvae.quantizer import batch_statistics
 
@@ -71,13 +71,15 @@ def psnr_db(mse):
 @torch.no_grad()
 def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
     """A VQ-VAE over a loader of (uint8 images, labels) batches on the accelerator's device -> {mse,
-    psnr_db, ssim, images, and per level usage, perplexity, codes (the codebook size)}: what the
+    psnr_db, ssim, images, and per level (`top_usage`, ..., named by modelkit.level_names) usage,
+    perplexity, codes (the codebook size)}: what the
     trainer logs at each evaluation and `evaluate.py vqvae` reports. The reconstructions are the
     pipeline's (codes decoded, clamped to [-1, 1]); every figure is over all the images evaluated,
     every process's share counted once. max_batches: each process's first batches only."""
     vqvae = accelerator.unwrap_model(model)
-    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), dtype=torch.long, device=accelerator.device)
-              for level in LEVELS}
+    levels = vqvae.config.level_names
+    counts = {level: torch.zeros(size, dtype=torch.long, device=accelerator.device)
+              for level, size in zip(levels, vqvae.config.codebook_sizes())}
     totals = {"mse": 0.0, "ssim": 0.0}
     n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
     bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
@@ -85,7 +87,7 @@ def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
         for images, _ in itertools.islice(loader, n_batches):
             x = to_model_range(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
             with accelerator.autocast():
-                codes = vqvae.encode(x)  # (B, S/8, S/8), (B, S/4, S/4)
+                codes = vqvae.encode(x)  # per level, top first: (B, S/8, S/8), (B, S/4, S/4) for two
                 reconstruction = vqvae.decode_codes(*codes).float()  # (B, 3, S, S)
             x, reconstruction = x.contiguous(), reconstruction.contiguous()
             squared_error = (reconstruction - x).square().mean(dim=(1, 2, 3))  # (B,)
@@ -95,12 +97,12 @@ def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
             totals["mse"] += squared_error.double().sum().item()
             totals["ssim"] += similarity.double().sum().item()
             n_images += len(squared_error)
-            for level, level_codes in zip(LEVELS, codes):
+            for level, level_codes in zip(levels, codes):
                 counts[level] += torch.bincount(level_codes.flatten(), minlength=len(counts[level]))
             bar.update()
     result = {name: total / n_images for name, total in totals.items()}
     result.update(psnr_db=psnr_db(result["mse"]), images=n_images)
-    for level in LEVELS:
+    for level in levels:
         perplexity, usage = batch_statistics(counts[level].float())
         result.update({f"{level}_usage": usage.item(), f"{level}_perplexity": perplexity.item(),
                        f"{level}_codes": len(counts[level])})

@@ -6,12 +6,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from modelkit import level_names
 from pipelines.store.checkpoint import CheckpointError
+from pipelines.store.codes import TWO_LEVELS
 
 # ------------------------------------------------------------------------------------------------
 # What a prior was trained on
 
-LEVELS = ("top", "bottom")
+LEVELS = level_names(TWO_LEVELS)  # the levels priors are trained on so far: two-level code databases
 
 
 def database_identity(metadata: dict) -> str:
