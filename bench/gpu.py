@@ -9,7 +9,10 @@
   figure);
 - hierarchical sampling: 16 samples, top 32x32 then bottom 64x64 given it with the cached
   sampler, then decoding to 256x256, in fp32 and bf16, with the time per position of each level,
-  and the network part of one cached step replayed as a CUDA graph against eager.
+  and the network part of one cached step replayed as a CUDA graph against eager;
+- sampling throughput: the two paper priors' cached steps (row start and step, the draw and the
+  write-back included) at batch 16, 64, 256 and sample.py's --batch-size auto plan, eager against
+  captured as CUDA graphs (sample.py --capture), as samples/s and the projected time for 50,000.
 
 Every model has random (data-initialised) weights: what is timed is the arithmetic, which does
 not depend on them.
@@ -22,13 +25,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import Report, add_common_arguments, load_average, log, machine_info, random_inputs, random_pixels
 from prior import PixelSNAIL, get_preset
-from prior.sampling import IncrementalPixelSNAIL
+from prior.drawing import Drawing
+from prior.noise import SampleKeys
+from prior.sampling import CachedSteps, IncrementalPixelSNAIL, start_job
 from vqvae import VQVAE2, VQVAE2Config
 
 CUDA = torch.device("cuda")
 
 # (preset, two batch sizes per process: steps/s at the first, memory per example from both)
-TRAIN_CASES = [("cifar10", 8, 32), ("vqvae2-top", 16, 32), ("vqvae2-bottom", 8, 16)]
+TRAIN_CASES = [("cifar10", 8, 32), ("cifar10", 64, 128), ("vqvae2-top", 16, 32), ("vqvae2-bottom", 8, 16)]
+SAMPLING_BATCHES = (16, 64, 256, "auto")
+PROJECTED_SAMPLES = 50_000
 QUICK_TRAIN_CASES = [("tiny", 4, 8)]
 
 
@@ -228,6 +235,60 @@ def bench_graph_step(model, n, labels, cond, precision, repeats=50):
     return {"eager_seconds": eager, "graph_seconds": replay, "speedup": eager / replay}
 
 
+def time_cached_steps(model, n, capture, seed):
+    """Seconds of one row start and of one step (output, draw, write-back) of the cached sampler at
+    batch n, eager or replayed as CUDA graphs (prior.sampling.CachedSteps), in bf16 autocast. Every
+    step runs the same ops on the same shapes (the attention over all N slots, the later ones
+    masked), so row 0's steps time every position."""
+    generator = torch.Generator().manual_seed(seed)
+    _, labels, cond = model_inputs(model.config, n, generator)
+    width = model.config.shape[1]
+    with torch.no_grad(), autocast("bf16"):
+        job = start_job(model, n, labels, cond, None, 0, Drawing())
+        network = IncrementalPixelSNAIL(model, job.batch_size, model.condition(job.batch_size, job.label, job.cond))
+        steps = CachedSteps(model, job, network, SampleKeys.of(seed, range(n), CUDA), capture)
+        steps.start_row()  # captures (and warms up) the row start
+        steps.step()  # and the step, at position 0
+        row_start = sorted(timed(steps.start_row, 5))[2]
+        step = sorted(timed(steps.step, width - 2))[(width - 2) // 2]
+    return {"row_start_seconds": row_start, "step_seconds": step}
+
+
+def bench_sampling_throughput(top_preset, bottom_preset, seed):
+    """Samples/s of the two paper priors together (decoding not counted) at each batch of
+    SAMPLING_BATCHES, eager and captured; `auto` is sample.py's plan for PROJECTED_SAMPLES samples."""
+    from types import SimpleNamespace
+
+    from pipelines.device import make_runtime
+    from pipelines.infer.generation import SampleJob, plan_batch_size
+
+    priors = {"top": build(get_preset(top_preset).model, seed).eval(),
+              "bottom": build(get_preset(bottom_preset).model, seed).eval()}
+    auto, plan = plan_batch_size(SimpleNamespace(**priors), make_runtime("cuda", "bf16"),
+                                 SampleJob((0,) if priors["top"].config.n_classes else (None,), PROJECTED_SAMPLES, seed))
+    log(plan)
+    cases = []
+    for batch in SAMPLING_BATCHES:
+        n = auto if batch == "auto" else batch
+        for mode in ("eager", "captured"):
+            case = {"batch": batch, "n": n, "mode": mode, "levels": {}}
+            try:
+                for level, model in priors.items():
+                    height, width = model.config.shape
+                    timing = time_cached_steps(model, n, mode == "captured", seed)
+                    grid = height * timing["row_start_seconds"] + height * width * timing["step_seconds"]
+                    case["levels"][level] = {**timing, "grid_seconds": grid}
+                    torch.cuda.empty_cache()
+                seconds = sum(level["grid_seconds"] for level in case["levels"].values())
+                case.update(samples_per_s=n / seconds, projected_seconds=PROJECTED_SAMPLES / n * seconds)
+            except Exception as error:  # out of memory at a large batch, a capture that fails: say which
+                case["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"[:300]
+                torch.cuda.empty_cache()
+            log(f"sampling batch {batch} ({n}) {mode}: {case.get('samples_per_s', case.get('error'))}")
+            cases.append(case)
+    return {"plan": plan, "auto": auto, "presets": [top_preset, bottom_preset], "cases": cases}
+
+
 def run(args):
     """What one CUDA GPU does with this code: training steps/s and memory per example of the
     cifar10 and paper-size prior presets (bf16), VQ-VAE training and extraction images/s at
@@ -257,6 +318,7 @@ def run(args):
     top, bottom = ("cpu-top", "cpu-bottom") if args.quick else ("vqvae2-top", "vqvae2-bottom")
     results["sampling"] = bench_hierarchical_sampling(args.n_samples, top, bottom, args.seed)
     log(f"sampling {results['sampling']}")
+    results["throughput"] = bench_sampling_throughput(top, bottom, args.seed)
     results["load_average_after"] = load_average()
     REPORT.publish(results, args.out)
 
@@ -315,5 +377,23 @@ def summary_lines(results):
     return lines
 
 
+def throughput_lines(results):
+    """The sampling throughput table as note lines (the report has one table: training's)."""
+    t = results.get("throughput")
+    if not t:
+        return []
+    lines = [f"sampling throughput, {' + '.join(t['presets'])} (cached sampler, bf16, decoding not counted): {t['plan']}"]
+    for case in t["cases"]:
+        name = f"batch {case['batch']}" + (f" ({case['n']})" if case["batch"] == "auto" else "") + f", {case['mode']}"
+        if "error" in case:
+            lines.append(f"{name}: {case['error']}")
+            continue
+        steps = ", ".join(f"{level} {v['step_seconds'] * 1e3:.2f} ms/step, {v['row_start_seconds'] * 1e3:.2f} ms/row start"
+                          for level, v in case["levels"].items())
+        lines.append(f"{name}: {case['samples_per_s']:.1f} samples/s; {PROJECTED_SAMPLES:,} samples in "
+                     f"{case['projected_seconds'] / 60:.1f} minutes ({steps})")
+    return lines
+
+
 REPORT = Report("gpu", "One GPU: training, extraction and hierarchical sampling",
-                lambda results: (TRAIN_HEADER, training_rows(results), summary_lines(results)))
+                lambda results: (TRAIN_HEADER, training_rows(results), summary_lines(results) + throughput_lines(results)))

@@ -20,7 +20,7 @@ from bench.common import (ROOT, Report, add_out_argument, add_quick_argument, ap
                           machine_info, machine_lines, recorded_path)
 from pipelines.data.datasets import BuiltinPhotos, to_model_range, to_uint8
 from pipelines.eval.classifier import ClassifierConfig, train_classifier
-from pipelines.infer.generation import generate, load_pipeline, sample_generators
+from pipelines.infer.generation import generate, load_pipeline, sample_keys
 from pipelines.store.run_files import has_state
 from pipelines.train import priors
 from prior.drawing import Drawing
@@ -79,7 +79,7 @@ def sample_setting(pipeline, drawing, labels, seed):
     for start in range(0, len(labels), BATCH):
         indices = range(start, min(start + BATCH, len(labels)))
         batch, _, _ = generate(pipeline, len(indices), [labels[i] for i in indices], drawing,
-                               sample_generators(seed, indices, "cpu"))
+                               sample_keys(seed, indices, "cpu"))
         images.append(to_uint8(batch))
     return torch.cat(images)
 

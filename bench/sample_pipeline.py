@@ -25,6 +25,7 @@ from bench.common import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMUL_SHAPE
                           random_inputs, seconds, time_interleaved)
 from pipelines.device import make_runtime
 from prior import PixelSNAIL, get_preset
+from prior.noise import SampleKeys
 from prior.sampling import sample_cached
 from vqvae import VQVAE2, VQVAE2Config
 
@@ -165,6 +166,97 @@ def timed(call):
     return time.perf_counter() - start
 
 
+# -- before and after: the per-sample draw loop against the batched keyed draw ----------------
+
+BATCHES = (1, 16, 64, 256)
+QUICK_BATCHES = (1, 4)
+PAPER_POSITIONS = 4  # positions the paper presets are timed on, after the first, then scaled
+
+
+def per_sample_draw(model):
+    """The model with the draw as it was before the keyed one, kept here only as the baseline: one
+    softmax and one torch.multinomial per sample per position, each sample from its own torch
+    generator. A subclass (DrawRecorder calls the class's draw)."""
+    generators = [torch.Generator().manual_seed(k) for k in range(1024)]
+
+    class PerSampleDraw(type(model)):
+        def draw(self, out, keys=None, drawing=None, position=0):
+            logits = out[:, :, 0, 0].float() / drawing.temperature
+            return torch.cat([torch.multinomial(torch.softmax(logits[k : k + 1], dim=1), 1, generator=g)[:, 0]
+                              for k, g in zip(range(len(out)), generators)])
+
+    return PerSampleDraw
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the device ops (aten calls below autograd) run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def time_draws(model, n, label, cond, positions, baseline=None):
+    """(timing, device ops per position) of the cached sampler at batch n over positions
+    1..positions-1, fp32, with per-sample keys (or as the `baseline` class draws)."""
+    keys = SampleKeys.of(0, range(n))
+    own_class = type(model)
+    model.__class__ = baseline or own_class
+    try:
+        recorder = DrawRecorder(model, positions, keep=0)
+        recorder.run(sample_cached, n, label, cond, keys)
+        with OpCounter() as counter:  # positions 0 and 1, counted from the first draw's end
+            counting = CountingOps(model, counter)
+            counting.run(sample_cached, n, label, cond, keys)
+    finally:
+        model.__class__ = own_class
+    timing = prefix_timing(recorder, model.config.shape[0] * model.config.shape[1])
+    return timing, counting.ops[1] - counting.ops[0]
+
+
+class CountingOps(DrawRecorder):
+    """A DrawRecorder of two draws that reads the op counter at each: the second less the first is
+    one position's ops (output, draw, write-back)."""
+
+    def __init__(self, model, counter):
+        super().__init__(model, 2, keep=0)
+        self.counter, self.ops = counter, []
+
+    def draw(self, out, generator=None, *drawing):
+        self.ops.append(self.counter.ops)
+        return super().draw(out, generator, *drawing)
+
+
+def bench_batches(presets, batches, seed, positions):
+    """Samples/s of each preset's whole grid (scaled from its timed prefix) at each batch size, the
+    per-sample draw (before) against the batched keyed draw (after), and the ops per position."""
+    rows = []
+    for preset in presets:
+        for n in batches:
+            model, label, cond = build_prior(preset, n, seed)
+            count = positions or model.config.shape[1] + 1
+            for variant, baseline in (("before", per_sample_draw(model)), ("after", None)):
+                timing, ops = time_draws(model, n, label, cond, count, baseline)
+                rows.append({"preset": preset, "batch": n, "variant": variant, "timed_positions": count,
+                             "seconds_per_position": timing["seconds_per_position"], "total_s": timing["total_s"],
+                             "samples_per_s": n / timing["total_s"], "ops_per_position": ops})
+                log(f"{preset} batch {n} {variant}: {n / timing['total_s']:.3g} samples/s, {ops:.0f} ops/position")
+    return rows
+
+
+def batch_lines(results):
+    lines = []
+    for row in results.get("batches", []):
+        lines.append(f"{row['preset']}, batch {row['batch']}, {row['variant']}: {row['samples_per_s']:.3g} samples/s "
+                     f"(whole grid scaled from {row['timed_positions']} positions), {row['ops_per_position']:.0f} "
+                     "device ops per position")
+    return lines
+
+
 def run(args):
     """The benchmark (`python -m bench sample --pipeline`, its options those of `sample`): measures,
     writes sample-pipeline.json and .md to --out."""
@@ -192,6 +284,10 @@ def measure(args):
                                       args.cached_positions)
                    for level, preset in levels.items()},
     }
+    quick_presets = list(QUICK_LEVELS.values())
+    results["batches"] = bench_batches(quick_presets + ([] if args.quick else list(LEVELS.values())),
+                                       QUICK_BATCHES if args.quick else BATCHES, args.seed,
+                                       None if args.quick else PAPER_POSITIONS)
     results["decode"] = bench_decode(args.n_samples, 32 if args.quick else 256, args.seed, args.quick,
                                      args.precisions)
     results["load_average_after"] = load_average()
@@ -255,6 +351,7 @@ def pipeline_summary_lines(results):
         f"decode: {results['n']} images {results['decode']['image_shape']} with the paper's VQ-VAE (random weights, "
         "random codes), channels_last, measured whole",
         "bottom level: conditioned on random top codes (the top level is only timed on a prefix)",
+        *batch_lines(results),
         *machine_lines(results),
     ]
     return lines

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+FP32_TINY = torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class Drawing:
@@ -66,14 +68,17 @@ def guide(out: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def truncate(logits: Tensor, top_k=None, top_p=None) -> Tensor:
+def truncate(logits: Tensor, top_k=None, top_p=None, temperature=1.0) -> Tensor:
     """(B, K) logits -> the same with every code outside the top k and outside the nucleus of
-    mass top_p at -inf. The most likely code always stays; codes tied with the k-th stay too."""
+    mass top_p of softmax(logits / temperature) at -inf. The most likely code always stays; codes
+    tied with the k-th stay too. Stable at any positive temperature: the nucleus is computed from
+    the logits less their maximum (<= 0), so a tiny temperature sends them to -inf, never to NaN."""
     if top_k is not None and top_k < logits.shape[1]:
         kth = torch.topk(logits, top_k, dim=1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p is not None:
-        sorted_logits, order = logits.sort(dim=1, descending=True)
+        scaled = (logits - logits.amax(dim=1, keepdim=True)) / effective(temperature)  # (B, K), <= 0
+        sorted_logits, order = scaled.sort(dim=1, descending=True)
         probs = torch.softmax(sorted_logits, dim=1)
         mass_before = probs.cumsum(dim=1) - probs  # of the codes more likely than this one
         drop_sorted = mass_before >= top_p  # the set is complete before this code
@@ -82,7 +87,22 @@ def truncate(logits: Tensor, top_k=None, top_p=None) -> Tensor:
     return logits
 
 
-def draw_codes(logits: Tensor, generator, drawing: Drawing) -> Tensor:
-    """(B, K) logits -> (B,) codes drawn from softmax(truncate(logits / T))."""
-    logits = truncate(logits.float() / drawing.temperature, drawing.top_k, drawing.top_p)
-    return torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator)[:, 0]
+def effective(temperature: float) -> float:
+    """The temperature the fp32 arithmetic uses: below fp32's smallest normal number (1.2e-38) the
+    argmax is drawn anyway (any two distinct fp32 logits differ by more than that temperature times
+    the largest noise), so smaller ones are raised to it rather than rounded to 0 (a division by 0)."""
+    return max(temperature, FP32_TINY)
+
+
+def draw_codes(logits: Tensor, uniforms: Tensor, drawing: Drawing) -> Tensor:
+    """(B, K) logits and (B, K) uniforms in (0, 1) -> (B,) codes drawn from
+    softmax(truncate(logits / T)), by Gumbel-max: argmax(logits / T + g), g = -log(-log(u)).
+
+    The same argmax is computed as logits + T * g for T <= 1 and logits / T + g above it, so
+    neither side overflows at any finite positive T: at a tiny T the noise vanishes and the argmax
+    is the greedy draw, at a huge T the logits do and the draw is uniform."""
+    logits = truncate(logits.float(), drawing.top_k, drawing.top_p, drawing.temperature)
+    gumbel = -torch.log(-torch.log(uniforms))  # (B, K), |g| < 17 for 23-bit uniforms
+    temperature = effective(drawing.temperature)
+    scores = logits + temperature * gumbel if temperature <= 1 else logits / temperature + gumbel
+    return scores.argmax(dim=1)

@@ -154,9 +154,8 @@ def nll_bits_per_dim(x: Tensor, params: Tensor) -> Tensor:
 
 
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U(eps, 1 - eps) noise of the given shape, fp32, on like's device."""
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
-    return UNIFORM_EPS + (1 - 2 * UNIFORM_EPS) * u
+    """U(0, 1) noise of the given shape, fp32, on like's device."""
+    return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
 def _quantise(x: Tensor) -> Tensor:
@@ -164,7 +163,7 @@ def _quantise(x: Tensor) -> Tensor:
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
-def sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample(params: Tensor, noise: Tensor | torch.Generator | None = None) -> Tensor:
     """Draw each pixel from the mixture: (B, 3, H, W) exactly on the 256-value grid of [-1, 1].
 
     Each channel is quantised before it enters the coupling of the next one. log_prob scores
@@ -174,15 +173,19 @@ def sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
     draw from the distribution log_prob scores (up to its sub-1e-5 mid-point approximation);
     coupling with the unrounded R would sample a slightly blurred version of it.
 
-    All randomness comes from `generator` in two draws of full, fixed shape (component noise,
-    then channel noise), so a seed fixes the result and the generator advances identically
-    for any params of the same shape.
+    All randomness comes from `noise`: a torch.Generator (or None), from which one draw of full,
+    fixed shape (B, M + 3, H, W) is taken, so a seed fixes the result and the generator advances
+    identically for any params of the same shape; or those uniforms themselves, in (0, 1) (the
+    per-sample keys of prior.noise). Per pixel, M of them pick the component (Gumbel-max) and 3
+    give the channels' logistic noise.
     """
     with torch.autocast(device_type=params.device.type, enabled=False):
         logits, means, log_scales, coeffs = _split_params(params)
         batch, n_components, height, width = logits.shape
-        component_noise = _uniform((batch, n_components, height, width), logits, generator)
-        channel_noise = _uniform((batch, 3, height, width), logits, generator)
+        if not isinstance(noise, Tensor):
+            noise = _uniform((batch, n_components + 3, height, width), logits, noise)
+        noise = UNIFORM_EPS + (1 - 2 * UNIFORM_EPS) * noise
+        component_noise, channel_noise = noise.split([n_components, 3], dim=1)
 
         gumbel = -torch.log(-torch.log(component_noise))
         component = (logits + gumbel).argmax(dim=1)  # (B, H, W), Gumbel-max: ~ softmax(logits)
@@ -190,9 +193,9 @@ def sample(params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         picked = (t.gather(2, index) for t in (means, log_scales, coeffs))
         means, log_scales, coeffs = (rearrange(t, "b c 1 h w -> b c h w") for t in picked)
         logistic = torch.log(channel_noise) - torch.log1p(-channel_noise)  # standard logistic
-        noise = torch.exp(log_scales) * logistic  # (B, 3, H, W)
+        offsets = torch.exp(log_scales) * logistic  # (B, 3, H, W)
 
-        x_r = _quantise(means[:, 0] + noise[:, 0])
-        x_g = _quantise(means[:, 1] + coeffs[:, 0] * x_r + noise[:, 1])
-        x_b = _quantise(means[:, 2] + coeffs[:, 1] * x_r + coeffs[:, 2] * x_g + noise[:, 2])
+        x_r = _quantise(means[:, 0] + offsets[:, 0])
+        x_g = _quantise(means[:, 1] + coeffs[:, 0] * x_r + offsets[:, 1])
+        x_b = _quantise(means[:, 2] + coeffs[:, 1] * x_r + coeffs[:, 2] * x_g + offsets[:, 2])
         return torch.stack([x_r, x_g, x_b], dim=1)

@@ -36,6 +36,7 @@ from prior.drawing import Drawing, draw_codes
 from prior.layers import (AttentionBlock, CausalInput, GatedResBlock, VerticalInput, init_from_data, nin,
                           positional_background)
 from prior.modes import evaluating
+from prior.noise import uniforms
 
 STREAMS = ("auto", "one", "two")
 
@@ -60,6 +61,9 @@ class PixelSNAILConfig(JSONConfig):
     # "auto": two streams exactly when attention is off
     streams: str = "auto"
     dropout: float = 0.5
+    # training drops each attention weight with this probability (VQ-VAE-2's priors); 0, the
+    # default, is the model of checkpoints written before the field existed
+    attention_dropout: float = 0.0
     n_mixtures: int = 10  # pixel mode only
     kernel_size: int = 2  # causal convolutions are kernel_size x kernel_size
     key_channels: int = 16
@@ -102,6 +106,10 @@ class PixelSNAILConfig(JSONConfig):
             raise ValueError(f"kernel_size must be >= 2 (causal convs), got {self.kernel_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if self.attention_dropout and not self.attention:
+            raise ValueError("attention_dropout needs attention (attention=True)")
         if self.key_channels % self.n_heads or self.value_channels % self.n_heads:
             raise ValueError(
                 f"key_channels ({self.key_channels}) and value_channels ({self.value_channels}) "
@@ -168,7 +176,8 @@ class PixelSNAILBlock(nn.Module):
         self.attention = None
         if c.attention:
             self.attention = AttentionBlock(
-                c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout
+                c.channels, input_channels, c.key_channels, c.value_channels, c.n_heads, cond_channels, c.dropout,
+                c.attention_dropout,
             )
 
     def forward(self, h, vertical, raw, background, cond):
@@ -310,19 +319,19 @@ class PixelSNAIL(nn.Module):
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def draw(self, out, generator=None, drawing=Drawing()):
-        """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,).
+    def draw(self, out, generator=None, drawing=Drawing(), position=0):
+        """Draws values at one position from the output there: (B, P, 1, 1) -> (B, 3) or (B,), for
+        the whole batch in a constant number of tensor ops.
 
-        `generator`: a torch.Generator (or None) for the batch, or a list of B, one per example,
-        whose draws then depend on that example alone, not on the batch it is in. `drawing`: the
-        code mode's temperature, top-k and top-p (prior.drawing)."""
-        if isinstance(generator, list):
-            if len(generator) != len(out):
-                raise ValueError(f"{len(generator)} generators for a batch of {len(out)}")
-            return torch.cat([self.draw(out[k : k + 1], g, drawing) for k, g in enumerate(generator)])
+        `generator`: per-sample keys (prior.noise.SampleKeys), whose draws depend on each sample's
+        key and the raster `position` (an int or a 0-dim tensor) alone, not on the batch; or a
+        torch.Generator (or None) for the batch. `drawing`: the code mode's temperature, top-k and
+        top-p (prior.drawing)."""
+        count = self.config.n_mixtures + 3 if self.config.pixel_mode else self.config.n_codes
+        noise = uniforms(generator, position, len(out), count, out.device)  # (B, count)
         if self.config.pixel_mode:
-            return mixture.sample(out, generator)[:, :, 0, 0]
-        return draw_codes(out[:, :, 0, 0], generator, drawing)
+            return mixture.sample(out, rearrange(noise, "b n -> b n 1 1"))[:, :, 0, 0]
+        return draw_codes(out[:, :, 0, 0], noise, drawing)
 
     def sample(self, n, label=None, cond=None, generator=None, temperature=1.0, cache=True, progress=False, **options):
         """n samples in raster order: (n, 3, H, W) in [-1, 1] or (n, H, W) codes.

@@ -24,11 +24,13 @@ CPU_TRAINING = dict(batch_size=32, ema_decay=0.995, lr=2e-3, lr_decay=0.9995)
 # The VQ-VAE-2 priors of the paper's appendix for ImageNet 256 (grid and codebook come from the code
 # database). The top prior: 512 hidden channels, residual units of 2048, 20 gated resnets with an
 # 8-head attention block after every fifth (4 in all), 5x5 convs, dropout 0.1, an output stack of 20.
+# The paper also drops out "the logits of each attention matrix" without giving a rate: the
+# table's dropout, 0.1, is taken for it too.
 VQVAE2_TOP = Preset(
     model=PixelSNAILConfig(
         shape=(32, 32), n_codes=512, channels=512, res_channels=2048, n_blocks=4, n_res_blocks=5,
         kernel_size=5, attention=True, n_heads=8, key_channels=128, value_channels=256, dropout=0.1,
-        embed_channels=128, cond_channels=256, out_res_blocks=20,
+        attention_dropout=0.1, embed_channels=128, cond_channels=256, out_res_blocks=20,
     ),
     **PRIOR_TRAINING,
 )

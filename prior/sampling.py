@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from prior.drawing import Drawing, guide
 from prior.layers import AttentionBlock, CausalInput, GatedResBlock, ShiftedConv, VerticalInput, WNConv2d, gate
 from prior.modes import evaluating
+from prior.noise import SampleKeys
 
 
 def as_autocast(tensor):
@@ -79,37 +80,42 @@ class PaddedRows:
     past them, so kh + 1 padded rows are kept, in a ring (padded row r in slot r mod (kh + 1)):
     memory does not grow with the grid's height. A slot reused for a new row still holds an old
     row's values in the columns not yet written, which a causal conv never reads. Channels
-    last, (B, kh + 1, W + pads, C_in): a position's window is then one contiguous run per row.
+    last, (B, kh + 1, W + pads, C_in). Rows and columns are 0-dim device tensors, read and written
+    by index ops: the same ops at every position (what a captured graph needs).
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, width, dtype):
         left, right, top, _ = layer.padding
         self.top, self.left, self.width = top, left, width
         self.n_slots = layer.conv.kernel_size[0] + 1
-        self.rows = torch.zeros(batch_size, self.n_slots, left + width + right, layer.conv.in_channels, dtype=dtype,
-                                device=layer.conv.bias.device)
+        self.padded_width = left + width + right
+        device = layer.conv.bias.device
+        self.rows = torch.zeros(batch_size, self.n_slots, self.padded_width, layer.conv.in_channels, dtype=dtype,
+                                device=device)
+        self.cells = self.rows.view(batch_size, self.n_slots * self.padded_width, -1)  # a cell per (slot, column)
+        self.offsets = torch.arange(max(self.n_slots, self.padded_width), device=device)
+
+    def slots(self, start, count):
+        """(count,): the slots of padded rows start..start+count-1."""
+        return (start + self.offsets[:count]) % self.n_slots
 
     def write(self, i, j, x):
         """Stores the input at (i, j), x (B, C_in); or over row i (j=None), x (B, C_in, 1, W)."""
-        slot = (self.top + i) % self.n_slots
+        first = self.slots(self.top + i, 1) * self.padded_width + self.left  # (1,)
         if j is None:
-            self.rows[:, slot, self.left : self.left + self.width] = rearrange(x, "b c 1 w -> b w c")
+            self.cells.index_copy_(1, first + self.offsets[: self.width], rearrange(x, "b c 1 w -> b w c").to(self.rows))
         else:
-            self.rows[:, slot, self.left + j] = x
+            self.cells.index_copy_(1, first + j, x[:, None].to(self.rows))
 
-    def read(self, start, count, columns=slice(None)):
-        """Padded rows start..start+count-1, (B, count, columns, C_in): a view unless the rows wrap
-        around the ring (advanced indexing would copy, and slowly, even a single row)."""
-        first = start % self.n_slots
-        if first + count <= self.n_slots:
-            return self.rows[:, first : first + count, columns]
-        wrapped = first + count - self.n_slots
-        return torch.cat([self.rows[:, first:, columns], self.rows[:, :wrapped, columns]], dim=1)
+    def window(self, start, count, j, kernel_width):
+        """The window of padded rows start..start+count-1, columns j..j+kw-1, as (B, count*kw*C_in)."""
+        cells = self.slots(start, count)[:, None] * self.padded_width + j + self.offsets[None, :kernel_width]
+        return rearrange(self.cells.index_select(1, cells.flatten()), "b n c -> b (n c)")
 
     def row_windows(self, start, count, kernel_width):
         """The windows of padded rows start..start+count-1 under every output column of a row, as
         one matrix (W*B, count*kw*C_in): a conv over the row is then one large matmul."""
-        windows = self.read(start, count).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
+        windows = self.rows.index_select(1, self.slots(start, count)).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
         return rearrange(windows, "b r w c k -> (w b) (r k c)")
 
 
@@ -141,8 +147,7 @@ class ConvWindow:
         if j is None:
             out = F.linear(self.inputs.row_windows(i, kernel_height, kernel_width), self.weight, self.bias)
             return rearrange(out, "(w b) o -> b o 1 w", b=self.inputs.rows.shape[0])
-        window = self.inputs.read(i, kernel_height, slice(j, j + kernel_width))
-        return F.linear(rearrange(window, "b r k c -> b (r k c)"), self.weight, self.bias)
+        return F.linear(self.inputs.window(i, kernel_height, j, kernel_width), self.weight, self.bias)
 
     def __call__(self, i, j, x):
         """For convs that read their own position: writes the input at (i, j), then convolves."""
@@ -184,8 +189,7 @@ class RowSplitConv:
         """Writes the input at (i, j), (B, C_in); returns the last kernel row's part, (B, C_out)."""
         kernel_height, kernel_width = self.kernel_size
         self.inputs.write(i, j, x)
-        window = self.inputs.read(i + kernel_height - 1, 1, slice(j, j + kernel_width))  # (B, 1, kw, C_in)
-        return F.linear(rearrange(window, "b 1 k c -> b (k c)"), self.weight_last)
+        return F.linear(self.inputs.window(i + kernel_height - 1, 1, j, kernel_width), self.weight_last)
 
 
 class PointwiseAtPosition(Pointwise):
@@ -221,14 +225,10 @@ class CachedInput:
 
     def output_at(self, i, j):
         """(B, C): down_shift(above) + right_shift(left), whose shifts bring in zeros at the top
-        row and the left column."""
-        batch_size = self.above.inputs.rows.shape[0]
-        out = self.above.bias.new_zeros(batch_size, len(self.above.bias))
-        if i > 0:
-            out = out + self.above.output_at(i - 1, j)
-        if j > 0:
-            out = out + self.left.output_at(i, j - 1)
-        return out
+        row and the left column: both convs run everywhere, their outputs there masked."""
+        above = self.above.output_at(i - 1, j)
+        left = self.left.output_at(i, (j - 1).clamp(min=0))
+        return torch.where(i > 0, above, 0) + torch.where(j > 0, left, 0)
 
 
 class CachedVerticalInput:
@@ -237,16 +237,13 @@ class CachedVerticalInput:
 
     def __init__(self, layer: VerticalInput, batch_size, shape):
         self.conv = ConvWindow(layer.conv, batch_size, shape)
-        self.width = shape[1]
 
     def write(self, i, j, x):
         self.conv.write(i, j, x)
 
     def output_row(self, i):
         """(B, C, 1, W)."""
-        if i == 0:
-            return self.conv.bias.new_zeros(self.conv.inputs.rows.shape[0], len(self.conv.bias), 1, self.width)
-        return self.conv.output_at(i - 1, None)
+        return torch.where(i > 0, self.conv.output_at(i - 1, None), 0)
 
 
 class RowGatedResBlock:
@@ -267,7 +264,15 @@ class RowGatedResBlock:
 
 def column(part, j):
     """Column j of a row's part: (W, B, C), or (1, B, C) when it is the same for every column -> (B, C)."""
-    return part[j if len(part) > 1 else 0]
+    return part.index_select(0, j.view(1))[0] if len(part) > 1 else part[0]
+
+
+def kept(buffer, value):
+    """`value` stored in `buffer` (made on the first call): a row's parts stay at one address, which
+    a captured step reads."""
+    if buffer is None:
+        return value.clone()
+    return buffer.copy_(value)
 
 
 class CachedGatedResBlock:
@@ -288,12 +293,13 @@ class CachedGatedResBlock:
     def start_row(self, i, aux_row=None, cond_row=None):
         """aux_row: the aux input over the row, (B, C_aux, 1, W), when it is known before the row
         (the vertical stream); cond_row: (B, D, 1, W) or (B, D, 1, 1)."""
-        self.row_h = self.conv1.start_row(i)
+        row_h = self.conv1.start_row(i)
         if aux_row is not None:
-            self.row_h = self.row_h + row_major(self.aux(F.elu(aux_row)))
+            row_h = row_h + row_major(self.aux(F.elu(aux_row)))
         if cond_row is not None:
-            self.row_h = self.row_h + row_major(self.cond(cond_row))
-        self.row_out = self.conv2.start_row(i)
+            row_h = row_h + row_major(self.cond(cond_row))
+        self.row_h = kept(self.row_h, row_h)
+        self.row_out = kept(self.row_out, self.conv2.start_row(i))
 
     def __call__(self, i, j, x, aux=None):
         """x (B, C) -> (B, C); aux (B, C_aux): an aux input known only at the position (attention)."""
@@ -308,7 +314,8 @@ class CachedAttention:
 
     A key holds the raw input of its position, known only once that position is drawn: `write`
     adds it then, and the query at position p attends to keys 0..p-1, exactly the positions
-    causal_attention lets it see.
+    causal_attention lets it see: over all N slots, the later ones masked (one shape at every
+    position).
     """
 
     def __init__(self, block: AttentionBlock, batch_size, shape):
@@ -325,6 +332,7 @@ class CachedAttention:
         value_size = (block.to_kv.out_channels - block.key_channels) // block.n_heads
         self.keys = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, key_size)
         self.values = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, value_size)
+        self.key_positions = torch.arange(n_positions, device=self.keys.device)
         self.features = None  # (B, C): the block's input at the position being computed, for `write`
 
     def start_row(self, i, cond_row):
@@ -340,24 +348,21 @@ class CachedAttention:
 
     def attend(self, query, position):
         """(B, C_k) -> (B, C_v): attention over keys 0..position-1; zeros at position 0."""
-        batch_size, n_heads, _, value_size = self.values.shape
-        if position == 0:
-            return self.values.new_zeros(batch_size, n_heads * value_size)
-        q = rearrange(query, "b (h d) -> b h 1 d", h=n_heads).to(self.keys.dtype)
-        keys, values = self.keys[:, :, :position], self.values[:, :, :position]
-        # in the cache's precision: under autocast every step would copy all keys and values to
-        # bf16, and a GPU would plan a new bf16 attention kernel for every new number of keys
+        q = rearrange(query, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys.dtype)
+        # key 0 always: a query with no key at all would get NaN; position 0's output is zeroed below
+        visible = ((self.key_positions < position) | (self.key_positions == 0))[None]  # (1, N): one query
+        # in the cache's precision: under autocast every step would copy all keys and values to bf16
         with torch.autocast(q.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q, keys, values)  # (B, heads, 1, d_v)
-        return rearrange(out, "b h 1 d -> b (h d)")
+            out = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=visible)  # (B, heads, 1, d_v)
+        return torch.where(position > 0, rearrange(out, "b h 1 d -> b (h d)"), 0)
 
     def write(self, i, j, raw, background):
         """Adds the key and value of drawn position (i, j), from its raw input (B, C_in)."""
         key_value = self.to_kv(self.kv_block(i, j, torch.cat([raw, self.features, background], dim=1)))
         key, value = key_value[:, : self.key_channels], key_value[:, self.key_channels :]
-        position = i * self.width + j
-        self.keys[:, :, position] = rearrange(key, "b (h d) -> b h d", h=self.n_heads)
-        self.values[:, :, position] = rearrange(value, "b (h d) -> b h d", h=self.n_heads)
+        position = (i * self.width + j).view(1)
+        self.keys.index_copy_(2, position, rearrange(key, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys))
+        self.values.index_copy_(2, position, rearrange(value, "b (h d) -> b h 1 d", h=self.n_heads).to(self.values))
 
 
 class CachedBlock:
@@ -393,12 +398,20 @@ class CachedBlock:
 
 class IncrementalPixelSNAIL:
     """PixelSNAIL evaluated one position at a time in raster order: `output_at(i, j)`, draw, then
-    `write(i, j, drawn)` before moving on. Takes a snapshot of the model's weights."""
+    `write(i, j, drawn)` before moving on. Takes a snapshot of the model's weights.
+
+    The position lives on the device (`position`, a 0-dim tensor) and every cache is allocated
+    up front: `start_row()`, `output()` and `feed(drawn)` run the same ops on tensors of the same
+    shapes at every position, with no transfer to the host, so that each can be compiled
+    (torch.compile(fullgraph=True)) or captured once as a CUDA graph and replayed everywhere.
+    `output_at` and `write` set the position from the host first."""
 
     def __init__(self, model, batch_size, cond_map):
         shape = model.config.shape
         self.model = model
-        self.background = model.background.expand(batch_size, -1, -1, -1)  # (B, 2, H, W)
+        self.width = shape[1]
+        self.batch_size = batch_size
+        self.background = rearrange(model.background, "1 c h w -> (h w) c")  # (N, 2)
         self.cond_map = cond_map  # (B, D, H, W), (B, D, 1, 1) (a class only) or None
         self.input = CachedInput(model.input, batch_size, shape)
         self.vertical_input = None
@@ -407,24 +420,37 @@ class IncrementalPixelSNAIL:
         self.blocks = [CachedBlock(block, batch_size, shape) for block in model.blocks]
         self.out_blocks = [CachedGatedResBlock(block, batch_size, shape) for block in model.out_blocks]
         self.head = Pointwise(model.head, autocast=False)
+        self.position = torch.zeros((), dtype=torch.long, device=model.background.device)  # raster position
 
-    def start_row(self, i):
-        """Everything of row i that rows above it determine: rows above i are all written."""
+    def at(self, i, j):
+        """Moves to position (i, j) (a fill from the host: no synchronisation)."""
+        self.position.fill_(i * self.width + j)
+
+    def row_and_column(self):
+        """(i, j) of the current position, 0-dim device tensors."""
+        i = torch.div(self.position, self.width, rounding_mode="floor")
+        return i, self.position - i * self.width
+
+    def background_here(self):
+        return self.background.index_select(0, self.position.view(1)).expand(self.batch_size, -1)  # (B, 2)
+
+    def start_row(self):
+        """Everything of the current row that rows above it determine: rows above are all written."""
+        i, _ = self.row_and_column()
         cond_row = None
         if self.cond_map is not None:  # (B, D, 1, W), or (B, D, 1, 1) for every column
-            cond_row = self.cond_map if self.cond_map.shape[2] == 1 else self.cond_map[:, :, i : i + 1]
+            cond_row = self.cond_map if self.cond_map.shape[2] == 1 else self.cond_map.index_select(2, i.view(1))
         vertical = None if self.vertical_input is None else self.vertical_input.output_row(i)
         for block in self.blocks:
             vertical = block.start_row(i, vertical, cond_row)
         for block in self.out_blocks:
             block.start_row(i, cond_row=cond_row)
 
-    def output_at(self, i, j):
-        """The network's output at (i, j), (B, P, 1, 1) as `model.draw` takes it, from the
-        positions written so far."""
-        if j == 0:
-            self.start_row(i)
-        background = self.background[:, :, i, j]  # (B, 2)
+    def output(self):
+        """The network's output at the current position, (B, P, 1, 1) as `model.draw` takes it,
+        from the positions written so far (after `start_row` at the row's first position)."""
+        i, j = self.row_and_column()
+        background = self.background_here()
         h = self.input.output_at(i, j)  # (B, C)
         for block in self.blocks:
             h = block(i, j, h, background)
@@ -434,17 +460,30 @@ class IncrementalPixelSNAIL:
             out = self.head(F.elu(h.to(self.model.head.bias.dtype)))
         return rearrange(out, "b p -> b p 1 1")
 
-    def write(self, i, j, drawn):
-        """Feeds the values drawn at (i, j) back in: (B, 3, 1, 1) pixels or (B, 1, 1) codes."""
+    def feed(self, drawn):
+        """Feeds the values drawn at the current position back in: (B, 3, 1, 1) pixels or (B, 1, 1) codes."""
+        i, j = self.row_and_column()
         raw = self.model.raw_input(drawn)[:, :, 0, 0]  # (B, C_in)
         inputs = torch.cat([raw, torch.ones_like(raw[:, :1])], dim=1)
         self.input.write(i, j, inputs)
         if self.vertical_input is not None:
             self.vertical_input.write(i, j, inputs)
-        background = self.background[:, :, i, j]
+        background = self.background_here()
         for block in self.blocks:
             if block.attention is not None:
                 block.attention.write(i, j, raw, background)
+
+    def output_at(self, i, j):
+        """The network's output at (i, j), (B, P, 1, 1): `output()` there, the row started at j = 0."""
+        self.at(i, j)
+        if j == 0:
+            self.start_row()
+        return self.output()
+
+    def write(self, i, j, drawn):
+        """`feed(drawn)` at (i, j)."""
+        self.at(i, j)
+        self.feed(drawn)
 
 
 def raster_order(shape, progress=False, start=0):
@@ -476,11 +515,15 @@ class Job:
         """The grid (or values at one position) as the network's batch: twice under guidance."""
         return torch.cat([values, values]) if self.drawing.guided else values
 
-    def draw(self, model, out, generator):
+    def draw(self, model, out, generator, position):
         """The network's output at one position, (batch_size, P, 1, 1) -> the n values drawn there."""
         if self.drawing.guided:
             out = guide(out, self.drawing.guidance)
-        return model.draw(out, generator, self.drawing)
+        return model.draw(out, generator, self.drawing, position)
+
+    def store(self, drawn, position):
+        """Writes the values drawn at raster `position` (a 0-dim tensor) into the grid: an index op."""
+        self.x.flatten(-2).index_copy_(-1, position.view(1), drawn[..., None].to(self.x))
 
 
 def start_job(model, n, label, cond, prefix, kept, drawing) -> Job:
@@ -514,17 +557,64 @@ def sample_naive(model, n, label=None, cond=None, generator=None, temperature=1.
                  prefix=None, kept=0, top_k=None, top_p=None, guidance=None) -> Tensor:
     """The reference sampler: one full forward pass per position, O(N) forwards for N positions."""
     job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
-    x = job.x
+    x, width = job.x, model.config.shape[1]
     with evaluating(model):
         for i, j in raster_order(model.config.shape, progress, job.kept):
             out = model(job.network_input(x), job.label, job.cond)[:, :, i : i + 1, j : j + 1]
-            x[..., i, j] = job.draw(model, out, generator)
+            x[..., i, j] = job.draw(model, out, generator, i * width + j)
     return x
+
+
+class CachedSteps:
+    """The cached sampler's two kinds of work, on the device position of `network`: `start_row()`
+    at a row's first position, then `step()`: the output, the draw, the values written into the
+    grid and fed back, the position advanced. With `capture`, each is captured as a CUDA graph the
+    first time it is needed and replayed from then on: one graph each per level, for every position."""
+
+    def __init__(self, model, job, network, generator, capture=False):
+        self.model, self.job, self.network, self.generator = model, job, network, generator
+        self.start_row, self.step = self.eager_start_row, self.eager_step
+        if capture:
+            if network.position.device.type != "cuda":
+                raise ValueError("capturing the sampling steps as CUDA graphs needs CUDA (--capture on a GPU)")
+            if not isinstance(generator, SampleKeys):
+                raise ValueError("a captured step draws from per-sample keys (prior.noise.SampleKeys), not a generator")
+            self.start_row = lambda: self.captured("start_row", self.eager_start_row)()
+            self.step = lambda: self.captured("step", self.eager_step)()
+
+    def eager_start_row(self):
+        self.network.start_row()
+
+    def eager_step(self):
+        network, job = self.network, self.job
+        drawn = job.draw(self.model, network.output(), self.generator, network.position)  # (n, 3) or (n,)
+        job.store(drawn, network.position)
+        network.feed(job.network_input(drawn[..., None, None]))
+        network.position.add_(1)
+
+    def captured(self, name, work):
+        """`work` as a CUDA graph's replay, captured on the first call (after one warm-up run on a side
+        stream, as capture needs; the position is then set back, so the warm-up's writes are redone)."""
+        replay = self.__dict__.get(f"{name}_replay")
+        if replay is None:
+            position = self.network.position.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                work()
+            torch.cuda.current_stream().wait_stream(side)
+            self.network.position.copy_(position)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work()
+            self.network.position.copy_(position)
+            replay = self.__dict__[f"{name}_replay"] = graph.replay
+        return replay
 
 
 @torch.no_grad()
 def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1.0, progress=False, *,
-                  prefix=None, kept=0, top_k=None, top_p=None, guidance=None) -> Tensor:
+                  prefix=None, kept=0, top_k=None, top_p=None, guidance=None, capture=False) -> Tensor:
     """n samples in raster order, (n, 3, H, W) in [-1, 1] or (n, H, W) codes: exactly what
     `sample_naive` returns for the same arguments and generator state, computing one new
     position per step instead of the whole grid.
@@ -532,7 +622,8 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
     `prefix`, `kept`: the first `kept` raster positions are `prefix`'s (returned unchanged; fed
     through the caches without drawing), sampling starts after them. `top_k`, `top_p`,
     `guidance`: see prior.drawing; under guidance the conditional and the null-class batch run
-    as one batch of 2n.
+    as one batch of 2n. `capture`: replay each step as a CUDA graph (CachedSteps; CUDA and
+    per-sample keys only).
     """
     job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
     x, shape = job.x, model.config.shape
@@ -541,7 +632,10 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
         for i, j in itertools.islice(raster_order(shape), job.kept):
             network.output_at(i, j)  # fills the layers' caches at (i, j)
             network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
-        for i, j in raster_order(shape, progress, job.kept):
-            x[..., i, j] = job.draw(model, network.output_at(i, j), generator)
-            network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
+        steps = CachedSteps(model, job, network, generator, capture)
+        network.position.fill_(job.kept)
+        for _, j in raster_order(shape, progress, job.kept):
+            if j == 0:
+                steps.start_row()
+            steps.step()
     return x

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.cli import HelpFormatter, run, user_path
+from pipelines.store.outputs import check_output, output_file
 
 MIN_DRAWN = 0.01  # a screenshot with fewer pixels than this (as a share) off its background colour is blank
 
@@ -41,7 +42,7 @@ def screenshot(chromium, page, png, window_size, timeout):
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{chromium} took over {timeout:.0f} s to render {page}") from None
-    if result.returncode or not png.is_file():
+    if result.returncode or not png.is_file() or not png.stat().st_size:
         raise OSError(f"{chromium} wrote no screenshot (exit {result.returncode}): {result.stderr.strip()[-300:]}")
 
 
@@ -59,7 +60,9 @@ def main():
         raise FileNotFoundError(f"{page} is not a file")
     if shutil.which(args.chromium) is None:
         raise FileNotFoundError(f"{args.chromium} not found: install Chromium (Debian: apt-get install chromium)")
-    screenshot(args.chromium, page, png, args.window_size, args.timeout)
+    check_output(png, "--screenshot", (".png",))
+    with output_file(png) as tmp:  # Chromium writes PNG whatever the name's suffix
+        screenshot(args.chromium, page, tmp, args.window_size, args.timeout)
     share = drawn_share(png)
     if share < MIN_DRAWN:
         raise ValueError(f"the screenshot {png} is blank: {share:.2%} of its pixels drawn")

@@ -8,7 +8,7 @@
 
 Images (files or folders of them) are read as an image folder reads them: 8-bit RGB, the shorter
 side resized to the model's image size and the centre kept. --keep is a fraction of the rows (0.5)
-or a row count (24). For each image --out-dir gets NNNN_NAME.png, one row: the image, the kept
+or a row count from 2 up (24): 1 is the fraction, the whole image. For each image --out-dir gets NNNN_NAME.png, one row: the image, the kept
 part (the rest grey), then the completions.
 
 A pixel model (--ckpt) keeps the kept pixels exactly. The pipeline (--vqvae --top --bottom) encodes
@@ -35,6 +35,7 @@ from pipelines.device import add_runtime_arguments, one_process_runtime
 from pipelines.infer.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
 from pipelines.infer.generation import check_drawing, load_pipeline, parse_label, read_label, sample_generators
 from pipelines.store.checkpoint import load_pixelsnail, write_image_grid
+from pipelines.store.outputs import check_output
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class",)  # one class for all completions
@@ -44,7 +45,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", type=user_path, help="image files or folders of images")
     add_model_options(p)
-    p.add_argument("--keep", default="0.5", help="rows kept: a fraction (0.5, the default) or a row count (24)")
+    p.add_argument("--keep", default="0.5", help="rows kept: a fraction of the rows in [0, 1] (0.5, the default; 1 keeps "
+                   "the whole image, as 1.0 does) or a row count from 2 up (24)")
     p.add_argument("--n", type=int, default=4, help="completions per image (default 4)")
     label_option(p, LABEL_FORMS, "the class of the completions, needed by class-conditional models")
     add_config_options(p, Drawing)
@@ -60,6 +62,7 @@ def check_args(args):
         raise ValueError(f"--n must be >= 1, got {args.n}")
     args.drawing = options_of(Drawing, args)
     parse_label(args.label, LABEL_FORMS)
+    check_output(args.out_dir, "--out-dir", directory=True)
 
 
 def main():
@@ -70,8 +73,7 @@ def main():
     complete, size = completer(args, runtime)
     images = torch.stack([read_image(file, size) for file in files])  # (N, 3, S, S) uint8, all read first
     rows = kept_rows(args.keep, size)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir)  # made by the first grid written
     for k, (file, image) in enumerate(zip(tqdm(files, desc="images"), runtime.images(images))):
         generator = sample_generators(args.seed, [k], runtime.device)[0]
         with runtime.autocast():

@@ -19,7 +19,6 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -28,8 +27,9 @@ from pipelines.eval.report import periodic_and_final, stored_config, write_repor
 from pipelines.eval.stages import psnr_db
 from pipelines.infer.extract import extract_with_vqvae
 from pipelines.infer.generation import generate, load_pipeline
-from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.checkpoint import write_image_grid
 from pipelines.store.codes import read_metadata
+from pipelines.store.outputs import check_output, output_file
 from pipelines.store.run_files import has_state, read_log
 from pipelines.train import priors
 from pipelines.train import vqvae as train_vqvae
@@ -49,7 +49,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    out = Path(args.out)
+    out = check_output(args.out, "--out", directory=True)
     budget = {"vqvae": 0.4 * args.minutes, "top": 0.25 * args.minutes, "bottom": 0.35 * args.minutes}
 
     print("== 1/4 VQ-VAE")
@@ -113,7 +113,7 @@ def demo_figures(out):
 def write_figures(out):
     """Writes RUN/figures.json (demo_figures) and returns its path."""
     path = out / "figures.json"
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         tmp.write_text(json.dumps(demo_figures(out), indent=2) + "\n")
     return path
 

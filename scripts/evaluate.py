@@ -5,7 +5,9 @@
   evaluate.py prior --ckpt RUN --codes codes.lmdb      a top or bottom prior on its code database: bits per
                                                        code on the held-out records (every 20th, as the
                                                        trainer holds them out) and on the training records:
-                                                       `held-out bits/code: X (train Y, gap +Z)`
+                                                       `held-out bits/code: X (train Y, gap +Z)`; on another
+                                                       database of its VQ-VAE, every record is held out:
+                                                       `held-out bits/code: X (another database: ...)`
   evaluate.py vqvae --ckpt RUN --data DATA             reconstruction MSE, PSNR, SSIM on the test split, codebook
                                                        usage and perplexity per level:
                                                        `test reconstruction mse: X (PSNR Y dB, SSIM Z)`
@@ -94,19 +96,21 @@ def stage_parser(stages, name, summary):
 def add_pixels_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="a run directory (its model.safetensors) or a checkpoint file")
     p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data evaluated")
 
 
 def add_prior_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="the prior's run directory or checkpoint file")
-    p.add_argument("--codes", type=user_path, required=True, help="the code database the prior was trained on")
+    p.add_argument("--codes", type=user_path, required=True,
+                   help="a code database of the prior's VQ-VAE: the one it trained on (held-out and train figures), "
+                   "or another (all its records held out)")
     p.add_argument("--max-records", type=int, default=None, help="at most this many records of each split (default all)")
 
 
 def add_vqvae_arguments(p):
     p.add_argument("--ckpt", type=user_path, required=True, help="the VQ-VAE's run directory or checkpoint file")
     p.add_argument("--data", type=user_path, required=True, help="the dataset, as given to the trainer ('builtin' included)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data evaluated")
     p.add_argument("--max-images", type=int, default=None, help="at most this many images (default the whole split)")
 
 
@@ -154,10 +158,16 @@ def prior(args):
         raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
     accelerator = stage_accelerator(args)
     result = evaluate_prior(args.ckpt, args.codes, accelerator, args.batch_size, args.max_records)
-    accelerator.print(f"{result['level']} prior: {result['heldout_records']} held-out and {result['train_records']} "
-                      "training records")
-    accelerator.print(f"held-out bits/code: {result['heldout_bits_per_code']:.4f} "
-                      f"(train {result['train_bits_per_code']:.4f}, gap {result['gap_bits_per_code']:+.4f})")
+    held_out = f"held-out bits/code: {result['heldout_bits_per_code']:.4f}"
+    if result["trained_on_database"]:
+        accelerator.print(f"{result['level']} prior on its code database {result['database']}: "
+                          f"{result['heldout_records']} held-out and {result['train_records']} training records")
+        accelerator.print(f"{held_out} (train {result['train_bits_per_code']:.4f}, "
+                          f"gap {result['gap_bits_per_code']:+.4f})")
+    else:
+        accelerator.print(f"{result['level']} prior on {result['database']}, not the code database it trained on: "
+                          f"all its {result['heldout_records']} records are held out")
+        accelerator.print(f"{held_out} (another database: no train figure)")
     return f"{result['level']}_prior", result, accelerator
 
 
@@ -172,7 +182,7 @@ def vqvae(args):
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
     result = evaluate_vqvae(model, loader, accelerator, desc=args.split)
-    for level in ("top", "bottom"):
+    for level in model.config.level_names:
         accelerator.print(f"{level} codes: {result[f'{level}_usage']:.1%} of {result[f'{level}_codes']} used, "
                           f"perplexity {result[f'{level}_perplexity']:.1f}")
     accelerator.print(f"{result['images']} {args.split} images")

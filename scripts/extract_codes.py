@@ -26,6 +26,7 @@ from accelerate import PartialState
 from pipelines.cli import HelpFormatter, run, user_path
 from pipelines.device import add_runtime_arguments
 from pipelines.infer.extract import extract_with_vqvae
+from pipelines.store.outputs import check_output
 
 INTERRUPTED = "interrupted: the batches committed so far are kept; run the same command again to resume"
 
@@ -36,7 +37,7 @@ def parse_args():
     p.add_argument("--data", type=user_path, required=True, help="'builtin' (crops of scikit-image's sample photos), "
                    "a CIFAR-10 tarball/folder, an ImageNet 32x32 npz file/folder, or an image folder")
     p.add_argument("--out", type=user_path, required=True, help="code database to write (an LMDB directory)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--split", default="train", choices=["train", "test"], help="the split of --data to encode")
     p.add_argument("--size", type=int, default=None,
                    help="image size (default: the size the VQ-VAE was trained on)")
     p.add_argument("--n-classes", type=int, default=None,
@@ -51,9 +52,10 @@ def parse_args():
 
 def main():
     args = parse_args()
+    check_output(args.out, "--out", directory=True)  # an LMDB directory: made, or resumed, by the extraction
     count = extract_with_vqvae(args.vqvae, args.data, args.out, args.split, args.size, args.n_classes,
                                args.batch_size, args.workers, args.device, args.precision)
-    PartialState().print(f"wrote {count} records to {args.out}")
+    PartialState().print(f"{args.out}: {count} records, complete")  # true whether this run wrote them or found them
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pipelines.eval.report import write_report
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=user_path, metavar="RUN_DIR", help="runs or pipeline directories")
-    p.add_argument("--out", type=user_path, help="the HTML file to write (default: FIRST_RUN_DIR/report.html)")
+    p.add_argument("--out", type=user_path, help="the HTML file to write, .html or .htm (default: FIRST_RUN_DIR/report.html)")
     p.add_argument("--curves", type=user_path, help="also write the losses of every run, side by side, as this PNG")
     return p.parse_args()
 

@@ -10,12 +10,14 @@
 --vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files.
 The three must belong together: the priors trained on codes of that VQ-VAE checkpoint. Runs on
 CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
-natively (--precision; the priors' softmax is always fp32). Sample i draws from a generator
-seeded by (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the
-number of processes (up to rounding: see docs/pipeline.md).
+natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
+of (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the number of
+processes (up to rounding: see docs/sampling.md). --batch-size auto picks the largest batch whose
+caches fit the free memory; --capture replays each step as a CUDA graph.
 
---out-dir writes one PNG per sample ({index:06d}_label{label}.png) and samples.npz (uint8 images
-(N, S, S, 3), top and bottom codes, labels); a re-run skips the samples already written.
+--out-dir writes one PNG per sample ({index:06d}_label{label}.png), samples.npz (uint8 images
+(N, S, S, 3), top and bottom codes, labels) and fid_images.npz (the images as arr_0, what FID
+evaluators read); a re-run skips the samples already written.
 --out writes them as one grid (one row per class when there are several); without --out-dir it
 is written by default (samples.png), and only then may --save-codes be given.
 
@@ -36,9 +38,11 @@ from safetensors.torch import save_file
 
 from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
 from pipelines.device import add_runtime_arguments, make_runtime
-from pipelines.infer.generation import ALL, SampleJob, check_drawing, load_pipeline, parse_label, read_label
+from pipelines.infer.generation import (ALL, SampleJob, check_drawing, load_pipeline, parse_label, plan_batch_size,
+                                        read_label)
 from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
-from pipelines.store.checkpoint import atomic_path, write_image_grid
+from pipelines.store.checkpoint import write_image_grid
+from pipelines.store.outputs import check_output, output_file
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class", "list", ALL)
@@ -49,40 +53,67 @@ def parse_args():
     add_model_options(p, pixel_model=False, required=True)
     p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
     label_option(p, LABEL_FORMS, "class of the samples, needed by class-conditional priors")
-    p.add_argument("--batch-size", type=int, default=16, help="samples drawn together per process (default 16)")
+    p.add_argument("--batch-size", type=batch_size_option, default=16,
+                   help="samples drawn together per process, or auto: the largest batch whose sampling caches fit "
+                   "the free memory (the plan is printed) (default 16)")
     add_config_options(p, Drawing)
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples' generators (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' random numbers (default 0)")
     p.add_argument("--out", type=user_path, default=None, help="image grid to write (default samples.png without --out-dir)")
     p.add_argument("--out-dir", type=user_path, default=None, help="directory for one PNG per sample and samples.npz (resumable)")
     p.add_argument("--save-codes", type=user_path, default=None, help="also write the sampled codes here (.safetensors)")
+    p.add_argument("--capture", action="store_true",
+                   help="replay each sampling step as a CUDA graph, captured once per prior (CUDA only): "
+                   "no launch overhead per step")
     add_runtime_arguments(p)
     return p.parse_args()
+
+
+def batch_size_option(value):
+    """--batch-size: a number, or auto (checked in check_args, so that the refusal is one line)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, got {value!r}") from None
 
 
 def check_args(args):
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
+    if args.batch_size != "auto" and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     args.drawing = options_of(Drawing, args)
     parse_label(args.label, LABEL_FORMS)
-    for option, path, suffix in (("--out", args.out, ".png"), ("--save-codes", args.save_codes, ".safetensors")):
-        if path is not None and not path.lower().endswith(suffix):
-            raise ValueError(f"{option} {path}: the file is written as {suffix}, so its name must end in {suffix}")
     if args.out_dir is not None and args.save_codes is not None:
         raise ValueError("--save-codes goes without --out-dir: samples.npz holds the codes")
     if args.out_dir is None and args.out is None:
         args.out = "samples.png"
+    for option, path, suffixes in (("--out", args.out, (".png",)), ("--save-codes", args.save_codes, (".safetensors",))):
+        if path is not None:
+            check_output(path, option, suffixes)
+    if args.out_dir is not None:
+        check_output(args.out_dir, "--out-dir", directory=True)
 
 
-def main():
-    args = parse_args()
+INTERRUPTED = "interrupted"
+INTERRUPTED_DIR = ("interrupted: the samples written to --out-dir are kept; run the same command again to resume "
+                   "after them")
+
+
+def main(args):
     check_args(args)
     runtime = make_runtime(args.device, args.precision)
     pipeline = load_pipeline(*chosen_model(args, instead=None)).to(runtime)
     check_drawing(pipeline, args.drawing)
     labels = read_label(args.label, LABEL_FORMS, pipeline.n_classes)
-    job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing)
+    job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing, args.capture)
+    if args.capture and runtime.device.type != "cuda":
+        raise ValueError(f"--capture replays CUDA graphs: it needs --device cuda (this run is on {runtime.device.type})")
+    if args.batch_size == "auto":
+        args.batch_size, plan = plan_batch_size(pipeline, runtime, job)
+        if runtime.processes.is_main_process:
+            print(plan)
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:
@@ -94,7 +125,7 @@ def main():
     if args.out:
         write_grid(samples, job, args.out)
     if args.save_codes:
-        with atomic_path(args.save_codes) as tmp:
+        with output_file(args.save_codes) as tmp:  # checked before the work, with --out
             save_file({name: torch.from_numpy(samples[name].astype("int64")) for name in ("top_codes", "bottom_codes")},
                       tmp)
     where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)
@@ -109,4 +140,5 @@ def write_grid(samples, job, path):
 
 
 if __name__ == "__main__":
-    run(main)
+    arguments = parse_args()
+    run(lambda: main(arguments), interrupted=INTERRUPTED_DIR if arguments.out_dir else INTERRUPTED)

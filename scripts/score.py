@@ -38,6 +38,7 @@ from pipelines.infer.extract import count_classes
 from pipelines.infer.generation import load_pipeline, parse_label
 from pipelines.infer.scoring import LABEL_FORMS, choose_labels, score_dataset, score_pipeline, score_pixels
 from pipelines.store.checkpoint import load_pixelsnail
+from pipelines.store.outputs import check_output
 
 
 def parse_args():
@@ -50,7 +51,7 @@ def parse_args():
                  "; default data for --data, required for files")
     p.add_argument("--out", type=user_path, default="scores.csv", help="the CSV written")
     p.add_argument("--maps", type=user_path, metavar="DIR", help="also write a heat map PNG per image into DIR")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images scored together")
     add_runtime_arguments(p, precision_default="fp32", precision_note="; default fp32, as evaluate.py")
     return p.parse_args()
 
@@ -62,6 +63,9 @@ def check_args(args):
         raise ValueError("give the images as --data (a dataset) or as files and folders, one of the two")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output(args.out, "--out", (".csv",))
+    if args.maps is not None:
+        check_output(args.maps, "--maps", directory=True)
 
 
 def main():

@@ -97,6 +97,13 @@ def test_sample_pipeline_quick_counts_flops_and_weight_bytes(tmp_path):
         for dtype in results["precisions"]:
             assert level["seconds_per_position"][dtype] > 0 and level["total_s"][dtype] > 0, name
             assert results["decode"][dtype] > 0
+    rows = {(row["preset"], row["batch"], row["variant"]): row for row in results["batches"]}
+    for preset in ("cpu-top", "cpu-bottom"):
+        before, after = rows[preset, 4, "before"], rows[preset, 4, "after"]
+        assert before["samples_per_s"] > 0 and after["samples_per_s"] > 0
+        # the per-sample loop adds ops with the batch; the keyed draw does not
+        assert after["ops_per_position"] == rows[preset, 1, "after"]["ops_per_position"]
+        assert before["ops_per_position"] > rows[preset, 1, "before"]["ops_per_position"]
 
 
 def test_committed_pipeline_markdown_is_made_from_committed_json():

@@ -131,3 +131,45 @@ def test_pixel_mode_is_causal_in_channel_order(attention, streams):
         assert torch.all(grad[0, c + 1 :, i, j] == 0), f"channel {c} sees a later channel"
         assert torch.all(grad[0, :c, i, j] != 0), f"channel {c} is blind to an earlier channel"
         assert torch.all(grad[0, :, i, j + 1 :] == 0) and torch.all(grad[0, :, i + 1 :] == 0)
+
+
+# -- attention dropout: training drops attention weights; that adds no dependence, and sampling
+# (always in eval mode) is unaffected
+
+
+def attention_dropout_model(mode):
+    condition = dict(n_mixtures=2, n_classes=3) if mode == "pixels" else CODES
+    config = PixelSNAILConfig(shape=SHAPE, attention=True, n_heads=2, attention_dropout=0.5, **condition, **SMALL)
+    return build(config)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode", ["pixels", "codes"])
+def test_attention_dropout_is_strictly_causal_in_training_and_without_blind_spot_in_eval(mode):
+    model = attention_dropout_model(mode)
+    check_strictly_causal_without_blind_spot(model)  # eval mode: no dropout
+    model.train()  # every copy of the batch draws its own dropout mask: some dependences vanish, none appear
+    seen = dependence(model)
+    later = torch.ones(N_POSITIONS, N_POSITIONS, dtype=torch.bool).triu()
+    assert torch.all(seen[later] == 0), "with attention dropout an output depends on its own position or a later one"
+    assert seen[~later].count_nonzero() > seen[~later].numel() // 2  # a real dependence map, not all zeros
+    x, label, cond = model_inputs(model.config, 2)
+    if model.config.pixel_mode:
+        x = x.double()
+    assert not torch.equal(model(x, label, cond), model(x, label, cond)), "attention dropout is off in training"
+    model.eval()
+    assert torch.equal(model(x, label, cond), model(x, label, cond))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode, training", [("pixels", False), ("codes", False), ("codes", True)])
+def test_attention_dropout_leaves_the_cached_sampler_equal_to_the_naive_one(mode, training):
+    """Sampling runs in eval mode (a model in training mode is switched for it), so the cached
+    sampler, which has no dropout of its own, draws what the naive one draws."""
+    from prior.sampling import sample_cached
+
+    model = attention_dropout_model(mode).float().train(training)
+    _, label, cond = model_inputs(model.config, 3)
+    naive = model.sample(3, label, cond, torch.Generator().manual_seed(1), cache=False)
+    cached = sample_cached(model, 3, label, cond, torch.Generator().manual_seed(1))
+    assert torch.equal(cached, naive) and model.training == training

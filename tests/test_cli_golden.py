@@ -75,3 +75,19 @@ def test_every_scripts_command_line_is_the_recorded_one(monkeypatch):
     assert sorted(records) == sorted(golden), "scripts added or removed: UPDATE_GOLDEN=1 records them"
     for name in golden:
         assert records[name] == golden[name], f"scripts/{name}'s command line changed (UPDATE_GOLDEN=1 records it)"
+
+
+def parsers_of(parser):
+    """A parser and its sub-commands' parsers."""
+    subs = [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for sub in action.choices.values()]
+    return [parser, *(nested for sub in subs for nested in parsers_of(sub))]
+
+
+def test_every_option_of_every_script_has_help(monkeypatch):
+    """--help explains every option and argument (a sub-command's too)."""
+    missing = [f"{name} {parser.prog}: {'/'.join(action.option_strings) or action.dest}"
+               for name in SCRIPTS for parser in parsers_of(caught_parser(name, monkeypatch))
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()]
+    assert missing == []

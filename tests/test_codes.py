@@ -21,7 +21,8 @@ from launch import drain, launch_command, run_in_process
 from pipelines.cli import run
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes, write_codes
-from pipelines.store.codes import META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, read_metadata, record_key
+from pipelines.store.codes import (META_KEY, PLAN_KEY, CodeDataset, CodeStoreError, CodeWriter, read_metadata,
+                                   record_key, record_size)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # scripts import this checkout's packages
@@ -352,7 +353,11 @@ def test_reader_refuses_a_foreign_lmdb(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     pytest.param({"format": "imagenet-lmdb"}, "not a code database: its __meta__ has format 'imagenet-lmdb'", id="format"),
-    pytest.param({"format_version": 2}, "format_version 2, newer than this code reads", id="newer-version"),
+    pytest.param({"format_version": 3}, "format_version 3, newer than this code reads", id="newer-version"),
+    pytest.param({"levels": 3}, "lacks middle_shape, middle_codes", id="levels-without-their-grids"),
+    pytest.param({"levels": 1}, "has levels 1: expected an integer >= 2", id="one-level"),
+    pytest.param({"levels": 3, "middle_shape": [3, 3], "middle_codes": 5}, "has 3 levels but format_version 1",
+                 id="levels-in-version-1"),
     pytest.param({"count": 41}, "holds 40 records but its metadata says 41", id="count"),
 ])
 def test_reader_refuses_bad_metadata(complete_db, changes, message):
@@ -537,11 +542,12 @@ def test_script_extracts_a_tiny_vqvae_and_resumes_nothing_when_done(tiny_vqvae, 
 
     result = run_in_process("scripts/extract_codes.py", *args)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"wrote 10 records to {out}"
+    assert result.stdout.strip().splitlines()[-1] == f"{out}: 10 records, complete"
     # the reruns before this process reads the records: lmdb opens a database once per process
     again = run_in_process("scripts/extract_codes.py", *args)
     assert again.returncode == 0, again.stderr
-    assert "is complete already" in again.stdout
+    assert "is complete already" in again.stdout and "wrote" not in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == f"{out}: 10 records, complete"
     other_split = run_in_process("scripts/extract_codes.py", *args, "--split", "test")
     assert other_split.returncode == 2 and "made by a different job" in other_split.stderr
 
@@ -564,7 +570,7 @@ def test_two_processes_write_the_database_one_process_writes(tiny_vqvae, tmp_pat
                             capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es) on cpu, precision fp32" in result.stdout
-    assert result.stdout.count(f"wrote 10 records to {two}") == 1
+    assert result.stdout.count(f"{two}: 10 records, complete") == 1
     assert stored_items(two) == stored_items(one)
 
 
@@ -618,8 +624,8 @@ def damage(path, problem: str) -> str:
             file.truncate(3 * 4096)
         return "is truncated: data.mdb holds 12288 bytes"
     if problem == "newer-version":
-        rewrite_metadata(path, format_version=2)
-        return "has format_version 2, newer than this code reads"
+        rewrite_metadata(path, format_version=3)
+        return "has format_version 3, newer than this code reads"
     if problem == "incomplete":
         rewrite(path, META_KEY, None)
         return "is incomplete: extraction did not finish"
@@ -653,3 +659,127 @@ def test_train_prior_script_stops_at_a_damaged_record_with_one_line(complete_db,
     assert "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: {complete_db} record \d+ \(key [0-9a-f]{{16}}\) has {message}: damaged record", error)
+
+
+# -- levels: records hold every level; a two-level database is the one this format always wrote
+
+# A two-level database of three records (2x2 top codes < 6, 4x4 bottom codes < 5, three classes)
+# written by the code of commit d7312e8, before the number of levels became a parameter: every
+# LMDB key and value as hex, and the labels and codes it was written from.
+TWO_LEVEL_DATABASE = Path(__file__).parent / "fixtures" / "codes_two_levels.json"
+
+
+def two_level_database(path) -> dict:
+    """The fixture's database rebuilt at `path` byte for byte; -> the fixture."""
+    fixture = json.loads(TWO_LEVEL_DATABASE.read_text())
+    with lmdb.open(str(path), subdir=True, map_size=2**20) as env, env.begin(write=True) as txn:
+        for key, value in fixture["records"].items():
+            txn.put(bytes.fromhex(key), bytes.fromhex(value))
+    return fixture
+
+
+def test_a_two_level_database_written_before_levels_reads_unchanged_and_is_what_is_written_now(tmp_path):
+    fixture = two_level_database(tmp_path / "old.lmdb")
+    codes = CodeDataset(tmp_path / "old.lmdb")
+    metadata = codes.metadata
+    assert "levels" not in metadata and metadata["format_version"] == 1 and len(codes) == 3
+    for index, (top, bottom, label) in enumerate(codes):
+        assert top.tolist() == fixture["top"][index] and bottom.tolist() == fixture["bottom"][index]
+        assert label.item() == fixture["labels"][index]
+    plan = {name: metadata[name] for name in metadata if name not in ("format", "format_version", "count")}
+    batch = (torch.tensor(fixture["labels"]), torch.tensor(fixture["top"]), torch.tensor(fixture["bottom"]))
+    for given in (plan, {**plan, "levels": 2}):  # saying two levels writes the same database
+        new = tmp_path / f"new-{len(given)}.lmdb"
+        write_codes(new, given, [batch])
+        assert {key.hex(): value.hex() for key, value in stored_items(new)} == fixture["records"]
+
+
+def test_an_extraction_begun_before_levels_resumes(tmp_path):
+    """An incomplete two-level database (no `levels` in its plan) continues with today's plan."""
+    dataset = make_dataset(8)
+    extract_codes(fake_encode, dataset, tmp_path / "whole.lmdb", make_plan(), batch_size=4, progress=False)
+    begun = tmp_path / "begun.lmdb"
+    with lmdb.open(str(begun), subdir=True, map_size=2**20) as env, env.begin(write=True) as txn:
+        for key, value in stored_items(tmp_path / "whole.lmdb"):
+            if key != META_KEY and key not in (record_key(i) for i in range(4, 8)):
+                txn.put(key, value)
+    assert extract_codes(fake_encode, dataset, begun, make_plan(levels=2), batch_size=4, progress=False) == 8
+    assert stored_items(begun) == stored_items(tmp_path / "whole.lmdb")
+
+
+def three_level_plan(**changes) -> dict:
+    return make_plan(levels=3, top_shape=(1, 1), middle_shape=(2, 2), bottom_shape=(4, 4), middle_codes=7, **changes)
+
+
+def three_level_batch(n: int):
+    """(labels, top (n, 1, 1), middle (n, 2, 2), bottom (n, 4, 4)) codes."""
+    generator = torch.Generator().manual_seed(n)
+    grids = [torch.randint(0, size, (n, side, side), generator=generator) for size, side in ((5, 1), (7, 2), (300, 4))]
+    return torch.arange(n) % 3, *grids
+
+
+def test_three_levels_round_trip_with_their_count_in_the_metadata(tmp_path):
+    labels, top, middle, bottom = three_level_batch(6)
+    assert write_codes(tmp_path / "codes.lmdb", three_level_plan(), [(labels, top, middle, bottom)]) == 6
+    with lmdb.open(str(tmp_path / "codes.lmdb"), subdir=True, readonly=True, lock=False) as env, env.begin() as txn:
+        flat = [c for grid in (top, middle, bottom) for c in grid[1].flatten().tolist()]
+        assert txn.get(record_key(1)) == record_bytes(labels[1].item(), flat, [])
+    codes = CodeDataset(tmp_path / "codes.lmdb")
+    assert codes.metadata["levels"] == 3 and codes.metadata["format_version"] == 2
+    assert record_size(codes.metadata) == 4 + 2 * (1 + 4 + 16)
+    for index in range(6):
+        record = codes[index]
+        assert len(record) == 4 and all(t.dtype == torch.int64 for t in record)
+        for got, want in zip(record, (top[index], middle[index], bottom[index], labels[index])):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("plan, batch, message", [
+    pytest.param(dict(levels=3), None, "lacks middle_shape, middle_codes", id="missing-level"),
+    pytest.param(dict(level3_shape=(8, 8)), None, "unknown fields level3_shape", id="unknown-level"),
+    pytest.param({}, lambda b: b[:3], r"encode gave 2 code grids, expected 3 \(top, middle, bottom\)", id="grids"),
+    pytest.param({}, lambda b: (b[0], b[1], b[2] + 7, b[3]), r"middle codes 7..13, outside \[0, 7\)", id="range"),
+])
+def test_bad_three_level_plans_and_batches_are_refused(tmp_path, plan, batch, message):
+    given = make_plan(**plan) if plan else three_level_plan()
+    batches = [(batch or (lambda b: b))(three_level_batch(2))]
+    with pytest.raises((CodeStoreError, ValueError), match=message):
+        write_codes(tmp_path / "codes.lmdb", given, batches)
+
+
+def test_a_three_level_vqvae_extracts_every_level_and_priors_refuse_it_for_now(tmp_path, tiny_vqvae):
+    from pipelines.data.codes import code_splits
+    from pipelines.data.datasets import load_dataset, to_model_range
+    from pipelines.infer.extract import extract_with_vqvae
+    from pipelines.store.checkpoint import save_checkpoint
+    from vqvae import VQVAE2, VQVAE2Config
+
+    image_folder, _, _ = tiny_vqvae
+    torch.manual_seed(0)
+    model = VQVAE2(VQVAE2Config(levels=3, top_codes=8, middle_codes=16, bottom_codes=300, code_dim=4, channels=8,
+                                res_channels=4, n_res_blocks=1)).eval()
+    save_checkpoint(tmp_path / "vqvae" / "model.safetensors", model.state_dict(), "vqvae2", model.config, image_size=32)
+    out = tmp_path / "codes.lmdb"
+    assert extract_with_vqvae(tmp_path / "vqvae", str(image_folder), out) == 10
+    codes = CodeDataset(out)
+    assert [codes.metadata[f"{name}_shape"] for name in ("top", "middle", "bottom")] == [[2, 2], [4, 4], [8, 8]]
+    assert [codes.metadata[f"{name}_codes"] for name in ("top", "middle", "bottom")] == [8, 16, 300]
+    images = load_dataset(str(image_folder), "train", 32)
+    with torch.no_grad():
+        expected = model.encode(to_model_range(torch.stack([images[i][0] for i in range(10)])))
+    for k, level_codes in enumerate(expected):
+        assert torch.equal(torch.stack([codes[i][k] for i in range(10)]), level_codes)
+    with pytest.raises(ValueError, match=r"holds 3 levels of codes \(top, middle, bottom\): priors are trained on "
+                                         r"two-level code databases"):
+        code_splits(out, "top")
+
+
+def test_the_reports_codebook_histograms_count_every_level(tmp_path):
+    from pipelines.eval.report import code_counts
+
+    labels, top, middle, bottom = three_level_batch(6)
+    write_codes(tmp_path / "codes.lmdb", three_level_plan(), [(labels, top, middle, bottom)])
+    counts = code_counts(CodeDataset(tmp_path / "codes.lmdb"))
+    assert list(counts) == ["top", "middle", "bottom"]
+    for count, grid, size in zip(counts.values(), (top, middle, bottom), (5, 7, 300)):
+        assert count.tolist() == torch.bincount(grid.flatten(), minlength=size).tolist()

@@ -22,8 +22,10 @@ def cell(grid, k, size):
 def test_keep_is_a_fraction_or_a_row_count():
     assert kept_rows("0.5", 32) == 16 and kept_rows("0.3", 32) == 9 and kept_rows("1.0", 32) == 32
     assert kept_rows("12", 32) == 12 and kept_rows("0", 32) == 0 and kept_rows("32", 32) == 32
-    for bad, message in (("33", r"row count must lie in \[0, 32\]"), ("1.5", "fraction"), ("-1", "row count"),
-                         ("nan", "fraction"), ("half", "a fraction of the rows")):
+    assert kept_rows("1", 32) == 32 and kept_rows("1", 8) == 8 and kept_rows("0.0", 32) == 0  # 1 is 1.0: all rows
+    assert kept_rows("2", 32) == 2 and kept_rows("0.03125", 32) == 1  # one row is a fraction
+    for bad, message in (("33", r"whole row count in \[2, 32\]"), ("1.5", "fraction"), ("-1", "row count"),
+                         ("nan", "fraction"), ("half", "a fraction of the rows"), ("2.0", "whole row count")):
         with pytest.raises(ValueError, match=message):
             kept_rows(bad, 32)
     assert covering_rows(8, 64, 8) == 1 and covering_rows(9, 64, 8) == 2 and covering_rows(0, 64, 16) == 0
@@ -69,7 +71,7 @@ def test_complete_refuses_bad_input_in_one_line_and_writes_nothing(pixel_model, 
     root = pixel_model
     base = ["scripts/complete.py", "--ckpt", str(root / "pixels.safetensors"), "--out-dir", str(tmp_path / "out")]
     for run, extra, message in ((run_script, [str(root / "missing.png")], "image not found"),
-                                (run_in_process, [str(root / "images"), "--keep", "9"], "row count must lie in [0, 8]"),
+                                (run_in_process, [str(root / "images"), "--keep", "9"], "row count in [2, 8]"),
                                 (run_in_process, [str(root / "images"), "--top-k", "3"], "code mode only"),
                                 (run_in_process, [str(root / "images"), "--label", "1"], "not class-conditional"),
                                 (run_in_process, [str(root / "images"), "--vqvae", str(root)], "give either --ckpt")):

@@ -95,6 +95,22 @@ def test_cached_sampler_equals_naive_on_cuda(name):
     assert torch.equal(*draws)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_captured_steps_draw_what_eager_steps_draw_on_cuda(name):
+    """One CUDA graph per level (row start, step), replayed at every position, with per-sample keys:
+    the same samples as the eager steps, a prefix kept mid-row included."""
+    from prior.noise import SampleKeys
+    from prior.sampling import sample_cached
+
+    config = CONFIGS[name]
+    model = trained_looking(config)
+    prefix, label, cond = inputs(config, 3, torch.Generator().manual_seed(3))
+    for options in ({}, {"prefix": prefix, "kept": config.shape[1] + 2}):
+        eager, captured = (sample_cached(model, 3, label, cond, SampleKeys.of(4, range(3), CUDA), capture=capture,
+                                         **options) for capture in (False, True))
+        assert torch.equal(eager, captured)
+
+
 # -- the scripts on CUDA ----------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import shlex
+import shutil
 import struct
 import tarfile
 
@@ -401,9 +402,12 @@ def test_a_linked_folder_counts_once_and_links_elsewhere_are_followed(tmp_path):
     root = tmp_path / "data"
     (root / "cats").mkdir(parents=True)
     (root / "cats" / "photos").symlink_to(outside, target_is_directory=True)
-    (root / "dogs").symlink_to(outside, target_is_directory=True)  # the same real folder again
-    files = load_dataset(str(root), "train").files + load_dataset(str(root), "test").files
-    assert len(files) == 11 and len({file.resolve() for file in files}) == 11
+    (root / "cats" / "again").symlink_to(outside, target_is_directory=True)  # the same real folder again
+    save_image(root / "dogs" / "dog.png", random_images(np.random.default_rng(12), 1)[0])
+    train, test = load_dataset(str(root), "train"), load_dataset(str(root), "test")
+    files = train.files + test.files
+    assert len(files) == 12 and len({file.resolve() for file in files}) == 12
+    assert [label for dataset in (train, test) for label in dataset.labels].count(1) == 1  # dogs: its own image
 
 
 def test_an_image_in_both_train_and_test_is_refused(tmp_path):
@@ -450,6 +454,149 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError) as excinfo:
         load_dataset(str(single.parent), "train")
     assert_one_line_error(excinfo, "1 image")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data layouts: which folders are splits, which are classes
+
+
+def images_in(folder, names, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        save_image(folder / name, random_images(rng, 1, 8)[0])
+
+
+SYNSETS = ("n01440764", "n01443537", "n01484850")
+
+
+def imagenet_layout(root, test_folder="val"):
+    """ImageNet's own layout, three synsets: train/<synset>/ (6 images each), <test_folder>/<synset>/ (2 each)."""
+    for k, synset in enumerate(SYNSETS):
+        images_in(root / "train" / synset, [f"{synset}_{i}.JPEG" for i in range(6)], seed=k)
+        images_in(root / test_folder / synset, [f"ILSVRC2012_val_{k}{i}.JPEG" for i in range(2)], seed=10 + k)
+    return root
+
+
+@pytest.mark.parametrize("test_folder", ["val", "valid", "validation", "test"])
+def test_imagenet_layout_is_two_splits_of_its_synsets_not_two_classes(tmp_path, test_folder):
+    """It once loaded as 18 training images of the classes ['train', 'val'], every 10th held out."""
+    root = imagenet_layout(tmp_path / "imagenet", test_folder)
+    train, test = load_dataset(str(root), "train", 8), load_dataset(str(root), "test", 8)
+    assert train.classes == test.classes == list(SYNSETS)
+    assert len(train) == 18 and all(file.parts[-3] == "train" for file in train.files)
+    assert len(test) == 6 and all(file.parts[-3] == test_folder for file in test.files)
+    assert train.labels == [0] * 6 + [1] * 6 + [2] * 6 and test.labels == [0, 0, 1, 1, 2, 2]
+    assert [file.parent.name for file in test.files] == [SYNSETS[label] for label in test.labels]
+
+
+def test_ffhq_flat_folder_is_unconditional_with_every_tenth_held_out(tmp_path):
+    """FFHQ as most copies ship it: one flat folder of numbered images, no labels."""
+    images_in(tmp_path / "ffhq", [f"{i:05d}.png" for i in range(20)])
+    train, test = load_dataset(str(tmp_path / "ffhq"), "train", 8), load_dataset(str(tmp_path / "ffhq"), "test", 8)
+    assert train.classes == [] and set(train.labels) == set(test.labels) == {0}
+    assert [file.name for file in test.files] == ["00000.png", "00010.png"] and len(train) == 18
+
+
+def test_class_folders_without_splits_are_classes_even_one_named_train(tmp_path):
+    """A folder of class folders holds out every 10th image; a class called `train` among others
+    (CIFAR-100 has one) stays a class: only a root whose subfolders are all split names has splits."""
+    for k, name in enumerate(("bus", "train", "tram")):
+        images_in(tmp_path / "vehicles" / name, [f"{i}.png" for i in range(5)], seed=k)
+    train = load_dataset(str(tmp_path / "vehicles"), "train", 8)
+    test = load_dataset(str(tmp_path / "vehicles"), "test", 8)
+    assert train.classes == ["bus", "train", "tram"]
+    assert test.labels == [0, 2] and [f.parent.name for f in test.files] == ["bus", "tram"]  # files 0 and 10 of 15
+    assert sorted(train.labels + test.labels) == [0] * 5 + [1] * 5 + [2] * 5
+
+
+def test_a_root_holding_only_train_is_read_as_train_without_splits(tmp_path):
+    for k, synset in enumerate(SYNSETS):
+        images_in(tmp_path / "train" / synset, [f"{i}.png" for i in range(5)], seed=k)
+    train, test = load_dataset(str(tmp_path), "train", 8), load_dataset(str(tmp_path), "test", 8)
+    assert train.classes == list(SYNSETS) and len(train) + len(test) == 15 and len(test) == 2
+
+
+@pytest.mark.parametrize("case", ["flat val with labels file", "flat train"])
+def test_a_split_without_class_folders_beside_one_with_them_is_refused(tmp_path, case):
+    """ImageNet's validation images as first shipped: 50,000 files in val/ and their labels in a text file."""
+    root = imagenet_layout(tmp_path / "imagenet")
+    flat = "val" if case == "flat val with labels file" else "train"
+    shutil.rmtree(root / flat)
+    images_in(root / flat, [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(4)])
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n")
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(root), split, 8)
+        assert_one_line_error(excinfo, root / flat, "without class folders", "not supported yet", f"{flat}/<class>/")
+
+
+def test_split_folders_that_cannot_be_told_apart_are_refused(tmp_path):
+    both = imagenet_layout(tmp_path / "both")
+    images_in(both / "test", ["unlabelled.JPEG"])
+    no_train = tmp_path / "no_train"
+    images_in(no_train / "val" / "a", ["x.png"])
+    extra = imagenet_layout(tmp_path / "extra")
+    images_in(extra / "extras" / "a", ["x.png"])
+    loose = tmp_path / "loose"
+    images_in(loose / "train", ["a.png"])
+    images_in(loose, ["b.png"])
+    for root, fragments in ((both, ["test/, train/, val/", "more than one test split"]),
+                            (no_train, ["no train/ beside val/"]),
+                            (extra, ["split folders beside other folders", "move extras/ out"]),
+                            (loose, ["1 image(s) lie directly in", "b.png", "beside the split folders train/"])):
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(root), "train", 8)
+        assert_one_line_error(excinfo, root, *fragments)
+
+
+# Links and class folders: an image has one class, a class has images
+
+
+@pytest.mark.parametrize("link", ["a/more -> ../b", "b/more -> ../a", "hard link a/x.png = b/x.png", "split"])
+def test_an_image_reachable_from_two_class_folders_is_refused(tmp_path, link):
+    """`a/more -> ../b` once gave b's images a's label, left b empty and made one class of two."""
+    root = tmp_path / "data" / "train" if link == "split" else tmp_path / "data"
+    images_in(root / "a", ["x.png", "y.png"], seed=1)
+    images_in(root / "b", ["z.png", "w.png"], seed=2)
+    if link == "split":  # the same inside each split of a root with splits
+        images_in(tmp_path / "data" / "test" / "a", ["t.png"], seed=3)
+        (root / "a" / "more").symlink_to("../b", target_is_directory=True)
+    elif link.startswith("hard"):
+        os.link(root / "a" / "x.png", root / "b" / "x.png")
+    else:
+        source, target = link.split(" -> ")
+        (root / source).symlink_to(target, target_is_directory=True)
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(str(tmp_path / "data"), split, 8)
+        assert_one_line_error(excinfo, "are the same image, in both class folders a and b")
+
+
+@pytest.mark.parametrize("place", ["classes", "split"])
+def test_an_empty_class_folder_and_a_dangling_class_link_are_refused(tmp_path, place):
+    """A dangling link in place of a class folder once removed the class without a word."""
+    root = tmp_path / "data" / "train" if place == "split" else tmp_path / "data"
+    images_in(root / "a", ["x.png", "y.png"])
+    if place == "split":
+        images_in(tmp_path / "data" / "test" / "a", ["t.png"])
+    (root / "b").mkdir()
+    (root / "b" / "readme.txt").write_text("no images")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path / "data"), "train", 8)
+    assert_one_line_error(excinfo, f"class folder {root / 'b'} holds no images")
+    shutil.rmtree(root / "b")
+    (root / "b").symlink_to(tmp_path / "unmounted" / "b", target_is_directory=True)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path / "data"), "train", 8)
+    assert_one_line_error(excinfo, "broken link", root / "b", tmp_path / "unmounted" / "b")
+
+
+def test_a_dangling_split_folder_link_is_refused(tmp_path):
+    images_in(tmp_path / "data" / "train" / "a", ["x.png"])
+    (tmp_path / "data" / "val").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(str(tmp_path / "data"), "train", 8)
+    assert_one_line_error(excinfo, "broken link", tmp_path / "data" / "val")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the sample metrics themselves: CAS, local FID / KID, the refusals of Inception w
 import json
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import torch
 from launch import ok
 from pipelines.data.datasets import builtin_split_photos, load_dataset, to_model_range
 from pipelines.eval.classifier import ClassifierConfig, train_classifier
+from pipelines.eval.report import write_report
 from pipelines.eval.sample_metrics import (LabelledImages, evaluate_samples, inception_fid_metric, load_samples,
                                            local_fid_kid, real_images)
+from pipelines.infer.extract import extract_with_vqvae
 from pipelines.store.checkpoint import load_pixelsnail, load_vqvae
 from pipelines.store.codes import CodeDataset
 from test_inputs import assert_refused, script  # noqa: F401 (script: a fixture)
@@ -46,6 +49,49 @@ def test_prior_bits_per_code_held_out_and_train(tiny, tmp_path):
     assert result["heldout_bits_per_code"] == pytest.approx(expected, abs=1e-5)
     assert result["gap_bits_per_code"] == pytest.approx(result["heldout_bits_per_code"] - result["train_bits_per_code"])
     assert (result["heldout_records"], result["train_records"]) == (len(held_out), len(records) - len(held_out))
+    assert result["database"] == str(tiny / "codes.lmdb") and result["trained_on_database"] is True
+
+
+@pytest.fixture(scope="module")
+def other_database(tiny_pipeline, tmp_path_factory):
+    """Another code database of the tiny pipeline's VQ-VAE: its images' test split (16 records)."""
+    path = tmp_path_factory.mktemp("other") / "test.lmdb"
+    extract_with_vqvae(tiny_pipeline / "vqvae", str(tiny_pipeline / "images"), path, split="test", n_classes=2)
+    return path
+
+
+def test_prior_on_another_database_of_its_vqvae_holds_out_every_record(tiny, other_database, tmp_path):
+    """Its records were once called training records, with a train figure and a gap, filed as the
+    run's own in --json and shown so by the report."""
+    run = shutil.copytree(tiny / "top", tmp_path / "top")
+    lines = evaluate("prior", "--ckpt", run, "--codes", other_database, "--json", run / "eval.json")
+    assert re.fullmatch(rf"held-out bits/code: ({NUMBER}) \(another database: no train figure\)", lines[-1])
+    assert f"on {other_database}, not the code database it trained on: all its 16 records are held out" in lines[-2]
+    result = json.loads((run / "eval.json").read_text())["top_prior"]
+    assert "train_bits_per_code" not in result and "gap_bits_per_code" not in result and "train_records" not in result
+    assert (result["database"], result["trained_on_database"], result["heldout_records"]) == (str(other_database),
+                                                                                            False, 16)
+    records = CodeDataset(other_database)
+    top, _, label = (torch.stack([records[i][k] for i in range(len(records))]) for k in range(3))
+    model, _ = load_pixelsnail(run)
+    with torch.no_grad():
+        expected = model.nll(top, label).double().mean().item()
+    assert result["heldout_bits_per_code"] == pytest.approx(expected, abs=1e-5)
+    page = write_report([run], tmp_path / "report.html").read_text()
+    assert f"on {other_database}, not the code database it trained on: every record is held out" in page
+    assert "train_bits_per_code" not in page
+
+
+def test_prior_on_a_copy_of_its_own_database_keeps_its_split(tiny, tmp_path):
+    """The database's identity, not its path, tells: a moved copy is still the prior's own."""
+    copy = shutil.copytree(tiny / "codes.lmdb", tmp_path / "moved.lmdb")
+    run = shutil.copytree(tiny / "top", tmp_path / "top")
+    lines = evaluate("prior", "--ckpt", run, "--codes", copy, "--json", run / "eval.json")
+    assert re.fullmatch(rf"held-out bits/code: {NUMBER} \(train {NUMBER}, gap [+-]\d+\.\d+\)", lines[-1])
+    result = json.loads((run / "eval.json").read_text())["top_prior"]
+    assert (result["database"], result["trained_on_database"]) == (str(copy), True)
+    page = write_report([run], tmp_path / "report.html").read_text()
+    assert f"on {copy}, the code database it trained on" in page and "train_bits_per_code" in page
 
 
 def test_vqvae_and_samples_numbers_in_one_json_for_all_stages(tiny, tmp_path):

@@ -330,10 +330,10 @@ def test_evaluate_refuses_missing_data(models, script, tmp_path):
     (["--size", 12], "image_size must be a multiple of 8 and >= 8 (two levels of stride 4 and 8), got 12"),
     (["--size", 0], "got 0"),
     (["--size", -8], "got -8"),
-    (["--batch-size", 0], "batch size must be >= 1, got 0"),
-    (["--batch-size", -1], "batch size must be >= 1, got -1"),
-    (["--workers", -1], "workers must be >= 0, got -1"),
-    (["--n-classes", -1], "n_classes must be >= 0, got -1"),
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", -1], "--batch-size must be >= 1, got -1"),
+    (["--workers", -1], "--workers must be >= 0, got -1"),
+    (["--n-classes", -1], "--n-classes must be >= 0, got -1"),
     (["--n-classes", 1, "--data", "LABELLED"], "has labels up to 1: --n-classes 1 is too few"),
 ])
 def test_extract_codes_refuses_bad_sizes_before_writing(models, script, tmp_path, options, message):
@@ -353,8 +353,8 @@ def test_extract_codes_refuses_bad_sizes_before_writing(models, script, tmp_path
     (["--size", 12], "size must be a positive multiple of 8, got 12"),
     (["--size", 0], "size must be a positive multiple of 8, got 0"),
     (["--size", -8], "size must be a positive multiple of 8, got -8"),
-    (["--batch-size", 0], "batch_size must be >= 1, got 0"),
-    (["--batch-size", -3], "batch_size must be >= 1, got -3"),
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", -3], "--batch-size must be >= 1, got -3"),
 ])
 def test_train_vqvae_refuses_bad_sizes_before_writing(models, script, tmp_path, options, message):
     out = tmp_path / "vqvae"
@@ -367,7 +367,7 @@ def test_train_pixelsnail_refuses_bad_batch_sizes_before_writing(models, script,
     out = tmp_path / "run"
     result = script("train_pixelsnail.py", "--data", models["images"], "--out", out, "--preset", "tiny",
                     "--batch-size", batch_size)
-    assert_refused(result, f"batch_size must be >= 1, got {batch_size}")
+    assert_refused(result, f"--batch-size must be >= 1, got {batch_size}")
     assert not out.exists()
 
 

@@ -40,7 +40,7 @@ def pipeline_runs(tmp_path_factory):
        "--out", str(root / "vqvae"), *FAST, in_process=True)
     out = ok("scripts/extract_codes.py", "--vqvae", str(root / "vqvae"), "--data", images, "--out",
              str(root / "codes.lmdb"), in_process=True)
-    assert out.strip().splitlines()[-1].startswith("wrote 27 records")
+    assert out.strip().splitlines()[-1] == f"{root / 'codes.lmdb'}: 27 records, complete"
     top = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "top", "--preset", "cpu-top",
              "--steps", "4", "--out", str(root / "top"), "--label-dropout", "0.2", *FAST, in_process=True)
     bottom = ok("scripts/train_prior.py", "--codes", str(root / "codes.lmdb"), "--level", "bottom",
@@ -272,14 +272,14 @@ def test_another_job_in_the_same_directory_is_refused(pipeline_runs, tmp_path):
     assert "2 of 2 samples written already" in again
 
 
-def test_per_sample_generators_draw_the_same_in_any_batch(pipeline_runs):
-    """generate() with one generator per sample: sample k of a batch of 5 equals the same sample alone."""
-    from pipelines.infer.generation import sample_generators
+def test_per_sample_keys_draw_the_same_in_any_batch(pipeline_runs):
+    """generate() with per-sample keys: sample k of a batch of 5 equals the same sample alone."""
+    from pipelines.infer.generation import sample_keys
 
     root, _, _ = pipeline_runs
     pipeline = load_pipeline(root / "vqvae", root / "top", root / "bottom")
-    batch = generate(pipeline, 5, [0, 1, 1, 0, 1], generator=sample_generators(7, range(5), "cpu"))
+    batch = generate(pipeline, 5, [0, 1, 1, 0, 1], generator=sample_keys(7, range(5), "cpu"))
     for k in (0, 3, 4):
-        alone = generate(pipeline, 1, [[0, 1, 1, 0, 1][k]], generator=sample_generators(7, [k], "cpu"))
+        alone = generate(pipeline, 1, [[0, 1, 1, 0, 1][k]], generator=sample_keys(7, [k], "cpu"))
         assert all(torch.equal(a, b[k : k + 1]) for a, b in zip(alone[1:], batch[1:]))
         assert torch.allclose(alone[0], batch[0][k : k + 1], atol=1e-6)

@@ -4,7 +4,7 @@ every other preset kept as it was before the fields they need were added."""
 import pytest
 import torch
 
-from prior import PixelSNAIL, get_preset
+from prior import PixelSNAIL, PixelSNAILConfig, get_preset
 from prior.layers import AttentionBlock, Dropout, GatedResBlock
 from prior.presets import PRESETS
 
@@ -82,6 +82,7 @@ def test_vqvae2_top_is_the_papers_top_prior():
     check_residual_units(resnets, 512, 2048, 5)
     attention = [m for m in model.modules() if isinstance(m, AttentionBlock)]
     assert len(attention) == 4 and all(block.n_heads == 8 for block in attention)
+    assert all(block.attention_dropout == 0.1 for block in attention)
     assert len(model.out_blocks) == 20
     for block in model.out_blocks:
         assert block.conv1.conv.kernel_size == (1, 1) and block.conv1.conv.out_channels == 2048
@@ -101,3 +102,40 @@ def test_vqvae2_bottom_is_the_papers_bottom_prior():
     assert block.attention is None and not any(isinstance(m, AttentionBlock) for m in model.modules())
     assert len(model.cond_stack.blocks) == 20 and len(model.out_blocks) == 0
     check_dropout(model, 0.1)
+
+
+def test_attention_dropout_is_on_in_the_papers_attention_priors_only():
+    """The paper's priors drop attention weights (its top prior and the narrower one built from it);
+    every other preset and every config written before the field keeps the model it had."""
+    with_dropout = {name for name, preset in PRESETS.items() if preset.model.attention_dropout}
+    assert with_dropout == {"vqvae2-top", "vqvae2-top-256ch"}
+    assert get_preset("vqvae2-top-256ch").model.attention_dropout == 0.1
+    stored = PixelSNAILConfig().to_json().replace(', "attention_dropout": 0.0', "")
+    assert "attention_dropout" not in stored and PixelSNAILConfig.from_json(stored).attention_dropout == 0.0
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(attention_dropout=1.0), r"attention_dropout must be in \[0, 1\), got 1.0"),
+    (dict(attention_dropout=-0.1), r"attention_dropout must be in \[0, 1\), got -0.1"),
+    (dict(attention_dropout=0.1, attention=False), r"attention_dropout needs attention \(attention=True\)"),
+])
+def test_bad_attention_dropout_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PixelSNAILConfig(**fields)
+
+
+def test_causal_attention_dropout_keeps_the_expected_output():
+    """Dropping weights with probability p and scaling the rest by 1/(1 - p) keeps each output's
+    mean: averaged over many draws it approaches the output without dropout; position 0 stays 0."""
+    from prior.layers import causal_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 2, 8, 2, 3, generator=generator)  # (B, Ck, H, W) = (2, 8, 2, 3) each
+    value = torch.randn(2, 4, 2, 3, generator=generator)  # (B, Cv, H, W)
+    expected = causal_attention(query, key, value, n_heads=2)
+    torch.manual_seed(0)
+    n = 4000  # copies of the batch in one call: each example draws its own mask
+    copies = (t.repeat(n, 1, 1, 1) for t in (query, key, value))
+    draws = causal_attention(*copies, n_heads=2, dropout=0.3).reshape(n, *expected.shape)
+    assert not torch.equal(draws[0], expected) and torch.all(draws[:, :, :, 0, 0] == 0)
+    torch.testing.assert_close(draws.mean(0), expected, atol=0.05, rtol=0)

@@ -90,14 +90,19 @@ def test_bad_input_is_one_line_and_writes_nothing(warned_run, tmp_path):
     (run / "eval.json").write_text('{"vqvae": [1, 2]}')
     cases = [([tmp_path / "empty"], tmp_path / "r.html", "holds no run"),
              ([warned_run, run], tmp_path / "r.html", "is not a JSON object of stages"),
-             ([warned_run], tmp_path / "no" / "r.html", "does not exist"),
-             ([warned_run], tmp_path, "is a directory")]
+             ([warned_run], tmp_path / "no" / "r.pdf", "the file is written as .html, so its name must end in .html or .htm"),
+             ([warned_run], tmp_path, "is a directory: give a file name")]
     for directories, out, message in cases:
-        with pytest.raises(OSError if "JSON" not in message else ValueError, match=message):
+        with pytest.raises(OSError if "run" in message else ValueError, match=message):
             write_report(directories, out)
-    with pytest.raises(OSError, match="does not exist"):
-        write_report([warned_run], tmp_path / "r.html", curves=tmp_path / "no" / "c.png")
+    with pytest.raises(ValueError, match=f"^--curves {tmp_path / 'no' / 'c.jpg'}: the file is written as .png"):
+        write_report([warned_run], tmp_path / "r.html", curves=tmp_path / "no" / "c.jpg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"] and not (run / "report.html").exists()
+    result = run_script("scripts/report.py", str(warned_run), "--out", str(tmp_path / "r.pdf"))
+    assert result.returncode == 2 and result.stderr == (f"error: --out {tmp_path / 'r.pdf'}: the file is written as "
+                                                        ".html, so its name must end in .html or .htm\n")
+    assert write_report([warned_run], tmp_path / "new" / "r.htm", curves=tmp_path / "new" / "c.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["c.png", "r.htm"]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)")

@@ -7,7 +7,8 @@ from torch.utils._pytree import tree_leaves
 
 from bench.common import random_pixels
 from prior import PixelSNAIL, PixelSNAILConfig
-from prior.drawing import truncate
+from prior.drawing import Drawing, draw_codes, truncate
+from prior.noise import SampleKeys
 from prior.sampling import IncrementalPixelSNAIL, sample_cached
 
 SMALL = dict(channels=16, n_blocks=2, n_res_blocks=1, key_channels=4, value_channels=8, dropout=0.0)
@@ -169,25 +170,50 @@ def test_under_autocast_the_sampler_casts_each_weight_once_and_keeps_the_head_in
     assert samples.shape == (3, 4, 5) and 0 <= samples.min() and samples.max() < 7
 
 
-def per_example_generators(seeds):
-    return [torch.Generator().manual_seed(seed) for seed in seeds]
-
-
 @pytest.mark.parametrize("case", ["pixels, attention", "codes, label + cond + attention"])
-def test_one_generator_per_example_draws_each_example_as_if_alone(case):
-    """With a list of generators, example k draws from generator k only: the cached sampler equals
+def test_per_sample_keys_draw_each_example_as_if_alone(case):
+    """With per-sample keys, example k's draws depend on its key alone: the cached sampler equals
     the naive one, and each example of the batch equals the same example sampled alone."""
     model, label, cond = CASES[case]()
-    seeds = [11, 12, 13]
-    naive = model.sample(3, label, cond, per_example_generators(seeds), cache=False)
-    cached = sample_cached(model, 3, label, cond, per_example_generators(seeds))
+    indices = [11, 12, 13]
+    naive = model.sample(3, label, cond, SampleKeys.of(5, indices), cache=False)
+    cached = sample_cached(model, 3, label, cond, SampleKeys.of(5, indices))
     assert torch.equal(cached, naive)
     for k in range(3):
         alone = sample_cached(model, 1, None if label is None else label[k : k + 1],
-                              None if cond is None else cond[k : k + 1], per_example_generators(seeds[k : k + 1]))
+                              None if cond is None else cond[k : k + 1], SampleKeys.of(5, indices[k : k + 1]))
         assert torch.equal(alone, cached[k : k + 1])
-    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
-        sample_cached(model, 3, label, cond, per_example_generators(seeds[:2]))
+    with pytest.raises(ValueError, match="2 sample keys for a batch of 3"):
+        sample_cached(model, 3, label, cond, SampleKeys.of(5, indices[:2]))
+
+
+def test_keyed_draws_follow_the_distribution_at_every_temperature():
+    """Gumbel-max over keyed uniforms: the codes drawn for 20,000 samples at one position follow
+    softmax(logits / T), with top-p truncating the same distribution; different positions and
+    levels give different draws."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).expand(20_000, -1)
+    keys = SampleKeys.of(0, range(20_000))
+    for temperature in (0.5, 1.0, 3.0):
+        for top_p in (None, 0.8):
+            drawing = Drawing(temperature, top_p=top_p)
+            codes = draw_codes(logits, keys.uniform(7, 5), drawing)
+            target = torch.softmax(truncate(logits[:1], top_p=top_p, temperature=temperature) / temperature, dim=1)[0]
+            empirical = torch.bincount(codes, minlength=5) / len(codes)
+            assert (empirical - target).abs().sum() < 0.03, (temperature, top_p, empirical, target)
+    assert not torch.equal(keys.uniform(7, 5), keys.uniform(8, 5))
+    assert not torch.equal(keys.uniform(7, 5), keys.at_level("bottom").uniform(7, 5))
+
+
+@pytest.mark.parametrize("options", [dict(temperature=1e-38), dict(temperature=5e-324, top_p=0.5),
+                                     dict(temperature=1e-30, top_k=3, top_p=0.9)], ids=["1e-38", "5e-324 top-p", "1e-30 top-k top-p"])
+def test_a_tiny_temperature_draws_the_argmax_without_overflow(options):
+    """Below fp32's range logits / T overflow: the draw stays finite and is the greedy one."""
+    model, label, cond = code_case()
+    codes = sample_cached(model, 3, label, cond, SampleKeys.of(0, range(3)), **options)
+    with torch.no_grad():
+        logits = model.eval()(codes, label, cond)
+    assert torch.equal(codes, logits.argmax(dim=1))
+    assert torch.equal(codes, model.sample(3, label, cond, SampleKeys.of(0, range(3)), cache=False, **options))
 
 
 def random_grid(model, n):
@@ -333,3 +359,76 @@ def test_label_dropout_replaces_labels_by_the_null_class_in_training_only():
     assert old.label_dropout == 0.0 and old.null_label is None and PixelSNAIL(old).class_embed.num_embeddings == 3
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         PixelSNAILConfig(shape=(2, 2), n_codes=4, label_dropout=0.1)
+
+
+def test_the_cached_step_compiles_without_a_graph_break_and_equals_the_eager_step():
+    """The row start, the output and the feed-back each compile as one graph (fullgraph, static
+    shapes) once for every position (a recompile fails), and give the eager step's outputs at every
+    position of a model with attention, two streams and an output stack. Row 0 starts eagerly: it
+    makes the buffers later rows write into."""
+    model, label, cond = code_case(streams="two", kernel_size=3, out_res_blocks=1, n_blocks=1)
+    model.eval()
+    height, width = model.config.shape
+    x = torch.randint(0, model.config.n_codes, (3, height, width), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond_map = model.condition(3, label, cond)
+        eager, network = (IncrementalPixelSNAIL(model, 3, cond_map) for _ in range(2))
+        start_row, output, feed = (torch.compile(work, fullgraph=True, dynamic=False)
+                                   for work in (network.start_row, network.output, network.feed))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(height):
+                for j in range(width):
+                    network.at(i, j)
+                    if j == 0:
+                        (start_row if i else network.start_row)()
+                    torch.testing.assert_close(output(), eager.output_at(i, j))
+                    feed(x[..., i : i + 1, j : j + 1])
+                    eager.write(i, j, x[..., i : i + 1, j : j + 1])
+
+
+def test_a_sample_directory_holds_the_images_as_arr_0_for_fid_evaluators(tmp_path):
+    """fid_images.npz: one array arr_0, uint8 (N, S, S, 3), the images of samples.npz in index order."""
+    import numpy as np
+
+    from pipelines.store import samples
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    codes = np.zeros((5, 2, 2), np.int64)
+    samples.start(tmp_path, {"seed": 0})
+    samples.write_batch(tmp_path, [3, 4], [1, 1], images[3:], codes[3:], codes[3:])
+    samples.write_batch(tmp_path, [0, 1, 2], [0, 0, 1], images[:3], codes[:3], codes[:3])
+    samples.finish(tmp_path, 5)
+    with np.load(tmp_path / "fid_images.npz", allow_pickle=False) as evaluator:
+        assert evaluator.files == ["arr_0"]
+        assert evaluator["arr_0"].dtype == np.uint8 and np.array_equal(evaluator["arr_0"], images)
+    assert np.array_equal(samples.load(tmp_path / "samples.npz")["images"], images)
+
+
+def test_batch_size_auto_plans_from_the_caches_per_sample_and_out_of_memory_is_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines.device import make_runtime
+    from pipelines.infer import generation
+
+    top, label, _ = code_case(conditioned=False)
+    bottom, _, _ = code_case()
+    pipeline = SimpleNamespace(top=top.eval(), bottom=bottom.eval())
+    runtime = make_runtime("cpu", "fp32")
+    job = generation.SampleJob((0,), 1000, 0)
+    per_level = generation.cache_bytes_per_sample(pipeline, runtime, job.drawing)
+    with torch.no_grad():  # the caches grow linearly: 5 samples hold 4 more than 1
+        sizes = [generation.tensor_bytes(IncrementalPixelSNAIL(top, n, None)) for n in (1, 5)]
+    assert 0 < sizes[1] - sizes[0] <= 4 * per_level["top"]  # the rows' parts come on top
+    monkeypatch.setattr(generation, "free_bytes", lambda device: 100 * max(per_level.values()))
+    batch_size, plan = generation.plan_batch_size(pipeline, runtime, job)
+    assert batch_size == 60 and plan.startswith("--batch-size auto: ") and "batch 60" in plan
+    guided = generation.cache_bytes_per_sample(pipeline, runtime, Drawing(guidance=2.0))
+    assert guided == {level: 2 * size for level, size in per_level.items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generation, "generate", out_of_memory)
+    with pytest.raises(ValueError, match=r"^out of memory on cpu at --batch-size 60: try --batch-size 30 \("):
+        generation.make_samples(pipeline, runtime, job, list(range(100)), 60, lambda *batch: None)

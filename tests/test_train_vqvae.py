@@ -60,6 +60,26 @@ def test_the_trainer_logs_what_evaluate_reports(image_folder, tmp_path):
     assert reported["images"] == 3  # every 10th of the 30 images is held out
 
 
+def test_three_levels_log_every_level_under_its_name_as_evaluate_reports_it(image_folder, tmp_path):
+    train(tiny(image_folder, tmp_path / "run", steps=2, levels=3))
+    model, _ = load_vqvae(tmp_path / "run")
+    assert model.config.levels == 3
+    assert [tuple(c.shape) for c in model.encode(torch.zeros(1, 3, 16, 16))] == [(1, 1, 1), (1, 2, 2), (1, 4, 4)]
+    final = [record for record in read_log(tmp_path / "run") if record.get("final")][-1]
+    run_in_process("scripts/evaluate.py", "vqvae", "--ckpt", str(tmp_path / "run"), "--data", str(image_folder),
+                   "--json", str(tmp_path / "eval.json"))
+    reported = json.loads((tmp_path / "eval.json").read_text())["vqvae"]
+    per_level = [f"{level}_{figure}" for level in ("top", "middle", "bottom") for figure in ("usage", "perplexity")]
+    for key in ("mse", *per_level):
+        assert final[key] == pytest.approx(reported[key], rel=1e-6), key
+    with pytest.raises(ValueError, match=r"--levels 2 differs from the run's levels 3"):
+        train(tiny(image_folder, tmp_path / "run", steps=4, levels=2, resume=True))
+    with pytest.raises(ValueError, match=r"--size must be a multiple of 16 and >= 16 "
+                                         r"\(three levels of stride 4, 8 and 16\), got 24"):
+        train(tiny(image_folder, tmp_path / "other", size=24, levels=3))
+    assert not (tmp_path / "other").exists()
+
+
 def test_resume_continues_exactly(image_folder, tmp_path):
     train(tiny(image_folder, tmp_path / "straight", steps=6))
     train(tiny(image_folder, tmp_path / "split", steps=3))

@@ -488,17 +488,17 @@ def test_a_nan_or_infinite_loss_stops_the_run_and_keeps_the_checkpoint(trainer, 
 
 
 BAD_VALUES = [
-    (["--steps", "0"], "steps must be >= 1, got 0"),
-    (["--steps", "-5"], "steps must be >= 1, got -5"),
-    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
-    (["--batch-size", "-2"], "batch_size must be >= 1, got -2"),
-    (["--max-minutes", "-1"], "max_minutes must be > 0, got -1.0"),
-    (["--max-minutes", "0"], "max_minutes must be > 0, got 0.0"),
-    (["--checkpoint-every", "0"], "checkpoint_every must be >= 1, got 0"),
-    (["--eval-every", "0"], "eval_every must be >= 1, got 0"),
-    (["--eval-batches", "0"], "eval_batches must be >= 1, got 0"),
-    (["--lr", "0"], "lr"),
-    (["--grad-clip", "-1"], "grad_clip"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-5"], "--steps must be >= 1, got -5"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+    (["--max-minutes", "-1"], "--max-minutes must be > 0, got -1.0"),
+    (["--max-minutes", "0"], "--max-minutes must be > 0, got 0.0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+    (["--eval-batches", "0"], "--eval-batches must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be > 0"),
 ]
 
 

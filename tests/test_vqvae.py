@@ -1,14 +1,28 @@
-"""The VQ-VAE-2 model: shapes, config, training, encode/decode, checkpoints."""
+"""The VQ-VAE-2 model: shapes, config, training, encode/decode, checkpoints, two levels and more."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from modelkit import level_names
 from pipelines.store.checkpoint import VQVAE_KIND, CheckpointError, load_pixelsnail, load_vqvae, save_checkpoint
 from vqvae import VQVAE2, VQVAE2Config
+from vqvae.presets import get_preset
 
 SMALL = dict(top_codes=16, bottom_codes=32, code_dim=8, channels=32, res_channels=16, n_res_blocks=1)
+THREE_LEVELS = dict(SMALL, levels=3, middle_codes=24)
+# A two-level VQ-VAE (8x8 images, 4 channels, codebooks of 6 and 5 codes) saved by the two-level
+# model as it was before the number of levels became a field (commit d7312e8), after one training
+# forward, and beside it what that model computed in eval mode: two images, their reconstruction,
+# loss, top and bottom codes, and the images decoded from those codes.
+FIXTURES = Path(__file__).parent / "fixtures"
+TWO_LEVEL_CHECKPOINT = FIXTURES / "vqvae_two_levels.safetensors"
+TWO_LEVEL_OUTPUTS = FIXTURES / "vqvae_two_levels_outputs.safetensors"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,9 +39,9 @@ def smooth_images(n, size):
     return (0.6 * colours + 0.4 * waves).clamp(-1, 1)
 
 
-def small_model():
+def small_model(**fields):
     torch.manual_seed(0)
-    return VQVAE2(VQVAE2Config(**SMALL))
+    return VQVAE2(VQVAE2Config(**{**SMALL, **fields}))
 
 
 def codebooks(model):
@@ -43,14 +57,91 @@ def training_run(fit_vqvae):
     return model.eval(), images, losses
 
 
+@pytest.fixture(scope="module")
+def three_level_run(fit_vqvae):
+    """A small three-level model (grids 2x2, 4x4, 8x8) after 60 Adam steps on 8 smooth 32x32
+    images -> (model, images, losses)."""
+    model = small_model(**THREE_LEVELS)
+    images = smooth_images(8, 32)
+    losses = fit_vqvae(model, images, lr=3e-3)
+    return model.eval(), images, losses
+
+
 def test_code_shapes():
     model = small_model()
     assert model.code_shapes(256) == ((32, 32), (64, 64))
     assert model.code_shapes(32) == ((4, 4), (8, 8))
     assert model.code_shapes(8) == ((1, 1), (2, 2))
     for bad in (0, 4, 12, 36):
-        with pytest.raises(ValueError, match="multiple of 8 and >= 8"):
+        with pytest.raises(ValueError, match=r"multiple of 8 and >= 8 \(two levels of stride 4 and 8\)"):
             model.code_shapes(bad)
+
+
+def test_code_shapes_of_three_levels_and_of_the_ffhq_preset():
+    three = small_model(levels=3)
+    assert three.code_shapes(64) == ((4, 4), (8, 8), (16, 16))
+    assert three.code_shapes(16) == ((1, 1), (2, 2), (4, 4))
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match=r"multiple of 16 and >= 16 \(three levels of stride 4, 8 and 16\)"):
+            three.code_shapes(bad)
+    assert small_model(levels=4).code_shapes(64) == ((2, 2), (4, 4), (8, 8), (16, 16))
+    with torch.device("meta"):  # no memory for the weights: only the shapes are wanted
+        ffhq = VQVAE2(get_preset("vqvae2-ffhq1024").model)
+    assert ffhq.code_shapes(1024) == ((32, 32), (64, 64), (128, 128))
+
+
+def test_level_names():
+    assert level_names(2) == ("top", "bottom") and level_names(3) == ("top", "middle", "bottom")
+    assert level_names(5) == ("level0", "level1", "level2", "level3", "level4")
+    with pytest.raises(ValueError, match="at least 2 levels, got 1"):
+        level_names(1)
+    assert VQVAE2Config(levels=3, middle_codes=7).codebook_sizes() == (512, 7, 512)
+    assert VQVAE2Config(levels=4, middle_codes=7).codebook_sizes() == (512, 7, 7, 512)
+    assert VQVAE2Config(levels=3, bottom_stride=8).strides() == (32, 16, 8)
+
+
+@pytest.mark.parametrize("fields, size",
+                         [(dict(levels=3), 32), (dict(levels=4), 32), (dict(levels=3, bottom_stride=8), 64)])
+def test_shapes_of_deeper_models(fields, size):
+    model = small_model(**fields, middle_codes=24)
+    images = smooth_images(2, size)
+    out = model(images)
+    assert out.reconstruction.shape == images.shape and len(out.levels) == model.config.levels
+    assert out.top is out.levels[0] and out.bottom is out.levels[-1]
+    codes = model.eval().encode(images)
+    assert [tuple(c.shape) for c in codes] == [(2, *shape) for shape in model.code_shapes(size)]
+    assert all(c.dtype == torch.long for c in codes)
+    for c, n_codes in zip(codes, model.config.codebook_sizes()):
+        assert 0 <= c.min() and c.max() < n_codes
+    decoded = model.decode_codes(*codes)
+    assert decoded.shape == images.shape and decoded.abs().max() <= 1.0
+
+
+def test_a_two_level_model_has_the_modules_it_always_had():
+    """The names (so the state-dict keys) and the order (so the initial weights under a seed and the
+    optimizer's parameter order) of the two-level model from before the levels field."""
+    names = [name for name, _ in small_model().named_children()]
+    assert names == ["encoder_bottom", "encoder_top", "pre_quantize_top", "quantizer_top", "decoder_top",
+                     "pre_quantize_bottom", "quantizer_bottom", "upsample_top", "decoder"]
+    with safe_open(TWO_LEVEL_CHECKPOINT, framework="pt") as f:
+        keys, stored_config = set(f.keys()), f.metadata()["config"]
+    assert "levels" not in json.loads(stored_config)  # written before the field: read as two levels
+    config = VQVAE2Config.from_json(stored_config)
+    assert config.levels == 2 and set(VQVAE2(config).state_dict()) == keys
+
+
+def test_a_two_level_checkpoint_written_before_the_levels_field_loads_and_computes_what_it_did():
+    model, extra = load_vqvae(TWO_LEVEL_CHECKPOINT)
+    expected = load_file(TWO_LEVEL_OUTPUTS)
+    assert model.config.levels == 2 and extra == {"image_size": 8, "step": 1}
+    out = model(expected["images"])
+    # floats to rounding: the thread count changes the order of a convolution's sums
+    exact = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.reconstruction, expected["reconstruction"], **exact)
+    torch.testing.assert_close(out.loss, expected["loss"], **exact)
+    top_codes, bottom_codes = model.encode(expected["images"])
+    assert torch.equal(top_codes, expected["top_codes"]) and torch.equal(bottom_codes, expected["bottom_codes"])
+    torch.testing.assert_close(model.decode_codes(top_codes, bottom_codes), expected["decoded"], **exact)
 
 
 @pytest.mark.parametrize("size, batch", [(32, 2), (64, 2), (256, 1)])
@@ -78,8 +169,9 @@ def test_default_config_is_the_paper_and_round_trips_through_json():
     assert (config.top_codes, config.bottom_codes, config.code_dim) == (512, 512, 64)
     assert (config.decay, config.eps, config.commitment) == (0.99, 1e-5, 0.25)
     assert (config.channels, config.res_channels, config.n_res_blocks) == (128, 64, 2)
+    assert (config.levels, config.bottom_stride) == (2, 4)
     assert VQVAE2Config.from_json(config.to_json()) == config
-    small = VQVAE2Config(**SMALL, dead_code_threshold=0.5)
+    small = VQVAE2Config(**THREE_LEVELS, dead_code_threshold=0.5)
     assert VQVAE2Config.from_json(small.to_json()) == small
     with pytest.raises(ValueError, match=r"unknown VQVAE2Config fields \['n_levels'\]"):
         VQVAE2Config.from_json(config.to_json()[:-1] + ', "n_levels": 3}')
@@ -97,6 +189,10 @@ def test_default_config_is_the_paper_and_round_trips_through_json():
         ("eps", -1e-5, "eps must be > 0"),
         ("commitment", -0.25, "commitment must be >= 0"),
         ("dead_code_threshold", -1.0, "dead_code_threshold must be >= 0"),
+        ("levels", 1, "levels must be >= 2"),
+        ("bottom_stride", 2, "bottom_stride must be a power of two >= 4"),
+        ("bottom_stride", 12, "bottom_stride must be a power of two >= 4"),
+        ("middle_codes", 1, "middle_codes must be >= 2"),
     ],
 )
 def test_config_validation(field, value, message):
@@ -117,18 +213,44 @@ def test_bad_inputs_raise():
         model.decode_codes(top_codes + 16, bottom_codes)
     with pytest.raises(ValueError, match="bottom codes must be integer"):
         model.decode_codes(top_codes, bottom_codes.float())
+    with pytest.raises(ValueError, match=r"expected 2 code grids \(top codes, bottom codes\), got 1"):
+        model.decode_codes(top_codes)
+    three = small_model(**THREE_LEVELS).eval()
+    top_codes, middle_codes = top_codes[:, :2, :2], bottom_codes[:, :4, :4]  # three levels of 32x32 images
+    with pytest.raises(ValueError, match=r"middle codes must have shape \(1, 4, 4\) for top codes of shape "
+                                         r"\(1, 2, 2\), got \(1, 8, 8\)"):
+        three.decode_codes(top_codes, bottom_codes, middle_codes)  # out of order
+    with pytest.raises(ValueError, match=r"middle codes must lie in \[0, 24\)"):
+        three.decode_codes(top_codes, middle_codes + 24, bottom_codes)
+    assert three.decode_codes(top_codes, middle_codes, bottom_codes).shape == (1, 3, 32, 32)
 
 
-def test_training_lowers_the_reconstruction_error(training_run):
-    _, _, losses = training_run
+@pytest.mark.parametrize("run", ["training_run", "three_level_run"])
+def test_training_lowers_the_reconstruction_error(run, request):
+    _, _, losses = request.getfixturevalue(run)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_decoding_the_codes_gives_the_reconstruction(training_run):
-    model, images, _ = training_run
+@pytest.mark.parametrize("run", ["training_run", "three_level_run"])
+def test_decoding_the_codes_gives_the_reconstruction(run, request):
+    model, images, _ = request.getfixturevalue(run)
     out = model(images)
-    decoded = model.decode_codes(*model.encode(images))
+    codes = model.encode(images)
+    assert len(codes) == model.config.levels
+    decoded = model.decode_codes(*codes)
     assert torch.allclose(decoded, out.reconstruction.clamp(-1, 1), atol=1e-5)
+
+
+def test_every_level_of_a_trained_three_level_model_is_used_and_matters(three_level_run):
+    """Each level's codes reach the image: decoding with one level's codes replaced changes it."""
+    model, images, _ = three_level_run
+    codes = model.encode(images)
+    decoded = model.decode_codes(*codes)
+    for k, level_codes in enumerate(codes):
+        assert len(level_codes.unique()) > 1, f"level {k} uses one code"
+        other = list(codes)
+        other[k] = (level_codes + 1) % model.config.codebook_sizes()[k]
+        assert (model.decode_codes(*other) - decoded).abs().max() > 1e-3, f"level {k} does not matter"
 
 
 def test_encode_and_decode_never_change_the_codebooks():

@@ -1,10 +1,18 @@
 """VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019, "Generating Diverse High-Fidelity Images with
-VQ-VAE-2"): a two-level hierarchy of discrete latents.
+VQ-VAE-2"): a hierarchy of discrete latents, two levels for ImageNet 256, three for FFHQ 1024.
 
-An image of side S is encoded to bottom features at S/4 and, from those, top features at S/8.
-The top features are quantized first; the decoded top latents are concatenated with the bottom
-features to quantize the bottom level, so the bottom codes hold what the top codes miss. The
-decoder upsamples the top latents to S/4, concatenates the bottom latents and upsamples x4.
+An image of side S is encoded to bottom features at S/s (s = `bottom_stride`, 4 by default) and,
+from those, the features of each level above at half the side of the level below: with two
+levels, top features at S/8. The top features are quantized first. Each level below is quantized
+given the decoded levels above it: the levels above, decoded to its grid, are concatenated with
+its features, so its codes hold what the levels above miss. The decoder combines every level:
+from the top down, the latents so far are upsampled x2 and concatenated with the next level's,
+and the bottom ones with all of this are upsampled to the image.
+
+The paper spells this out for two levels only; three and more follow the same two rules (a
+level is quantized given the decoded levels above it, the decoder sees every level), as Jukebox
+chains its levels. With two levels the modules, their names and their order are the ones the
+two-level model always had, so its checkpoints load unchanged.
 
 Example, the paper's 256x256 model:
     >>> model = VQVAE2(VQVAE2Config())
@@ -13,8 +21,10 @@ Example, the paper's 256x256 model:
     >>> out = model(images)                                  # out.reconstruction: (4, 3, 256, 256)
     >>> top_codes, bottom_codes = model.encode(images)       # (4, 32, 32), (4, 64, 64) long
     >>> images = model.decode_codes(top_codes, bottom_codes) # (4, 3, 256, 256) in [-1, 1]
+    >>> VQVAE2(VQVAE2Config(levels=3)).code_shapes(64)       # ((4, 4), (8, 8), (16, 16))
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -35,9 +45,16 @@ class VQVAE2Output(NamedTuple):
     reconstruction: torch.Tensor  # (B, 3, S, S), not clamped
     loss: torch.Tensor  # (): reconstruction_loss + commitment_loss
     reconstruction_loss: torch.Tensor  # (): mean squared error, fp32, images in [-1, 1]
-    commitment_loss: torch.Tensor  # (): commitment terms of both levels, fp32
-    top: QuantizerStats
-    bottom: QuantizerStats
+    commitment_loss: torch.Tensor  # (): commitment terms of every level, fp32
+    levels: tuple[QuantizerStats, ...]  # one per level, top first
+
+    @property
+    def top(self) -> QuantizerStats:
+        return self.levels[0]
+
+    @property
+    def bottom(self) -> QuantizerStats:
+        return self.levels[-1]
 
 
 class ResidualBlock(nn.Module):
@@ -58,16 +75,14 @@ def residual_stack(c: VQVAE2Config):
     return nn.Sequential(*blocks, nn.ReLU())
 
 
-def encoder_x4(in_channels, c: VQVAE2Config):
-    """(B, in, H, W) -> (B, C, H/4, W/4): two stride-2 4x4 convs, a 3x3 conv, a residual stack."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, c.channels // 2, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(c.channels // 2, c.channels, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(c.channels, c.channels, 3, padding=1),
-        residual_stack(c),
-    )
+def encoder_bottom(c: VQVAE2Config):
+    """(B, 3, S, S) -> (B, C, S/s, S/s), s = bottom_stride: log2(s) stride-2 4x4 convs (C/2 channels
+    up to the last), a 3x3 conv, a residual stack. At s = 4 the paper's encoder: two, then the 3x3."""
+    widths = [3] + [c.channels // 2] * (int(math.log2(c.bottom_stride)) - 1) + [c.channels]
+    layers = []
+    for width_in, width_out in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(width_in, width_out, 4, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Conv2d(c.channels, c.channels, 3, padding=1), residual_stack(c))
 
 
 def encoder_x2(in_channels, c: VQVAE2Config):
@@ -89,119 +104,187 @@ def decoder_x2(in_channels, out_channels, c: VQVAE2Config):
     )
 
 
-def decoder_x4(in_channels, out_channels, c: VQVAE2Config):
-    """(B, in, H, W) -> (B, out, 4H, 4W): a 3x3 conv, a residual stack, two stride-2 transposed convs."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, c.channels, 3, padding=1),
-        residual_stack(c),
-        nn.ConvTranspose2d(c.channels, c.channels // 2, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.ConvTranspose2d(c.channels // 2, out_channels, 4, stride=2, padding=1),
-    )
+def decoder_to_image(in_channels, c: VQVAE2Config):
+    """(B, in, H, W) -> (B, 3, sH, sW), s = bottom_stride: a 3x3 conv, a residual stack, log2(s)
+    stride-2 transposed convs (C, then C/2 channels). At s = 4 the paper's decoder: two of them."""
+    widths = [c.channels] + [c.channels // 2] * (int(math.log2(c.bottom_stride)) - 1) + [3]
+    layers = [nn.Conv2d(in_channels, c.channels, 3, padding=1), residual_stack(c)]
+    for width_in, width_out in zip(widths, widths[1:]):
+        layers += [nn.ConvTranspose2d(width_in, width_out, 4, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])  # no ReLU after the last: the output is not clamped
 
 
 class VQVAE2(nn.Module):
+    """The modules of level k are named after it (`encoder_top`, `quantizer_middle`, ...):
+
+    encoder_<k>       the bottom level's reads the image (`bottom_stride`); every other level's reads
+                      the features of the level below and halves their side
+    pre_quantize_<k>  features -> latents to quantize: at the top the features alone, below it the
+                      features concatenated with the levels above decoded to this level's grid
+    quantizer_<k>     the level's codebook
+    decoder_<k>       (every level but the bottom) the levels down to k, decoded to the grid of the
+                      level below k: what that level is quantized given
+    upsample_<k>      (every level but the bottom) the decoder's x2 upsampling of the latents of the
+                      levels down to k, to be concatenated with the next level's
+    decoder           the latents of every level, at the bottom grid -> the image
+    """
+
     def __init__(self, config: VQVAE2Config):
         super().__init__()
         c = self.config = config
-        self.encoder_bottom = encoder_x4(3, c)  # image -> bottom features, S/4
-        self.encoder_top = encoder_x2(c.channels, c)  # bottom features -> top features, S/8
-        self.pre_quantize_top = nn.Conv2d(c.channels, c.code_dim, 1)
-        self.quantizer_top = self.make_quantizer(c.top_codes)
-        self.decoder_top = decoder_x2(c.code_dim, c.code_dim, c)  # top latents -> S/4, to condition the bottom
-        self.pre_quantize_bottom = nn.Conv2d(c.code_dim + c.channels, c.code_dim, 1)
-        self.quantizer_bottom = self.make_quantizer(c.bottom_codes)
-        self.upsample_top = nn.ConvTranspose2d(c.code_dim, c.code_dim, 4, stride=2, padding=1)
-        self.decoder = decoder_x4(2 * c.code_dim, 3, c)  # [top upsampled, bottom] latents -> image
+        names, last = c.level_names, c.levels - 1
+        # registered in this order so that a two-level model has its modules (and its random
+        # initial weights under a seed) in the order the two-level model always had
+        self.add_module(f"encoder_{names[last]}", encoder_bottom(c))  # image -> S/s
+        for name in reversed(names[:last]):
+            self.add_module(f"encoder_{name}", encoder_x2(c.channels, c))  # features below -> half the side
+        for k, (name, n_codes) in enumerate(zip(names, c.codebook_sizes())):
+            if k > 0:
+                # levels 0..k-1 -> level k's grid: the top's latents alone, below them what the
+                # level above was given concatenated with its latents
+                context = c.code_dim if k == 1 else 2 * c.code_dim
+                self.add_module(f"decoder_{names[k - 1]}", decoder_x2(context, c.code_dim, c))
+            pre_quantize_in = c.channels if k == 0 else c.code_dim + c.channels
+            self.add_module(f"pre_quantize_{name}", nn.Conv2d(pre_quantize_in, c.code_dim, 1))
+            self.add_module(f"quantizer_{name}", self.make_quantizer(n_codes))
+        for k, name in enumerate(names[:last]):
+            upsample_in = c.code_dim if k == 0 else 2 * c.code_dim
+            self.add_module(f"upsample_{name}", nn.ConvTranspose2d(upsample_in, c.code_dim, 4, stride=2, padding=1))
+        self.decoder = decoder_to_image(2 * c.code_dim, c)  # [levels above upsampled, bottom] latents -> image
 
     def make_quantizer(self, n_codes):
         c = self.config
         return VectorQuantizerEMA(n_codes, c.code_dim, c.decay, c.eps, c.commitment, c.dead_code_threshold)
 
+    def level_module(self, kind, k):
+        """The module `kind` ("encoder", "quantizer", ...) of level k (0: the top)."""
+        return getattr(self, f"{kind}_{self.config.level_names[k]}")
+
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 
     def code_shapes(self, image_size: int):
-        """Image side S -> ((S/8, S/8), (S/4, S/4)), the top and bottom code grid shapes."""
-        check_side("image_size", image_size)
-        return (image_size // 8, image_size // 8), (image_size // 4, image_size // 4)
+        """Image side S -> one code grid shape per level, top first: ((S/8, S/8), (S/4, S/4)) for
+        two levels with the default bottom stride."""
+        check_side("image_size", image_size, self.config)
+        return tuple((image_size // stride, image_size // stride) for stride in self.config.strides())
 
     # -- training -----------------------------------------------------------------------------
 
     def forward(self, images):
         """(B, 3, S, S) images in [-1, 1] -> VQVAE2Output. Updates the codebooks in training mode."""
-        check_images(images)
-        bottom_features = self.encoder_bottom(images)  # (B, C, S/4, S/4)
-        top_features = self.encoder_top(bottom_features)  # (B, C, S/8, S/8)
-        top = self.quantizer_top(self.pre_quantize_top(top_features))  # quantized (B, D, S/8, S/8)
-        bottom = self.quantizer_bottom(self.bottom_latents(top.quantized, bottom_features))  # (B, D, S/4, S/4)
-        reconstruction = self.decode(top.quantized, bottom.quantized)  # (B, 3, S, S)
+        check_images(images, self.config)
+
+        def quantize(quantizer, latents):
+            out = quantizer(latents)
+            return out.quantized, out
+
+        quantized, outs = self.quantize_top_down(self.features(images), quantize)
+        reconstruction = self.decode(*quantized)  # (B, 3, S, S)
         reconstruction_loss = F.mse_loss(reconstruction.float(), images.float())
-        commitment_loss = top.loss + bottom.loss
+        commitment_loss = sum(out.loss for out in outs)
         return VQVAE2Output(
             reconstruction,
             reconstruction_loss + commitment_loss,
             reconstruction_loss,
             commitment_loss,
-            QuantizerStats(top.perplexity, top.usage),
-            QuantizerStats(bottom.perplexity, bottom.usage),
+            tuple(QuantizerStats(out.perplexity, out.usage) for out in outs),
         )
 
-    def bottom_latents(self, top_quantized, bottom_features):
-        """The pre-quantization bottom latents: the bottom features conditioned on the decoded
-        top latents. (B, D, S/8, S/8), (B, C, S/4, S/4) -> (B, D, S/4, S/4)."""
-        top_decoded = self.decoder_top(top_quantized)  # (B, D, S/4, S/4)
-        return self.pre_quantize_bottom(torch.cat([top_decoded, bottom_features], dim=1))
+    def features(self, images):
+        """(B, 3, S, S) -> the encoder features of every level, top first: (B, C, S/stride, S/stride)."""
+        features = [self.level_module("encoder", self.config.levels - 1)(images)]
+        for k in reversed(range(self.config.levels - 1)):
+            features.insert(0, self.level_module("encoder", k)(features[0]))
+        return features
 
-    def decode(self, top_quantized, bottom_quantized):
-        """(B, D, S/8, S/8), (B, D, S/4, S/4) quantized latents -> (B, 3, S, S), not clamped."""
-        top_upsampled = self.upsample_top(top_quantized)  # (B, D, S/4, S/4)
-        return self.decoder(torch.cat([top_upsampled, bottom_quantized], dim=1))
+    def quantize_top_down(self, features, quantize):
+        """Quantizes the levels from the top, each given the decoded levels above it.
+
+        features: per level, top first, (B, C, H_k, W_k); quantize(quantizer, latents (B, D, H_k, W_k))
+        -> (quantized latents (B, D, H_k, W_k), anything). Returns (the quantized latents, the
+        anythings), each a list per level, top first.
+        """
+        quantized, results = [], []
+        above = None  # the levels above, decoded to this level's grid: (B, D, H_k, W_k)
+        for k, level_features in enumerate(features):
+            inputs = level_features if above is None else torch.cat([above, level_features], dim=1)
+            latents = self.level_module("pre_quantize", k)(inputs)  # (B, D, H_k, W_k)
+            level_quantized, result = quantize(self.level_module("quantizer", k), latents)
+            quantized.append(level_quantized)
+            results.append(result)
+            if k < self.config.levels - 1:
+                context = level_quantized if above is None else torch.cat([above, level_quantized], dim=1)
+                above = self.level_module("decoder", k)(context)  # (B, D, 2H_k, 2W_k)
+        return quantized, results
+
+    def decode(self, *quantized):
+        """Quantized latents per level, top first, (B, D, H_k, W_k) -> (B, 3, S, S), not clamped."""
+        combined = quantized[0]  # the latents of the levels so far, at the grid of the last one
+        for k, level_quantized in enumerate(quantized[1:]):
+            combined = torch.cat([self.level_module("upsample", k)(combined), level_quantized], dim=1)
+        return self.decoder(combined)
 
     # -- codes ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, images):
-        """(B, 3, S, S) images -> top codes (B, S/8, S/8), bottom codes (B, S/4, S/4), long.
+        """(B, 3, S, S) images -> one code grid per level, top first, long: with two levels top
+        codes (B, S/8, S/8) and bottom codes (B, S/4, S/4).
 
         Never changes the codebooks, in either mode.
         """
-        check_images(images)
-        bottom_features = self.encoder_bottom(images)
-        top_codes = self.quantizer_top.codes_of(self.pre_quantize_top(self.encoder_top(bottom_features)))
-        top_quantized = self.quantizer_top.lookup(top_codes)
-        bottom_codes = self.quantizer_bottom.codes_of(self.bottom_latents(top_quantized, bottom_features))
-        return top_codes, bottom_codes
+        check_images(images, self.config)
+
+        def nearest(quantizer, latents):
+            codes = quantizer.codes_of(latents)
+            return quantizer.lookup(codes), codes
+
+        return tuple(self.quantize_top_down(self.features(images), nearest)[1])
 
     @torch.no_grad()
-    def decode_codes(self, top_codes, bottom_codes):
-        """top codes (B, Ht, Wt), bottom codes (B, 2Ht, 2Wt) -> images (B, 3, 8Ht, 8Wt) clamped to [-1, 1]."""
-        self.check_codes(top_codes, bottom_codes)
-        top_quantized = self.quantizer_top.lookup(top_codes)  # (B, D, Ht, Wt)
-        bottom_quantized = self.quantizer_bottom.lookup(bottom_codes)  # (B, D, 2Ht, 2Wt)
-        return self.decode(top_quantized, bottom_quantized).clamp(-1, 1)
+    def decode_codes(self, *codes):
+        """One code grid per level, top first, each twice the side of the one above: top codes
+        (B, Ht, Wt), bottom codes (B, 2Ht, 2Wt) for two levels -> images (B, 3, S, S) clamped to
+        [-1, 1], S = Ht * the top stride."""
+        self.check_codes(codes)
+        quantized = [self.level_module("quantizer", k).lookup(level_codes) for k, level_codes in enumerate(codes)]
+        return self.decode(*quantized).clamp(-1, 1)
 
-    def check_codes(self, top_codes, bottom_codes):
-        for name, codes in (("top codes", top_codes), ("bottom codes", bottom_codes)):
-            if codes.dim() != 3 or codes.is_floating_point():
-                raise ValueError(f"{name} must be integer (B, H, W), got {codes.dtype} {tuple(codes.shape)}")
-        batch, height, width = top_codes.shape
-        if tuple(bottom_codes.shape) != (batch, 2 * height, 2 * width):
-            raise ValueError(
-                f"bottom codes must have shape ({batch}, {2 * height}, {2 * width}) for top codes of shape "
-                f"{tuple(top_codes.shape)}, got {tuple(bottom_codes.shape)}"
-            )
-        check_range("top codes", top_codes, self.config.top_codes)
-        check_range("bottom codes", bottom_codes, self.config.bottom_codes)
+    def check_codes(self, codes):
+        names = [f"{name} codes" for name in self.config.level_names]
+        if len(codes) != len(names):
+            raise ValueError(f"expected {len(names)} code grids ({', '.join(names)}), got {len(codes)}")
+        for name, level_codes in zip(names, codes):
+            if level_codes.dim() != 3 or level_codes.is_floating_point():
+                raise ValueError(f"{name} must be integer (B, H, W), got {level_codes.dtype} "
+                                 f"{tuple(level_codes.shape)}")
+        for k in range(1, len(codes)):
+            batch, height, width = codes[k - 1].shape
+            if tuple(codes[k].shape) != (batch, 2 * height, 2 * width):
+                raise ValueError(
+                    f"{names[k]} must have shape ({batch}, {2 * height}, {2 * width}) for {names[k - 1]} of shape "
+                    f"{tuple(codes[k - 1].shape)}, got {tuple(codes[k].shape)}"
+                )
+        for name, level_codes, n_codes in zip(names, codes, self.config.codebook_sizes()):
+            check_range(name, level_codes, n_codes)
 
 
-def check_side(name, side):
-    if side < 8 or side % 8:
-        raise ValueError(f"{name} must be a multiple of 8 and >= 8 (two levels of stride 4 and 8), got {side}")
+NUMBER_WORDS = {2: "two", 3: "three"}
 
 
-def check_images(images):
+def check_side(name, side, config: VQVAE2Config):
+    """The image side must give every level a whole grid of at least one code."""
+    strides = config.strides()[::-1]  # bottom first
+    top_stride = strides[-1]
+    if side < top_stride or side % top_stride:
+        levels = NUMBER_WORDS.get(config.levels, str(config.levels))
+        raise ValueError(f"{name} must be a multiple of {top_stride} and >= {top_stride} ({levels} levels of stride "
+                         f"{', '.join(map(str, strides[:-1]))} and {top_stride}), got {side}")
+
+
+def check_images(images, config: VQVAE2Config):
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images must be float (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    check_side("image height", images.shape[2])
-    check_side("image width", images.shape[3])
+    check_side("image height", images.shape[2], config)
+    check_side("image width", images.shape[3], config)

@@ -5,8 +5,9 @@ from typing import Callable
 
 from torch.utils.data import Subset
 
+from modelkit import level_names
 from pipelines.data.holdout import CODE_HELD_OUT_EVERY, is_held_out_record
-from pipelines.store.codes import CodeDataset
+from pipelines.store.codes import TWO_LEVELS, CodeDataset, layout_levels
 from pipelines.store.provenance import PriorProvenance
 
 
@@ -16,13 +17,18 @@ class CodeSplits:
 
     train_set: Subset
     test_set: Subset
-    inputs: Callable  # a batch (top, bottom, label) -> the model's (x, label, cond)
+    every_record: CodeDataset  # the whole database: all of it is held out from a prior trained on another
+    inputs: Callable  # a batch (one grid per level, top first, then label) -> the model's (x, label, cond)
     provenance: PriorProvenance
 
 
 def code_splits(path, level) -> CodeSplits:
     """The training and held-out records of the code database at `path` for a prior of `level`."""
     dataset = CodeDataset(path)
+    levels = layout_levels(dataset.metadata)
+    if levels != TWO_LEVELS:
+        raise ValueError(f"{path} holds {levels} levels of codes ({', '.join(level_names(levels))}): priors are "
+                         "trained on two-level code databases (top, bottom) only in this version")
     every = range(len(dataset))
     test = [i for i in every if is_held_out_record(i)]
     train = [i for i in every if not is_held_out_record(i)]
@@ -30,15 +36,16 @@ def code_splits(path, level) -> CodeSplits:
         raise ValueError(f"{path} holds {len(dataset)} records: too few to hold out every {CODE_HELD_OUT_EVERY}th")
     inputs = code_inputs(level, dataset.metadata["n_classes"] > 1)
     provenance = PriorProvenance.of_database(dataset.metadata, level)
-    return CodeSplits(Subset(dataset, train), Subset(dataset, test), inputs, provenance)
+    return CodeSplits(Subset(dataset, train), Subset(dataset, test), dataset, inputs, provenance)
 
 
 def code_inputs(level, labelled):
-    """A batch (top, bottom, label) -> the model's (x, label, cond) for a level."""
+    """A batch (one grid per level, top first, then the label: (top, bottom, label) for two levels)
+    -> the model's (x, label, cond) for a level: its grid, conditioned on the grid of the level above."""
 
     def inputs(batch):
-        top, bottom, label = batch
-        label = label if labelled else None
-        return (top, label, None) if level == "top" else (bottom, label, top)
+        *grids, label = batch
+        k = level_names(len(grids)).index(level)
+        return grids[k], label if labelled else None, grids[k - 1] if k > 0 else None
 
     return inputs

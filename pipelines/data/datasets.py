@@ -11,8 +11,12 @@ the source has no labels). `load_dataset(spec, split, size)` accepts as `spec`:
 - Any other folder of images (jpg, jpeg, png, bmp, webp, gif, tif, tiff): see ImageFolderDataset.
 
 `split` is "train" or "test". A source without splits of its own (one .npz file, a folder without
-train/ and test/) holds out every 10th item (0, 10, 20, ...) as test. Every user error raises
+split folders) holds out every 10th item (0, 10, 20, ...) as test. Every user error raises
 DataError with a one-line message naming the file or folder at fault.
+
+Every dataset read from files has a `fingerprint` (`files_fingerprint`: the names, sizes and
+modification times of the files it reads, never their contents), which a resumed run checks
+(`data_identity`): other files under the same path are found, the same files moved are not.
 
 Damaged input stops the job; nothing is skipped silently, since a dataset that shrinks without
 notice changes what a run trains or evaluates on. An unreadable path, a damaged CIFAR-10 or
@@ -20,6 +24,7 @@ ImageNet file and an empty image file are refused when the dataset is built; an 
 cannot be decoded (corrupt, truncated) is refused when it is first read.
 """
 
+import hashlib
 import io
 import os
 import pickle
@@ -28,6 +33,7 @@ import stat
 import tarfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import skimage.data
@@ -36,7 +42,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from pipelines.data.holdout import IMAGE_TEST_EVERY, is_test_image, is_test_photo
+from pipelines.data.holdout import IMAGE_TEST_EVERY, TEST_FOLDERS, TRAIN_FOLDER, is_test_image, is_test_photo
 from pipelines.errors import one_line
 
 try:
@@ -233,7 +239,8 @@ def load_cifar10(path: str | Path, split: str, size: int = 32) -> ImageTensorDat
     batches = [_parse_cifar_batch(raw, f"{source}/{name}") for name, raw in zip(names, raw_batches)]
     images = torch.from_numpy(np.concatenate([data for data, _ in batches])).view(-1, 3, 32, 32)
     labels = torch.tensor([label for _, batch_labels in batches for label in batch_labels])
-    return ImageTensorDataset(images, labels)
+    read = [source] if source.is_file() else [source / name for name in names]
+    return _with_fingerprint(ImageTensorDataset(images, labels), Path(path), read)
 
 
 def _find_cifar10(path: Path) -> Path | None:
@@ -316,12 +323,12 @@ def load_downsampled_imagenet(path: str | Path, split: str, size: int = 32) -> D
     path = Path(path)
     if path.is_file():
         dataset = _load_imagenet_npz(path, size)
-        return Subset(dataset, _held_out(range(len(dataset)), split, path))
+        return _with_fingerprint(Subset(dataset, _held_out(range(len(dataset)), split, path)), path, [path])
     files = _imagenet_files(path)[split]
     if not files:
         expected = "train_data_batch_<k>.npz files" if split == "train" else IMAGENET_TEST_FILE
         raise DataError(f"no downsampled-ImageNet {split} split in {path}: expected {expected}")
-    return ConcatDataset([_load_imagenet_npz(file, size) for file in files])
+    return _with_fingerprint(ConcatDataset([_load_imagenet_npz(file, size) for file in files]), path, files)
 
 
 def _imagenet_files(folder: Path) -> dict[str, list[Path]]:
@@ -372,16 +379,23 @@ def _is_downsampled_imagenet(path: Path) -> bool:
 class ImageFolderDataset(Dataset):
     """Every image under `root` (recursive, extensions case-insensitive, hidden paths skipped).
 
-    Splits: `root/train` and `root/test` when both exist, else every 10th file in sorted order is
-    test. Label = index of the image's first-level subfolder under the split folder among the
-    sorted subfolder names of both splits (so train and test agree); 0 for all when there are no
-    subfolders. Images lying directly in the split folder beside class subfolders are refused
-    (they have no class). Links are followed, each real folder and file once (see _image_files),
-    and an image reachable from both `train` and `test` is refused. Each image becomes 8-bit RGB
-    (EXIF rotation applied; see to_rgb8), its shorter side is
-    resized to S (antialiased) and the centre S x S kept; S x S images pass unchanged. Files are
-    decoded when accessed, so construction is fast: an empty file is refused at construction, a
-    file that cannot be decoded (corrupt, truncated) raises DataError naming it when it is read.
+    Splits (`_split_folders`): a root holding `train/` beside one test folder (`test/`, `val/`,
+    `valid/` or `validation/`: `pipelines.data.holdout`) keeps them, and one holding only `train/`
+    is read as `train/`; a split folder is never a class. Without split folders, every 10th file
+    in sorted order is test. Classes (`_class_groups`): the first-level subfolders of a split
+    folder (or of the folder without splits), sorted over both splits so that train and test
+    agree; label = the index of an image's class, 0 for all where there are none.
+
+    Refused in one line: images lying beside class folders (they have no class), a split with class
+    folders beside one without (a flat `val/` whose labels lie in a separate file, as ImageNet
+    ships it, is not supported yet), an empty class folder, a link that leads nowhere, and one
+    image reachable from two class folders or from both splits (`_check_apart`). Links are
+    otherwise followed, each real folder and file once (see `_image_stats`). Each image becomes
+    8-bit RGB (EXIF rotation applied; see to_rgb8), its shorter side is resized to S (antialiased)
+    and the centre S x S kept; S x S images pass unchanged. Files are decoded when accessed, so
+    construction only lists them: an empty file is refused at construction, a file that cannot be
+    decoded (corrupt, truncated) raises DataError naming it when it is read. `fingerprint`: of the
+    split's files (`files_fingerprint`), relative to `root`.
     """
 
     def __init__(self, root: str | Path, split: str, size: int = 32):
@@ -390,32 +404,26 @@ class ImageFolderDataset(Dataset):
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         self.size = size
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            split_root = root / split
-            self.classes = sorted({sub.name for s in SPLITS for sub in _subfolders(root / s)})
-            self.files = _image_files(split_root)
-            _check_splits_apart(root, split, self.files)
-        else:
-            split_root = root
-            self.classes = sorted(sub.name for sub in _subfolders(root))
-            all_files = _image_files(root)
-            self.files = _held_out(all_files, split, root) if all_files else []
+        folders = _split_folders(root)
+        groups = {name: _class_groups(folder) for name, folder in folders.items()}  # {split: {class: images}}
+        _check_same_layout(folders, groups)
+        _check_apart(groups)
+        self.classes = sorted({name for classes in groups.values() for name in classes if name is not None})
+        has_splits = len(folders) == 2
+        source = split if has_splits else next(iter(folders))  # "all", or "train" alone: every 10th is test
+        split_root, chosen = folders[source], groups[source]
+        stats = {path: status for images in chosen.values() for path, status in images.items()}
+        files = sorted(stats)
+        self.files = files if has_splits or not files else _held_out(files, split, split_root)
         if not self.files:
-            extensions = ", ".join(IMAGE_EXTENSIONS)
-            raise DataError(f"no images in {split_root}: expected files ending in {extensions}")
-        empty = [file for file in self.files if file.stat().st_size == 0]
+            raise DataError(f"no images in {split_root}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+        empty = [file for file in self.files if stats[file].size == 0]
         if empty:
             raise DataError(f"empty image file {empty[0]} (0 bytes; {len(empty)} such in {split_root}): remove or replace it")
-        loose = [file for file in self.files if file.parent == split_root]
-        if loose and self.classes:
-            raise DataError(
-                f"{len(loose)} image(s) lie directly in {split_root} (e.g. {loose[0].name}) beside the class folders "
-                f"{', '.join(self.classes)}: move them into a class folder (a label is a first-level folder)"
-            )
-        self.labels = [self._label(file.relative_to(split_root)) for file in self.files]
-
-    def _label(self, relative_path: Path) -> int:
-        return self.classes.index(relative_path.parts[0]) if len(relative_path.parts) > 1 else 0
+        label_of_class = {None: 0, **{name: label for label, name in enumerate(self.classes)}}
+        label_of = {path: label_of_class[name] for name, images in chosen.items() for path in images}
+        self.labels = [label_of[file] for file in self.files]
+        self.fingerprint = files_fingerprint(root, {file: stats[file] for file in self.files})
 
     def __len__(self) -> int:
         return len(self.files)
@@ -498,15 +506,127 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class FileStat(NamedTuple):
+    """What a listing learns of an image file: its identity (device, inode: links to one file are
+    one file), its size and its modification time in whole seconds."""
+
+    identity: tuple[int, int]
+    size: int
+    mtime: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> "FileStat":
+        return cls((status.st_dev, status.st_ino), status.st_size, int(status.st_mtime))
+
+
+def _broken_link(path: Path) -> DataError:
+    return DataError(f"broken link {path} -> {os.readlink(path)}: remove it or restore its target")
+
+
 def _subfolders(folder: Path) -> list[Path]:
-    """The visible subfolders, without links back to the folder or above it."""
+    """The visible subfolders, sorted, without links back to the folder or above it. A visible link
+    that leads nowhere is refused: in place of a class folder it would drop the class unnoticed."""
     above = _self_and_above(folder)
-    return [sub for sub in folder.iterdir()
-            if sub.is_dir() and not sub.name.startswith(".") and _identity(sub) not in above]
+    subfolders = []
+    for sub in sorted(folder.iterdir()):
+        if sub.name.startswith("."):
+            continue
+        if sub.is_symlink() and not sub.exists():
+            raise _broken_link(sub)
+        if sub.is_dir() and _identity(sub) not in above:
+            subfolders.append(sub)
+    return subfolders
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """{"train": ..., "test": ...} of a root holding train/ and a test folder (test/, val/, valid/ or
+    validation/), {"train": root/train} of one whose only subfolder is train/, else {"all": root}.
+    A root whose subfolders are all split names is never read as classes; a train/ among other
+    folders and no test folder is a class (CIFAR-100 has one)."""
+    names = [sub.name for sub in _subfolders(root)]
+    tests = [name for name in names if name in TEST_FOLDERS]
+    if not tests and names != [TRAIN_FOLDER]:
+        return {"all": root}
+    shown = ", ".join(f"{name}/" for name in names)
+    if len(tests) > 1:
+        raise DataError(f"{root} holds {shown}: more than one test split; keep one of "
+                        f"{', '.join(f'{name}/' for name in tests)} there (move the others out)")
+    if TRAIN_FOLDER not in names:
+        raise DataError(f"{root} holds {shown} but no {TRAIN_FOLDER}/ beside {tests[0]}/: give the folder that holds "
+                        f"both splits, or give {root / tests[0]} as a folder of its own")
+    others = [name for name in names if name != TRAIN_FOLDER and name not in tests]
+    if others:
+        raise DataError(f"{root} holds split folders beside other folders ({shown}): move "
+                        f"{', '.join(f'{name}/' for name in others)} out, or into each split as a class")
+    if loose := _loose_images(root):
+        raise DataError(f"{len(loose)} image(s) lie directly in {root} (e.g. {loose[0].name}) beside the split "
+                        f"folders {shown}: move them into a split folder")
+    return {"train": root / TRAIN_FOLDER, **({"test": root / tests[0]} if tests else {})}
+
+
+def _class_groups(folder: Path) -> dict[str | None, dict[Path, FileStat]]:
+    """{class name: {image: FileStat}} of a folder whose first-level subfolders are its classes, or
+    {None: every image} of one without subfolders. Refuses images beside the class folders and a
+    class folder without images."""
+    classes = _subfolders(folder)
+    if not classes:
+        return {None: _image_stats(folder)}
+    if loose := _loose_images(folder):
+        raise DataError(
+            f"{len(loose)} image(s) lie directly in {folder} (e.g. {loose[0].name}) beside the class folders "
+            f"{', '.join(sub.name for sub in classes)}: move them into a class folder (a label is a first-level folder)"
+        )
+    groups = {sub.name: _image_stats(sub) for sub in classes}
+    for sub in classes:
+        if not groups[sub.name]:
+            raise DataError(f"class folder {sub} holds no images (expected files ending in "
+                            f"{', '.join(IMAGE_EXTENSIONS)}): remove it or add its images")
+    return groups
+
+
+def _loose_images(folder: Path) -> list[Path]:
+    """The visible files named like images that lie directly in `folder`, sorted."""
+    return sorted(path for path in folder.iterdir()
+                  if not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir())
+
+
+def _check_same_layout(folders: dict[str, Path], groups: dict) -> None:
+    """Refuses a split without class folders beside one with them: its images would all get class 0."""
+    flat = [split for split, classes in groups.items() if None in classes and classes[None]]
+    if len(groups) == 2 and len(flat) == 1:
+        classed = "test" if flat[0] == "train" else "train"
+        name = folders[flat[0]].name
+        raise DataError(
+            f"{folders[flat[0]]} holds its images without class folders but {folders[classed]} has class folders "
+            f"({', '.join(sorted(groups[classed]))}): a flat {name}/ with its labels in a separate file (as ImageNet "
+            f"ships its validation images) is not supported yet; sort its images into {name}/<class>/ folders"
+        )
+
+
+def _check_apart(groups: dict[str, dict[str | None, dict[Path, FileStat]]]) -> None:
+    """Refuses an image (a real file: device and inode) that two class folders, or both splits,
+    reach (through links or hard links): it would be trained on with two labels, or tested on
+    after being trained on. `groups`: {split: {class: {image: FileStat}}}."""
+    first = {}  # identity -> (split, class, path) of the first path that reached it
+    for split, classes in groups.items():
+        for name, images in classes.items():
+            for path, status in images.items():
+                seen_split, seen_class, seen_path = first.setdefault(status.identity, (split, name, path))
+                if (seen_split, seen_class) == (split, name):
+                    continue
+                where = (f"both {seen_split} and {split}" if seen_split != split
+                         else f"both class folders {seen_class} and {name}")
+                raise DataError(f"{seen_path} and {path} are the same image, in {where}: remove one")
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively and sorted, skipping hidden files and folders.
+    """Image files under `folder`, recursively and sorted, skipping hidden files and folders (see `_image_stats`)."""
+    return sorted(_image_stats(folder))
+
+
+def _image_stats(folder: Path) -> dict[Path, FileStat]:
+    """{image path: FileStat} of the image files under `folder`, recursively, skipping hidden files
+    and folders.
 
     Links are followed, but each real folder is walked once and each real file (by device and
     inode) listed once, under the first path that reaches it in sorted order: a link to the folder
@@ -514,11 +634,6 @@ def _image_files(folder: Path) -> list[Path]:
     subfolder that cannot be listed stops the search (Path.rglob would skip it silently), and so
     does a broken link named like an image.
     """
-    return sorted(_image_identities(folder))
-
-
-def _image_identities(folder: Path) -> dict[Path, tuple[int, int]]:
-    """{image path: (device, inode)} for `_image_files`."""
 
     def refuse(error: OSError):
         raise DataError(f"cannot read {error.filename}: {error.strerror}")
@@ -536,12 +651,41 @@ def _image_identities(folder: Path) -> dict[Path, tuple[int, int]]:
             try:
                 status = path.stat()
             except FileNotFoundError:
-                raise DataError(f"broken link {path} -> {os.readlink(path)}: remove it or restore its target") from None
+                raise _broken_link(path) from None
             identity = status.st_dev, status.st_ino
             if stat.S_ISREG(status.st_mode) and identity not in listed:
                 listed.add(identity)
-                files[path] = identity
+                files[path] = FileStat.of(status)
     return files
+
+
+def files_fingerprint(root: Path, files: dict[Path, FileStat]) -> str:
+    """SHA-256 of the sorted paths of `files` relative to `root`, their sizes and modification times:
+    their contents are never read, so a resume on a large image folder costs one listing. Moved
+    (mv, cp -a, rsync -a) the same files give the same fingerprint; whole seconds, as file
+    systems keep times at different precisions."""
+    digest = hashlib.sha256()
+    for relative, status in sorted((path.relative_to(root).as_posix(), status) for path, status in files.items()):
+        digest.update(f"{relative}\0{status.size}\0{status.mtime}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def _with_fingerprint(dataset: Dataset, spec: Path, files: list[Path]) -> Dataset:
+    """`dataset` with the fingerprint of the files it was read from (a one-file spec: by file name)."""
+    root = spec if spec.is_dir() else spec.parent
+    dataset.fingerprint = files_fingerprint(root, {file: FileStat.of(os.stat(file)) for file in files})
+    return dataset
+
+
+def data_identity(train_set: Dataset, test_set: Dataset) -> dict:
+    """What a run's data is, stored in its state and checked when it resumes: the records of each
+    split and, for data read from files, each split's fingerprint (a code database adds its own)."""
+    identity = {}
+    for split, dataset in (("train", train_set), ("test", test_set)):
+        identity[f"{split}_records"] = len(dataset)
+        if getattr(dataset, "fingerprint", None) is not None:
+            identity[f"{split}_fingerprint"] = dataset.fingerprint
+    return identity
 
 
 def _self_and_above(folder: Path) -> set[tuple[int, int]]:
@@ -552,15 +696,6 @@ def _self_and_above(folder: Path) -> set[tuple[int, int]]:
 def _identity(path) -> tuple[int, int]:
     status = os.stat(path)
     return status.st_dev, status.st_ino
-
-
-def _check_splits_apart(root: Path, split: str, files: list[Path]) -> None:
-    """Refuses an image that `root/train` and `root/test` both reach (through links or hard links)."""
-    other = "test" if split == "train" else "train"
-    here = {_identity(file): file for file in files}
-    for file, identity in _image_identities(root / other).items():
-        if identity in here:
-            raise DataError(f"{here[identity]} and {file} are the same image, in both train and test: remove one")
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:

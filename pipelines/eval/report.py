@@ -8,9 +8,10 @@ A directory given is a run (it holds log.jsonl or model.safetensors) or a pipeli
 subfolders are runs (scripts/demo.py's vqvae/, top/ and bottom/ beside codes.lmdb and samples.png).
 
 Evaluation numbers: eval.json as `scripts/evaluate.py --json` writes it, {stage: {name: value}} with
-the stages pixels, vqvae, top_prior, bottom_prior and samples. A run shows its stage's numbers from
-its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the stages
-that none of its runs shows (its samples').
+the stages pixels, vqvae, top_prior, bottom_prior and samples (a prior's name the code database they
+were measured on, and whether it is the one the prior trained on). A run shows its stage's numbers
+from its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the
+stages that none of its runs shows (its samples').
 """
 
 import base64
@@ -28,8 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines.store import run_files
-from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_path, checkpoint_stage
-from pipelines.store.codes import CodeDataset
+from pipelines.store.checkpoint import CHECKPOINT_NAME, CheckpointError, checkpoint_stage
+from pipelines.store.codes import CodeDataset, level_grids
+from pipelines.store.outputs import check_output, output_file
 from pipelines.store.results import EVAL_FILE, read_evaluation
 
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
@@ -68,10 +70,9 @@ def write_report(paths, out, curves=None):
     the losses of all their runs side by side as a PNG there; returns the report's path. Every
     directory is checked before anything is written."""
     directories = [(Path(p), runs_of(p)) for p in paths]
-    for file in (Path(out), *([Path(curves)] if curves else [])):
-        if file.is_dir() or not file.parent.is_dir():
-            raise FileNotFoundError(f"{file} is a directory: give a file name" if file.is_dir() else
-                                    f"cannot write {file}: its folder {file.parent} does not exist")
+    check_output(out, "--out", (".html", ".htm"))
+    if curves:
+        check_output(curves, "--curves", (".png",))
     for directory in {d for path, runs in directories for run in runs for d in (path, run, run.parent)}:
         read_evaluation(directory)  # a damaged eval.json stops the report before any work
     logs = evaluated_logs([run for _, runs in directories for run in runs])
@@ -84,12 +85,12 @@ def write_report(paths, out, curves=None):
         for run in runs:
             body += run_parts(run, shown_codes)
     title = "Report: " + ", ".join(str(p) for p, _ in directories)
-    with atomic_path(out) as tmp:
+    with output_file(out) as tmp:
         tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
                        + "\n".join(body) + "\n</body></html>\n")
     if curves:
-        with atomic_path(curves) as tmp:
+        with output_file(curves) as tmp:
             tmp.write_bytes(overview_png(logs))
     return Path(out)
 
@@ -175,8 +176,19 @@ def evaluation_table(run):
         return f"<p class='none'>not evaluated: {html.escape(str(run))} holds no readable checkpoint</p>"
     for directory in (run, run.parent):
         if stage in (results := read_evaluation(directory)):
-            return f"<p>from {html.escape(str(directory / EVAL_FILE))}</p>" + table(flatten(results[stage]))
+            source = html.escape(f"{directory / EVAL_FILE}{prior_database(results[stage])}")
+            return f"<p>from {source}</p>" + table(flatten(results[stage]))
     return f"<p class='none'>{html.escape(not_evaluated(run, stage))} or {html.escape(str(run.parent / EVAL_FILE))}</p>"
+
+
+def prior_database(numbers):
+    """What a prior's numbers were measured on, in words ("" for other stages and older results)."""
+    if "trained_on_database" not in numbers:
+        return ""
+    if numbers["trained_on_database"]:
+        return f", on {numbers['database']}, the code database it trained on"
+    return (f", on {numbers['database']}, not the code database it trained on: every record is held out "
+            "(no train figure, no gap)")
 
 
 def flatten(numbers, prefix=""):
@@ -304,10 +316,9 @@ def code_parts(path, shown_codes):
 
 def code_counts(dataset):
     """{level: (n_codes,) int64 counts} of every record of a CodeDataset."""
-    meta = dataset.metadata
-    counts = {level: np.zeros(meta[f"{level}_codes"], dtype=np.int64) for level in ("top", "bottom")}
+    counts = {level: np.zeros(n_codes, dtype=np.int64) for level, _, n_codes in level_grids(dataset.metadata)}
     for index in tqdm(range(len(dataset)), desc="codes", leave=False):
-        for level, codes in zip(counts, dataset[index][:2]):
+        for level, codes in zip(counts, dataset[index][:-1]):  # every level's grid, then the label
             counts[level] += np.bincount(codes.flatten().numpy(), minlength=len(counts[level]))
     return counts
 

@@ -4,7 +4,8 @@ named numbers that `pipelines.store.results.write_result` files under its stage.
 
 - A prior on its code database: bits per code over the held-out records (every 20th, as the prior
   trainer holds them out) and over the training records, and the gap (held-out - train): a gap
-  that grows while the training loss falls is overfitting.
+  that grows while the training loss falls is overfitting. On another database of its VQ-VAE
+  (another split, other images), every record is held out: one figure, no gap.
 - A VQ-VAE on images (`evaluate_vqvae`, the one evaluator: the trainer's periodic evaluations and
   `evaluate.py vqvae` both run it): reconstruction MSE (images in [-1, 1]), the PSNR it gives
   (`psnr_db`) and SSIM (torchmetrics, images in [0, 1]) of the reconstructions the pipeline decodes
@@ -22,17 +23,20 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from pipelines.data.codes import code_splits
-from pipelines.data.datasets import image_inputs, to_model_range
+from pipelines.data.datasets import absolute_spec, image_inputs, to_model_range
 from pipelines.store.checkpoint import load_pixelsnail
-from pipelines.store.provenance import LEVELS, PriorProvenance, check_fits
+from pipelines.store.provenance import PriorProvenance, check_fits
 from prior.modes import evaluating
 from vqvae.quantizer import batch_statistics
 
 
 def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_records=None):
-    """A code-mode prior on its code database -> {level, heldout_bits_per_code, train_bits_per_code,
-    gap_bits_per_code, heldout_records, train_records}. `max_records`: at most this many records of
-    each split (the first ones), None: all."""
+    """A code-mode prior on a code database of its VQ-VAE -> {level, database (its absolute path),
+    trained_on_database (whether it is the prior's own), heldout_bits_per_code, heldout_records}, and
+    on its own database train_bits_per_code, train_records and gap_bits_per_code. On its own database
+    the held-out records are every 20th, as the trainer holds them out; on another (the identity of
+    its database that the prior stored says so) every record is held out: no train figure, no gap.
+    `max_records`: at most this many records of each split (the first ones), None: all."""
     model, extra = load_pixelsnail(prior_path)
     if model.config.pixel_mode:
         raise ValueError(f"{prior_path} is a pixel-mode model: evaluate it with `evaluate.py pixels`")
@@ -43,17 +47,19 @@ def evaluate_prior(prior_path, codes_path, accelerator, batch_size=64, max_recor
         raise ValueError(f"the {trained_on.level} prior {prior_path} was trained on codes of another VQ-VAE "
                          f"than the code database {codes_path}")
     check_fits(model.config, provenance, f"the code database {codes_path}")
+    own = trained_on.same_database(provenance)
+    splits = {"heldout": source.test_set, "train": source.train_set} if own else {"heldout": source.every_record}
     model = model.to(accelerator.device)
-    bits, counts = {}, {}
-    for name, dataset in (("heldout", source.test_set), ("train", source.train_set)):
+    result = {"level": trained_on.level, "database": absolute_spec(str(codes_path)), "trained_on_database": own}
+    for name, dataset in splits.items():
         if max_records is not None:
             dataset = Subset(dataset, range(min(max_records, len(dataset))))
         loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size))
-        bits[name] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
-        counts[name] = len(dataset)
-    return {"level": trained_on.level, "heldout_bits_per_code": bits["heldout"], "train_bits_per_code": bits["train"],
-            "gap_bits_per_code": bits["heldout"] - bits["train"], "heldout_records": counts["heldout"],
-            "train_records": counts["train"]}
+        result[f"{name}_bits_per_code"] = evaluate_bits(model, loader, accelerator, source.inputs, desc=name)
+        result[f"{name}_records"] = len(dataset)
+    if own:
+        result["gap_bits_per_code"] = result["heldout_bits_per_code"] - result["train_bits_per_code"]
+    return result
 
 
 def psnr_db(mse):
@@ -65,13 +71,15 @@ def psnr_db(mse):
 @torch.no_grad()
 def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
     """A VQ-VAE over a loader of (uint8 images, labels) batches on the accelerator's device -> {mse,
-    psnr_db, ssim, images, and per level usage, perplexity, codes (the codebook size)}: what the
+    psnr_db, ssim, images, and per level (`top_usage`, ..., named by modelkit.level_names) usage,
+    perplexity, codes (the codebook size)}: what the
     trainer logs at each evaluation and `evaluate.py vqvae` reports. The reconstructions are the
     pipeline's (codes decoded, clamped to [-1, 1]); every figure is over all the images evaluated,
     every process's share counted once. max_batches: each process's first batches only."""
     vqvae = accelerator.unwrap_model(model)
-    counts = {level: torch.zeros(getattr(vqvae.config, f"{level}_codes"), dtype=torch.long, device=accelerator.device)
-              for level in LEVELS}
+    levels = vqvae.config.level_names
+    counts = {level: torch.zeros(size, dtype=torch.long, device=accelerator.device)
+              for level, size in zip(levels, vqvae.config.codebook_sizes())}
     totals = {"mse": 0.0, "ssim": 0.0}
     n_images, n_batches = 0, len(loader) if max_batches is None else min(max_batches, len(loader))
     bar = tqdm(total=n_batches, desc=desc, leave=False, disable=not accelerator.is_main_process)
@@ -79,7 +87,7 @@ def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
         for images, _ in itertools.islice(loader, n_batches):
             x = to_model_range(images).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
             with accelerator.autocast():
-                codes = vqvae.encode(x)  # (B, S/8, S/8), (B, S/4, S/4)
+                codes = vqvae.encode(x)  # per level, top first: (B, S/8, S/8), (B, S/4, S/4) for two
                 reconstruction = vqvae.decode_codes(*codes).float()  # (B, 3, S, S)
             x, reconstruction = x.contiguous(), reconstruction.contiguous()
             squared_error = (reconstruction - x).square().mean(dim=(1, 2, 3))  # (B,)
@@ -89,12 +97,12 @@ def evaluate_vqvae(model, loader, accelerator, max_batches=None, desc="test"):
             totals["mse"] += squared_error.double().sum().item()
             totals["ssim"] += similarity.double().sum().item()
             n_images += len(squared_error)
-            for level, level_codes in zip(LEVELS, codes):
+            for level, level_codes in zip(levels, codes):
                 counts[level] += torch.bincount(level_codes.flatten(), minlength=len(counts[level]))
             bar.update()
     result = {name: total / n_images for name, total in totals.items()}
     result.update(psnr_db=psnr_db(result["mse"]), images=n_images)
-    for level in LEVELS:
+    for level in levels:
         perplexity, usage = batch_statistics(counts[level].float())
         result.update({f"{level}_usage": usage.item(), f"{level}_perplexity": perplexity.item(),
                        f"{level}_codes": len(counts[level])})

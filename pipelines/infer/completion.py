@@ -22,19 +22,21 @@ from prior.drawing import Drawing
 
 
 def kept_rows(keep: str, height: int) -> int:
-    """--keep as given: a fraction of the rows (a number with a point in [0, 1], e.g. 0.5) or a
-    whole row count in [0, height] -> the number of rows kept (a fraction's rows rounded down)."""
+    """--keep as given: a fraction of the rows (a number in [0, 1], e.g. 0.5) or a whole row count
+    in [2, height] -> the number of rows kept (a fraction's rows rounded down).
+
+    1 is the fraction, the whole image, as 1.0 is: a number means one thing however it is written
+    (one row is the fraction 1/height)."""
     try:
-        value = int(keep) if keep.strip().lstrip("+-").isdigit() else float(keep)
+        value = float(keep)
     except ValueError:
         raise ValueError(f"--keep must be a fraction of the rows (0.5) or a row count (16), got {keep!r}") from None
-    if isinstance(value, float):
-        if not 0 <= value <= 1:  # nan fails this too
-            raise ValueError(f"--keep as a fraction of the rows must lie in [0, 1], got {keep}")
+    if 0 <= value <= 1:  # nan fails this
         return math.floor(value * height)
-    if not 0 <= value <= height:
-        raise ValueError(f"--keep as a row count must lie in [0, {height}] (the image's rows), got {value}")
-    return value
+    if not (keep.strip().lstrip("+").isdigit() and value <= height):
+        raise ValueError(f"--keep must be a fraction of the rows in [0, 1] (1: the whole image) or a whole row count "
+                         f"in [2, {height}] (the image's rows), got {keep}")
+    return int(value)
 
 
 def covering_rows(image_rows: int, image_size: int, grid_height: int) -> int:

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from pipelines.data.datasets import absolute_spec, load_dataset
 from pipelines.device import make_runtime, resolve_device
 from pipelines.store.checkpoint import load_vqvae, resolve_checkpoint
-from pipelines.store.codes import (DEFAULT_MAP_SIZE, FORMAT, FORMAT_VERSION, META_KEY, PLAN_FIELDS, PLAN_KEY,
-                                   CodeStoreError, CodeWriter, check_layout, encode_records, file_sha256, json_bytes,
-                                   record_key, record_size)
+from pipelines.store.codes import (DEFAULT_MAP_SIZE, FORMAT, META_KEY, PLAN_KEY, TWO_LEVELS, CodeStoreError,
+                                   CodeWriter, check_layout, encode_records, file_sha256, format_version, json_bytes,
+                                   layout_levels, plan_fields, record_key, record_size)
 
 
 def count_classes(dataset: Dataset) -> int:
@@ -50,9 +50,11 @@ def extract_codes(
 ) -> int:
     """Encodes `dataset` into the code database `out`, resuming a run that was stopped; -> the count.
 
-    `encode(images)` maps uint8 images (B, 3, S, S) to (top_codes (B, Ht, Wt), bottom_codes (B, Hb, Wb));
-    `dataset` yields (image uint8 (3, S, S), label int); `plan` holds PLAN_FIELDS. An incomplete `out`
-    made with the same plan is continued after its last record; a complete one is left as it is.
+    `encode(images)` maps uint8 images (B, 3, S, S) to one code grid per level, top first:
+    (top_codes (B, Ht, Wt), bottom_codes (B, Hb, Wb)) for two levels; `dataset` yields (image uint8
+    (3, S, S), label int); `plan` holds `plan_fields(levels)` (`levels` may be left out for two). An
+    incomplete `out` made with the same plan is continued after its last record; a complete one is
+    left as it is.
 
     `processes` (accelerate's PartialState or an Accelerator; default: this process's state) says
     which process this is: batch k of the images still to encode goes to process k mod N, and each
@@ -60,14 +62,14 @@ def extract_codes(
     """
     _check_loader_arguments(batch_size, workers)
     plan = _normalised_plan(plan, out)
-    job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
+    job = _job(plan)
     total = len(dataset)
     processes = processes or PartialState(cpu=resolve_device() == "cpu")
     writer = CodeWriter(out, map_size) if processes.is_main_process else None
     with writer or nullcontext():
         start = _shared_resume_point(writer, job, total, processes)
         if start is None:
-            processes.print(f"{out} is complete already ({total} records from the same job): nothing to do", flush=True)
+            processes.print(f"{out} is complete already ({total} records from the same job): nothing to encode", flush=True)
             return total
         if start > 0:
             processes.print(f"{out}: resuming after {start} of {total} records", flush=True)
@@ -98,7 +100,7 @@ def _encoded_rounds(encode, dataset: Dataset, indices: range, batch_size: int, w
     empty = np.zeros((0, record_size(plan)), np.uint8)
     for _ in range(math.ceil(len(first_indices) / processes.num_processes)):
         batch = next(batches, None)  # None: this process has no batch in the last round
-        rows = empty if batch is None else encode_records(batch[1], *(codes.cpu() for codes in encode(batch[0])), plan)
+        rows = empty if batch is None else encode_records(batch[1], [codes.cpu() for codes in encode(batch[0])], plan)
         yield _gather_rows(rows, batch_size, processes)
 
 
@@ -128,18 +130,19 @@ def _gather_rows(rows: np.ndarray, batch_size: int, processes) -> np.ndarray:
 def write_codes(out, plan: dict, batches, map_size: int = DEFAULT_MAP_SIZE) -> int:
     """Writes a complete code database from codes at hand, without a VQ-VAE (tests, benchmarks); -> the count.
 
-    `batches` yields (labels (B,), top_codes (B, Ht, Wt), bottom_codes (B, Hb, Wb)) integer tensors;
-    `plan` holds PLAN_FIELDS. `out` must not exist: there is no job to resume.
+    `batches` yields (labels (B,), then one integer code grid per level, top first: top_codes
+    (B, Ht, Wt), bottom_codes (B, Hb, Wb) for two levels); `plan` holds `plan_fields(levels)`. `out`
+    must not exist: there is no job to resume.
     """
     plan = _normalised_plan(plan, out)
     if Path(out).exists():
         raise CodeStoreError(f"{out} exists already: write_codes makes a new database")
-    job = {"format": FORMAT, "format_version": FORMAT_VERSION, **plan}
+    job = _job(plan)
     with CodeWriter(out, map_size) as writer:
         writer.put_many([(PLAN_KEY, json_bytes(job))])
         count = 0
-        for labels, top_codes, bottom_codes in batches:
-            count = _write_rows(writer, encode_records(labels.cpu(), top_codes.cpu(), bottom_codes.cpu(), plan), count)
+        for labels, *codes in batches:
+            count = _write_rows(writer, encode_records(labels.cpu(), [c.cpu() for c in codes], plan), count)
         writer.put_many([(META_KEY, json_bytes({**job, "count": count}))])
     return count
 
@@ -155,18 +158,27 @@ def _write_rows(writer: CodeWriter, rows: np.ndarray, start: int, bar=None) -> i
 
 def _check_loader_arguments(batch_size: int, workers: int) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise ValueError(f"--workers must be >= 0, got {workers}")
 
 
 def _normalised_plan(plan: dict, out) -> dict:
-    """The plan as it reads back from JSON (tuples become lists), after checking its fields."""
-    extra = sorted(set(plan) - set(PLAN_FIELDS))
-    if extra:
-        raise CodeStoreError(f"plan for {out} has unknown fields {', '.join(extra)}: expected {', '.join(PLAN_FIELDS)}")
+    """The plan as it reads back from JSON (tuples become lists), after checking its fields; without
+    `levels` for two levels, as two-level databases have always been written."""
+    if plan.get("levels") == TWO_LEVELS:
+        plan = {name: value for name, value in plan.items() if name != "levels"}
     check_layout(plan, f"plan for {out}")
+    expected = plan_fields(layout_levels(plan))
+    extra = sorted(set(plan) - set(expected))
+    if extra:
+        raise CodeStoreError(f"plan for {out} has unknown fields {', '.join(extra)}: expected {', '.join(expected)}")
     return json.loads(json_bytes(plan))
+
+
+def _job(plan: dict) -> dict:
+    """What `__plan__` holds: the format and its version, then the plan."""
+    return {"format": FORMAT, "format_version": format_version(plan), **plan}
 
 
 def _resume_point(writer: CodeWriter, job: dict, total: int) -> int | None:
@@ -210,21 +222,23 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
     """
     _check_loader_arguments(batch_size, workers)
     if n_classes is not None and n_classes < 0:
-        raise ValueError(f"n_classes must be >= 0, got {n_classes}")
+        raise ValueError(f"--n-classes must be >= 0, got {n_classes}")
     runtime = make_runtime(device, precision)
     model, extra = load_vqvae(vqvae_path)
     image_size = extra.get("image_size") if size is None else size
     if image_size is None:
         raise ValueError(f"{vqvae_path} does not record the image size it was trained on: pass --size")
-    top_shape, bottom_shape = model.code_shapes(image_size)  # refuses sizes that are not multiples of 8
+    shapes = model.code_shapes(image_size)  # refuses sizes that are not multiples of the top stride
     dataset = load_dataset(data, split, image_size)
     source = absolute_spec(data)
     labels_seen = count_classes(dataset)
     if n_classes is not None and n_classes > 0 and labels_seen > n_classes:
         raise ValueError(f"the {split} split of {data} has labels up to {labels_seen - 1}: --n-classes {n_classes} is too few")
+    names = model.config.level_names
     plan = dict(
-        top_shape=list(top_shape), bottom_shape=list(bottom_shape),
-        top_codes=model.config.top_codes, bottom_codes=model.config.bottom_codes,
+        levels=len(names),
+        **{f"{name}_shape": list(shape) for name, shape in zip(names, shapes)},
+        **{f"{name}_codes": size for name, size in zip(names, model.config.codebook_sizes())},
         n_classes=labels_seen if n_classes is None else n_classes,
         vqvae_sha256=file_sha256(resolve_checkpoint(vqvae_path)), image_size=image_size,
         source={"data": source, "split": split, "images": len(dataset)},

@@ -1,8 +1,9 @@
 """Generation with the VQ-VAE-2 pipeline: sample top codes, then bottom codes given them, decode.
 
 A sampling job (`SampleJob`, `make_samples`) makes many samples in batches, on several processes:
-sample i draws from a generator seeded by (seed, i) alone, so the same seed gives the same samples
-whatever the batch size and the number of processes.
+sample i draws from per-sample keys of (seed, i) alone (prior.noise), so the same seed gives the
+same samples whatever the batch size and the number of processes (bitwise in fp32 on the CPU; on a
+GPU a kernel chosen per batch size may flip a code at a near tie).
 
 `load_pipeline` loads a VQ-VAE and its two priors and checks that they belong together: each
 prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the right level,
@@ -24,6 +25,8 @@ from pipelines.store.codes import file_sha256
 from pipelines.store.provenance import PriorProvenance, check_fits
 from prior import PixelSNAIL
 from prior.drawing import Drawing
+from prior.noise import SampleKeys, at_level
+from prior.sampling import IncrementalPixelSNAIL
 from vqvae import VQVAE2
 
 
@@ -70,14 +73,22 @@ def load_pipeline(vqvae_path, top_path, bottom_path):
 
 
 def sample_seed(seed, index):
-    """The seed of sample `index`'s generator: a hash of (seed, index), so that its draws depend on
-    nothing else (not the batch it is in, nor the process that makes it)."""
+    """The seed of a torch generator for sample `index` (complete.py: one per image's completions)."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little")
 
 
 def sample_generators(seed, indices, device):
-    """One generator per sample, seeded from (seed, index)."""
+    """One torch generator per index, seeded from (seed, index)."""
     return [torch.Generator(device).manual_seed(sample_seed(seed, int(index))) for index in indices]
+
+
+def sample_keys(seed, indices, device):
+    """The per-sample keys of samples `indices` (prior.noise): sample i's draws depend on (seed, i)
+    alone, not on the batch it is in, nor the process that makes it."""
+    return SampleKeys.of(seed, indices, device)
+
+
+DECODE_CHUNK = 32  # samples decoded at once: the decoder's activations at 256x256 dwarf the priors' caches
 
 
 @dataclass
@@ -96,30 +107,34 @@ class Known:
 
 
 @torch.no_grad()
-def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progress=False, known=None):
+def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progress=False, known=None, capture=False):
     """n images (n, 3, S, S) in [-1, 1] with their top and bottom codes.
 
     `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
     priors need one. `drawing`: temperature, top-k, top-p and guidance of both priors
-    (prior.drawing). `generator`: a torch.Generator for the whole batch, or a list of n, one per
-    sample, whose draws then depend on that sample alone. `progress`: True shows a bar over
+    (prior.drawing). `generator`: a torch.Generator for the whole batch, or per-sample keys
+    (`sample_keys`), whose draws then depend on each sample alone. `progress`: True shows a bar over
     positions; a callable is called after each level with the share of the positions it drew.
-    `known`: codes to keep (Known); sampling starts after them at each level.
+    `known`: codes to keep (Known); sampling starts after them at each level. `capture`: each
+    level's steps replayed as CUDA graphs (prior.sampling.CachedSteps; CUDA and per-sample keys).
     """
     labels = check_labels(pipeline, n, label)
     device = pipeline.top.background.device
     labels = None if labels is None else torch.tensor(labels, dtype=torch.long, device=device)
     bars = progress is True
-    options = asdict(drawing)  # the samplers' temperature, top_k, top_p and guidance
+    options = {**asdict(drawing), **({"capture": True} if capture else {})}  # the cached sampler's options
 
     def level_options(level):
         return options if known is None else {**options, **known.prefix(level)}
 
-    top_codes = pipeline.top.sample(n, labels, None, generator, progress=bars, **level_options("top"))
+    top_codes = pipeline.top.sample(n, labels, None, at_level(generator, "top"), progress=bars,
+                                    **level_options("top"))
     if callable(progress):
         progress(level_share(pipeline, "top"))
-    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, generator, progress=bars, **level_options("bottom"))
-    images = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
+    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, at_level(generator, "bottom"), progress=bars,
+                                          **level_options("bottom"))
+    images = torch.cat([pipeline.vqvae.decode_codes(top, bottom) for top, bottom in
+                        zip(top_codes.split(DECODE_CHUNK), bottom_codes.split(DECODE_CHUNK))])
     if callable(progress):
         progress(level_share(pipeline, "bottom"))
     return images, top_codes, bottom_codes
@@ -156,12 +171,13 @@ def check_labels(pipeline, n, label):
 @dataclass(frozen=True)
 class SampleJob:
     """What decides the samples: sample i has class labels[i // per_label] (None for unconditional
-    priors) and draws from a generator seeded by (seed, i), with the sampling controls `drawing`."""
+    priors) and draws from the keys of (seed, i) (`sample_keys`), with the sampling controls `drawing`."""
 
     labels: tuple
     per_label: int
     seed: int
     drawing: Drawing = Drawing()
+    capture: bool = False  # how the steps run (CUDA graphs), not what they draw: not part of a job's record
 
     @property
     def total(self):
@@ -224,7 +240,7 @@ def read_label(spec, forms, n_classes, model_is="the priors are"):
 
 def check_class(label, n_classes):
     if not 0 <= label < n_classes:
-        raise ValueError(f"label must lie in [0, {n_classes}), got {label}")
+        raise ValueError(f"--label must lie in [0, {n_classes}), got {label}")
 
 
 def check_labels_given(given, n_classes, model_is="the priors are", forms=None):
@@ -237,10 +253,79 @@ def check_labels_given(given, n_classes, model_is="the priors are", forms=None):
         raise ValueError(f"{model_is} not class-conditional: give no label (got {given})")
 
 
+def cache_bytes_per_sample(pipeline, runtime, drawing):
+    """The bytes the cached sampler holds per sample at the larger level (the levels run one after
+    the other): the caches' growth from a batch of 1 to a batch of 2, measured on the tensors they
+    allocate (rows of every conv, keys and values, the rows' parts), twice under guidance."""
+    per_level = {}
+    for level in ("top", "bottom"):
+        model = getattr(pipeline, level)
+        sizes = []
+        with torch.no_grad(), runtime.autocast():
+            for batch in (1, 2):
+                label = None if not model.config.n_classes else torch.zeros(batch, dtype=torch.long, device=runtime.device)
+                cond = (None if model.config.cond_codes is None else
+                        torch.zeros(batch, *model.config.cond_shape, dtype=torch.long, device=runtime.device))
+                network = IncrementalPixelSNAIL(model, batch, model.condition(batch, label, cond))
+                network.output_at(0, 0)  # makes the rows' parts
+                sizes.append(tensor_bytes(network))
+        per_level[level] = (sizes[1] - sizes[0]) * (2 if drawing.guided else 1)
+    return per_level
+
+
+def tensor_bytes(root):
+    """Bytes of every distinct tensor storage reachable from `root` through attributes and lists."""
+    seen, storages, todo = set(), {}, [root]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, torch.nn.Module) and id(item) not in seen:
+            seen.add(id(item))
+            todo.extend(vars(item).values())
+    return sum(storages.values())
+
+
+def free_bytes(device):
+    """Memory free for new tensors on `device`: CUDA's free memory, or the CPU's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("--batch-size auto: this system reports no available memory (/proc/meminfo); give a number")
+
+
+AUTO_SHARE = 0.6  # of the free memory for the caches: the step's activations, the decoder and the allocator take the rest
+AUTO_LIMIT = 4096  # more gives no speed on any device measured, and delays the first written samples
+
+
+def plan_batch_size(pipeline, runtime, job):
+    """--batch-size auto: the largest batch whose caches fit AUTO_SHARE of the free memory, at most
+    the samples of one process and AUTO_LIMIT -> (batch size, the plan in one line)."""
+    per_level = cache_bytes_per_sample(pipeline, runtime, job.drawing)
+    per_sample = max(per_level.values())
+    free = free_bytes(runtime.device)
+    fits = max(1, int(AUTO_SHARE * free // per_sample))
+    share = math.ceil(job.total / runtime.processes.num_processes)
+    batch_size = min(fits, share, AUTO_LIMIT)
+    mib = 2**20
+    line = (f"--batch-size auto: {per_sample / mib:.1f} MiB of caches per sample (top {per_level['top'] / mib:.1f}, "
+            f"bottom {per_level['bottom'] / mib:.1f}), {free / 2**30:.1f} GiB free on {runtime.device.type}: "
+            f"{fits} fit in {AUTO_SHARE:.0%} of it; batch {batch_size}"
+            + ("" if batch_size == fits else f" (at most {min(share, AUTO_LIMIT)}: "
+               + ("the samples per process)" if share <= AUTO_LIMIT else f"the limit {AUTO_LIMIT})")))
+    return batch_size, line
+
+
 def make_samples(pipeline, runtime, job, indices, batch_size, keep):
     """Makes samples `indices` of `job` in batches of `batch_size`, batch k on process k mod N, and
     calls keep(batch_indices, labels, images (B, S, S, 3) uint8, top_codes, bottom_codes) on the CPU
-    after each. One progress bar for the whole job, on the main process, advanced per level drawn."""
+    after each. One progress bar for the whole job, on the main process, advanced per level drawn.
+    Running out of device memory is one line naming a batch size to try; the batches kept stay."""
     processes = runtime.processes
     batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
     rounds = [batches[k : k + processes.num_processes] for k in range(0, len(batches), processes.num_processes)]
@@ -253,9 +338,15 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
             batch = batches_of_round[processes.process_index]
             in_round = sum(len(each) for each in batches_of_round)  # what the bar counts for all processes
             labels = job.labels_of(batch)
-            generators = sample_generators(job.seed, batch, runtime.device)
-            with runtime.autocast():
-                images, top_codes, bottom_codes = generate(pipeline, len(batch), labels, job.drawing, generators,
-                                                           progress=lambda share: bar.update(share * in_round))
+            keys = sample_keys(job.seed, batch, runtime.device)
+            try:
+                with runtime.autocast():
+                    images, top_codes, bottom_codes = generate(
+                        pipeline, len(batch), labels, job.drawing, keys, capture=job.capture,
+                        progress=lambda share: bar.update(share * in_round))
+            except torch.OutOfMemoryError:
+                raise ValueError(f"out of memory on {runtime.device} at --batch-size {batch_size}: try --batch-size "
+                                 f"{max(1, batch_size // 2)} (--out-dir keeps the samples written so far: the "
+                                 "command with it resumes)") from None
             images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
             keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())

@@ -8,7 +8,7 @@ colour bar in bits. Each panel has its own scale, from 0 to its largest value.
 
 from matplotlib.figure import Figure
 
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import output_file
 
 PANEL_INCHES = 2.6
 ALPHA = 0.6
@@ -34,5 +34,5 @@ def write_heat_map(path, image, maps, title=""):
         axis.set_axis_off()
     if title:
         figure.suptitle(title, fontsize=9)
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         figure.savefig(tmp, format="png", bbox_inches="tight")

@@ -1,6 +1,7 @@
 """The sample jobs of scripts/sample.py: a `SampleJob` drawn in memory by one process, or into a
 sample directory (`pipelines.store.samples`) shared by the processes and resumed where it stopped."""
 
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -9,6 +10,7 @@ from pipelines.infer.generation import make_samples
 from pipelines.store import samples as sample_dir
 from pipelines.store.checkpoint import resolve_checkpoint
 from pipelines.store.codes import file_sha256
+from pipelines.store.outputs import output_dir
 
 
 def sample_in_memory(pipeline, runtime, job, batch_size):
@@ -28,20 +30,22 @@ def sample_to_directory(pipeline, runtime, job, paths, out_dir, batch_size, read
     processes). `paths`: the checkpoints of the pipeline, {"vqvae", "top", "bottom"}, whose hashes
     the directory records so that a re-run continues only the same job."""
     processes = runtime.processes
-    if processes.is_main_process:
-        sample_dir.start(out_dir, {
-            **{f"{name}_sha256": file_sha256(resolve_checkpoint(path)) for name, path in paths.items()},
-            "labels": list(job.labels), "per_label": job.per_label, "seed": job.seed,
-            **asdict(job.drawing), "precision": runtime.precision,
-        })
-    processes.wait_for_everyone()
-    todo = sorted(set(range(job.total)) - sample_dir.done(out_dir))
-    if processes.is_main_process and len(todo) < job.total:
-        print(f"{out_dir}: {job.total - len(todo)} of {job.total} samples written already")
-    make_samples(pipeline, runtime, job, todo, batch_size,
-                 lambda *batch: sample_dir.write_batch(out_dir, *batch))
-    processes.wait_for_everyone()
-    if not processes.is_main_process:
-        return None
-    written = sample_dir.finish(out_dir, job.total)
+    # a job that fails before its first sample leaves nothing (no job file to refuse the corrected command)
+    with output_dir(out_dir, scaffolding=(sample_dir.JOB_FILE,)) if processes.is_main_process else nullcontext():
+        if processes.is_main_process:
+            sample_dir.start(out_dir, {
+                **{f"{name}_sha256": file_sha256(resolve_checkpoint(path)) for name, path in paths.items()},
+                "labels": list(job.labels), "per_label": job.per_label, "seed": job.seed,
+                **asdict(job.drawing), "precision": runtime.precision,
+            })
+        processes.wait_for_everyone()
+        todo = sorted(set(range(job.total)) - sample_dir.done(out_dir))
+        if processes.is_main_process and len(todo) < job.total:
+            print(f"{out_dir}: {job.total - len(todo)} of {job.total} samples written already")
+        make_samples(pipeline, runtime, job, todo, batch_size,
+                     lambda *batch: sample_dir.write_batch(out_dir, *batch))
+        processes.wait_for_everyone()
+        if not processes.is_main_process:
+            return None
+        written = sample_dir.finish(out_dir, job.total)
     return sample_dir.load(written) if read_back else {}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from pipelines.data.datasets import to_model_range
 from pipelines.infer.generation import DATA, MIXTURE, check_labels_given, parse_label
 from pipelines.infer.heatmaps import write_heat_map
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import output_file
 from prior import PixelSNAIL
 
 LABEL_FORMS = ("class", DATA, MIXTURE)  # what --label takes (pipelines.infer.generation.parse_label)
@@ -211,7 +211,7 @@ def score_dataset(score, dataset, names, chosen, csv_path, maps_dir=None, batch_
     loader = DataLoader(dataset, batch_size=batch_size)
     sums, row = {}, 0
     bar = tqdm(total=len(dataset), unit="img", desc="scoring", disable=not progress)
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as file, bar:
+    with output_file(csv_path) as tmp, open(tmp, "w", newline="") as file, bar:
         writer = csv.writer(file)
         for images, labels in loader:
             scores = score(images, batch_labels(chosen, labels, device))

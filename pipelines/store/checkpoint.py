@@ -1,5 +1,5 @@
-"""Checkpoint files: weights as safetensors with the model's config inside, written atomically (as
-are the image grids the scripts write).
+"""Checkpoint files: weights as safetensors with the model's config inside, written atomically
+through pipelines.store.outputs (as are the image grids the scripts write).
 
 A checkpoint is one `.safetensors` file whose metadata holds `format_version`, `kind` (which model
 class it is for), `stage` (what it is in the pipeline: pixels, top_prior, bottom_prior, vqvae,
@@ -12,19 +12,21 @@ checkpoint is asked for, the run directory or the file may be given.
 
 import json
 import math
-import os
-import secrets
-from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from pipelines.errors import one_line
+from pipelines.store.outputs import output_file
 from prior import PixelSNAIL, PixelSNAILConfig
 from vqvae import VQVAE2, VQVAE2Config
 
 CHECKPOINT_NAME = "model.safetensors"
+HEADER_ERROR = "Error while deserializing header: "  # how safetensors begins the refusal of a damaged header
+HEADER_ERROR_CHARACTERS = 80
 FORMAT_VERSION = 1  # the format this code writes; it reads this one and the unversioned one before it
 PIXELSNAIL_KIND = "pixelsnail"
 VQVAE_KIND = "vqvae2"
@@ -34,31 +36,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, not ours, damaged, or for another kind of model."""
 
 
-@contextmanager
-def atomic_path(path):
-    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
-
-    A reader therefore sees either the old file or the complete new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = tmp.stat().st_mode  # 0666 less the umask, as every file we write (safetensors writes 0600)
-    try:
-        yield tmp
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_image_grid(images, path, nrow=None):
     """Images in [-1, 1], (N, 3, H, W), as one PNG grid of `nrow` per row (default: about square),
     written atomically."""
     nrow = nrow or math.ceil(math.sqrt(len(images)))
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         save_image((images.float().cpu() + 1) / 2, tmp, format="png", nrow=nrow)
 
 
@@ -67,7 +49,7 @@ def save_checkpoint(path, state_dict, kind, config, **extra):
     tensors = {name: t.detach().contiguous().cpu() for name, t in state_dict.items()}
     metadata = {"format_version": str(FORMAT_VERSION), "kind": kind, "stage": stage_of(kind, extra),
                 "config": config.to_json(), "extra": json.dumps(extra, sort_keys=True)}
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 
@@ -121,7 +103,20 @@ def read_checkpoint(path, tensors=True):
         extra = None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path} has damaged metadata: 'extra' is not a JSON object")
+    if tensors:
+        _check_finite(path, state_dict)
     return path, metadata, extra, state_dict
+
+
+def _check_finite(path, state_dict):
+    """Refuses weights holding NaN or Inf (bit rot, a bad copy): every model would compute NaN from them."""
+    bad = {name: int(tensor.numel() - torch.isfinite(tensor).sum()) for name, tensor in state_dict.items()
+           if tensor.is_floating_point()}
+    bad = {name: count for name, count in bad.items() if count}
+    if bad:
+        raise CheckpointError(f"{path} is damaged: {sum(bad.values())} weight value(s) are NaN or infinite, in "
+                              f"{len(bad)} tensor(s) ({', '.join(list(bad)[:3])}{', ...' if len(bad) > 3 else ''}); "
+                              "restore the file or use another checkpoint")
 
 
 def read_metadata(path):
@@ -152,7 +147,9 @@ def _what_it_is(path, error):
         return "it is a zip archive, as torch.save writes: not loaded, since unpickling it could run code"
     if start[:1] == b"\x80":
         return "it is a pickle: not loaded, since unpickling it could run code"
-    return str(error)
+    if str(error).startswith(HEADER_ERROR):  # safetensors may quote the damaged header at length: the gist only
+        return "its header is damaged: " + one_line(str(error).removeprefix(HEADER_ERROR), HEADER_ERROR_CHARACTERS)
+    return one_line(error)
 
 
 def load_model(path, kind, model_class, config_class):

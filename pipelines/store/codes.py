@@ -2,11 +2,18 @@
 
 A database is an LMDB directory (`subdir=True`) holding:
 
-- records under 8-byte big-endian keys 0, 1, 2, ...: label as int32, then the top codes as uint16
-  (Ht*Wt), then the bottom codes as uint16 (Hb*Wb), all little-endian: 4 + 2*(Ht*Wt + Hb*Wb) bytes;
-- `__plan__`, written first: the job (VQ-VAE hash, grid shapes, codebook sizes, data) as JSON, so a
-  resumed extraction can check that it continues the same job;
+- records under 8-byte big-endian keys 0, 1, 2, ...: label as int32, then the codes of every level,
+  top first, as uint16 (H*W each), all little-endian: with two levels 4 + 2*(Ht*Wt + Hb*Wb) bytes;
+- `__plan__`, written first: the job (VQ-VAE hash, levels, grid shapes, codebook sizes, data) as
+  JSON, so a resumed extraction can check that it continues the same job;
 - `__meta__`, written last: the plan plus `count`. Its presence marks the database complete.
+
+Each level has a `<name>_shape` and a `<name>_codes` (codebook size) field, its name from
+modelkit.level_names: `top_*` and `bottom_*` for two levels, `top_*`, `middle_*` and `bottom_*` for
+three. A two-level database is format version 1, as every database was before the number of levels
+became a parameter: it has no `levels` field, and the same bytes as then. Any other number of
+levels is format version 2, whose `levels` field says how many (a reader of version 1 only refuses
+it as newer, rather than misreading its records).
 
 Example: 32x32 images with 4x4 top and 8x8 bottom grids give 4 + 2*(16 + 64) = 164-byte records.
 Records are written one transaction per round of batches (one batch per process), so a kill or a
@@ -29,14 +36,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from modelkit import level_names
+
 FORMAT = "pixelsnail-codes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes (version 1: two levels)
+TWO_LEVELS = 2  # what a database without a `levels` field holds
 META_KEY = b"__meta__"
 PLAN_KEY = b"__plan__"
-PLAN_FIELDS = (
-    "top_shape", "bottom_shape", "top_codes", "bottom_codes", "n_classes", "vqvae_sha256",
-    "image_size", "source",
-)
+JOB_FIELDS = ("n_classes", "vqvae_sha256", "image_size", "source")  # besides the levels' fields
 MAX_CODES = 2**16  # codes are stored as uint16
 DEFAULT_MAP_SIZE = 2**30  # address space only: on Linux the file grows with the data
 
@@ -59,24 +66,48 @@ def file_sha256(path) -> str:
 # Records
 
 
+def layout_levels(layout: dict) -> int:
+    """How many levels of codes a plan or metadata describes."""
+    return layout.get("levels", TWO_LEVELS)
+
+
+def level_grids(layout: dict) -> list[tuple[str, tuple[int, int], int]]:
+    """(name, grid shape (H, W), codebook size) of every level of a layout, top first."""
+    return [(name, tuple(layout[f"{name}_shape"]), layout[f"{name}_codes"])
+            for name in level_names(layout_levels(layout))]
+
+
+def plan_fields(levels: int) -> tuple[str, ...]:
+    """The fields of a plan for `levels` levels: `levels` (left out for two), each level's shape
+    and codebook size, then the job's."""
+    names = level_names(levels)
+    counted = () if levels == TWO_LEVELS else ("levels",)
+    return (*counted, *[f"{name}_shape" for name in names], *[f"{name}_codes" for name in names], *JOB_FIELDS)
+
+
+def format_version(layout: dict) -> int:
+    """The version of the format a database of this layout is written in: 1 for two levels."""
+    return 1 if layout_levels(layout) == TWO_LEVELS else FORMAT_VERSION
+
+
 def record_size(layout: dict) -> int:
-    (top_h, top_w), (bottom_h, bottom_w) = layout["top_shape"], layout["bottom_shape"]
-    return 4 + 2 * (top_h * top_w + bottom_h * bottom_w)
+    return 4 + 2 * sum(h * w for _, (h, w), _ in level_grids(layout))
 
 
-def encode_records(labels: Tensor, top_codes: Tensor, bottom_codes: Tensor, layout: dict) -> np.ndarray:
-    """A batch as rows of record bytes, (B, record_size) uint8, after checking it fits `layout`."""
-    batch = len(labels)
-    _check_codes("top", top_codes, (batch, *layout["top_shape"]), layout["top_codes"])
-    _check_codes("bottom", bottom_codes, (batch, *layout["bottom_shape"]), layout["bottom_codes"])
+def encode_records(labels: Tensor, codes, layout: dict) -> np.ndarray:
+    """A batch as rows of record bytes, (B, record_size) uint8, after checking it fits `layout`.
+
+    codes: one integer grid per level, top first, (B, H, W) each (what VQVAE2.encode returns)."""
+    batch, grids = len(labels), level_grids(layout)
+    if len(codes) != len(grids):
+        names = ", ".join(name for name, _, _ in grids)
+        raise ValueError(f"encode gave {len(codes)} code grids, expected {len(grids)} ({names})")
+    for level_codes, (name, shape, n_codes) in zip(codes, grids):
+        _check_codes(name, level_codes, (batch, *shape), n_codes)
     n_classes = layout["n_classes"]
     if n_classes > 0 and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels {int(labels.min())}..{int(labels.max())} lie outside [0, {n_classes}) (n_classes)")
-    fields = [
-        labels.numpy().astype("<i4"),
-        top_codes.reshape(batch, -1).numpy().astype("<u2"),
-        bottom_codes.reshape(batch, -1).numpy().astype("<u2"),
-    ]
+    fields = [labels.numpy().astype("<i4"), *[c.reshape(batch, -1).numpy().astype("<u2") for c in codes]]
     return np.concatenate([field.reshape(batch, -1).view(np.uint8) for field in fields], axis=1)
 
 
@@ -87,24 +118,23 @@ def _check_codes(level: str, codes: Tensor, shape: tuple, n_codes: int) -> None:
         raise ValueError(f"encode gave {level} codes {int(codes.min())}..{int(codes.max())}, outside [0, {n_codes})")
 
 
-def decode_record(value: bytes, layout: dict, where: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """Record bytes -> (label, top (Ht, Wt) uint16, bottom (Hb, Wb) uint16), checked against `layout`."""
+def decode_record(value: bytes, layout: dict, where: str) -> tuple:
+    """Record bytes -> (label, then one uint16 grid (H, W) per level, top first), checked against
+    `layout`: (label, top (Ht, Wt), bottom (Hb, Wb)) for two levels."""
     if len(value) != record_size(layout):
         raise CodeStoreError(f"{where} holds {len(value)} bytes, expected {record_size(layout)}: damaged record")
-    top_shape, bottom_shape = layout["top_shape"], layout["bottom_shape"]
-    n_top = top_shape[0] * top_shape[1]
     label = int(np.frombuffer(value, "<i4", count=1)[0])
-    top = np.frombuffer(value, "<u2", count=n_top, offset=4).reshape(top_shape)
-    bottom = np.frombuffer(value, "<u2", offset=4 + 2 * n_top).reshape(bottom_shape)
-    for level, codes in (("top", top), ("bottom", bottom)):
-        if codes.max() >= layout[f"{level}_codes"]:
-            raise CodeStoreError(
-                f"{where} has {level} code {codes.max()} >= codebook size {layout[f'{level}_codes']}: damaged record"
-            )
+    grids, offset = [], 4
+    for name, (h, w), n_codes in level_grids(layout):
+        codes = np.frombuffer(value, "<u2", count=h * w, offset=offset).reshape(h, w)
+        if codes.max() >= n_codes:
+            raise CodeStoreError(f"{where} has {name} code {codes.max()} >= codebook size {n_codes}: damaged record")
+        grids.append(codes)
+        offset += 2 * h * w
     n_classes = layout["n_classes"]
     if n_classes > 0 and not 0 <= label < n_classes:
         raise CodeStoreError(f"{where} has label {label} outside [0, {n_classes}): damaged record")
-    return label, top, bottom
+    return label, *grids
 
 
 def _record_name(path, index: int) -> str:
@@ -117,16 +147,18 @@ def _record_name(path, index: int) -> str:
 
 def check_layout(fields: dict, where: str) -> None:
     """Checks the fields that the record format depends on."""
-    missing = [name for name in PLAN_FIELDS if name not in fields]
+    levels = layout_levels(fields)
+    if not _is_int(levels, TWO_LEVELS):
+        raise CodeStoreError(f"{where} has levels {levels!r}: expected an integer >= {TWO_LEVELS}")
+    missing = [name for name in plan_fields(levels) if name not in fields]
     if missing:
         raise CodeStoreError(f"{where} lacks {', '.join(missing)}")
-    for name in ("top_shape", "bottom_shape"):
-        shape = fields[name]
+    for name in level_names(levels):
+        shape, n_codes = fields[f"{name}_shape"], fields[f"{name}_codes"]
         if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(_is_int(n, 1) for n in shape)):
-            raise CodeStoreError(f"{where} has {name} {shape!r}: expected two positive integers")
-    for name in ("top_codes", "bottom_codes"):
-        if not (_is_int(fields[name], 1) and fields[name] <= MAX_CODES):
-            raise CodeStoreError(f"{where} has {name} {fields[name]!r}: expected an integer in 1..{MAX_CODES}")
+            raise CodeStoreError(f"{where} has {name}_shape {shape!r}: expected two positive integers")
+        if not (_is_int(n_codes, 1) and n_codes <= MAX_CODES):
+            raise CodeStoreError(f"{where} has {name}_codes {n_codes!r}: expected an integer in 1..{MAX_CODES}")
     if not _is_int(fields["n_classes"], 0):
         raise CodeStoreError(f"{where} has n_classes {fields['n_classes']!r}: expected an integer >= 0")
 
@@ -148,6 +180,9 @@ def _check_metadata(metadata: dict, path) -> None:
             f"{path} has format_version {version}, newer than this code reads ({FORMAT_VERSION}): update the code"
         )
     check_layout(metadata, f"{path} metadata")
+    if version < format_version(metadata):
+        raise CodeStoreError(f"{path} has {layout_levels(metadata)} levels but format_version {version}, which "
+                             f"holds two: damaged metadata")
     if not _is_int(metadata.get("count"), 0):
         raise CodeStoreError(f"{path} metadata has count {metadata.get('count')!r}: expected an integer >= 0")
 
@@ -249,7 +284,8 @@ def read_metadata(path) -> dict:
 
 
 class CodeDataset(Dataset):
-    """A complete code database as a Dataset of (top (Ht, Wt) int64, bottom (Hb, Wb) int64, label int64 scalar).
+    """A complete code database as a Dataset of (one int64 grid (H, W) per level, top first, then the
+    label, an int64 scalar): (top (Ht, Wt), bottom (Hb, Wb), label) for two levels.
 
     Holds no lmdb handle, only the path and the metadata, so it pickles into DataLoader workers
     (fork or spawn); each process opens the database read-only on its first item.
@@ -262,7 +298,7 @@ class CodeDataset(Dataset):
     def __len__(self) -> int:
         return self.metadata["count"]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         where = _record_name(self.path, index)
@@ -270,8 +306,8 @@ class CodeDataset(Dataset):
             value = txn.get(record_key(index))
         if value is None:
             raise CodeStoreError(f"{where} is missing")
-        label, top, bottom = decode_record(value, self.metadata, where)
-        return torch.from_numpy(top.astype(np.int64)), torch.from_numpy(bottom.astype(np.int64)), torch.tensor(label)
+        label, *grids = decode_record(value, self.metadata, where)
+        return *(torch.from_numpy(codes.astype(np.int64)) for codes in grids), torch.tensor(label)
 
 
 # ------------------------------------------------------------------------------------------------

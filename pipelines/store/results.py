@@ -5,14 +5,18 @@ import json
 import math
 from pathlib import Path
 
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import check_output, output_file
 
 EVAL_FILE = "eval.json"  # where a pipeline's (or a run's) results are filed by convention
 
 
-def check_result_file(path):
-    """Refuses, before any work, a results file that exists but is not a JSON object."""
-    if path is not None and Path(path).exists():
+def check_result_file(path, option="--json"):
+    """Refuses, before any work, a results file (given as `option`) that could not be written, or
+    that exists but is not a JSON object."""
+    if path is None:
+        return
+    check_output(path, option, (".json",))
+    if Path(path).exists():
         read_results(path)
 
 
@@ -40,5 +44,5 @@ def write_result(path, stage, result):
     results = read_results(path) if Path(path).exists() else {}
     results[stage] = {name: None if isinstance(value, float) and not math.isfinite(value) else value
                       for name, value in result.items()}
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

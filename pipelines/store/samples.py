@@ -8,9 +8,13 @@
 - `samples.npz`, written last by process 0: `images` (N, S, S, 3) uint8, `top_codes` (N, Ht, Wt)
   and `bottom_codes` (N, Hb, Wb) uint16, `labels` (N,) int64 (-1 for unconditional priors), in
   index order. Its images are read back from the PNGs one at a time, so memory does not grow with N.
+- `fid_images.npz`, written with it: the same images as `arr_0` (N, S, S, 3) uint8, the one array
+  the reference FID / Inception-score evaluators read from an npz (the layout of
+  `np.savez(path, images)`).
 
-Every file is written under a temporary name and renamed, so a kill leaves only whole files.
-Everything is read back with allow_pickle=False.
+Every file is written under a temporary name and renamed (pipelines.store.outputs), so a kill leaves
+only whole files; a job that fails before its first sample leaves no job.json behind
+(pipelines.infer.sample_jobs). Everything is read back with allow_pickle=False.
 """
 
 import json
@@ -20,13 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.store.checkpoint import atomic_path
+from pipelines.store.outputs import output_file, remove_temporaries
 
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
+EVALUATOR_FILE = "fid_images.npz"  # arr_0: what the reference FID evaluators read
 NO_LABEL = -1
-TEMPORARY = ".*.tmp"  # what pipelines.store.checkpoint.atomic_path writes before its rename
 
 
 def png_name(index, label):
@@ -37,8 +41,8 @@ def start(out_dir, job: dict) -> None:
     """Records `job` in a new directory, or checks that an existing one holds the same job; removes
     the temporary files a kill left behind."""
     out_dir = Path(out_dir)
-    for leftover in [*out_dir.glob(TEMPORARY), *(out_dir / PARTS_DIR).glob(TEMPORARY)]:
-        leftover.unlink()
+    remove_temporaries(out_dir)
+    remove_temporaries(out_dir / PARTS_DIR)
     file = out_dir / JOB_FILE
     if file.exists():
         stored = json.loads(file.read_text())
@@ -49,7 +53,7 @@ def start(out_dir, job: dict) -> None:
         return
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and holds no {JOB_FILE}: choose a new or empty --out-dir")
-    with atomic_path(file) as tmp:
+    with output_file(file) as tmp:
         tmp.write_text(json.dumps(job, indent=2))
 
 
@@ -71,20 +75,20 @@ def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> No
     """One batch: a PNG per sample, then its part. images (B, S, S, 3) uint8, codes (B, H, W)."""
     out_dir = Path(out_dir)
     for index, label, image in zip(indices, labels, images):
-        with atomic_path(out_dir / png_name(index, label)) as tmp:
+        with output_file(out_dir / png_name(index, label), resumes=True) as tmp:
             Image.fromarray(np.asarray(image)).save(tmp, format="png")
-    with atomic_path(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz") as tmp, open(tmp, "wb") as file:
+    with output_file(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz", resumes=True) as tmp, open(tmp, "wb") as file:
         np.savez(file, indices=np.asarray(indices, np.int64),
                  labels=np.asarray([NO_LABEL if label is None else label for label in labels], np.int64),
                  top_codes=np.asarray(top_codes, np.uint16), bottom_codes=np.asarray(bottom_codes, np.uint16))
 
 
 def finish(out_dir, total: int) -> Path:
-    """Writes samples.npz from the parts and the PNGs (once); -> its path. Every sample 0..total-1
-    must be written exactly once."""
+    """Writes samples.npz and fid_images.npz from the parts and the PNGs (once); -> samples.npz's
+    path. Every sample 0..total-1 must be written exactly once."""
     out_dir = Path(out_dir)
     path = out_dir / SAMPLES_FILE
-    if path.exists():
+    if path.exists() and (out_dir / EVALUATOR_FILE).exists():
         return path
     pieces = [read_part(part) for part in parts(out_dir)]
     indices = np.concatenate([piece["indices"] for piece in pieces])
@@ -95,20 +99,30 @@ def finish(out_dir, total: int) -> Path:
               for name in ("labels", "top_codes", "bottom_codes")}
     names = [png_name(index, None if label == NO_LABEL else int(label)) for index, label in
              enumerate(arrays["labels"])]
-    first = np.asarray(Image.open(out_dir / names[0]))
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("images.npy", "w", force_zip64=True) as file:
-            np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
-                                                        "shape": (total, *first.shape)})
-            for name in names:
-                image = np.asarray(Image.open(out_dir / name))
-                if image.shape != first.shape or image.dtype != np.uint8:
-                    raise ValueError(f"{out_dir / name} is {image.dtype} {image.shape}, expected uint8 {first.shape}")
-                file.write(np.ascontiguousarray(image).tobytes())
+    with output_file(out_dir / EVALUATOR_FILE, resumes=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                                                                                    allowZip64=True) as archive:
+        write_images(archive, "arr_0.npy", out_dir, names)
+    with output_file(path, resumes=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                                                                 allowZip64=True) as archive:
+        write_images(archive, "images.npy", out_dir, names)
         for name, array in arrays.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as file:
                 np.lib.format.write_array(file, array, allow_pickle=False)
     return path
+
+
+def write_images(archive, member, out_dir, names):
+    """The PNGs `names` of out_dir as one uint8 array (N, S, S, 3) in `member` of a zip archive (an
+    npz), read one at a time: memory does not grow with N."""
+    first = np.asarray(Image.open(out_dir / names[0]))
+    with archive.open(member, "w", force_zip64=True) as file:
+        np.lib.format.write_array_header_2_0(file, {"descr": "|u1", "fortran_order": False,
+                                                    "shape": (len(names), *first.shape)})
+        for name in names:
+            image = np.asarray(Image.open(out_dir / name))
+            if image.shape != first.shape or image.dtype != np.uint8:
+                raise ValueError(f"{out_dir / name} is {image.dtype} {image.shape}, expected uint8 {first.shape}")
+            file.write(np.ascontiguousarray(image).tobytes())
 
 
 def load(path) -> dict:

@@ -19,8 +19,10 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from pipelines.data.datasets import data_identity
 from pipelines.device import resolve_precision
 from pipelines.store import run_files
+from pipelines.store.outputs import os_error_of
 from pipelines.train import diagnostics, run_state, runtime
 
 
@@ -71,8 +73,8 @@ class Task:
         raise NotImplementedError
 
     def data_identity(self) -> dict:
-        """What the run's data is, stored in its state and checked on resume: the records of each split."""
-        return {"train_records": len(self.train_set), "test_records": len(self.test_set)}
+        """What the run's data is, stored in its state and checked on resume (pipelines.data.datasets.data_identity)."""
+        return data_identity(self.train_set, self.test_set)
 
     def checks(self) -> list:
         """The diagnostics (pipelines.train.diagnostics) run on every periodic evaluation; after `build`."""
@@ -136,10 +138,10 @@ def start(task, cfg, accelerator, out):
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(task.ema_decay), use_buffers=True)
     if cfg.report_to:
         accelerator.init_trackers(cfg.report_to)
-    progress = {"step": 0, "train_config": asdict(cfg), "model_config": task.model_config.to_json(),
-                "data": task.data_identity()}
-    if resuming:
-        progress.update(run_state.load_state(accelerator, out, ema), train_config=asdict(cfg))
+    identity = task.data_identity()
+    progress = {"step": 0, "train_config": asdict(cfg), "model_config": task.model_config.to_json(), "data": identity}
+    if resuming:  # the identity checked, with what a run made before it was kept did not store
+        progress.update(run_state.load_state(accelerator, out, ema), train_config=asdict(cfg), data=identity)
         accelerator.print(f"resumed {out} at step {progress['step']}")
     else:
         run_state.start_new_log(accelerator, out)
@@ -157,7 +159,7 @@ def checkpoint(task, run, out, step, running):
         if run.accelerator.is_main_process:
             task.write(run.weights, out, step)
     except (OSError, SafetensorError, RuntimeError) as error:
-        failure = run_state.write_failure(error)
+        failure = os_error_of(error)
         if failure is None:
             raise
         raise run_state.save_failed(failure, out, step) from error

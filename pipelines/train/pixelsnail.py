@@ -14,7 +14,7 @@ from pipelines.eval.stages import evaluate_bits
 from pipelines.store.checkpoint import CHECKPOINT_NAME, PIXELSNAIL_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, runtime
 from pipelines.train.loop import Step, Task
-from pipelines.train.run_config import BaseRunConfig, check_at_least, run_field, setting
+from pipelines.train.run_config import BaseRunConfig, check_at_least, option_name, run_field, setting
 from prior import PRESETS, PixelSNAIL, get_preset
 
 
@@ -36,11 +36,11 @@ class RunConfig(BaseRunConfig):
         super().__post_init__()
         check_at_least(self, 0, "n_samples")
         if self.lr_decay is not None and not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+            raise ValueError(f"--lr-decay must lie in (0, 1], got {self.lr_decay}")
         for name in ("ema_decay", "dropout", "label_dropout"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {value}")
+                raise ValueError(f"{option_name(name)} must lie in [0, 1), got {value}")
 
     def default_preset(self):
         return "cpu-small"

@@ -29,7 +29,7 @@ class PriorTrainConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.level is not None and self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+            raise ValueError(f"--level must be one of {', '.join(LEVELS)}, got {self.level!r}")
 
     def default_preset(self):
         return f"cpu-{self.level or 'top'}"

@@ -5,7 +5,8 @@ A field made with `run_field` defines the run (its data, model, optimisation and
 a resumed run takes it from the run directory, and a value given on resume that differs from the
 run's is refused (`pipelines.train.run_state.resolve`), since it would silently make another run. A data
 path (`data_field`) is stored absolute and may change on resume: the data it names must then be the
-run's own (`pipelines.train.run_state.check_same_data`), so a moved database resumes. The other fields
+run's own (`pipelines.train.run_state.check_same_data`: its record counts, the fingerprint of its files,
+a code database's VQ-VAE), so moved data resumes and other data under the same path does not. The other fields
 (`setting`) belong to one session (budgets, evaluation, checkpoints, precision, workers) and come
 from the caller every time.
 
@@ -81,18 +82,23 @@ def with_defaults(config):
     return replace(config, **{k: v for k, v in config.run_defaults().items() if getattr(config, k) is None})
 
 
+def option_name(name):
+    """A config field's command-line option, as messages name it: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def check_at_least(config, minimum, *names):
     for name in names:
         value = getattr(config, name)
         if value is not None and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+            raise ValueError(f"{option_name(name)} must be >= {minimum}, got {value}")
 
 
 def check_positive(config, *names):
     for name in names:
         value = getattr(config, name)
         if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            raise ValueError(f"{option_name(name)} must be > 0, got {value}")
 
 
 @dataclass
@@ -131,7 +137,7 @@ class BaseRunConfig:
         check_at_least(self, 0, "workers")
         check_positive(self, "max_minutes", "lr", "grad_clip")
         if self.report_to not in (None, "tensorboard"):
-            raise ValueError(f"report_to must be tensorboard or None, got {self.report_to!r}")
+            raise ValueError(f"--report-to must be tensorboard or None, got {self.report_to!r}")
         if self.resume and self.overwrite:
             raise ValueError("--overwrite starts a new run and --resume continues one: give one of them")
 

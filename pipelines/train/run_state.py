@@ -14,11 +14,9 @@ One trainer at a time: a run holds an advisory lock on RUN_DIR/.lock for its lif
 kernel releases it when the process ends, however it ends, so a killed run leaves no stale lock.
 """
 
-import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -32,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipelines.data.datasets import absolute_spec
 from pipelines.errors import one_line
 from pipelines.store.checkpoint import CHECKPOINT_NAME
+from pipelines.store.outputs import check_output
 from pipelines.store.run_files import (EMA_FILE, LOCK_FILE, LOG_FILE, PICKLED_STATE_PATTERNS, PROGRESS_FILE, STATE_DIR,
                                        StateError, has_state, read_progress, state_dir)
 from pipelines.train.run_config import data_fields, run_fields, with_defaults
@@ -116,8 +115,8 @@ def resolve(cfg, model_config_class):
     """The run's settings, before any of its data is opened: (cfg with every run setting filled and
     its data paths absolute, the stored model config, or None for a new run). A directory that holds
     a run needs --resume; --resume needs one; a model.safetensors without state is never replaced
-    unless --overwrite says so."""
-    out, model_config = Path(cfg.out), None
+    unless --overwrite says so; an --out that could not be written is refused (pipelines.store.outputs)."""
+    out, model_config = check_output(cfg.out, "--out", directory=True), None
     model = out / CHECKPOINT_NAME
     if has_state(out):
         if not cfg.resume:
@@ -160,19 +159,27 @@ def restored(cfg, model_config_class):
 
 def check_same_data(cfg, identity):
     """Refuses to resume the run in cfg.out on data other than its own, naming both: `identity` (what
-    the data cfg names is: record counts, the code database's VQ-VAE) must be what the run stored.
-    A run that stored none (made before identities were kept) is not checked."""
+    the data cfg names is: pipelines.data.datasets.data_identity, and a code database's VQ-VAE) must
+    agree with what the run stored. What a run did not store (made before it was kept) is not
+    checked; the resumed run stores it from then on."""
     progress = read_progress(cfg.out)
-    stored = progress.get("data")
-    if stored is None or stored == identity:
+    stored = progress.get("data") or {}
+    differences = [_difference(key, identity.get(key), stored[key]) for key in sorted(stored)
+                   if identity.get(key) != stored[key]]
+    if not differences:
         return
     names = data_fields(type(cfg))
     given = ", ".join(f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in names)
     theirs = ", ".join(str(progress["train_config"].get(name)) for name in names)
-    differences = "; ".join(f"{key} {identity.get(key)} there, {stored.get(key)} in the run"
-                            for key in sorted(set(stored) | set(identity)) if stored.get(key) != identity.get(key))
-    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): {differences}; "
-                     "give the run's data, or start a new run in another --out")
+    raise ValueError(f"{given} is not the data the run in {cfg.out} was trained on ({theirs}): "
+                     f"{'; '.join(differences)}; give the run's data, or start a new run in another --out")
+
+
+def _difference(key, given, stored):
+    """How the data given differs from the run's in one identity field, in words."""
+    if key.endswith("_fingerprint"):
+        return f"its {key.removesuffix('_fingerprint')} files differ (names, sizes or modification times)"
+    return f"{key} {given} there, {stored} in the run"
 
 
 @contextmanager
@@ -209,20 +216,6 @@ def locked(accelerator, run_dir):
     finally:
         if lock is not None:
             os.close(lock)  # releases the lock
-
-
-def write_failure(error):
-    """A save's error -> an OSError if it says that a file could not be written (a full disk), else
-    None. safetensors and torch.save do not raise OSError: safetensors reports the OS error in
-    words, and torch's writer only that its stream failed."""
-    if isinstance(error, OSError):
-        return error
-    message = " ".join(str(error).split())
-    if isinstance(error, SafetensorError) and (code := re.search(r"os error (\d+)", message)):
-        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-    if isinstance(error, RuntimeError) and re.search(r"unexpected pos|iostream error|failed writing", message):
-        return OSError(errno.EIO, f"torch could not write a file, the disk may be full: {message.split('] . ')[-1]}")
-    return None
 
 
 def save_failed(error, run_dir, step):

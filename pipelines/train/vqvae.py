@@ -1,14 +1,16 @@
-"""Training the two-level VQ-VAE: one `Task` of the loop in pipelines/train/loop.py.
+"""Training the VQ-VAE (two levels, or `--levels N`): one `Task` of the loop in pipelines/train/loop.py.
 
 A run directory holds:
   model.safetensors    the weights and codebooks with the config and the image size: what code
                        extraction loads
   state/               everything `--resume` needs (weights, optimizer, RNG, progress)
   reconstructions.png  test images (top rows) above their reconstructions (bottom rows)
-  log.jsonl            one line per evaluation
+  log.jsonl            one line per evaluation: the reconstruction mse and, per level, the codebook
+                       usage and perplexity under the level's name (`top_usage`, `middle_usage`, ...:
+                       modelkit.level_names)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,19 +22,24 @@ from pipelines.train.loop import Step, Task, fit
 from pipelines.train.run_config import BaseRunConfig, check_at_least, image_data_field, run_field, setting
 from prior.modes import evaluating
 from vqvae import VQVAE2, VQVAE2Config
+from vqvae.model import check_side
 from vqvae.presets import PRESETS, get_preset
 
 
-# the evaluator's figures a run logs (the rest, SSIM and the like, `evaluate.py vqvae` reports)
-LOGGED = ("mse", "top_perplexity", "bottom_perplexity", "top_usage", "bottom_usage")
+def logged(level_names):
+    """The evaluator's figures a run logs (the rest, SSIM and the like, `evaluate.py vqvae` reports)."""
+    return ("mse", *[f"{name}_perplexity" for name in level_names], *[f"{name}_usage" for name in level_names])
 
 
 @dataclass
 class VQVAETrainConfig(BaseRunConfig):
     data: str | None = image_data_field()
-    size: int | None = run_field("image side, a multiple of 8 (default 256: 32x32 top, 64x64 bottom codes)")
+    size: int | None = run_field("image side, a multiple of 8, and of the top level's stride (default 256: "
+                                 "32x32 top, 64x64 bottom codes)")
     out: str = setting("runs/vqvae", "run directory (checkpoint, reconstructions, log)")
     preset: str | None = run_field(choices=tuple(PRESETS))
+    levels: int | None = run_field("levels of codes, each grid half the side of the one below (default: the "
+                                   "preset's; 2 for vqvae2, 3 for vqvae2-ffhq1024)")
     steps: int = 2000
     eval_batches: int | None = 20
     n_images: int = setting(8, "test images in reconstructions.png")
@@ -42,14 +49,16 @@ class VQVAETrainConfig(BaseRunConfig):
         if self.preset is not None:
             get_preset(self.preset)
         if self.size is not None and (self.size < 8 or self.size % 8):
-            raise ValueError(f"size must be a positive multiple of 8, got {self.size}")
+            raise ValueError(f"--size must be a positive multiple of 8, got {self.size}")
         check_at_least(self, 0, "n_images")
+        if self.levels is not None and self.levels < 2:
+            raise ValueError(f"--levels must be >= 2, got {self.levels}")
 
     def run_defaults(self):
         name = self.preset or "vqvae2"
         preset = get_preset(name)
         return {**super().run_defaults(), "preset": name, "batch_size": preset.batch_size, "lr": preset.lr,
-                "data": "builtin", "size": 256}
+                "data": "builtin", "size": 256, "levels": preset.model.levels}
 
 
 @torch.no_grad()
@@ -65,8 +74,8 @@ def reconstruction_loss(model, batch):
     """The loss of one step: the VQ-VAE's loss; the progress bar follows the reconstruction error."""
     images, _ = batch
     result = model(to_model_range(images).contiguous(memory_format=torch.channels_last))
-    postfix = {"ppl": f"{result.top.perplexity.item():.0f}/{result.bottom.perplexity.item():.0f}",
-               "used": f"{result.top.usage.item():.2f}/{result.bottom.usage.item():.2f}"}
+    postfix = {"ppl": "/".join(f"{level.perplexity.item():.0f}" for level in result.levels),
+               "used": "/".join(f"{level.usage.item():.2f}" for level in result.levels)}
     return Step(result.loss, result.reconstruction_loss, postfix)
 
 
@@ -74,8 +83,9 @@ class VQVAETask(Task):
     metric = "mse"
 
     def summary(self):
-        top_shape, bottom_shape = self.net.code_shapes(self.cfg.size)
-        return f", {self.cfg.size}x{self.cfg.size} images -> top codes {top_shape}, bottom codes {bottom_shape}"
+        shapes = self.net.code_shapes(self.cfg.size)
+        codes = ", ".join(f"{name} codes {shape}" for name, shape in zip(self.model_config.level_names, shapes))
+        return f", {self.cfg.size}x{self.cfg.size} images -> {codes}"
 
     def build(self, initialise):
         # channels_last: oneDNN convolutions run faster on it (bench/results/vqvae.md)
@@ -86,16 +96,16 @@ class VQVAETask(Task):
         return reconstruction_loss(model, batch)
 
     def checks(self):
-        sizes = self.model_config.top_codes, self.model_config.bottom_codes
+        c = self.model_config
         images = len(self.test_set) if self.cfg.eval_batches is None else \
             min(len(self.test_set), self.cfg.eval_batches * self.cfg.batch_size)  # one process's share at least
         usage = [diagnostics.CodebookUsage(f"{level}_usage", min(1.0, images * h * w / size), f"{level} codebook")
-                 for level, (h, w), size in zip(("top", "bottom"), self.net.code_shapes(self.cfg.size), sizes)]
+                 for level, (h, w), size in zip(c.level_names, self.net.code_shapes(self.cfg.size), c.codebook_sizes())]
         return [diagnostics.Overfitting("train_mse", "mse", "reconstruction mse"), *usage]
 
     def evaluate(self, model, loader, accelerator, max_batches=None):
         metrics = evaluate_vqvae(model, loader, accelerator, max_batches)
-        return {name: metrics[name] for name in LOGGED}
+        return {name: metrics[name] for name in logged(self.model_config.level_names)}
 
     def write(self, model, out, step):
         save_checkpoint(out / CHECKPOINT_NAME, model.state_dict(), VQVAE_KIND, self.model_config, step=step,
@@ -114,7 +124,11 @@ class VQVAETask(Task):
 def train(cfg: VQVAETrainConfig):
     """Trains (or resumes) a VQ-VAE run; returns the final test reconstruction MSE."""
     cfg, model_config = run_state.resolve(cfg, VQVAE2Config)
-    model_config = model_config or get_preset(cfg.preset).model
+    model_config = model_config or replace(get_preset(cfg.preset).model, levels=cfg.levels)
+    if model_config.levels != cfg.levels:  # a run from before --levels stored none: its model's
+        raise ValueError(f"--levels {cfg.levels} differs from the run's levels {model_config.levels} ({cfg.out}): "
+                         "a resumed run keeps its settings; leave --levels out, or start a new run in another --out")
+    check_side("--size", cfg.size, model_config)
     train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
     return fit(VQVAETask(cfg, model_config, train_set, test_set))
 
