@@ -20,8 +20,8 @@ import argparse
 from pipelines.cli import run, user_path
 from pipelines.data.datasets import image_files
 from pipelines.infer.codec import encode_image, load_codec_model, output_paths, read_codec_image
-from pipelines.store.checkpoint import atomic_path
 from pipelines.store.codec_file import SUFFIX
+from pipelines.store.outputs import output_file
 
 
 def parse_args():
@@ -47,7 +47,7 @@ def main():
     for file, target in targets.items():
         image = read_codec_image(file, args.convert)
         coded = encode_image(codec_model, image, threads=args.threads)
-        with atomic_path(target) as tmp:
+        with output_file(target) as tmp:
             tmp.write_bytes(coded.data)
         subpixels = image.numel()
         total_bytes, total_subpixels = total_bytes + len(coded.data), total_subpixels + subpixels

@@ -20,8 +20,8 @@ from PIL import Image
 
 from pipelines.cli import run, user_path
 from pipelines.infer.codec import codec_files, decode_image, load_codec_model, output_paths
-from pipelines.store.checkpoint import atomic_path
 from pipelines.store.codec_file import SUFFIX
+from pipelines.store.outputs import output_file
 
 
 def parse_args():
@@ -40,7 +40,7 @@ def main():
     for file, target in targets.items():
         start = time.perf_counter()
         image = decode_image(codec_model, Path(file).read_bytes(), file)
-        with atomic_path(target) as tmp:
+        with output_file(target) as tmp:
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
         seconds = time.perf_counter() - start
         print(f"{file} -> {target}: {image.shape[2]}x{image.shape[1]}, {seconds:.1f} s, "

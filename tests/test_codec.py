@@ -143,6 +143,18 @@ def test_another_model_or_a_flipped_byte_fails_in_one_line(codec_model):
         decode_image(codec_model, bytes(flipped), "x.psnail")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:42] + (10**6).to_bytes(4, "little") + data[46:], "damaged header: 9 checksums for a 1000000x"),
+    (lambda data: data[:8] + (9).to_bytes(2, "little") + data[10:], "format version 9, newer than this code"),
+    (lambda data: data + b"\0", "longer than its header says"),
+    (lambda data: data[:60], "truncated"),
+])
+def test_a_damaged_header_is_refused_in_one_line(codec_model, damage, message):
+    data = encode_image(codec_model, photo_like(20, 20), context_rows=0).data  # 9 tiles
+    with pytest.raises(ValueError, match=message):
+        decode_image(codec_model, damage(data), "x.psnail")
+
+
 # -- the scripts -------------------------------------------------------------------------------
 
 
@@ -204,9 +216,9 @@ def test_scripts_refuse_bad_input_in_one_line_and_write_nothing(files):
     one_line_error(decompress(files, "--out", out, files / "c", ckpt="other.safetensors"), "coded with another model")
     one_line_error(decompress(files, "--out", out, files / "c", ckpt="missing"), "checkpoint not found", "missing")
     assert not out.exists() or list(out.iterdir()) == []
-    one_line_error(compress(files, "--out", files / "c", photo), "p0.psnail exists", "--overwrite")
+    one_line_error(compress(files, "--out", files / "c", photo), "p0.psnail exists", "pass --overwrite")
     assert compress(files, "--out", files / "c", "--overwrite", photo).returncode == 0
-    one_line_error(compress(files, "--out", photo / "sub", photo), "--out", "cannot write there")
+    one_line_error(compress(files, "--out", photo / "sub", photo), "--out", "is a file, not a folder")
     one_line_error(compress(files, "--out", files / "d", files / "nothing.png"), "image not found")
 
 

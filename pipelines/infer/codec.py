@@ -28,8 +28,6 @@ kind, another torch) fails on the first bad tile and writes nothing.
 """
 
 import math
-import os
-import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -46,6 +44,7 @@ from pipelines.errors import one_line
 from pipelines.store.checkpoint import load_pixelsnail, resolve_checkpoint
 from pipelines.store.codec_file import SUFFIX, Header, pack, tile_checksum, unpack
 from pipelines.store.codes import file_sha256
+from pipelines.store.outputs import check_output
 from prior.mixture import PixelFactors
 from prior.modes import evaluating
 from prior.sampling import IncrementalPixelSNAIL
@@ -143,12 +142,15 @@ def batches(header: Header):
 
 def check_layout(header: Header, name):
     """Refuses a header whose layout cannot be coded (a damaged or foreign file), in one line."""
-    grid_rows, grid_columns = header.tile
-    problems = [(header.height < 1 or header.width < 1, f"image size {header.height}x{header.width}"),
+    (grid_rows, grid_columns), height, width = header.tile, header.height, header.width
+    problems = [(height < 1 or width < 1, f"image size {height}x{width}"),
                 (not 0 <= header.context_rows < grid_rows, f"{header.context_rows} context rows in {grid_rows}"),
-                (not 1 <= header.bands <= max(1, header.height), f"{header.bands} bands"),
+                (not 1 <= header.bands <= height, f"{header.bands} bands"),
                 (header.batch_limit < 1 or header.threads < 1, f"batch limit {header.batch_limit}, "
-                                                                f"{header.threads} threads")]
+                                                                f"{header.threads} threads"),
+                # a tile is at most a grid: fewer checksums than that cannot be right (and no layout is built)
+                (math.ceil(height / grid_rows) * math.ceil(width / grid_columns) > len(header.checksums),
+                 f"{len(header.checksums)} checksums for a {height}x{width} image")]
     for bad, what in problems:
         if bad:
             raise ValueError(f"{name} has a damaged header: {what}")
@@ -292,6 +294,8 @@ def encode_image(codec_model, image, context_rows=None, bands=None, threads=None
     if not 0 <= context_rows < grid[0]:
         raise ValueError(f"context rows must lie in [0, {grid[0]}) (the model's rows), got {context_rows}")
     bands = default_bands(height, width, grid, context_rows) if bands is None else bands
+    if bands < 1:
+        raise ValueError(f"bands must be >= 1, got {bands}")
     header = Header(codec_model.sha256, height, width, grid, context_rows, min(bands, height), batch_limit,
                     threads or torch.get_num_threads(), torch.__version__)
     encoder, checksums = Encoder(), []
@@ -306,13 +310,13 @@ def read_header(data, name, codec_model) -> tuple[Header, bytes]:
     """A file's bytes -> (header, payload), refusing in one line a file that is not ours, damaged,
     or coded with another model."""
     header, payload = unpack(data, name)
-    check_layout(header, name)
     if header.model_sha256 != codec_model.sha256:
         raise ValueError(f"{name} was coded with another model (sha256 {header.model_sha256[:12]}...), not --ckpt's "
                          f"({codec_model.sha256[:12]}...): decode it with the model that coded it")
     if tuple(header.tile) != tuple(codec_model.model.config.shape):
         raise ValueError(f"{name} has a damaged header: tiles of {header.tile}, the model's grid is "
                          f"{codec_model.model.config.shape}")
+    check_layout(header, name)
     return header, payload
 
 
@@ -376,23 +380,13 @@ def raw_mode(args) -> str:
 
 
 def output_paths(inputs, out_dir, suffix, overwrite):
-    """{input file: out_dir/<its stem><suffix>}, checked before any work: two inputs of one name, an
-    output that exists (unless `overwrite`) and a directory that cannot be written in are refused
-    in one line."""
-    out_dir = Path(out_dir)
-    targets = {Path(file): out_dir / (Path(file).stem + suffix) for file in inputs}
-    seen = {}
-    for file, target in targets.items():
+    """{input file: out_dir/<its stem><suffix>}, each checked before any work (outputs.check_output,
+    an existing one refused unless `overwrite`); two inputs of one name are refused in one line."""
+    targets, seen = {}, {}
+    for file in map(Path, inputs):
+        target = Path(out_dir) / (file.stem + suffix)
         if target in seen:
             raise ValueError(f"{seen[target]} and {file} would both be written as {target}: give them in two commands")
         seen[target] = file
-        if target.exists() and not overwrite:
-            raise ValueError(f"{target} exists: pass --overwrite to replace it, or choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".probe.{secrets.token_hex(8)}.tmp"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--out {out_dir}: cannot write there ({error.strerror})") from None
+        targets[file] = check_output(target, "--out", (suffix,), replace=overwrite, replace_flag="--overwrite")
     return targets

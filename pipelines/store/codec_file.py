@@ -75,6 +75,8 @@ def unpack(data: bytes, name) -> tuple[Header, bytes]:
         raise ValueError(f"{name} is truncated: {len(data)} bytes, shorter than the header")
     _, version, digest, height, width, tile_h, tile_w, context_rows, bands, batch_limit, threads, payload_bytes, \
         n_tiles = FIXED.unpack_from(data)
+    if payload_bytes % 4:
+        raise ValueError(f"{name} has a damaged header: a payload of {payload_bytes} bytes, not whole 32-bit words")
     if version > FORMAT_VERSION:
         raise ValueError(f"{name} has format version {version}, newer than this code reads ({FORMAT_VERSION}): "
                          "update the code")
