@@ -181,15 +181,16 @@ def decompress(files, *args, ckpt="model.safetensors"):
 
 def one_line_error(result, *fragments):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: ") and all(fragment in result.stderr for fragment in fragments), result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert all(fragment in result.stderr for fragment in fragments), result.stderr
 
 
 def test_scripts_round_trip_a_folder_and_a_file_alone_codes_as_in_a_batch(files):
     out = ok("scripts/compress.py", "--ckpt", files / "model.safetensors", "--out", files / "all", files / "photos",
              in_process=True)
     assert "over the ideal code length" in out and out.strip().splitlines()[-1].startswith("compressed 3 images")
-    ok("scripts/compress.py", "--ckpt", files / "model.safetensors", "--out", files / "alone", files / "photos" / "p1.png",
-       in_process=True)
+    ok("scripts/compress.py", "--ckpt", files / "model.safetensors", "--out", files / "alone",
+       files / "photos" / "p1.png", in_process=True)
     assert (files / "alone" / "p1.psnail").read_bytes() == (files / "all" / "p1.psnail").read_bytes()
     ok("scripts/decompress.py", "--ckpt", files / "model.safetensors", "--out", files / "back", files / "all",
        in_process=True)

@@ -137,7 +137,8 @@ def passes(height, width, grid, context_rows, bands):
 def batches(header: Header):
     """The batches the header's layout runs, [[Window]], in coding order."""
     layout = passes(header.height, header.width, header.tile, header.context_rows, header.bands)
-    return [windows[k : k + header.batch_limit] for windows in layout for k in range(0, len(windows), header.batch_limit)]
+    limit = header.batch_limit
+    return [windows[k : k + limit] for windows in layout for k in range(0, len(windows), limit)]
 
 
 def check_layout(header: Header, name):
@@ -238,7 +239,8 @@ def code_batch(model, windows, image, coder):
     source_column = torch.minimum(torch.arange(grid[1])[None], columns[:, None] - 1)  # (B, S_w)
     i, j = torch.arange(grid[0])[:, None, None], torch.arange(grid[1])[None, :, None]
     coded = (first_new <= i) & (i < rows) & (j < columns)  # (S_h, S_w, B): the tiles' pixels
-    coded_at = [where.nonzero()[:, 0] for where in rearrange(coded, "h w b -> (h w) b")]  # windows coded at each position
+    # the windows coded at each raster position
+    coded_at = [where.nonzero()[:, 0] for where in rearrange(coded, "h w b -> (h w) b")]
     last = max(k for k, who in enumerate(coded_at) if len(who))  # the raster positions after it are never read
     batch = torch.arange(len(windows))
     network = IncrementalPixelSNAIL(model, len(windows), None)
