@@ -180,19 +180,21 @@ class Encoder:
         return self.coder.get_compressed().astype("<u4").tobytes()
 
 
+class PayloadError(ValueError):
+    """The payload does not decode under the distributions the decoder computes."""
+
+
 class Decoder:
     """Decodes the values from the payload, ignoring the placeholders it is given."""
 
-    def __init__(self, payload: bytes, name):
+    def __init__(self, payload: bytes):
         self.coder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-        self.name = name
 
     def code(self, probabilities, placeholders):
         try:
             return self.coder.decode(CATEGORICAL, probabilities)
         except AssertionError:  # constriction's way of saying the data do not fit the models
-            raise ValueError(f"{self.name}: the payload does not decode under this model (damaged, or coded "
-                             "with other floats)") from None
+            raise PayloadError("the payload does not decode") from None
 
 
 @contextmanager
@@ -262,7 +264,11 @@ def code_image(codec_model, header, image, coder, check=None):
     model, k = codec_model.model, 0
     with fixed_threads(header.threads), evaluating(model), torch.autocast("cpu", enabled=False):
         for windows in batches(header):
-            code_batch(model, windows, image, coder)
+            try:
+                code_batch(model, windows, image, coder)
+            except PayloadError as error:  # somewhere in this batch's tiles
+                raise PayloadError(f"{error} in tiles {k}..{k + len(windows) - 1} (the batch from "
+                                   f"{windows[0].describe()})") from None
             for window in windows:
                 if check is not None:
                     check(k, window)
@@ -327,15 +333,18 @@ def decode_image(codec_model, data, name) -> torch.Tensor:
     naming `name` and the first tile whose pixels do not match their checksum."""
     header, payload = read_header(data, name, codec_model)
     image = torch.zeros(3, header.height, header.width, dtype=torch.uint8)
+    other_torch = f" (it was coded under torch {header.torch_version}, this is {torch.__version__})" if (
+        header.torch_version != torch.__version__) else ""
+    why = f"the file is damaged or this machine computes other floats{other_torch}; no image written"
 
     def check(k, window):
         if tile_checksum(image[:, window.tile()[0], window.tile()[1]]) != header.checksums[k]:
-            other_torch = f"; it was coded under torch {header.torch_version}, this is {torch.__version__}" if (
-                header.torch_version != torch.__version__) else ""
-            raise ValueError(f"{name}: tile {k} ({window.describe()}) does not decode to its checksum: the file is "
-                             f"damaged or this machine computes other floats{other_torch}; no image written")
+            raise ValueError(f"{name}: tile {k} ({window.describe()}) does not decode to its checksum: {why}")
 
-    code_image(codec_model, header, image, Decoder(payload, name), check)
+    try:
+        code_image(codec_model, header, image, Decoder(payload), check)
+    except PayloadError as error:
+        raise ValueError(f"{name}: {error}: {why}") from None
     return image
 
 
