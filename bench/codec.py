@@ -235,7 +235,7 @@ def table(results):
     ]
     for model in results["models"]:
         record = model["context"]
-        excess = max(8 * (record["bytes"][name] - record["header_bytes"][name]) / (8 * record["ideal_bytes"][name]) - 1
+        excess = max((record["bytes"][name] - record["header_bytes"][name]) / record["ideal_bytes"][name] - 1
                      for name in subpixels)
         notes.append(f"{model['label']}: payload at most {100 * excess:.2f}% over the ideal code length; headers "
                      + ", ".join(f"{record['header_bytes'][name]} bytes" for name in subpixels))
