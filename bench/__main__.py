@@ -64,7 +64,7 @@ Examples:
   python -m bench ood --quick           # smoke run with tiny random models, seconds
   python -m bench gpu                   # one CUDA GPU, a few minutes
   python -m bench codecs                # about 15 minutes per seed on 2 idle cores
-  python -m bench codec                 # about 80 minutes on 2 idle cores (70 of training)
+  python -m bench codec                 # about 90 minutes on 2 idle cores (70 of training)
   python -m bench codec --quick         # smoke run, the tiny preset on 24x24 crops, a minute
 """
 

@@ -146,7 +146,7 @@ def run(args):
     cores by default) and with PNG, WebP lossless and JPEG-XL lossless; writes codec.json, codec.md
     and codec.png (bits per sub-pixel of each photo and coder) to --out.
 
-    python -m bench codec                     # about 80 minutes on 2 idle cores (70 of training)
+    python -m bench codec                     # about 90 minutes on 2 idle cores (70 of training)
     python -m bench codec --models a.safetensors b.safetensors   # models already trained
     python -m bench codec --quick             # the tiny preset, 24x24 crops: a smoke run
     """
