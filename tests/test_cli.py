@@ -57,7 +57,7 @@ def test_a_redeclared_default_keeps_the_fields_help_and_role():
     vqvae, prior = config_parser(VQVAETrainConfig, ""), config_parser(PriorTrainConfig, "")
     steps = option(vqvae, "--steps")
     assert steps.default == 2000 and steps.help == "total optimizer steps of the run"
-    assert option(vqvae, "--preset").choices == ["vqvae2", "cpu-small"]
+    assert option(vqvae, "--preset").choices == ["vqvae2", "vqvae2-ffhq1024", "cpu-small"]
     assert option(prior, "--out").required and option(prior, "--codes").required
     assert option(prior, "--codes").default is None  # required: never left out of the namespace
     assert not [a for a in prior._actions if "--n-samples" in a.option_strings]
