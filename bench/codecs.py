@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (Report, add_out_argument, last_line_value, log, machine_info, machine_lines, recorded_path,
-                          results_record, run_script)
+from bench.common import (Report, add_out_argument, default_other_photos, last_line_value, log, machine_info,
+                          machine_lines, recorded_path, results_record, run_script)
 from pipelines.cli import user_path
 from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
 from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
@@ -34,13 +34,6 @@ FULL_MARKS = (2.0, 5.0, 10.0)
 QUICK_MARKS = (0.1, 0.2)
 OTHER_CROPS = 1000  # crops of --other-photos
 CROP_SEED = 123  # the other photos' crops are the same in every run
-
-
-def default_other_photos():
-    """matplotlib's sample photo (a portrait, 512x600), installed with matplotlib: no download."""
-    from matplotlib import cbook
-
-    return [str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
 
 
 def test_images(data, size):

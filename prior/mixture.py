@@ -55,13 +55,18 @@ def _coupled_means(means: Tensor, coeffs: Tensor, x: Tensor) -> Tensor:
 
 
 def _channel_log_probs(x: Tensor, means: Tensor, log_scales: Tensor, coeffs: Tensor) -> Tensor:
-    """log P(x_c | x_<c, m) for x (B, 3, H, W) in fp32: (B, 3, M, H, W).
+    """log P(x_c | x_<c, m) for x (B, 3, H, W) in fp32: (B, 3, M, H, W)."""
+    values = rearrange(x, "b c h w -> b c 1 h w")  # broadcasts over components
+    return _bin_log_probs(values, values - _coupled_means(means, coeffs, x), log_scales)
+
+
+def _bin_log_probs(values: Tensor, centered: Tensor, log_scales: Tensor) -> Tensor:
+    """log P(value) of a logistic's bin: `values` on the 256-value grid, `centered` their distance
+    from the logistic's mean; every argument broadcasts against the others.
 
     Every branch is computed everywhere and kept finite, so torch.where never routes NaN or inf
     into values or gradients.
     """
-    values = rearrange(x, "b c h w -> b c 1 h w")  # broadcasts over components
-    centered = values - _coupled_means(means, coeffs, x)
     inv_scale = torch.exp(-log_scales)
     half_bin_in = BIN_HALF_WIDTH * inv_scale  # half the bin width, standardised
     mid_in = inv_scale * centered  # standardised bin centre
@@ -102,6 +107,44 @@ def log_prob(x: Tensor, params: Tensor) -> Tensor:
         log_channels = _channel_log_probs(x.float(), means, log_scales, coeffs)  # (B, 3, M, H, W)
         log_joint = F.log_softmax(logits, dim=1) + log_channels.sum(dim=1)  # (B, M, H, W)
         return torch.logsumexp(log_joint, dim=1)
+
+
+class PixelFactors:
+    """The likelihood of one pixel factor by factor, in its own order: R, then G given R, then B given
+    R and G. For each channel in turn, `distribution(x)` gives its 256 values' probabilities given
+    the earlier channels of x, then `observe(values)` takes the channel's values and moves on.
+
+    Given the earlier channels the components are weighed by their posterior: P(x_c | x_<c) =
+    sum_m P(m | x_<c) P(x_c | x_<c, m), where P(m | x_<c) grows from the mixture weights by each
+    observed channel's likelihood under m. The three factors at a pixel's own values multiply to
+    exp(log_prob) of that pixel (up to the normalisation of each).
+
+    params (B, 10*M) at one position; x (B, 3) in [-1, 1], of which only the channels before the
+    current one are read.
+    """
+
+    def __init__(self, params: Tensor):
+        with torch.autocast(device_type=params.device.type, enabled=False):
+            # logits (B, M, 1, 1); means, log_scales, coeffs (B, 3, M, 1, 1)
+            logits, self.means, self.log_scales, self.coeffs = _split_params(rearrange(params, "b p -> b p 1 1"))
+            self.log_weights = F.log_softmax(logits, dim=1)  # log P(m | the channels observed) + a constant
+        self.values = (torch.arange(256, device=params.device) / 127.5 - 1).view(1, 1, 1, 256)  # the data's grid
+        self.channel, self.log_bins = 0, None
+
+    def distribution(self, x: Tensor) -> Tensor:
+        """(B, 256) probabilities of the current channel's values in fp32, normalised (the bins fall
+        short of 1 by the mid-point rule)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            known = rearrange(x.float(), "b c -> b c 1 1")
+            centered = self.values - _coupled_means(self.means, self.coeffs, known)[:, self.channel]  # (B, M, 1, 256)
+            self.log_bins = _bin_log_probs(self.values, centered, self.log_scales[:, self.channel])
+            return torch.softmax(torch.logsumexp(self.log_weights + self.log_bins, dim=1)[:, 0], dim=-1)
+
+    def observe(self, values: Tensor):
+        """The current channel's values, (B,) integers 0..255: the next channel is given them."""
+        index = repeat(values, "b -> b m 1 1", m=self.log_bins.shape[1])
+        self.log_weights = self.log_weights + self.log_bins.gather(3, index)
+        self.channel += 1
 
 
 def nll_bits_per_dim(x: Tensor, params: Tensor) -> Tensor:

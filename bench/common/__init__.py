@@ -2,7 +2,8 @@
 
   machine    the machine's description, other processes' CPU use, paths as results files record them
   timing     variants interleaved, a sampler's draws timed, the matmul peak, attention FLOPs on the CPU
-  models     random images and model inputs, precision, the quick VQ-VAE and its extraction step
+  models     random images and model inputs, the other held-out photo, precision, the quick VQ-VAE and
+             its extraction step
   processes  running other programs, alone or several at once, their output to files (never a pipe)
   report     the command-line helpers, log lines, tables and results files
 
@@ -11,7 +12,8 @@ The benchmarks import these names from here.
 
 from bench.common.machine import (ROOT, OtherCpuUse, cpu_model, load_average, machine_info, recorded_command,
                                   recorded_path)
-from bench.common.models import VQVAE_QUICK_MODEL, autocast, channels_last, random_inputs, random_pixels, vqvae_extract
+from bench.common.models import (VQVAE_QUICK_MODEL, autocast, channels_last, default_other_photos, random_inputs,
+                                 random_pixels, vqvae_extract)
 from bench.common.processes import PopenToFiles, last_line_value, run_command, run_script, run_together
 from bench.common.report import (Report, add_common_arguments, add_out_argument, add_quick_argument, apply_defaults,
                                  log, machine_lines, markdown_table, results_record, seconds, text_table, write_results)
@@ -21,7 +23,8 @@ from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMU
 
 __all__ = [
     "ROOT", "OtherCpuUse", "cpu_model", "load_average", "machine_info", "recorded_command", "recorded_path",
-    "VQVAE_QUICK_MODEL", "autocast", "channels_last", "random_inputs", "random_pixels", "vqvae_extract",
+    "VQVAE_QUICK_MODEL", "autocast", "channels_last", "default_other_photos", "random_inputs", "random_pixels",
+    "vqvae_extract",
     "PopenToFiles", "last_line_value", "run_command", "run_script", "run_together",
     "Report", "add_common_arguments", "add_out_argument", "add_quick_argument", "apply_defaults", "log",
     "machine_lines", "markdown_table", "results_record", "seconds", "text_table", "write_results",

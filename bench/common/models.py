@@ -1,5 +1,6 @@
-"""Inputs and models several benchmarks build: random images and model inputs, the precision a
-variant runs in, and the quick (tiny) VQ-VAE of --quick runs with its extraction step."""
+"""Inputs and models several benchmarks build: random images and model inputs, the other photo the
+codec benchmarks hold out, the precision a variant runs in, and the quick (tiny) VQ-VAE of --quick
+runs with its extraction step."""
 
 import torch
 
@@ -25,6 +26,13 @@ def random_inputs(config, batch_size, generator):
     if config.cond_codes is not None:
         cond = torch.randint(0, config.cond_codes, (batch_size, *config.cond_shape), generator=generator)
     return x, label, cond
+
+
+def default_other_photos():
+    """matplotlib's sample photo (a portrait, 512x600), installed with matplotlib: no download."""
+    from matplotlib import cbook
+
+    return [str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
 
 
 def autocast(precision):

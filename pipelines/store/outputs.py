@@ -73,11 +73,12 @@ def remove_temporaries(folder, name=None) -> None:
                 os.close(handle)
 
 
-def check_output(path, option, suffixes=(), *, directory=False, replace=True) -> Path:
+def check_output(path, option, suffixes=(), *, directory=False, replace=True, replace_flag=None) -> Path:
     """Refuses, before any work, an output `path` (given as `option`) that could not be written:
     -> the path. `suffixes`: the endings its name may have (the first is what is written, e.g.
     (".html", ".htm")); `directory`: the output is a directory (its own files are checked by its
-    writer); `replace`: an existing file may be replaced (else it is refused)."""
+    writer); `replace`: an existing file may be replaced (else it is refused, naming `replace_flag`,
+    the option that allows it, where there is one)."""
     path, where = Path(path), f"{option} {path}"
     if directory and path.exists() and not path.is_dir():
         raise ValueError(f"{where} is a file: give a directory")
@@ -88,7 +89,8 @@ def check_output(path, option, suffixes=(), *, directory=False, replace=True) ->
             raise ValueError(f"{where}: the file is written as {suffixes[0]}, so its name must end in "
                              + " or ".join(suffixes))
         if not replace and path.exists():
-            raise FileExistsError(f"{where} exists: choose another name, or remove it first")
+            fix = f"pass {replace_flag} to replace it" if replace_flag else "remove it first"
+            raise FileExistsError(f"{where} exists: choose another name, or {fix}")
     check_writable(path, where, inside=directory and path.is_dir())
     remove_temporaries(path if directory else path.parent, None if directory else path.name)
     return path
