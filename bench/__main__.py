@@ -38,6 +38,8 @@ Subcommands:
   guidance  classifier-free guidance measured: a top and bottom prior trained with label dropout on
           the demo's codes, a classifier of the built-in crops' classes, and the fraction of samples
           classified as the class asked for at guidance 0, 1, 2, 4 and at top-p 0.9.
+  revisions  scripts/sample.py on a pipeline run under an earlier git revision and under this
+          tree, alternating, at several batch sizes: what a change to the sampler gained or cost.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -66,13 +68,14 @@ Examples:
   python -m bench codecs                # about 15 minutes per seed on 2 idle cores
   python -m bench codec                 # about 90 minutes on 2 idle cores (70 of training)
   python -m bench codec --quick         # smoke run, the tiny preset on 24x24 crops, a minute
+  python -m bench revisions --before d7312e8   # after make demo, a few minutes
 """
 
 import argparse
 import inspect
 
-from bench import (codec, codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, sample_pipeline,
-                   streams, train, vqvae)
+from bench import (codec, codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, revisions, sample,
+                   sample_pipeline, streams, train, vqvae)
 from pipelines.cli import run
 
 SUBCOMMANDS = {
@@ -88,6 +91,7 @@ SUBCOMMANDS = {
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "codec": (codec, "the pixel model's codec on whole held-out photos against PNG, WebP and JPEG-XL lossless: bits, s/MP"),
     "ood": (ood, "AUROC of likelihood scores between held-out crops and noise, flipped, inverted crops, another photo"),
+    "revisions": (revisions, "scripts/sample.py under an earlier git revision and under this tree, side by side"),
     "gpu": (gpu, "one CUDA GPU: training steps/s and memory per example, extraction, hierarchical sampling"),
 }
 

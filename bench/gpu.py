@@ -202,7 +202,7 @@ def prepared_step(model, n, labels, cond):
     height, width = model.config.shape
     i, j = min(2, height - 1), width // 2
     device = model.background.device
-    network = IncrementalPixelSNAIL(model, n, model.condition(n, labels, cond))
+    network = IncrementalPixelSNAIL(model, n, model.condition(n, labels, cond), static=True)
     if model.config.pixel_mode:
         drawn = torch.zeros(n, 3, 1, 1, device=device)
     else:
@@ -245,7 +245,8 @@ def time_cached_steps(model, n, capture, seed):
     width = model.config.shape[1]
     with torch.no_grad(), autocast("bf16"):
         job = start_job(model, n, labels, cond, None, 0, Drawing())
-        network = IncrementalPixelSNAIL(model, job.batch_size, model.condition(job.batch_size, job.label, job.cond))
+        condition = model.condition(job.batch_size, job.label, job.cond)
+        network = IncrementalPixelSNAIL(model, job.batch_size, condition, static=True)
         steps = CachedSteps(model, job, network, SampleKeys.of(seed, range(n), CUDA), capture)
         steps.start_row()  # captures (and warms up) the row start
         steps.step()  # and the step, at position 0

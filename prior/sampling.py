@@ -333,6 +333,9 @@ class CachedAttention:
         self.keys = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, key_size)
         self.values = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, value_size)
         self.key_positions = torch.arange(n_positions, device=self.keys.device)
+        # eager steps: the key slots a query reads, 0..n_read-1 (the positions drawn so far, at least
+        # one); None: all N slots, one shape at every position (a compiled or captured step)
+        self.n_read = None
         self.features = None  # (B, C): the block's input at the position being computed, for `write`
 
     def start_row(self, i, cond_row):
@@ -349,11 +352,13 @@ class CachedAttention:
     def attend(self, query, position):
         """(B, C_k) -> (B, C_v): attention over keys 0..position-1; zeros at position 0."""
         q = rearrange(query, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys.dtype)
+        slots = slice(self.n_read)  # eager: the slots written so far, fewer FLOPs early in the grid
+        keys, values, key_positions = self.keys[:, :, slots], self.values[:, :, slots], self.key_positions[slots]
         # key 0 always: a query with no key at all would get NaN; position 0's output is zeroed below
-        visible = ((self.key_positions < position) | (self.key_positions == 0))[None]  # (1, N): one query
+        visible = ((key_positions < position) | (key_positions == 0))[None]  # (1, N'): one query
         # in the cache's precision: under autocast every step would copy all keys and values to bf16
         with torch.autocast(q.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=visible)  # (B, heads, 1, d_v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # (B, heads, 1, d_v)
         return torch.where(position > 0, rearrange(out, "b h 1 d -> b (h d)"), 0)
 
     def write(self, i, j, raw, background):
@@ -406,9 +411,10 @@ class IncrementalPixelSNAIL:
     (torch.compile(fullgraph=True)) or captured once as a CUDA graph and replayed everywhere.
     `output_at` and `write` set the position from the host first."""
 
-    def __init__(self, model, batch_size, cond_map):
+    def __init__(self, model, batch_size, cond_map, static=False):
         shape = model.config.shape
         self.model = model
+        self.static = static  # every position in one shape: attention reads all N key slots
         self.width = shape[1]
         self.batch_size = batch_size
         self.background = rearrange(model.background, "1 c h w -> (h w) c")  # (N, 2)
@@ -423,8 +429,14 @@ class IncrementalPixelSNAIL:
         self.position = torch.zeros((), dtype=torch.long, device=model.background.device)  # raster position
 
     def at(self, i, j):
-        """Moves to position (i, j) (a fill from the host: no synchronisation)."""
-        self.position.fill_(i * self.width + j)
+        """Moves to position (i, j) (a fill from the host: no synchronisation). Unless static, the
+        attention then reads only the key slots written so far."""
+        position = i * self.width + j
+        self.position.fill_(position)
+        if not self.static:
+            for block in self.blocks:
+                if block.attention is not None:
+                    block.attention.n_read = max(position, 1)
 
     def row_and_column(self):
         """(i, j) of the current position, 0-dim device tensors."""
@@ -628,13 +640,14 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
     job = start_job(model, n, label, cond, prefix, kept, Drawing(temperature, top_k, top_p, guidance))
     x, shape = job.x, model.config.shape
     with evaluating(model):
-        network = IncrementalPixelSNAIL(model, job.batch_size, model.condition(job.batch_size, job.label, job.cond))
+        condition = model.condition(job.batch_size, job.label, job.cond)
+        network = IncrementalPixelSNAIL(model, job.batch_size, condition, static=capture)
         for i, j in itertools.islice(raster_order(shape), job.kept):
             network.output_at(i, j)  # fills the layers' caches at (i, j)
             network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
         steps = CachedSteps(model, job, network, generator, capture)
-        network.position.fill_(job.kept)
-        for _, j in raster_order(shape, progress, job.kept):
+        for i, j in raster_order(shape, progress, job.kept):
+            network.at(i, j)  # where the step advanced it to; eager, the attention's key slots too
             if j == 0:
                 steps.start_row()
             steps.step()
