@@ -124,3 +124,21 @@ def test_one_file_sources_are_fingerprinted_by_name_size_and_time(tmp_path):
     assert len(a) == len(b) == 18 and a.fingerprint == b.fingerprint  # the same name, size and time
     os.utime(tmp_path / "b" / "imagenet.npz", (1_700_000_002, 1_700_000_002))
     assert load_dataset(str(tmp_path / "b" / "imagenet.npz"), "train", 8).fingerprint != a.fingerprint
+
+
+def test_an_extraction_rerun_on_other_files_of_the_same_count_is_refused(tiny_pipeline, tmp_path):
+    """A code database records its images' fingerprint: rerun (or resumed) on other files under the
+    same path, of the same count, the extraction is refused in one line instead of mixing them;
+    the same files again find the database complete."""
+    from pipelines.infer.extract import extract_with_vqvae
+    from pipelines.store.codes import CodeStoreError, read_metadata
+
+    images, out = tmp_path / "images", tmp_path / "codes.lmdb"
+    shutil.copytree(tiny_pipeline / "images", images)
+    extract_with_vqvae(tiny_pipeline / "vqvae", str(images), out)
+    assert read_metadata(out)["source"]["fingerprint"] == load_dataset(str(images), "train", 16).fingerprint
+    extract_with_vqvae(tiny_pipeline / "vqvae", str(images), out)  # the same files: complete, nothing to do
+    first = sorted((images / "train" / "class0").iterdir())[0]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(first)  # another image under the same name
+    with pytest.raises(CodeStoreError, match="was made by a different job: source"):
+        extract_with_vqvae(tiny_pipeline / "vqvae", str(images), out)

@@ -41,6 +41,12 @@ def as_asked(setting):
     return 100 * setting["as_asked"] / setting["samples"]
 
 
+def all_photos_bits(d, sizes):
+    """Bits per sub-pixel over every photo of the codec benchmark, from file `sizes` (photo -> bytes)."""
+    sub_pixels = sum(3 * height * width for height, width in d["config"]["photos"].values())
+    return 8 * sum(sizes.values()) / sub_pixels
+
+
 # bench/results/NAME.json -> the figures its headline row quotes, in the order printed
 HEADLINE = {
     "sample": lambda d: [d["models"][name]["speedup"] for name in ("top", "bottom", "cpu-small")],
@@ -54,6 +60,9 @@ HEADLINE = {
     "codecs": lambda d: [d["runs"]["0"][-1]["held_out"],
                          d["codecs"]["PNG (compress_level 9, optimize)"]["held_out"],
                          d["codecs"]["WebP lossless (method 6)"]["held_out"]],
+    "codec": lambda d: [all_photos_bits(d, d["models"][0]["context"]["bytes"]),
+                        *(all_photos_bits(d, d["coders"][name]["bytes"]) for name in
+                          ("PNG (compress_level 9, optimize)", "WebP lossless (method 6)", "JPEG-XL lossless (effort 9)"))],
     "eval": lambda d: [d["stages"]["samples"]["cas"], d["stages"]["samples"]["cas_real_ceiling"],
                        d["stages"]["top_prior"]["heldout_bits_per_code"],
                        d["stages"]["bottom_prior"]["heldout_bits_per_code"]],

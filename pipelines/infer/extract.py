@@ -201,6 +201,10 @@ def _resume_point(writer: CodeWriter, job: dict, total: int) -> int | None:
 
 
 def _check_same_job(path, stored: dict, wanted: dict) -> None:
+    source = wanted.get("source")
+    if isinstance(source, dict) and "fingerprint" not in stored.get("source", {}):
+        # a database begun before sources carried a fingerprint: compared on what it stored
+        wanted = {**wanted, "source": {k: v for k, v in source.items() if k != "fingerprint"}}
     differences = [
         f"{name} {stored.get(name)!r} there, {wanted.get(name)!r} now"
         for name in sorted(set(stored) | set(wanted))
@@ -208,6 +212,16 @@ def _check_same_job(path, stored: dict, wanted: dict) -> None:
     ]
     if differences:
         raise CodeStoreError(f"{path} was made by a different job: {'; '.join(differences)}")
+
+
+def data_source(spec, split, dataset):
+    """What a code database was extracted from: the data (absolute), the split, the image count and,
+    where the data is files, their fingerprint (names, sizes, times): a resumed extraction on other
+    files of the same count is then refused."""
+    source = {"data": spec, "split": split, "images": len(dataset)}
+    if getattr(dataset, "fingerprint", None) is not None:
+        source["fingerprint"] = dataset.fingerprint
+    return source
 
 
 def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classes=None, batch_size=64, workers=0,
@@ -241,7 +255,7 @@ def extract_with_vqvae(vqvae_path, data, out, split="train", size=None, n_classe
         **{f"{name}_codes": size for name, size in zip(names, model.config.codebook_sizes())},
         n_classes=labels_seen if n_classes is None else n_classes,
         vqvae_sha256=file_sha256(resolve_checkpoint(vqvae_path)), image_size=image_size,
-        source={"data": source, "split": split, "images": len(dataset)},
+        source=data_source(source, split, dataset),
     )
     model = runtime.vqvae(model)
     runtime.processes.print(f"{runtime.processes.num_processes} process(es) on {runtime.device.type}, "
