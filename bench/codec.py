@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bench.common import (Report, add_common_arguments, add_quick_argument, apply_defaults, default_other_photos, log,
-                          machine_info, machine_lines, recorded_path, results_record, run_script)
+                          machine_info, machine_lines, pyplot, recorded_path, results_record, run_script)
 from pipelines.cli import user_path
 from pipelines.data.datasets import builtin_photo, to_rgb8
 from pipelines.data.holdout import BUILTIN_TEST_PHOTOS
@@ -247,11 +247,7 @@ REPORT = Report("codec", "The pixel model as a lossless codec against PNG, WebP 
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     subpixels = photo_subpixels(results)
     rows = coder_rows(results)
     names = [*subpixels, "all"]

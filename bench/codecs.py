@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bench.common import (Report, add_out_argument, default_other_photos, last_line_value, log, machine_info,
-                          machine_lines, recorded_path, results_record, run_script)
+                          machine_lines, pyplot, recorded_path, results_record, run_script)
 from pipelines.cli import user_path
 from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
 from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
@@ -171,11 +171,7 @@ REPORT = Report("codecs", "Lossless codecs against the pixel model on crops of p
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     curve = mean_curve(results)
     figure, axes = plt.subplots(figsize=(6.4, 4))
     for column, (key, label, colour) in enumerate((("held_out", "held-out crops", "C0"), ("other", "other photos", "C1"))):

@@ -89,3 +89,27 @@ def test_the_rules_see_a_wrong_import():
     tree = ast.parse("from pipelines.train.loop import fit\nimport pipelines.train.loop\n")
     names = {node.module if isinstance(node, ast.ImportFrom) else node.names[0].name for node in tree.body}
     assert {level(name) for name in names} == {LEVELS.index("train")} and level("pipelines.store.codes") == 0
+
+
+MAX_FUNCTION_LINES = 60  # short functions: a longer one does several things
+
+
+def long_functions(paths):
+    """(path, function, lines) of every function longer than MAX_FUNCTION_LINES in `paths`."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append((path, node.name, lines))
+    return found
+
+
+def test_no_function_outside_the_tests_is_longer_than_sixty_lines(tmp_path):
+    code = [path for folder in (*PACKAGES, "scripts", "bench") for path in (ROOT / folder).rglob("*.py")]
+    assert [(str(path.relative_to(ROOT)), name, lines) for path, name, lines in long_functions(code)] == []
+    body = "\n".join(f"    x{k} = {k}" for k in range(MAX_FUNCTION_LINES))  # with the def: one line too many
+    example = tmp_path / "example.py"
+    example.write_text(f"def long():\n{body}\n\n\ndef short():\n    pass\n")
+    assert long_functions([example]) == [(example, "long", MAX_FUNCTION_LINES + 1)]

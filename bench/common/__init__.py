@@ -16,7 +16,8 @@ from bench.common.models import (VQVAE_QUICK_MODEL, autocast, channels_last, def
                                  random_pixels, vqvae_extract)
 from bench.common.processes import PopenToFiles, last_line_value, run_command, run_script, run_together
 from bench.common.report import (Report, add_common_arguments, add_out_argument, add_quick_argument, apply_defaults,
-                                 log, machine_lines, markdown_table, results_record, seconds, text_table, write_results)
+                                 log, machine_lines, markdown_table, pyplot, results_record, seconds, text_table,
+                                 write_results)
 from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMUL_SHAPES, SAMPLING_SCALING,
                                  DrawRecorder, StopSampling, measure_matmul_peak, paired_speedups, prefix_timing,
                                  time_interleaved)
@@ -27,7 +28,7 @@ __all__ = [
     "vqvae_extract",
     "PopenToFiles", "last_line_value", "run_command", "run_script", "run_together",
     "Report", "add_common_arguments", "add_out_argument", "add_quick_argument", "apply_defaults", "log",
-    "machine_lines", "markdown_table", "results_record", "seconds", "text_table", "write_results",
+    "machine_lines", "markdown_table", "pyplot", "results_record", "seconds", "text_table", "write_results",
     "CPU_ATTENTION_FLOPS", "MATMUL_SHAPES", "QUICK_MATMUL_SHAPES", "SAMPLING_SCALING", "DrawRecorder", "StopSampling",
     "measure_matmul_peak", "paired_speedups", "prefix_timing", "time_interleaved",
 ]

@@ -109,6 +109,16 @@ class Report:
         write_results(results, Path(out_dir), self.name, self.markdown(results))
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (the Agg backend), imported when a plot is made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_results(results, out_dir, name, markdown):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
