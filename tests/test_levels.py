@@ -1,0 +1,71 @@
+"""Priors at every level of an N-level code database: provenance, level names and indices, the
+model inputs of each level, the FFHQ presets, and a tiny three-level run end to end."""
+
+import pytest
+
+from pipelines.data.codes import database_level
+from pipelines.store.checkpoint import CheckpointError
+from pipelines.store.provenance import PriorProvenance, check_fits, prior_fields
+
+TWO = {"top_shape": [2, 2], "bottom_shape": [4, 4], "top_codes": 8, "bottom_codes": 16, "n_classes": 3,
+       "vqvae_sha256": "ab", "image_size": 16, "source": {"split": "train"}}
+THREE = {"levels": 3, "top_shape": [2, 2], "middle_shape": [4, 4], "bottom_shape": [8, 8], "top_codes": 8,
+         "middle_codes": 16, "bottom_codes": 32, "n_classes": 1, "vqvae_sha256": "cd", "image_size": 32,
+         "source": {"split": "train"}}
+
+
+def test_a_two_level_record_is_stored_as_before():
+    record = PriorProvenance.of_database(TWO, "bottom")
+    # the fields a checkpoint held before the number of levels became a parameter, and no others
+    before = {name: TWO[name] for name in ("top_shape", "bottom_shape", "top_codes", "bottom_codes", "n_classes",
+                                           "vqvae_sha256", "image_size")}
+    codes = record.to_extra()["codes"]
+    assert {name: list(value) if isinstance(value, tuple) else value for name, value in codes.items()
+            if name != "database"} == before
+    assert record == PriorProvenance("bottom", "ab", 16, (2, 2), (4, 4), 8, 16, 3, record.database)
+    assert PriorProvenance.from_extra({"level": "bottom", "codes": {**before, "database": None}}, "p") == \
+        PriorProvenance("bottom", "ab", 16, (2, 2), (4, 4), 8, 16, 3)
+    assert (record.index, record.levels) == (1, 2)
+
+
+@pytest.mark.parametrize("level, index, shape, n_codes, cond", [
+    ("top", 0, (2, 2), 8, (None, None)),
+    ("middle", 1, (4, 4), 16, ((2, 2), 8)),
+    ("bottom", 2, (8, 8), 32, ((4, 4), 16)),
+])
+def test_each_level_of_three_is_conditioned_on_the_level_above(level, index, shape, n_codes, cond):
+    record = PriorProvenance.of_database(THREE, level)
+    assert (record.index, record.levels) == (index, 3)
+    assert prior_fields(record) == {"shape": shape, "n_codes": n_codes, "n_classes": 0, "cond_shape": cond[0],
+                                    "cond_codes": cond[1]}
+    assert PriorProvenance.from_extra(record.to_extra(), "p") == record
+
+
+def test_a_prior_of_one_level_does_not_fit_another():
+    from prior import PixelSNAILConfig
+
+    middle = PixelSNAILConfig(**prior_fields(PriorProvenance.of_database(THREE, "middle")), channels=8)
+    check_fits(middle, PriorProvenance.of_database(THREE, "middle"), "the database")
+    with pytest.raises(ValueError, match=r"^the bottom prior has shape=\(4, 4\) but the database has \(8, 8\)$"):
+        check_fits(middle, PriorProvenance.of_database(THREE, "bottom"), "the database")
+
+
+def test_a_record_of_a_level_its_database_lacks_is_refused():
+    extra = PriorProvenance.of_database(TWO, "top").to_extra()
+    with pytest.raises(CheckpointError, match=r"^p has a damaged record of its code database .*'middle'"):
+        PriorProvenance.from_extra({**extra, "level": "middle"}, "p")
+
+
+@pytest.mark.parametrize("level, levels, name", [
+    ("top", 2, "top"), ("0", 2, "top"), ("1", 2, "bottom"), ("middle", 3, "middle"), ("1", 3, "middle"),
+    ("2", 3, "bottom"), ("3", 5, "level3"), ("level4", 5, "level4"),
+])
+def test_a_level_is_named_or_counted_from_the_top(level, levels, name):
+    assert database_level(level, levels, "codes.lmdb") == name
+
+
+@pytest.mark.parametrize("level, levels", [("middle", 2), ("2", 2), ("3", 3), ("-1", 3), ("top", 4), ("upper", 3)])
+def test_a_level_the_database_lacks_is_refused_in_one_line(level, levels):
+    with pytest.raises(ValueError, match=rf"^--level {level}: codes.lmdb holds {levels} levels of codes \(.*\); "
+                                         rf"give one of them or an index 0 \(top\) to {levels - 1} \(bottom\)$"):
+        database_level(level, levels, "codes.lmdb")
