@@ -69,3 +69,39 @@ def test_a_level_the_database_lacks_is_refused_in_one_line(level, levels):
     with pytest.raises(ValueError, match=rf"^--level {level}: codes.lmdb holds {levels} levels of codes \(.*\); "
                                          rf"give one of them or an index 0 \(top\) to {levels - 1} \(bottom\)$"):
         database_level(level, levels, "codes.lmdb")
+
+
+# -- the FFHQ presets: each level's prior causal with its condition, and sampled exactly by the cache
+
+
+@pytest.mark.parametrize("name", ["vqvae2-ffhq-top", "vqvae2-ffhq-middle", "vqvae2-ffhq-bottom"])
+def test_the_ffhq_priors_are_causal_with_their_conditions(name):
+    from test_causality import build, check_strictly_causal_without_blind_spot, tiny_version
+
+    config = tiny_version(name)  # the preset's structure at tiny widths, on a 6x6 grid
+    assert (config.cond_shape is not None) == (name != "vqvae2-ffhq-top")
+    check_strictly_causal_without_blind_spot(build(config))
+
+
+def test_the_cached_sampler_draws_what_the_naive_one_draws_at_every_level():
+    """A chain of three tiny priors shaped by the FFHQ presets: the top draws its grid, each level
+    below draws its own given the grid drawn above it, cached and naive alike."""
+    import torch
+
+    from prior import PixelSNAIL, get_preset
+    from prior.sampling import sample_cached
+
+    tiny = dict(channels=8, res_channels=8, n_res_blocks=1, key_channels=4, value_channels=8, n_heads=2,
+                embed_channels=4, cond_channels=4, cond_res_blocks=1, out_res_blocks=1, kernel_size=3, dropout=0.0)
+    above = None
+    for level, name in zip(("top", "middle", "bottom"), ("vqvae2-ffhq-top", "vqvae2-ffhq-middle", "vqvae2-ffhq-bottom")):
+        fields = prior_fields(PriorProvenance.of_database(THREE, level))
+        torch.manual_seed(0)
+        model = PixelSNAIL(get_preset(name, **fields, **tiny).model).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():  # every weight matters, as after training
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        naive = model.sample(2, None, above, torch.Generator().manual_seed(1), cache=False)
+        cached = sample_cached(model, 2, None, above, torch.Generator().manual_seed(1))
+        assert naive.shape == (2, *fields["shape"]) and torch.equal(cached, naive), level
+        above = cached
