@@ -71,16 +71,8 @@ def test_a_level_the_database_lacks_is_refused_in_one_line(level, levels):
         database_level(level, levels, "codes.lmdb")
 
 
-# -- the FFHQ presets: each level's prior causal with its condition, and sampled exactly by the cache
-
-
-@pytest.mark.parametrize("name", ["vqvae2-ffhq-top", "vqvae2-ffhq-middle", "vqvae2-ffhq-bottom"])
-def test_the_ffhq_priors_are_causal_with_their_conditions(name):
-    from test_causality import build, check_strictly_causal_without_blind_spot, tiny_version
-
-    config = tiny_version(name)  # the preset's structure at tiny widths, on a 6x6 grid
-    assert (config.cond_shape is not None) == (name != "vqvae2-ffhq-top")
-    check_strictly_causal_without_blind_spot(build(config))
+# -- the FFHQ presets: each level's prior sampled exactly by the cache (their causality with their
+# conditions: tests/test_causality.py, which checks every preset)
 
 
 def test_the_cached_sampler_draws_what_the_naive_one_draws_at_every_level():
@@ -94,8 +86,9 @@ def test_the_cached_sampler_draws_what_the_naive_one_draws_at_every_level():
     tiny = dict(channels=8, res_channels=8, n_res_blocks=1, key_channels=4, value_channels=8, n_heads=2,
                 embed_channels=4, cond_channels=4, cond_res_blocks=1, out_res_blocks=1, kernel_size=3, dropout=0.0)
     above = None
-    for level, name in zip(("top", "middle", "bottom"), ("vqvae2-ffhq-top", "vqvae2-ffhq-middle", "vqvae2-ffhq-bottom")):
-        fields = prior_fields(PriorProvenance.of_database(THREE, level))
+    for level in ("top", "middle", "bottom"):
+        name = f"vqvae2-ffhq-{level}"
+        fields = prior_fields(PriorProvenance.of_database({**THREE, "bottom_shape": [4, 8]}, level))  # 32 positions
         torch.manual_seed(0)
         model = PixelSNAIL(get_preset(name, **fields, **tiny).model).eval()
         with torch.no_grad():
@@ -105,3 +98,66 @@ def test_the_cached_sampler_draws_what_the_naive_one_draws_at_every_level():
         cached = sample_cached(model, 2, None, above, torch.Generator().manual_seed(1))
         assert naive.shape == (2, *fields["shape"]) and torch.equal(cached, naive), level
         above = cached
+
+
+# -- a tiny three-level pipeline: a VQ-VAE, its codes, and a prior of every level trained on them
+
+
+@pytest.fixture(scope="module")
+def three_level_codes(tmp_path_factory):
+    """A tiny 3-level VQ-VAE's codes of the train split of 24 random 32x32 images: 2x2 top, 4x4
+    middle and 8x8 bottom grids."""
+    import torch
+    from PIL import Image
+
+    from pipelines.infer.extract import extract_with_vqvae
+    from pipelines.store.checkpoint import save_checkpoint
+    from vqvae import VQVAE2, VQVAE2Config
+
+    root = tmp_path_factory.mktemp("three_levels")
+    (root / "images").mkdir()
+    for k in range(24):
+        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+        Image.fromarray(pixels.numpy()).save(root / "images" / f"{k:02d}.png")
+    torch.manual_seed(0)
+    model = VQVAE2(VQVAE2Config(levels=3, top_codes=8, middle_codes=16, bottom_codes=32, code_dim=4, channels=8,
+                                res_channels=4, n_res_blocks=1)).eval()
+    save_checkpoint(root / "vqvae" / "model.safetensors", model.state_dict(), "vqvae2", model.config, image_size=32)
+    assert extract_with_vqvae(root / "vqvae", str(root / "images"), root / "codes.lmdb") == 21  # its train split
+    return root / "codes.lmdb"
+
+
+def prior_run(codes, out, level, **changes):
+    from pipelines.train.priors import PriorTrainConfig
+
+    fields = dict(codes=str(codes), out=str(out), level=level, batch_size=4, steps=2, precision="fp32",
+                  eval_every=1000, eval_batches=1, checkpoint_every=1000, dropout=0.0)
+    return PriorTrainConfig(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("level, name, shape, cond_shape", [
+    ("top", "top", (2, 2), None), ("1", "middle", (4, 4), (2, 2)), ("bottom", "bottom", (8, 8), (4, 4)),
+])
+def test_a_prior_of_every_level_trains_on_a_three_level_database(three_level_codes, tmp_path, level, name, shape,
+                                                                  cond_shape):
+    import math
+
+    from pipelines.store.checkpoint import load_pixelsnail
+    from pipelines.train.priors import train
+
+    assert math.isfinite(train(prior_run(three_level_codes, tmp_path / "run", level)))
+    model, extra = load_pixelsnail(tmp_path / "run" / "model.safetensors")
+    record = PriorProvenance.from_extra(extra, "the run")
+    assert (record.level, record.levels, extra["codes"]["levels"]) == (name, 3, 3)  # an index is stored by name
+    assert (model.config.shape, model.config.cond_shape) == (shape, cond_shape)
+    check_fits(model.config, record, "its database")
+
+
+@pytest.mark.parametrize("level", ["3", "level1", "upper"])
+def test_a_level_the_database_lacks_is_refused_before_anything_is_written(three_level_codes, tmp_path, level):
+    from pipelines.train.priors import train
+
+    with pytest.raises(ValueError, match=rf"^--level {level}: .*codes.lmdb holds 3 levels of codes \(top, middle, "
+                                         r"bottom\); give one of them or an index 0 \(top\) to 2 \(bottom\)$"):
+        train(prior_run(three_level_codes, tmp_path / "run", level))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

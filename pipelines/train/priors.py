@@ -3,7 +3,8 @@
 The top prior models the top grid, conditioned on the class label when the database has labels.
 The prior of every other level (the bottom of two; the middle and the bottom of three) models its
 grid conditioned on the codes of the level above it (through its conditioning stack) and the
-label. Grid shapes and codebook sizes come from the code database; the preset gives the network. Every 20th record (0, 20, 40, ...) is held out for validation.
+label. Grid shapes and codebook sizes come from the code database; the preset gives the network.
+Every 20th record (0, 20, 40, ...) is held out for validation.
 
 The task is PixelSNAIL's (`pipelines.train.pixelsnail.PixelSNAILTask`), on codes.
 """
