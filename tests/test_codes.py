@@ -747,7 +747,7 @@ def test_bad_three_level_plans_and_batches_are_refused(tmp_path, plan, batch, me
         write_codes(tmp_path / "codes.lmdb", given, batches)
 
 
-def test_a_three_level_vqvae_extracts_every_level_and_priors_refuse_it_for_now(tmp_path, tiny_vqvae):
+def test_a_three_level_vqvae_extracts_every_level(tmp_path, tiny_vqvae):
     from pipelines.data.codes import code_splits
     from pipelines.data.datasets import load_dataset, to_model_range
     from pipelines.infer.extract import extract_with_vqvae
@@ -769,9 +769,10 @@ def test_a_three_level_vqvae_extracts_every_level_and_priors_refuse_it_for_now(t
         expected = model.encode(to_model_range(torch.stack([images[i][0] for i in range(10)])))
     for k, level_codes in enumerate(expected):
         assert torch.equal(torch.stack([codes[i][k] for i in range(10)]), level_codes)
-    with pytest.raises(ValueError, match=r"holds 3 levels of codes \(top, middle, bottom\): priors are trained on "
-                                         r"two-level code databases"):
-        code_splits(out, "top")
+    middle = code_splits(out, "1")  # by index: the middle prior's grid, conditioned on the top grid
+    assert (middle.provenance.level, middle.provenance.index, middle.provenance.levels) == ("middle", 1, 3)
+    x, _, cond = middle.inputs(next(iter(torch.utils.data.DataLoader(middle.every_record, batch_size=10))))
+    assert torch.equal(x, expected[1].to(x.dtype)) and torch.equal(cond, expected[0].to(cond.dtype))
 
 
 def test_the_reports_codebook_histograms_count_every_level(tmp_path):

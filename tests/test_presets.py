@@ -17,6 +17,9 @@ PARAMETERS = {
     "vqvae2-bottom": 628_722_176,
     "vqvae2-top-256ch": 105_867_760,
     "vqvae2-bottom-256ch": 239_057_664,
+    "vqvae2-ffhq-top": 646_504_640,
+    "vqvae2-ffhq-middle": 628_722_176,
+    "vqvae2-ffhq-bottom": 628_722_176,  # the middle's network: convolutions, whatever the grid
     "cpu-top": 630_240,
     "cpu-bottom": 1_255_104,
     "tiny": 7_821,
@@ -104,11 +107,23 @@ def test_vqvae2_bottom_is_the_papers_bottom_prior():
     check_dropout(model, 0.1)
 
 
+@pytest.mark.parametrize("name, shape, cond_shape, attention", [
+    ("vqvae2-ffhq-top", (32, 32), None, True),
+    ("vqvae2-ffhq-middle", (64, 64), (32, 32), False),
+    ("vqvae2-ffhq-bottom", (128, 128), (64, 64), False),
+])
+def test_the_ffhq_priors_model_each_level_given_the_one_above(name, shape, cond_shape, attention):
+    """The paper's FFHQ-1024 maps, each level conditioned on the level above; no classes."""
+    config = get_preset(name).model
+    assert (config.shape, config.cond_shape, config.attention, config.n_classes) == (shape, cond_shape, attention, 0)
+    assert config.n_codes == 512 and config.cond_codes == (512 if cond_shape else None)
+
+
 def test_attention_dropout_is_on_in_the_papers_attention_priors_only():
     """The paper's priors drop attention weights (its top prior and the narrower one built from it);
     every other preset and every config written before the field keeps the model it had."""
     with_dropout = {name for name, preset in PRESETS.items() if preset.model.attention_dropout}
-    assert with_dropout == {"vqvae2-top", "vqvae2-top-256ch"}
+    assert with_dropout == {"vqvae2-top", "vqvae2-top-256ch", "vqvae2-ffhq-top"}
     assert get_preset("vqvae2-top-256ch").model.attention_dropout == 0.1
     stored = PixelSNAILConfig().to_json().replace(', "attention_dropout": 0.0', "")
     assert "attention_dropout" not in stored and PixelSNAILConfig.from_json(stored).attention_dropout == 0.0

@@ -173,11 +173,18 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
     steps plus a random delay, so that kills land in steps and in saves) and resumed with
     --resume: after every kill the latest state loads, and the finished run's weights, optimizer
     and EMA are bit-identical to those of an uninterrupted run."""
-    rng = random.Random(f"kill-{trainer}")
-    run_dir, previous, model_seen = tmp_path / "run", 0, False
+    run_dir = tmp_path / "run"
+    kill_twice_then_resume(trainer, data, run_dir, random.Random(f"kill-{trainer}"))
+    assert_same_weights(run_dir, reference(trainer))
+
+
+def kill_twice_then_resume(trainer, data, run_dir, rng, **changes):
+    """Runs the trainer's script, kills it twice at random moments (`rng`), checking the state
+    after each kill, and finishes the run in this process with --resume."""
+    previous, model_seen = 0, False
     for _ in range(2):
         target, delay = previous + rng.randint(1, 3), rng.uniform(0.0, 0.05)
-        process = start(command(trainer, data, run_dir) + (["--resume"] if previous else []))
+        process = start(command(trainer, data, run_dir, **changes) + (["--resume"] if previous else []))
         assert wait_until(lambda: (saved_step(run_dir) or 0) >= target, process), process.communicate()[1][-2000:]
         time.sleep(delay)
         process.kill()
@@ -188,9 +195,36 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(train
         assert (run_dir / "model.safetensors").is_file() or not model_seen, "the model file disappeared"
         model_seen = (run_dir / "model.safetensors").is_file()
         previous = step
-    TRAINERS[trainer][1](config(trainer, data, run_dir, resume=True))  # the last session, in this process
+    TRAINERS[trainer][1](config(trainer, data, run_dir, resume=True, **changes))  # the last session, in this process
     assert saved_step(run_dir) == STEPS
-    assert_same_weights(run_dir, reference(trainer))
+
+
+@pytest.fixture(scope="module")
+def three_levels(smooth_pixels, tmp_path_factory):
+    """A three-level code database of the 40 smooth images, made by a fixed function like `data`'s
+    (1x1 top codes of 5, 2x2 middle codes of 7, 4x4 bottom codes of 300, 3 classes), as codes.lmdb."""
+    root = tmp_path_factory.mktemp("three-levels")
+    images = torch.from_numpy(smooth_pixels).permute(0, 3, 1, 2).contiguous()
+
+    def encode(batch):
+        pixels = batch.long()
+        bottom = (pixels[:, 1, ::2, ::2] + pixels[:, 2, ::2, ::2]) % 300
+        return pixels[:, 0, ::8, ::8] % 5, pixels[:, 1, ::4, ::4] % 7, bottom
+
+    plan = dict(levels=3, top_shape=(1, 1), middle_shape=(2, 2), bottom_shape=(4, 4), top_codes=5, middle_codes=7,
+                bottom_codes=300, n_classes=3, vqvae_sha256="cd" * 32, image_size=8,
+                source={"data": "generated", "split": "train"})
+    extract_codes(encode, ImageTensorDataset(images, torch.arange(40) % 3), root / "codes.lmdb", plan,
+                  batch_size=8, progress=False)
+    return root
+
+
+def test_a_middle_prior_killed_at_random_moments_resumes_exactly(three_levels, tmp_path):
+    """As above, for the prior of the middle of three levels (conditioned on the top codes)."""
+    TRAINERS["prior"][1](config("prior", three_levels, tmp_path / "reference", level="middle"))
+    kill_twice_then_resume("prior", three_levels, tmp_path / "run", random.Random("kill-middle"), level="middle")
+    assert_same_weights(tmp_path / "run", tmp_path / "reference")
+    assert load_checkpoint(tmp_path / "run" / "model.safetensors", PIXELSNAIL_KIND)[2]["level"] == "middle"
 
 
 class Killed(BaseException):

@@ -7,7 +7,7 @@ from torch.utils.data import Subset
 
 from modelkit import level_names
 from pipelines.data.holdout import CODE_HELD_OUT_EVERY, is_held_out_record
-from pipelines.store.codes import TWO_LEVELS, CodeDataset, layout_levels
+from pipelines.store.codes import CodeDataset, layout_levels
 from pipelines.store.provenance import PriorProvenance
 
 
@@ -23,12 +23,10 @@ class CodeSplits:
 
 
 def code_splits(path, level) -> CodeSplits:
-    """The training and held-out records of the code database at `path` for a prior of `level`."""
+    """The training and held-out records of the code database at `path` for a prior of `level` (a
+    level name or index, see `database_level`)."""
     dataset = CodeDataset(path)
-    levels = layout_levels(dataset.metadata)
-    if levels != TWO_LEVELS:
-        raise ValueError(f"{path} holds {levels} levels of codes ({', '.join(level_names(levels))}): priors are "
-                         "trained on two-level code databases (top, bottom) only in this version")
+    level = database_level(level, layout_levels(dataset.metadata), path)
     every = range(len(dataset))
     test = [i for i in every if is_held_out_record(i)]
     train = [i for i in every if not is_held_out_record(i)]
@@ -37,6 +35,19 @@ def code_splits(path, level) -> CodeSplits:
     inputs = code_inputs(level, dataset.metadata["n_classes"] > 1)
     provenance = PriorProvenance.of_database(dataset.metadata, level)
     return CodeSplits(Subset(dataset, train), Subset(dataset, test), dataset, inputs, provenance)
+
+
+def database_level(level: str, levels: int, path) -> str:
+    """The name of `level` in a database of `levels` levels: a name (top, middle, bottom for three;
+    level0 ... for four or more) or an index, 0 (top) to levels - 1 (bottom). ValueError naming
+    --level and `path` where the database has no such level."""
+    names = level_names(levels)
+    if level.isdigit() and int(level) < levels:
+        return names[int(level)]
+    if level not in names:
+        raise ValueError(f"--level {level}: {path} holds {levels} levels of codes ({', '.join(names)}); "
+                         f"give one of them or an index 0 (top) to {levels - 1} (bottom)")
+    return level
 
 
 def code_inputs(level, labelled):
