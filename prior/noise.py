@@ -53,6 +53,7 @@ class SampleKeys:
     def __init__(self, words: Tensor, level: int = 0):
         self.words = words
         self.level = level
+        self.counters = {}  # count -> (count,) arange: made once
 
     @classmethod
     def of(cls, seed, indices, device="cpu"):
@@ -69,10 +70,12 @@ class SampleKeys:
 
     def uniform(self, position, count: int) -> Tensor:
         """(B, count) fp32 uniforms in (0, 1) at raster `position` (an int or a 0-dim tensor)."""
-        state = mix(torch.as_tensor(position, device=self.words.device) ^ self.level)  # ()
+        state = mix(position ^ self.level)  # (): on the host for an int, the same bits
         state = mix(state ^ self.words[:, :1])  # (B, 1)
         state = mix(state ^ self.words[:, 1:])
-        counters = torch.arange(count, device=self.words.device)  # (count,)
+        if count not in self.counters:
+            self.counters[count] = torch.arange(count, device=self.words.device)
+        counters = self.counters[count]  # (count,)
         bits = mix(mix(state ^ counters)) >> (32 - UNIFORM_BITS)  # (B, count)
         return (bits.float() + 0.5) * 2.0**-UNIFORM_BITS
 
