@@ -69,6 +69,11 @@ def at_index(tensor, dim, index):
     return tensor.index_select(dim, index.view(1))
 
 
+def entry(tensor, index):
+    """tensor[index] along dim 0: a view for an int, an index_select for a tensor."""
+    return tensor[index] if isinstance(index, int) else tensor.index_select(0, index.view(1))[0]
+
+
 def put(buffer, dim, index, value):
     """Writes `value` (size 1 along `dim`) into `buffer` at `index` of `dim`, in place."""
     if isinstance(index, int):
@@ -96,12 +101,13 @@ class Pointwise:
     def __init__(self, conv: WNConv2d, autocast=True):
         cast = as_autocast if autocast else (lambda tensor: tensor)
         self.weight = cast(conv.weight)  # (C_out, C_in, 1, 1), the weight-normalised weight
+        self.matrix = self.weight[:, :, 0, 0]  # (C_out, C_in), the same numbers: not re-selected at every step
         self.bias = cast(conv.bias)
 
     def __call__(self, x):
         if x.dim() == 4:
             return F.conv2d(x, self.weight, self.bias)
-        return F.linear(x, self.weight[:, :, 0, 0], self.bias)
+        return F.linear(x, self.matrix, self.bias)
 
 
 class PaddedRows:
@@ -249,7 +255,7 @@ class PointwiseAtPosition(Pointwise):
         return self.bias.float()[None, None]  # (1, 1, C_out)
 
     def at(self, i, j, x):
-        return F.linear(x, self.weight[:, :, 0, 0])
+        return F.linear(x, self.matrix)
 
 
 def conv_at_position(layer: ShiftedConv, batch_size, shape):
@@ -314,7 +320,7 @@ class RowGatedResBlock:
 
 def column(part, j):
     """Column j of a row's part: (W, B, C), or (1, B, C) when it is the same for every column -> (B, C)."""
-    return at_index(part, 0, j)[0] if len(part) > 1 else part[0]
+    return entry(part, j) if len(part) > 1 else part[0]
 
 
 def kept(buffer, value):
