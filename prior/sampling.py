@@ -117,8 +117,9 @@ class PaddedRows:
     past them, so kh + 1 padded rows are kept, in a ring (padded row r in slot r mod (kh + 1)):
     memory does not grow with the grid's height. A slot reused for a new row still holds an old
     row's values in the columns not yet written, which a causal conv never reads. Channels
-    last, (B, kh + 1, W + pads, C_in). Rows and columns are 0-dim device tensors, read and written
-    by index ops: the same ops at every position (what a captured graph needs).
+    last, (B, kh + 1, W + pads, C_in). Rows and columns are host ints (eager: views and index
+    tables made once) or 0-dim device tensors (static: index ops, the same at every position, what
+    a captured graph needs).
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, width, dtype):
@@ -168,7 +169,9 @@ class PaddedRows:
         one matrix (W*B, count*kw*C_in): a conv over the row is then one large matmul."""
         if isinstance(start, int):
             key = (start % self.n_slots, count)
-            slots = self.tables[key] if key in self.tables else self.tables.setdefault(key, self.slots(*key))
+            if key not in self.tables:
+                self.tables[key] = self.slots(*key)
+            slots = self.tables[key]
         else:
             slots = self.slots(start, count)
         windows = self.rows.index_select(1, slots).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
