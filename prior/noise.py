@@ -30,6 +30,7 @@ from torch import Tensor
 MASK = 0xFFFFFFFF
 MULTIPLIERS = (0x7FEB352D, 0x5BD1E995)  # odd, < 2**31
 UNIFORM_BITS = 23
+CHUNK = 32  # host positions: the uniforms of this many consecutive positions come from one hash
 
 
 def mix(x: Tensor) -> Tensor:
@@ -53,6 +54,7 @@ class SampleKeys:
     def __init__(self, words: Tensor, level: int = 0):
         self.words = words
         self.level = level
+        self.chunk = (None, None)  # ((first position, count), (B, CHUNK, count) uniforms) last hashed
 
     @classmethod
     def of(cls, seed, indices, device="cpu"):
@@ -68,12 +70,28 @@ class SampleKeys:
         return len(self.words)
 
     def uniform(self, position, count: int) -> Tensor:
-        """(B, count) fp32 uniforms in (0, 1) at raster `position` (an int or a 0-dim tensor)."""
-        state = mix(torch.as_tensor(position, device=self.words.device) ^ self.level)  # ()
-        state = mix(state ^ self.words[:, :1])  # (B, 1)
+        """(B, count) fp32 uniforms in (0, 1) at raster `position` (an int or a 0-dim tensor).
+
+        A 0-dim tensor (a compiled or captured step) is hashed alone. An int, as a sampler walks the
+        positions in order, is looked up in the chunk of CHUNK positions it lies in, hashed in one
+        go when first asked for: the same numbers, in a few ops per chunk instead of ~25 per position."""
+        if not isinstance(position, int):
+            return self.hashed(position.view(1), count)[:, 0]
+        first = position - position % CHUNK
+        (key, chunk) = self.chunk
+        if key != (first, count):
+            chunk = self.hashed(torch.arange(first, first + CHUNK, device=self.words.device), count)
+            self.chunk = ((first, count), chunk)
+        return chunk[:, position - first]
+
+    def hashed(self, positions: Tensor, count: int) -> Tensor:
+        """(P,) raster positions -> (B, P, count) fp32 uniforms in (0, 1), each a function of the
+        sample's key, the level, its position and its index k < count alone."""
+        state = mix(positions ^ self.level)  # (P,)
+        state = mix(state ^ self.words[:, :1])  # (B, P)
         state = mix(state ^ self.words[:, 1:])
         counters = torch.arange(count, device=self.words.device)  # (count,)
-        bits = mix(mix(state ^ counters)) >> (32 - UNIFORM_BITS)  # (B, count)
+        bits = mix(mix(state[:, :, None] ^ counters)) >> (32 - UNIFORM_BITS)  # (B, P, count)
         return (bits.float() + 0.5) * 2.0**-UNIFORM_BITS
 
 

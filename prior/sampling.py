@@ -57,6 +57,42 @@ def as_autocast(tensor):
     return tensor
 
 
+# A position's row and column are host ints in an eager step, and 0-dim device tensors in a static
+# one (compiled or captured: the same ops at every position, no transfer to the host). The index
+# ops below take either: an int costs a view or nothing, where a tensor needs index arithmetic.
+
+
+def at_index(tensor, dim, index):
+    """The entry `index` of `dim`, the dim kept (size 1): a view for an int, an index_select for a tensor."""
+    if isinstance(index, int):
+        return tensor.narrow(dim, index, 1)
+    return tensor.index_select(dim, index.view(1))
+
+
+def entry(tensor, index):
+    """tensor[index] along dim 0: a view for an int, an index_select for a tensor."""
+    return tensor[index] if isinstance(index, int) else tensor.index_select(0, index.view(1))[0]
+
+
+def put(buffer, dim, index, value):
+    """Writes `value` (size 1 along `dim`) into `buffer` at `index` of `dim`, in place."""
+    if isinstance(index, int):
+        buffer.narrow(dim, index, 1).copy_(value)
+    else:
+        buffer.index_copy_(dim, index.view(1), value)
+
+
+def zero_unless(condition, x):
+    """`x` where `condition` (a bool, or a 0-dim bool tensor) holds, zeros elsewhere."""
+    if isinstance(condition, bool):
+        return x if condition else torch.zeros_like(x)
+    return torch.where(condition, x, 0)
+
+
+def nonnegative(index):
+    return max(index, 0) if isinstance(index, int) else index.clamp(min=0)
+
+
 class Pointwise:
     """A 1x1 conv at one position, (B, C_in) -> (B, C_out), or over a row, (B, C_in, 1, W) ->
     (B, C_out, 1, W). It reads no other position. `autocast=False` keeps the weights' own
@@ -65,12 +101,13 @@ class Pointwise:
     def __init__(self, conv: WNConv2d, autocast=True):
         cast = as_autocast if autocast else (lambda tensor: tensor)
         self.weight = cast(conv.weight)  # (C_out, C_in, 1, 1), the weight-normalised weight
+        self.matrix = self.weight[:, :, 0, 0]  # (C_out, C_in), the same numbers: not re-selected at every step
         self.bias = cast(conv.bias)
 
     def __call__(self, x):
         if x.dim() == 4:
             return F.conv2d(x, self.weight, self.bias)
-        return F.linear(x, self.weight[:, :, 0, 0], self.bias)
+        return F.linear(x, self.matrix, self.bias)
 
 
 class PaddedRows:
@@ -80,8 +117,9 @@ class PaddedRows:
     past them, so kh + 1 padded rows are kept, in a ring (padded row r in slot r mod (kh + 1)):
     memory does not grow with the grid's height. A slot reused for a new row still holds an old
     row's values in the columns not yet written, which a causal conv never reads. Channels
-    last, (B, kh + 1, W + pads, C_in). Rows and columns are 0-dim device tensors, read and written
-    by index ops: the same ops at every position (what a captured graph needs).
+    last, (B, kh + 1, W + pads, C_in). Rows and columns are host ints (eager: views and index
+    tables made once) or 0-dim device tensors (static: index ops, the same at every position, what
+    a captured graph needs).
     """
 
     def __init__(self, layer: ShiftedConv, batch_size, width, dtype):
@@ -94,6 +132,7 @@ class PaddedRows:
                                 device=device)
         self.cells = self.rows.view(batch_size, self.n_slots * self.padded_width, -1)  # a cell per (slot, column)
         self.offsets = torch.arange(max(self.n_slots, self.padded_width), device=device)
+        self.tables = {}  # host positions: index tensors made once, by (first slot, count[, kernel width])
 
     def slots(self, start, count):
         """(count,): the slots of padded rows start..start+count-1."""
@@ -101,21 +140,41 @@ class PaddedRows:
 
     def write(self, i, j, x):
         """Stores the input at (i, j), x (B, C_in); or over row i (j=None), x (B, C_in, 1, W)."""
-        first = self.slots(self.top + i, 1) * self.padded_width + self.left  # (1,)
+        first = (self.top + i) % self.n_slots * self.padded_width + self.left  # the cell of row i's column 0
         if j is None:
             self.cells.index_copy_(1, first + self.offsets[: self.width], rearrange(x, "b c 1 w -> b w c").to(self.rows))
         else:
-            self.cells.index_copy_(1, first + j, x[:, None].to(self.rows))
+            put(self.cells, 1, first + j, x[:, None].to(self.rows))
+
+    def window_cells(self, start, count, columns, kernel_width):
+        """(..., count*kw): the cells of the windows of padded rows start..start+count-1 whose first
+        column is `columns` (an int, a 0-dim tensor or a (W, 1) tensor)."""
+        cells = self.slots(start, count)[:, None] * self.padded_width + self.offsets[None, :kernel_width]  # (count, kw)
+        return cells.flatten() + columns
 
     def window(self, start, count, j, kernel_width):
-        """The window of padded rows start..start+count-1, columns j..j+kw-1, as (B, count*kw*C_in)."""
-        cells = self.slots(start, count)[:, None] * self.padded_width + j + self.offsets[None, :kernel_width]
-        return rearrange(self.cells.index_select(1, cells.flatten()), "b n c -> b (n c)")
+        """The window of padded rows start..start+count-1, columns j..j+kw-1, as (B, count*kw*C_in).
+        At a host position its cells are a row of a table made once for every column, (W, count*kw)."""
+        if isinstance(start, int):
+            key = (start % self.n_slots, count, kernel_width)
+            if key not in self.tables:
+                self.tables[key] = self.window_cells(key[0], count, self.offsets[: self.width, None], kernel_width)
+            cells = self.tables[key][j]
+        else:
+            cells = self.window_cells(start, count, j, kernel_width)
+        return rearrange(self.cells.index_select(1, cells), "b n c -> b (n c)")
 
     def row_windows(self, start, count, kernel_width):
         """The windows of padded rows start..start+count-1 under every output column of a row, as
         one matrix (W*B, count*kw*C_in): a conv over the row is then one large matmul."""
-        windows = self.rows.index_select(1, self.slots(start, count)).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
+        if isinstance(start, int):
+            key = (start % self.n_slots, count)
+            if key not in self.tables:
+                self.tables[key] = self.slots(*key)
+            slots = self.tables[key]
+        else:
+            slots = self.slots(start, count)
+        windows = self.rows.index_select(1, slots).unfold(2, kernel_width, 1)  # (B, count, W, C_in, kw)
         return rearrange(windows, "b r w c k -> (w b) (r k c)")
 
 
@@ -199,7 +258,7 @@ class PointwiseAtPosition(Pointwise):
         return self.bias.float()[None, None]  # (1, 1, C_out)
 
     def at(self, i, j, x):
-        return F.linear(x, self.weight[:, :, 0, 0])
+        return F.linear(x, self.matrix)
 
 
 def conv_at_position(layer: ShiftedConv, batch_size, shape):
@@ -227,8 +286,8 @@ class CachedInput:
         """(B, C): down_shift(above) + right_shift(left), whose shifts bring in zeros at the top
         row and the left column: both convs run everywhere, their outputs there masked."""
         above = self.above.output_at(i - 1, j)
-        left = self.left.output_at(i, (j - 1).clamp(min=0))
-        return torch.where(i > 0, above, 0) + torch.where(j > 0, left, 0)
+        left = self.left.output_at(i, nonnegative(j - 1))
+        return zero_unless(i > 0, above) + zero_unless(j > 0, left)
 
 
 class CachedVerticalInput:
@@ -243,7 +302,7 @@ class CachedVerticalInput:
 
     def output_row(self, i):
         """(B, C, 1, W)."""
-        return torch.where(i > 0, self.conv.output_at(i - 1, None), 0)
+        return zero_unless(i > 0, self.conv.output_at(i - 1, None))
 
 
 class RowGatedResBlock:
@@ -264,7 +323,7 @@ class RowGatedResBlock:
 
 def column(part, j):
     """Column j of a row's part: (W, B, C), or (1, B, C) when it is the same for every column -> (B, C)."""
-    return part.index_select(0, j.view(1))[0] if len(part) > 1 else part[0]
+    return entry(part, j) if len(part) > 1 else part[0]
 
 
 def kept(buffer, value):
@@ -314,8 +373,8 @@ class CachedAttention:
 
     A key holds the raw input of its position, known only once that position is drawn: `write`
     adds it then, and the query at position p attends to keys 0..p-1, exactly the positions
-    causal_attention lets it see: over all N slots, the later ones masked (one shape at every
-    position).
+    causal_attention lets it see. At a host position (eager) it reads just those slots; at a
+    device position (static) all N slots, the later ones masked: one shape at every position.
     """
 
     def __init__(self, block: AttentionBlock, batch_size, shape):
@@ -333,9 +392,7 @@ class CachedAttention:
         self.keys = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, key_size)
         self.values = self.to_kv.bias.new_zeros(batch_size, block.n_heads, n_positions, value_size)
         self.key_positions = torch.arange(n_positions, device=self.keys.device)
-        # eager steps: the key slots a query reads, 0..n_read-1 (the positions drawn so far, at least
-        # one); None: all N slots, one shape at every position (a compiled or captured step)
-        self.n_read = None
+        self.everywhere = torch.ones(1, n_positions, dtype=torch.bool, device=self.keys.device)
         self.features = None  # (B, C): the block's input at the position being computed, for `write`
 
     def start_row(self, i, cond_row):
@@ -352,22 +409,25 @@ class CachedAttention:
     def attend(self, query, position):
         """(B, C_k) -> (B, C_v): attention over keys 0..position-1; zeros at position 0."""
         q = rearrange(query, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys.dtype)
-        slots = slice(self.n_read)  # eager: the slots written so far, fewer FLOPs early in the grid
-        keys, values, key_positions = self.keys[:, :, slots], self.values[:, :, slots], self.key_positions[slots]
         # key 0 always: a query with no key at all would get NaN; position 0's output is zeroed below
-        visible = ((key_positions < position) | (key_positions == 0))[None]  # (1, N'): one query
+        if isinstance(position, int):  # the slots written so far, all visible: fewer FLOPs early on
+            n_read = max(position, 1)
+            keys, values, visible = self.keys[:, :, :n_read], self.values[:, :, :n_read], self.everywhere[:, :n_read]
+        else:
+            keys, values = self.keys, self.values
+            visible = ((self.key_positions < position) | (self.key_positions == 0))[None]  # (1, N): one query
         # in the cache's precision: under autocast every step would copy all keys and values to bf16
         with torch.autocast(q.device.type, enabled=False):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # (B, heads, 1, d_v)
-        return torch.where(position > 0, rearrange(out, "b h 1 d -> b (h d)"), 0)
+        return zero_unless(position > 0, rearrange(out, "b h 1 d -> b (h d)"))
 
     def write(self, i, j, raw, background):
         """Adds the key and value of drawn position (i, j), from its raw input (B, C_in)."""
         key_value = self.to_kv(self.kv_block(i, j, torch.cat([raw, self.features, background], dim=1)))
         key, value = key_value[:, : self.key_channels], key_value[:, self.key_channels :]
-        position = (i * self.width + j).view(1)
-        self.keys.index_copy_(2, position, rearrange(key, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys))
-        self.values.index_copy_(2, position, rearrange(value, "b (h d) -> b h 1 d", h=self.n_heads).to(self.values))
+        position = i * self.width + j
+        put(self.keys, 2, position, rearrange(key, "b (h d) -> b h 1 d", h=self.n_heads).to(self.keys))
+        put(self.values, 2, position, rearrange(value, "b (h d) -> b h 1 d", h=self.n_heads).to(self.values))
 
 
 class CachedBlock:
@@ -405,16 +465,18 @@ class IncrementalPixelSNAIL:
     """PixelSNAIL evaluated one position at a time in raster order: `output_at(i, j)`, draw, then
     `write(i, j, drawn)` before moving on. Takes a snapshot of the model's weights.
 
-    The position lives on the device (`position`, a 0-dim tensor) and every cache is allocated
-    up front: `start_row()`, `output()` and `feed(drawn)` run the same ops on tensors of the same
-    shapes at every position, with no transfer to the host, so that each can be compiled
+    `static`: the position lives on the device (`position`, a 0-dim tensor) and every cache is
+    allocated up front: `start_row()`, `output()` and `feed(drawn)` run the same ops on tensors of
+    the same shapes at every position, with no transfer to the host, so that each can be compiled
     (torch.compile(fullgraph=True)) or captured once as a CUDA graph and replayed everywhere.
-    `output_at` and `write` set the position from the host first."""
+    Eager (the default), the same code indexes by the host position `at` set: views instead of
+    index arithmetic on the device, and the attention reads only the key slots written so far,
+    fewer ops per step. `output_at` and `write` set the position from the host first."""
 
     def __init__(self, model, batch_size, cond_map, static=False):
         shape = model.config.shape
         self.model = model
-        self.static = static  # every position in one shape: attention reads all N key slots
+        self.static = static  # positions as device tensors, every step in one shape
         self.width = shape[1]
         self.batch_size = batch_size
         self.background = rearrange(model.background, "1 c h w -> (h w) c")  # (N, 2)
@@ -427,31 +489,36 @@ class IncrementalPixelSNAIL:
         self.out_blocks = [CachedGatedResBlock(block, batch_size, shape) for block in model.out_blocks]
         self.head = Pointwise(model.head, autocast=False)
         self.position = torch.zeros((), dtype=torch.long, device=model.background.device)  # raster position
+        self.host_position = (0, 0)  # (i, j), what an eager step indexes by
 
     def at(self, i, j):
-        """Moves to position (i, j) (a fill from the host: no synchronisation). Unless static, the
-        attention then reads only the key slots written so far."""
-        position = i * self.width + j
-        self.position.fill_(position)
-        if not self.static:
-            for block in self.blocks:
-                if block.attention is not None:
-                    block.attention.n_read = max(position, 1)
+        """Moves to position (i, j) (a fill from the host: no synchronisation)."""
+        self.position.fill_(i * self.width + j)
+        self.host_position = (int(i), int(j))
 
     def row_and_column(self):
-        """(i, j) of the current position, 0-dim device tensors."""
+        """(i, j) of the current position: 0-dim device tensors if static, else host ints."""
+        if not self.static:
+            return self.host_position
         i = torch.div(self.position, self.width, rounding_mode="floor")
         return i, self.position - i * self.width
 
+    def raster_position(self):
+        """The current raster position: the 0-dim device tensor if static, else a host int."""
+        if not self.static:
+            i, j = self.host_position
+            return i * self.width + j
+        return self.position
+
     def background_here(self):
-        return self.background.index_select(0, self.position.view(1)).expand(self.batch_size, -1)  # (B, 2)
+        return at_index(self.background, 0, self.raster_position()).expand(self.batch_size, -1)  # (B, 2)
 
     def start_row(self):
         """Everything of the current row that rows above it determine: rows above are all written."""
         i, _ = self.row_and_column()
         cond_row = None
         if self.cond_map is not None:  # (B, D, 1, W), or (B, D, 1, 1) for every column
-            cond_row = self.cond_map if self.cond_map.shape[2] == 1 else self.cond_map.index_select(2, i.view(1))
+            cond_row = self.cond_map if self.cond_map.shape[2] == 1 else at_index(self.cond_map, 2, i)
         vertical = None if self.vertical_input is None else self.vertical_input.output_row(i)
         for block in self.blocks:
             vertical = block.start_row(i, vertical, cond_row)
@@ -534,8 +601,8 @@ class Job:
         return model.draw(out, generator, self.drawing, position)
 
     def store(self, drawn, position):
-        """Writes the values drawn at raster `position` (a 0-dim tensor) into the grid: an index op."""
-        self.x.flatten(-2).index_copy_(-1, position.view(1), drawn[..., None].to(self.x))
+        """Writes the values drawn at raster `position` (an int, or a 0-dim tensor: an index op) into the grid."""
+        put(self.x.flatten(-2), -1, position, drawn[..., None].to(self.x))
 
 
 def start_job(model, n, label, cond, prefix, kept, drawing) -> Job:
@@ -599,8 +666,9 @@ class CachedSteps:
 
     def eager_step(self):
         network, job = self.network, self.job
-        drawn = job.draw(self.model, network.output(), self.generator, network.position)  # (n, 3) or (n,)
-        job.store(drawn, network.position)
+        position = network.raster_position()
+        drawn = job.draw(self.model, network.output(), self.generator, position)  # (n, 3) or (n,)
+        job.store(drawn, position)
         network.feed(job.network_input(drawn[..., None, None]))
         network.position.add_(1)
 
@@ -647,7 +715,7 @@ def sample_cached(model, n, label=None, cond=None, generator=None, temperature=1
             network.write(i, j, job.network_input(x[..., i : i + 1, j : j + 1]))
         steps = CachedSteps(model, job, network, generator, capture)
         for i, j in raster_order(shape, progress, job.kept):
-            network.at(i, j)  # where the step advanced it to; eager, the attention's key slots too
+            network.at(i, j)  # where the step advanced it to; eager, its host position too
             if j == 0:
                 steps.start_row()
             steps.step()

@@ -204,6 +204,20 @@ def test_keyed_draws_follow_the_distribution_at_every_temperature():
     assert not torch.equal(keys.uniform(7, 5), keys.at_level("bottom").uniform(7, 5))
 
 
+def test_keyed_uniforms_at_host_positions_equal_the_hash_of_each_position_and_stay_pinned():
+    """An int position reads a chunk hashed at once (the eager samplers), a 0-dim tensor is hashed
+    alone (a compiled or captured step): the same numbers at every position, across chunks and
+    back, and the numbers samples were drawn from so far (pinned: samples must not change)."""
+    from prior.noise import CHUNK, UNIFORM_BITS
+
+    keys = SampleKeys.of(3, [0, 1]).at_level("top")
+    for position in (0, 5, CHUNK - 1, CHUNK, 2 * CHUNK + 3, 5):
+        for count in (3, 7):
+            assert torch.equal(keys.uniform(position, count), keys.uniform(torch.tensor(position), count))
+    pinned = [[7317480, 5241578, 2343953], [2904668, 416056, 3760742]]
+    assert (keys.uniform(33, 3) * 2**UNIFORM_BITS - 0.5).round().long().tolist() == pinned
+
+
 @pytest.mark.parametrize("options", [dict(temperature=1e-38), dict(temperature=5e-324, top_p=0.5),
                                      dict(temperature=1e-30, top_k=3, top_p=0.9)], ids=["1e-38", "5e-324 top-p", "1e-30 top-k top-p"])
 def test_a_tiny_temperature_draws_the_argmax_without_overflow(options):
@@ -402,7 +416,9 @@ def test_the_eager_step_reading_the_written_key_slots_equals_the_static_step_ove
                 torch.testing.assert_close(fast.output_at(i, j), static.output_at(i, j))
                 for network in (fast, static):
                     network.write(i, j, x[..., i : i + 1, j : j + 1])
-        assert fast.blocks[0].attention.n_read == height * width - 1 and static.blocks[0].attention.n_read is None
+        # the eager step indexed by host ints, the static one by device tensors
+        assert fast.raster_position() == height * width - 1 and isinstance(fast.raster_position(), int)
+        assert isinstance(static.raster_position(), torch.Tensor)
 
 
 def test_a_sample_directory_holds_the_images_as_arr_0_for_fid_evaluators(tmp_path):
