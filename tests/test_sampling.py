@@ -375,19 +375,26 @@ def test_label_dropout_replaces_labels_by_the_null_class_in_training_only():
         PixelSNAILConfig(shape=(2, 2), n_codes=4, label_dropout=0.1)
 
 
+def eager_and_static(**overrides):
+    """A code_case model in eval mode, codes x (3, H, W) to feed it, and two cached networks of it
+    for a batch of 3: eager (static=False) and static."""
+    model, label, cond = code_case(**overrides)
+    model.eval()
+    x = torch.randint(0, model.config.n_codes, (3, *model.config.shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond_map = model.condition(3, label, cond)
+    return model, x, (IncrementalPixelSNAIL(model, 3, cond_map), IncrementalPixelSNAIL(model, 3, cond_map, static=True))
+
+
 def test_the_cached_step_compiles_without_a_graph_break_and_equals_the_eager_step():
     """The row start, the output and the feed-back each compile as one graph (fullgraph, static
     shapes) once for every position (a recompile fails), and give the eager step's outputs at every
     position of a model with attention, two streams and an output stack (the eager step's attention
     reads only the key slots written so far). Row 0 starts eagerly: it makes the buffers later rows
     write into."""
-    model, label, cond = code_case(streams="two", kernel_size=3, out_res_blocks=1, n_blocks=1)
-    model.eval()
+    model, x, (eager, network) = eager_and_static(streams="two", kernel_size=3, out_res_blocks=1, n_blocks=1)
     height, width = model.config.shape
-    x = torch.randint(0, model.config.n_codes, (3, height, width), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cond_map = model.condition(3, label, cond)
-        eager, network = IncrementalPixelSNAIL(model, 3, cond_map), IncrementalPixelSNAIL(model, 3, cond_map, static=True)
         start_row, output, feed = (torch.compile(work, fullgraph=True, dynamic=False)
                                    for work in (network.start_row, network.output, network.feed))
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -404,13 +411,9 @@ def test_the_cached_step_compiles_without_a_graph_break_and_equals_the_eager_ste
 def test_the_eager_step_reading_the_written_key_slots_equals_the_static_step_over_all_slots():
     """The eager fast path (attention over the key slots written so far) against the static one
     (all N slots, the later ones masked: what is compiled and captured), at every position."""
-    model, label, cond = code_case(kernel_size=3, n_blocks=2)
-    model.eval()
+    model, x, (fast, static) = eager_and_static(kernel_size=3, n_blocks=2)
     height, width = model.config.shape
-    x = torch.randint(0, model.config.n_codes, (3, height, width), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cond_map = model.condition(3, label, cond)
-        fast, static = IncrementalPixelSNAIL(model, 3, cond_map), IncrementalPixelSNAIL(model, 3, cond_map, static=True)
         for i in range(height):
             for j in range(width):
                 torch.testing.assert_close(fast.output_at(i, j), static.output_at(i, j))
