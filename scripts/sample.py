@@ -1,4 +1,4 @@
-"""Sample images from the VQ-VAE-2 pipeline: top codes, then each level's codes given the level above, decoded.
+"""Sample images from the VQ-VAE-2 pipeline: top codes, each level below given the one above, decoded.
 
   python scripts/sample.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom --n 16 --label 3 --out samples.png
   # a three-level VQ-VAE (FFHQ 1024): one prior per level, top first
@@ -12,16 +12,16 @@
 --vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files;
 --priors takes one per level of the VQ-VAE, top first, instead of --top --bottom (any number of
 levels). They must belong together: each prior trained on codes of that VQ-VAE checkpoint, at its
-level. Runs on
-CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
-natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
+level. Runs on CUDA when there is one (--device chooses), under bf16 autocast where the device
+computes bf16 natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
 of (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the number of
 processes (up to rounding: see docs/sampling.md). --batch-size auto picks the largest batch whose
 caches fit the free memory; --capture replays each step as a CUDA graph.
 
 --out-dir writes one PNG per sample ({index:06d}_label{label}.png), samples.npz (uint8 images
-(N, S, S, 3), each level's codes (top_codes, [middle_codes,] bottom_codes), labels) and fid_images.npz (the images as arr_0, what FID
-evaluators read); a re-run skips the samples already written.
+(N, S, S, 3), each level's codes: top_codes, [middle_codes,] bottom_codes, and labels) and
+fid_images.npz (the images as arr_0, what FID evaluators read); a re-run skips the samples
+already written. --save-codes holds the same code arrays.
 --out writes them as one grid (one row per class when there are several); without --out-dir it
 is written by default (samples.png), and only then may --save-codes be given.
 
