@@ -122,28 +122,40 @@ PIPELINE = ("vqvae", "top", "bottom")
 PIXEL_MODEL = ("--ckpt", "a pixel model")  # the option instead of the pipeline, and what it gives
 
 
-def add_model_options(parser, pixel_model=True, required=False):
+def add_model_options(parser, pixel_model=True, required=False, levels=False):
     """The model a script runs, one argument group: a pixel-space PixelSNAIL (--ckpt, where
-    `pixel_model`) or the VQ-VAE-2 pipeline, a VQ-VAE and its two priors (--vqvae --top --bottom);
-    `chosen_model` says which was given. `required`: the pipeline's three options are (a script
-    that takes nothing else)."""
+    `pixel_model`) or the VQ-VAE-2 pipeline, a VQ-VAE and its two priors (--vqvae --top --bottom)
+    or, where `levels`, one prior per level of a VQ-VAE of any number of levels (--vqvae --priors
+    TOP [MIDDLE ...] BOTTOM); `chosen_model` says which was given. `required`: the pipeline is (a
+    script that takes nothing else)."""
     about = "a pixel model (--ckpt), or " if pixel_model else ""
-    group = parser.add_argument_group("model", f"{about}the pipeline: a VQ-VAE and its two priors (--vqvae --top --bottom)")
+    priors = " or one prior per level, top first (--vqvae --priors TOP [MIDDLE ...] BOTTOM)" if levels else ""
+    group = parser.add_argument_group(
+        "model", f"{about}the pipeline: a VQ-VAE and its two priors (--vqvae --top --bottom){priors}")
     if pixel_model:
         group.add_argument("--ckpt", type=user_path, default=None,
                            help="a pixel-space PixelSNAIL: run directory or checkpoint file")
     for name, what in zip(PIPELINE, ("VQ-VAE", "top prior", "bottom prior")):
-        group.add_argument(f"--{name}", type=user_path, default=None, required=required,
+        # with --priors, the priors' two options are checked by chosen_model (either form)
+        group.add_argument(f"--{name}", type=user_path, default=None, required=required and (name == "vqvae" or not levels),
                            help=f"the pipeline's {what}: run directory or checkpoint file")
+    if levels:
+        group.add_argument("--priors", type=user_path, nargs="+", default=None, metavar="PRIOR",
+                           help="the pipeline's priors, one per level of the VQ-VAE, top first (TOP [MIDDLE ...] "
+                           "BOTTOM): run directories or checkpoint files; instead of --top --bottom")
 
 
 def chosen_model(args, instead=PIXEL_MODEL):
-    """The pipeline's (vqvae, top, bottom) paths, or None where the option `instead` was given
-    (a flag and what it gives: --ckpt, a pixel model, by default): exactly one of the two, and
-    all three of the pipeline's; None for `instead` where the pipeline is all a script takes."""
+    """The pipeline's paths, the VQ-VAE's then one prior per level top first ((vqvae, top, bottom)
+    from --top --bottom; (vqvae, *priors) from --priors), or None where the option `instead` was
+    given (a flag and what it gives: --ckpt, a pixel model, by default): exactly one of the two, and
+    all of the pipeline's; None for `instead` where the pipeline is all a script takes."""
     paths = tuple(getattr(args, name) for name in PIPELINE)
     flag, what = instead or (None, None)
     other = flag is not None and getattr(args, flag.lstrip("-").replace("-", "_")) is not None
+    priors = getattr(args, "priors", None)
+    if priors is not None:
+        return chosen_priors(args.vqvae, priors, paths, (flag, what) if other else None)
     pipeline = "--vqvae, --top and --bottom"
     if other and any(paths):
         raise ValueError(f"give {what} ({flag}) or the pipeline (--vqvae --top --bottom), not both: give either {flag} "
@@ -155,3 +167,18 @@ def chosen_model(args, instead=PIXEL_MODEL):
         alternative = f": give either all three or {flag} ({what})" if flag else ""
         raise ValueError(f"the pipeline needs all three of {pipeline} (missing {missing}){alternative}")
     return None if other else paths
+
+
+def chosen_priors(vqvae, priors, paths, other):
+    """chosen_model for --priors: (vqvae, *priors); refuses --top / --bottom besides, the option
+    `other` (flag, what it gives) where it was given too, fewer than two priors and no --vqvae."""
+    given = [f"--{name}" for name, path in zip(PIPELINE[1:], paths[1:]) if path is not None]
+    if given:
+        raise ValueError(f"give the priors as --priors or as --top --bottom, not both (got --priors and {' and '.join(given)})")
+    if other is not None:
+        raise ValueError(f"give {other[1]} ({other[0]}) or the pipeline (--vqvae --priors), not both")
+    if len(priors) < 2:
+        raise ValueError(f"--priors takes one prior per level of the VQ-VAE, top first (at least two), got {len(priors)}")
+    if vqvae is None:
+        raise ValueError("--priors needs --vqvae: the VQ-VAE whose codes the priors draw")
+    return (vqvae, *priors)

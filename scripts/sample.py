@@ -1,27 +1,31 @@
-"""Sample images from the VQ-VAE-2 pipeline: top codes, then bottom codes given them, decoded.
+"""Sample images from the VQ-VAE-2 pipeline: top codes, each level below given the one above, decoded.
 
   python scripts/sample.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom --n 16 --label 3 --out samples.png
+  # a three-level VQ-VAE (FFHQ 1024): one prior per level, top first
+  python scripts/sample.py --vqvae runs/vqvae --priors runs/top runs/middle runs/bottom --n 4 --out faces.png
   # 50 samples of every class, one PNG each and samples.npz, on 4 GPUs (resumable: run it again after a kill)
   accelerate launch --num_processes 4 scripts/sample.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom \\
       --label all --n 50 --batch-size 32 --out-dir runs/samples
   # two processes on a CPU-only machine
   accelerate launch --multi_gpu --num_processes 2 scripts/sample.py ... --out-dir runs/samples
 
---vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files.
-The three must belong together: the priors trained on codes of that VQ-VAE checkpoint. Runs on
-CUDA when there is one (--device chooses), under bf16 autocast where the device computes bf16
-natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
+--vqvae, --top and --bottom take run directories (their latest checkpoint) or checkpoint files;
+--priors takes one per level of the VQ-VAE, top first, instead of --top --bottom (any number of
+levels). They must belong together: each prior trained on codes of that VQ-VAE checkpoint, at its
+level. Runs on CUDA when there is one (--device chooses), under bf16 autocast where the device
+computes bf16 natively (--precision; the priors' softmax is always fp32). Sample i draws from random numbers
 of (--seed, i) alone: the same seed gives the same samples whatever --batch-size and the number of
 processes (up to rounding: see docs/sampling.md). --batch-size auto picks the largest batch whose
 caches fit the free memory; --capture replays each step as a CUDA graph.
 
 --out-dir writes one PNG per sample ({index:06d}_label{label}.png), samples.npz (uint8 images
-(N, S, S, 3), top and bottom codes, labels) and fid_images.npz (the images as arr_0, what FID
-evaluators read); a re-run skips the samples already written.
+(N, S, S, 3), each level's codes: top_codes, [middle_codes,] bottom_codes, and labels) and
+fid_images.npz (the images as arr_0, what FID evaluators read); a re-run skips the samples
+already written. --save-codes holds the same code arrays.
 --out writes them as one grid (one row per class when there are several); without --out-dir it
 is written by default (samples.png), and only then may --save-codes be given.
 
---temperature, --top-k, --top-p and --guidance apply to both priors, in that order on the logits:
+--temperature, --top-k, --top-p and --guidance apply to every prior, in that order on the logits:
 guidance combines the conditional and the null-class logits (one batch of twice the size), then
 the temperature divides them and top-k / top-p keep the most likely codes.
 """
@@ -43,6 +47,7 @@ from pipelines.infer.generation import (ALL, SampleJob, check_drawing, load_pipe
 from pipelines.infer.sample_jobs import sample_in_memory, sample_to_directory
 from pipelines.store.checkpoint import write_image_grid
 from pipelines.store.outputs import check_output, output_file
+from pipelines.store.samples import code_names
 from prior.drawing import Drawing
 
 LABEL_FORMS = ("class", "list", ALL)
@@ -50,7 +55,7 @@ LABEL_FORMS = ("class", "list", ALL)
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(p, pixel_model=False, required=True)
+    add_model_options(p, pixel_model=False, required=True, levels=True)
     p.add_argument("--n", type=int, default=16, help="number of samples of each class given (default 16)")
     label_option(p, LABEL_FORMS, "class of the samples, needed by class-conditional priors")
     p.add_argument("--batch-size", type=batch_size_option, default=16,
@@ -104,7 +109,8 @@ INTERRUPTED_DIR = ("interrupted: the samples written to --out-dir are kept; run 
 def main(args):
     check_args(args)
     runtime = make_runtime(args.device, args.precision)
-    pipeline = load_pipeline(*chosen_model(args, instead=None)).to(runtime)
+    vqvae_path, *prior_paths = chosen_model(args, instead=None)
+    pipeline = load_pipeline(vqvae_path, *prior_paths).to(runtime)
     check_drawing(pipeline, args.drawing)
     labels = read_label(args.label, LABEL_FORMS, pipeline.n_classes)
     job = SampleJob(labels if isinstance(labels, tuple) else (labels,), args.n, args.seed, args.drawing, args.capture)
@@ -117,7 +123,7 @@ def main(args):
     if args.out_dir is None:
         samples = sample_in_memory(pipeline, runtime, job, args.batch_size)
     else:
-        paths = {name: getattr(args, name) for name in ("vqvae", "top", "bottom")}
+        paths = {"vqvae": vqvae_path, **dict(zip(pipeline.levels, prior_paths))}
         samples = sample_to_directory(pipeline, runtime, job, paths, args.out_dir, args.batch_size,
                                       read_back=bool(args.out))
     if samples is None:  # not the main process
@@ -126,8 +132,8 @@ def main(args):
         write_grid(samples, job, args.out)
     if args.save_codes:
         with output_file(args.save_codes) as tmp:  # checked before the work, with --out
-            save_file({name: torch.from_numpy(samples[name].astype("int64")) for name in ("top_codes", "bottom_codes")},
-                      tmp)
+            save_file({name: torch.from_numpy(samples[name].astype("int64"))
+                       for name in code_names(len(pipeline.priors))}, tmp)
     where = ", ".join(str(path) for path in (args.out_dir, args.out) if path)
     print(f"wrote {job.total} samples ({pipeline.image_size}x{pipeline.image_size}) to {where}")
 

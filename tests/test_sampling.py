@@ -444,14 +444,12 @@ def test_a_sample_directory_holds_the_images_as_arr_0_for_fid_evaluators(tmp_pat
 
 
 def test_batch_size_auto_plans_from_the_caches_per_sample_and_out_of_memory_is_one_line(monkeypatch):
-    from types import SimpleNamespace
-
     from pipelines.device import make_runtime
     from pipelines.infer import generation
 
     top, label, _ = code_case(conditioned=False)
     bottom, _, _ = code_case()
-    pipeline = SimpleNamespace(top=top.eval(), bottom=bottom.eval())
+    pipeline = generation.Pipeline(None, top.eval(), bottom.eval(), 16)  # no VQ-VAE: only the priors plan
     runtime = make_runtime("cpu", "fp32")
     job = generation.SampleJob((0,), 1000, 0)
     per_level = generation.cache_bytes_per_sample(pipeline, runtime, job.drawing)

@@ -1,13 +1,15 @@
-"""Generation with the VQ-VAE-2 pipeline: sample top codes, then bottom codes given them, decode.
+"""Generation with the VQ-VAE-2 pipeline: sample top codes, then each level below given the one above
+it (two levels: the bottom codes given the top ones), decode.
 
 A sampling job (`SampleJob`, `make_samples`) makes many samples in batches, on several processes:
 sample i draws from per-sample keys of (seed, i) alone (prior.noise), so the same seed gives the
 same samples whatever the batch size and the number of processes (bitwise in fp32 on the CPU; on a
 GPU a kernel chosen per batch size may flip a code at a near tie).
 
-`load_pipeline` loads a VQ-VAE and its two priors and checks that they belong together: each
-prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the right level,
-with the grid shapes and codebook sizes the VQ-VAE produces, and both with the same classes.
+`load_pipeline` loads a VQ-VAE and one prior per level (top first) and checks that they belong
+together: each prior was trained on codes of this very VQ-VAE checkpoint (same file hash), on the
+right level of a database with as many levels, with the grid shapes and codebook sizes the VQ-VAE
+produces, and all with the top prior's classes.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from modelkit import level_names
 from pipelines.data.datasets import to_uint8
 from pipelines.store.checkpoint import CheckpointError, load_pixelsnail, load_vqvae, resolve_checkpoint
 from pipelines.store.codes import file_sha256
@@ -36,6 +39,17 @@ class Pipeline:
     top: PixelSNAIL
     bottom: PixelSNAIL
     image_size: int
+    middle: tuple = ()  # the priors between the top and the bottom, top first (3 levels and more)
+
+    @property
+    def priors(self) -> tuple:
+        """One prior per level, top first."""
+        return (self.top, *self.middle, self.bottom)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The levels' names, top first (modelkit.level_names): top, bottom for two levels."""
+        return level_names(len(self.priors))
 
     @property
     def n_classes(self):
@@ -43,33 +57,51 @@ class Pipeline:
 
     def to(self, runtime):
         """The pipeline on the runtime's device, in eval mode, the VQ-VAE channels_last."""
-        device = runtime.device
-        return Pipeline(runtime.vqvae(self.vqvae), self.top.to(device).eval(), self.bottom.to(device).eval(),
-                        self.image_size)
+        top, *middle, bottom = (prior.to(runtime.device).eval() for prior in self.priors)
+        return Pipeline(runtime.vqvae(self.vqvae), top, bottom, self.image_size, tuple(middle))
 
 
-def load_pipeline(vqvae_path, top_path, bottom_path):
-    """Loads and cross-checks the three checkpoints (run directories or files) -> Pipeline."""
+def load_pipeline(vqvae_path, *prior_paths):
+    """Loads and cross-checks a VQ-VAE and one prior per level, top first (run directories or
+    checkpoint files) -> Pipeline. Refuses, in one line, a list of the wrong length, a prior at
+    another level (a list out of order) or of another VQ-VAE, and one that does not fit its grid."""
     vqvae, vqvae_extra = load_vqvae(vqvae_path)
     vqvae_hash = file_sha256(resolve_checkpoint(vqvae_path))
     image_size = vqvae_extra.get("image_size")
     if not isinstance(image_size, int):
         raise CheckpointError(f"{vqvae_path} does not record the image size it was trained on: not a VQ-VAE run's checkpoint")
-    priors = {}
-    for level, path in (("top", top_path), ("bottom", bottom_path)):
-        prior, extra = load_pixelsnail(path)
-        if extra.get("level") != level:
-            raise ValueError(f"{path} is not a {level} prior (its level: {extra.get('level', 'none, a pixel model')})")
-        if PriorProvenance.from_extra(extra, path).vqvae_sha256 != vqvae_hash:
-            raise ValueError(f"the {level} prior {path} was trained on codes of another VQ-VAE than {vqvae_path}")
-        priors[level] = prior
-    top_shape, bottom_shape = vqvae.code_shapes(image_size)
-    for level, prior in priors.items():
+    names = vqvae.config.level_names
+    if len(prior_paths) != len(names):
+        raise ValueError(f"the VQ-VAE {vqvae_path} has {len(names)} levels ({', '.join(names)}): give one prior per "
+                         f"level, top first, not {len(prior_paths)}")
+    priors = [load_prior(path, level, len(names), vqvae_hash, vqvae_path) for level, path in zip(names, prior_paths)]
+    (top_shape, *inner_shapes, bottom_shape) = vqvae.code_shapes(image_size)
+    (top_codes, *inner_codes, bottom_codes) = vqvae.config.codebook_sizes()
+    for level, prior in zip(names, priors):
         # what the VQ-VAE gives a prior of this level, with the top prior's classes
-        fits = PriorProvenance(level, vqvae_hash, image_size, top_shape, bottom_shape, vqvae.config.top_codes,
-                               vqvae.config.bottom_codes, priors["top"].config.n_classes)
+        fits = PriorProvenance(level, vqvae_hash, image_size, top_shape, bottom_shape, top_codes, bottom_codes,
+                               priors[0].config.n_classes, inner=tuple(zip(inner_shapes, inner_codes)))
         check_fits(prior.config, fits, f"the VQ-VAE {vqvae_path} (with the top prior's classes)")
-    return Pipeline(vqvae, priors["top"], priors["bottom"], image_size)
+    top, *middle, bottom = priors
+    return Pipeline(vqvae, top, bottom, image_size, tuple(middle))
+
+
+def load_prior(path, level, n_levels, vqvae_hash, vqvae_path):
+    """The prior at `path`, refused unless trained at `level` of an `n_levels`-level database of the
+    VQ-VAE whose file hash is `vqvae_hash`."""
+    prior, extra = load_pixelsnail(path)
+    if extra.get("level") is None:
+        raise ValueError(f"{path} is not a {level} prior (its level: none, a pixel model)")
+    provenance = PriorProvenance.from_extra(extra, path)
+    if provenance.levels != n_levels:
+        raise ValueError(f"{path} is not a {level} prior (its level: {provenance.level} of {provenance.levels} "
+                         f"levels; the VQ-VAE has {n_levels})")
+    if provenance.level != level:
+        raise ValueError(f"{path} is not a {level} prior (its level: {provenance.level}): give the priors top first "
+                         f"({', '.join(level_names(n_levels))})")
+    if provenance.vqvae_sha256 != vqvae_hash:
+        raise ValueError(f"the {level} prior {path} was trained on codes of another VQ-VAE than {vqvae_path}")
+    return prior
 
 
 def sample_seed(seed, index):
@@ -108,10 +140,11 @@ class Known:
 
 @torch.no_grad()
 def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progress=False, known=None, capture=False):
-    """n images (n, 3, S, S) in [-1, 1] with their top and bottom codes.
+    """n images (n, 3, S, S) in [-1, 1], then the codes of every level, top first: (images, top codes,
+    bottom codes) for two levels. Each level is drawn given the codes of the level above it.
 
     `label`: one class for all (an int), one per sample (a list of n), or None; class-conditional
-    priors need one. `drawing`: temperature, top-k, top-p and guidance of both priors
+    priors need one. `drawing`: temperature, top-k, top-p and guidance of every prior
     (prior.drawing). `generator`: a torch.Generator for the whole batch, or per-sample keys
     (`sample_keys`), whose draws then depend on each sample alone. `progress`: True shows a bar over
     positions; a callable is called after each level with the share of the positions it drew.
@@ -127,31 +160,31 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
     def level_options(level):
         return options if known is None else {**options, **known.prefix(level)}
 
-    top_codes = pipeline.top.sample(n, labels, None, at_level(generator, "top"), progress=bars,
-                                    **level_options("top"))
+    codes = []  # each level's (n, h, w), top first
+    for level, prior in zip(pipeline.levels, pipeline.priors):
+        above = codes[-1] if codes else None  # the top prior has no codes to condition on
+        codes.append(prior.sample(n, labels, above, at_level(generator, level), progress=bars, **level_options(level)))
+        if callable(progress) and prior is not pipeline.bottom:  # the bottom's share once decoded
+            progress(level_share(pipeline, level))
+    images = torch.cat([pipeline.vqvae.decode_codes(*chunks) for chunks in
+                        zip(*(level_codes.split(DECODE_CHUNK) for level_codes in codes))])
     if callable(progress):
-        progress(level_share(pipeline, "top"))
-    bottom_codes = pipeline.bottom.sample(n, labels, top_codes, at_level(generator, "bottom"), progress=bars,
-                                          **level_options("bottom"))
-    images = torch.cat([pipeline.vqvae.decode_codes(top, bottom) for top, bottom in
-                        zip(top_codes.split(DECODE_CHUNK), bottom_codes.split(DECODE_CHUNK))])
-    if callable(progress):
-        progress(level_share(pipeline, "bottom"))
-    return images, top_codes, bottom_codes
+        progress(level_share(pipeline, pipeline.levels[-1]))
+    return images, *codes
 
 
 def check_drawing(pipeline, drawing):
     """Refuses sampling controls a prior of the pipeline cannot take (guidance without label dropout)."""
-    for level in ("top", "bottom"):
+    for level, prior in zip(pipeline.levels, pipeline.priors):
         try:
-            drawing.check(getattr(pipeline, level).config)
+            drawing.check(prior.config)
         except ValueError as error:
             raise ValueError(f"the {level} prior: {error}") from None
 
 
 def level_share(pipeline, level):
     """The share of a sample's positions that `level` draws."""
-    sizes = {name: math.prod(getattr(pipeline, name).config.shape) for name in ("top", "bottom")}
+    sizes = {name: math.prod(prior.config.shape) for name, prior in zip(pipeline.levels, pipeline.priors)}
     return sizes[level] / sum(sizes.values())
 
 
@@ -258,8 +291,7 @@ def cache_bytes_per_sample(pipeline, runtime, drawing):
     the other): the caches' growth from a batch of 1 to a batch of 2, measured on the tensors they
     allocate (rows of every conv, keys and values, the rows' parts), twice under guidance."""
     per_level = {}
-    for level in ("top", "bottom"):
-        model = getattr(pipeline, level)
+    for level, model in zip(pipeline.levels, pipeline.priors):
         sizes = []
         with torch.no_grad(), runtime.autocast():
             for batch in (1, 2):
@@ -313,8 +345,9 @@ def plan_batch_size(pipeline, runtime, job):
     share = math.ceil(job.total / runtime.processes.num_processes)
     batch_size = min(fits, share, AUTO_LIMIT)
     mib = 2**20
-    line = (f"--batch-size auto: {per_sample / mib:.1f} MiB of caches per sample (top {per_level['top'] / mib:.1f}, "
-            f"bottom {per_level['bottom'] / mib:.1f}), {free / 2**30:.1f} GiB free on {runtime.device.type}: "
+    levels = ", ".join(f"{level} {size / mib:.1f}" for level, size in per_level.items())
+    line = (f"--batch-size auto: {per_sample / mib:.1f} MiB of caches per sample ({levels}), "
+            f"{free / 2**30:.1f} GiB free on {runtime.device.type}: "
             f"{fits} fit in {AUTO_SHARE:.0%} of it; batch {batch_size}"
             + ("" if batch_size == fits else f" (at most {min(share, AUTO_LIMIT)}: "
                + ("the samples per process)" if share <= AUTO_LIMIT else f"the limit {AUTO_LIMIT})")))
@@ -323,8 +356,9 @@ def plan_batch_size(pipeline, runtime, job):
 
 def make_samples(pipeline, runtime, job, indices, batch_size, keep):
     """Makes samples `indices` of `job` in batches of `batch_size`, batch k on process k mod N, and
-    calls keep(batch_indices, labels, images (B, S, S, 3) uint8, top_codes, bottom_codes) on the CPU
-    after each. One progress bar for the whole job, on the main process, advanced per level drawn.
+    calls keep(batch_indices, labels, images (B, S, S, 3) uint8, *codes) on the CPU after each, the
+    codes of every level top first (top_codes, bottom_codes for two levels). One progress bar for
+    the whole job, on the main process, advanced per level drawn.
     Running out of device memory is one line naming a batch size to try; the batches kept stay."""
     processes = runtime.processes
     batches = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
@@ -341,7 +375,7 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
             keys = sample_keys(job.seed, batch, runtime.device)
             try:
                 with runtime.autocast():
-                    images, top_codes, bottom_codes = generate(
+                    images, *codes = generate(
                         pipeline, len(batch), labels, job.drawing, keys, capture=job.capture,
                         progress=lambda share: bar.update(share * in_round))
             except torch.OutOfMemoryError:
@@ -349,4 +383,4 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
                                  f"{max(1, batch_size // 2)} (--out-dir keeps the samples written so far: the "
                                  "command with it resumes)") from None
             images = rearrange(to_uint8(images.float()), "b c h w -> b h w c").cpu()
-            keep(batch, labels or [None] * len(batch), images, top_codes.cpu(), bottom_codes.cpu())
+            keep(batch, labels or [None] * len(batch), images, *(level_codes.cpu() for level_codes in codes))

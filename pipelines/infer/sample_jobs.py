@@ -14,20 +14,21 @@ from pipelines.store.outputs import output_dir
 
 
 def sample_in_memory(pipeline, runtime, job, batch_size):
-    """All samples in one process, kept in memory: {images, top_codes, bottom_codes, labels} arrays."""
+    """All samples in one process, kept in memory: {images, and each level's codes} arrays
+    (pipelines.store.samples.code_names: top_codes, bottom_codes for two levels)."""
     if runtime.processes.num_processes > 1:
         raise ValueError("several processes write their samples to --out-dir: give one")
     batches = []
     make_samples(pipeline, runtime, job, list(range(job.total)), batch_size,
                  lambda indices, labels, *arrays: batches.append(arrays))
     return {name: torch.cat([batch[k] for batch in batches]).numpy()
-            for k, name in enumerate(("images", "top_codes", "bottom_codes"))}
+            for k, name in enumerate(("images", *sample_dir.code_names(len(pipeline.priors))))}
 
 
 def sample_to_directory(pipeline, runtime, job, paths, out_dir, batch_size, read_back=True):
     """The samples of `job` not yet in `out_dir`, shared by the processes; -> all of them, read
     back from samples.npz on the main process when `read_back` ({} if not; None on the other
-    processes). `paths`: the checkpoints of the pipeline, {"vqvae", "top", "bottom"}, whose hashes
+    processes). `paths`: the checkpoints of the pipeline, {"vqvae", and each level's name}, whose hashes
     the directory records so that a re-run continues only the same job."""
     processes = runtime.processes
     # a job that fails before its first sample leaves nothing (no job file to refuse the corrected command)

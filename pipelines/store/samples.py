@@ -1,12 +1,13 @@
 """A directory of samples, written as they are made and resumable: what `sample.py --out-dir` writes.
 
-- `job.json`: what decides the samples (the three checkpoints' hashes, seed, temperature,
-  classes, samples per class, precision); a re-run of another job into it is refused.
+- `job.json`: what decides the samples (the hashes of the VQ-VAE's and each level's prior's
+  checkpoints, seed, temperature, classes, samples per class, precision); a re-run of another job into it is refused.
 - `{index:06d}_label{label}.png` (`{index:06d}.png` for unconditional priors): one image per sample.
 - `parts/{first index:06d}.npz`: indices, labels and codes of one batch, written after its PNGs.
   A sample is done once a part holds it: a re-run (after a kill, say) makes only the others.
-- `samples.npz`, written last by process 0: `images` (N, S, S, 3) uint8, `top_codes` (N, Ht, Wt)
-  and `bottom_codes` (N, Hb, Wb) uint16, `labels` (N,) int64 (-1 for unconditional priors), in
+- `samples.npz`, written last by process 0: `images` (N, S, S, 3) uint8, one code array (N, H, W)
+  uint16 per level (`code_names`: `top_codes` and `bottom_codes` for two levels, `top_codes`,
+  `middle_codes`, `bottom_codes` for three), `labels` (N,) int64 (-1 for unconditional priors), in
   index order. Its images are read back from the PNGs one at a time, so memory does not grow with N.
 - `fid_images.npz`, written with it: the same images as `arr_0` (N, S, S, 3) uint8, the one array
   the reference FID / Inception-score evaluators read from an npz (the layout of
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modelkit import level_names
 from pipelines.store.outputs import output_file, remove_temporaries
 
 JOB_FILE = "job.json"
@@ -31,6 +33,11 @@ PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.npz"
 EVALUATOR_FILE = "fid_images.npz"  # arr_0: what the reference FID evaluators read
 NO_LABEL = -1
+
+
+def code_names(n_levels) -> tuple[str, ...]:
+    """The names of the code arrays of `n_levels` levels, top first: ("top_codes", "bottom_codes") for two."""
+    return tuple(f"{name}_codes" for name in level_names(n_levels))
 
 
 def png_name(index, label):
@@ -71,8 +78,9 @@ def read_part(path) -> dict:
         return {name: part[name] for name in part.files}
 
 
-def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> None:
-    """One batch: a PNG per sample, then its part. images (B, S, S, 3) uint8, codes (B, H, W)."""
+def write_batch(out_dir, indices, labels, images, *codes) -> None:
+    """One batch: a PNG per sample, then its part. images (B, S, S, 3) uint8, then each level's
+    codes (B, H, W), top first."""
     out_dir = Path(out_dir)
     for index, label, image in zip(indices, labels, images):
         with output_file(out_dir / png_name(index, label), resumes=True) as tmp:
@@ -80,7 +88,7 @@ def write_batch(out_dir, indices, labels, images, top_codes, bottom_codes) -> No
     with output_file(out_dir / PARTS_DIR / f"{indices[0]:06d}.npz", resumes=True) as tmp, open(tmp, "wb") as file:
         np.savez(file, indices=np.asarray(indices, np.int64),
                  labels=np.asarray([NO_LABEL if label is None else label for label in labels], np.int64),
-                 top_codes=np.asarray(top_codes, np.uint16), bottom_codes=np.asarray(bottom_codes, np.uint16))
+                 **{name: np.asarray(level, np.uint16) for name, level in zip(code_names(len(codes)), codes)})
 
 
 def finish(out_dir, total: int) -> Path:
@@ -96,7 +104,7 @@ def finish(out_dir, total: int) -> Path:
         raise ValueError(f"{out_dir} does not hold samples 0..{total - 1} once each: its parts are damaged")
     order = np.argsort(indices)
     arrays = {name: np.concatenate([piece[name] for piece in pieces])[order]
-              for name in ("labels", "top_codes", "bottom_codes")}
+              for name in ("labels", *levels_of(pieces[0]))}
     names = [png_name(index, None if label == NO_LABEL else int(label)) for index, label in
              enumerate(arrays["labels"])]
     with output_file(out_dir / EVALUATOR_FILE, resumes=True) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
@@ -125,7 +133,12 @@ def write_images(archive, member, out_dir, names):
             file.write(np.ascontiguousarray(image).tobytes())
 
 
+def levels_of(arrays) -> tuple[str, ...]:
+    """The code arrays' names among `arrays` (a part's or samples.npz's), top first."""
+    return code_names(sum(name.endswith("_codes") for name in arrays))
+
+
 def load(path) -> dict:
-    """samples.npz -> {images, top_codes, bottom_codes, labels} as arrays."""
+    """samples.npz -> {images, labels, and each level's codes (code_names)} as arrays."""
     with np.load(path, allow_pickle=False) as samples:
         return {name: samples[name] for name in samples.files}
