@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 
 from pipelines.store import outputs
 from pipelines.store.outputs import OutputError, check_output, output_dir, output_file, remove_temporaries
+from test_completion import pixel_model  # noqa: F401 (a fixture: a tiny pixel model and images/)
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -252,27 +253,6 @@ def test_a_sampling_job_that_fails_before_its_first_sample_leaves_nothing(stop, 
     result = run_in_process(*command, "--out-dir", tmp_path / "empty")  # the corrected command is not refused
     assert result.returncode == 0, result.stderr[-2000:]
     assert "samples.npz" in listing(tmp_path / "empty")
-
-
-@pytest.fixture(scope="module")
-def pixel_model(tmp_path_factory):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from pipelines.store.checkpoint import save_checkpoint
-    from prior import PixelSNAIL, PixelSNAILConfig
-
-    root = tmp_path_factory.mktemp("outputs")
-    config = PixelSNAILConfig(shape=(8, 8), channels=8, n_blocks=1, n_res_blocks=1, key_channels=4, value_channels=4,
-                              n_mixtures=2, dropout=0.0)
-    torch.manual_seed(0)
-    save_checkpoint(root / "pixels.safetensors", PixelSNAIL(config).state_dict(), "pixelsnail", config)
-    (root / "images").mkdir()
-    for name in ("a", "b"):
-        pixels = np.random.default_rng(len(name)).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "images" / f"{name}.png")
-    return root
 
 
 def test_score_removes_the_temporaries_a_kill_left_and_names_its_csv_on_a_full_disk(pixel_model, tmp_path, faults):
