@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Report, add_common_arguments, log, machine_info
+from bench.common import Report, add_common_arguments, log, machine_info, machine_lines
 from bench.common.machine import ROOT
 from bench.common.processes import run_command
 from bench.common.report import results_record
@@ -94,13 +94,8 @@ def table(results):
         rows.append([str(batch_size), f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}", f"{c['n'] / after:.2f}"])
     notes = [f"scripts/sample.py --n {c['n']} on {c['run_dir']}'s priors and VQ-VAE, the whole command (start-up, "
              "loading, both levels, decoding, the grid written), median of "
-             f"{c['rounds']} runs each, the two revisions alternating", *machine_lines_of(results)]
+             f"{c['rounds']} runs each, the two revisions alternating", *machine_lines(results)]
     return header, rows, notes
-
-
-def machine_lines_of(results):
-    return [f"{results['cpu']}, torch {results['torch']}, {results['date']}; load average before/after: "
-            f"{results['load_average_before']} / {results['load_average_after']}"]
 
 
 REPORT = Report("revisions", "Sampling under an earlier revision and under this tree, side by side", table,

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import (codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, sample, sample_pipeline,
-                   streams, train, vqvae)
+from bench import (codec, codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, revisions, sample,
+                   sample_pipeline, streams, train, vqvae)
 from launch import run_in_process
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes
@@ -216,8 +216,10 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
     assert results["codes"]["reconstruction_mse"]["fp32"] > 0
 
 
-@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance, codecs],
-                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance", "codecs"])
+@pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance, codecs, codec,
+                                    revisions],
+                         ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance", "codecs",
+                              "codec", "revisions"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
