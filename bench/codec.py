@@ -51,7 +51,7 @@ def photos(paths, crop):
         if crop:
             top, left = max(0, (array.shape[0] - crop) // 2), max(0, (array.shape[1] - crop) // 2)
             array = array[top : top + crop, left : left + crop]
-        images[name] = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        images[name] = torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()  # a writable copy
     return images
 
 

@@ -165,14 +165,20 @@ def run(args):
     (timed on a row and one position, scaled to the grid), the wall time of 16 samples, the model
     FLOP/s of the cached step against the bf16 matmul peak and the weight bytes per position against
     the memory bandwidth, both measured in the same run (bench/sample_pipeline.py). Writes
-    sample-pipeline.json and .md."""
+    sample-pipeline.json and .md. --hierarchy ffhq1024: the same for 4 samples of the FFHQ-1024
+    model (three priors, decoded to 1024x1024), in sample-pipeline-ffhq1024.json and .md."""
     if args.quick and args.threads is None:
         args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 3)
     info = machine_info()
+    if args.hierarchy != "imagenet256":
+        raise ValueError("--hierarchy chooses the model of --pipeline: give --pipeline too")
     cases = sample_cases(args.quick)
+    if unknown := sorted(set(args.models or ()) - set(cases)):
+        raise ValueError(f"--models {' '.join(unknown)}: a level of --pipeline; this benchmark's models are "
+                         f"{', '.join(cases)}")
     if args.models:
         cases = {name: cases[name] for name in args.models}
     results = {
@@ -197,11 +203,16 @@ def add_arguments(parser):
     parser.add_argument("--pipeline", action="store_true",
                         help="16 hierarchical samples at the paper's size (vqvae2-top, vqvae2-bottom, the VQ-VAE), "
                              "fp32 and bf16, against the bf16 matmul peak; writes sample-pipeline.json/.md")
-    parser.add_argument("--n-samples", type=int, default=16, help="--pipeline: samples, the batch (default 16)")
+    parser.add_argument("--hierarchy", choices=["imagenet256", "ffhq1024"], default="imagenet256",
+                        help="--pipeline: the paper's model benchmarked: ImageNet 256 (two levels) or FFHQ 1024 (three "
+                             "levels, vqvae2-ffhq-*; writes sample-pipeline-ffhq1024.json/.md)")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="--pipeline: samples, the batch (default 16; --hierarchy ffhq1024: 4)")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="--pipeline: the precisions to time (default both)")
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds with tiny models, 1 round, 1 thread")
-    parser.add_argument("--models", nargs="+", choices=list(sample_cases(False)), help="which models (default all; --pipeline: the levels, top and bottom)")
+    parser.add_argument("--models", nargs="+", choices=[*sample_cases(False), "middle"],
+                        help="which models (default all; --pipeline: the levels, top, [middle,] bottom)")
     parser.add_argument("--rounds", type=int,
                         help="timed runs per sampler and model, interleaved (default 3; --pipeline: 1)")
     parser.add_argument("--naive-positions", type=int,

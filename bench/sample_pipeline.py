@@ -1,8 +1,11 @@
-"""`python -m bench sample --pipeline`: 16 hierarchical samples at the paper's size on this CPU.
+"""`python -m bench sample --pipeline`: hierarchical samples at the paper's size on this CPU.
 
-The top prior (`vqvae2-top`, 32x32 codes) samples, the bottom prior (`vqvae2-bottom`, 64x64
-codes) samples given top codes, the paper's VQ-VAE decodes both to 256x256; random weights, in
-fp32 and under the bf16 autocast scripts/sample.py uses (pipelines.device.Runtime). Each level
+`--hierarchy imagenet256` (the default, 16 samples): the top prior (`vqvae2-top`, 32x32 codes)
+samples, the bottom prior (`vqvae2-bottom`, 64x64 codes) samples given top codes, the paper's
+VQ-VAE decodes both to 256x256. `--hierarchy ffhq1024` (4 samples): the FFHQ-1024 model's three
+priors (`vqvae2-ffhq-top` 32x32, `-middle` 64x64, `-bottom` 128x128), each level given codes of
+the level above, decoded to 1024x1024 by `vqvae2-ffhq1024`. Random weights, in fp32 and under the
+bf16 autocast scripts/sample.py uses (pipelines.device.Runtime). Each level
 is timed on a prefix of its positions with the DrawRecorder and scaled to the whole grid (see
 bench.common's SAMPLING_SCALING); the prefix is one whole row and the next row's first position, so
 the per-position figure includes one row start (the work the cached sampler does once per row).
@@ -15,6 +18,7 @@ matmul peak and its memory bandwidth, measured in the same run.
 """
 
 import time
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,9 +32,34 @@ from prior import PixelSNAIL, get_preset
 from prior.noise import SampleKeys
 from prior.sampling import sample_cached
 from vqvae import VQVAE2, VQVAE2Config
+from vqvae.presets import get_preset as vqvae_preset
 
-LEVELS = {"top": "vqvae2-top", "bottom": "vqvae2-bottom"}
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """A VQ-VAE-2 model benchmarked whole: its priors (level -> preset), its VQ-VAE, the image side
+    and the samples drawn; and their tiny stand-ins for --quick."""
+
+    levels: dict
+    vqvae: VQVAE2Config
+    image_size: int
+    n_samples: int
+    quick_levels: dict
+    quick_vqvae: VQVAE2Config
+    report_name: str
+
+
 QUICK_LEVELS = {"top": "cpu-top", "bottom": "cpu-bottom"}
+HIERARCHIES = {
+    "imagenet256": Hierarchy({"top": "vqvae2-top", "bottom": "vqvae2-bottom"}, VQVAE2Config(), 256, 16,
+                             QUICK_LEVELS, VQVAE_QUICK_MODEL, "sample-pipeline"),
+    # quick: the cpu presets stand in for the three levels (each conditioned on random codes of its own cond grid)
+    "ffhq1024": Hierarchy({"top": "vqvae2-ffhq-top", "middle": "vqvae2-ffhq-middle", "bottom": "vqvae2-ffhq-bottom"},
+                          vqvae_preset("vqvae2-ffhq1024").model, 1024, 4,
+                          {"top": "cpu-top", "middle": "cpu-bottom", "bottom": "cpu-bottom"},
+                          replace(VQVAE_QUICK_MODEL, levels=3), "sample-pipeline-ffhq1024"),
+}
+LEVELS = HIERARCHIES["imagenet256"].levels
 PRECISIONS = ("fp32", "bf16")
 BANDWIDTH_BYTES = 2**30  # larger than any cache of this machine
 QUICK_BANDWIDTH_BYTES = 2**26
@@ -129,21 +158,21 @@ def bench_level(level, preset, n, rounds, seed, precisions, positions=None):
             "timed_positions": positions, **counts, "seconds_per_position": medians, "total_s": totals, "runs": runs}
 
 
-def bench_decode(n, size, seed, quick, precisions):
-    """Seconds to decode n random (top, bottom) code grids to images, per precision, channels_last."""
+def bench_decode(n, config, size, seed, precisions):
+    """Seconds to decode n random code grids of every level to images, per precision, channels_last."""
     torch.manual_seed(seed)
-    config = VQVAE_QUICK_MODEL if quick else VQVAE2Config()
+    vqvae = VQVAE2(config)
     generator = torch.Generator().manual_seed(seed)
-    top = torch.randint(0, config.top_codes, (n, size // 8, size // 8), generator=generator)
-    bottom = torch.randint(0, config.bottom_codes, (n, size // 4, size // 4), generator=generator)
+    grids = [torch.randint(0, n_codes, (n, *shape), generator=generator)
+             for shape, n_codes in zip(vqvae.code_shapes(size), config.codebook_sizes())]
     result = {}
     for precision in precisions:
         runtime = make_runtime("cpu", precision)
-        vqvae = runtime.vqvae(VQVAE2(config))
+        model = runtime.vqvae(vqvae)
         with torch.no_grad(), runtime.autocast():
-            vqvae.decode_codes(top[:1], bottom[:1])  # warm-up
+            model.decode_codes(*(grid[:1] for grid in grids))  # warm-up
             start = time.perf_counter()
-            images = vqvae.decode_codes(top, bottom)
+            images = model.decode_codes(*grids)
             result[precision] = time.perf_counter() - start
     result["image_shape"] = list(images.shape)
     return result
@@ -263,36 +292,44 @@ def batch_lines(results):
 
 def run(args):
     """The benchmark (`python -m bench sample --pipeline`, its options those of `sample`): measures,
-    writes sample-pipeline.json and .md to --out."""
+    writes sample-pipeline.json and .md (--hierarchy ffhq1024: sample-pipeline-ffhq1024.*) to --out."""
     if args.quick and args.threads is None:
         args.threads = 1  # tiny models: two threads mostly wait on each other when other jobs hold the cores
     if args.threads:
         torch.set_num_threads(args.threads)
-    REPORT.publish(measure(args), args.out)
+    results = measure(args)
+    report_of(results).publish(results, args.out)
 
 
 def measure(args):
     """The results of the benchmark."""
     rounds = args.rounds or 1
+    hierarchy = HIERARCHIES[args.hierarchy]
+    n = args.n_samples or hierarchy.n_samples
+    if unknown := sorted(set(args.models or ()) - set(hierarchy.levels)):
+        raise ValueError(f"--models {' '.join(unknown)}: --hierarchy {args.hierarchy} has the levels "
+                         f"{', '.join(hierarchy.levels)}")
     info = machine_info()
     log("matmul peak and memory bandwidth")
     peaks = measure_matmul_peak(QUICK_MATMUL_SHAPES if args.quick else MATMUL_SHAPES, 2 if args.quick else 3)
     bandwidth = memory_bandwidth(QUICK_BANDWIDTH_BYTES if args.quick else BANDWIDTH_BYTES)
-    levels = {name: preset for name, preset in (QUICK_LEVELS if args.quick else LEVELS).items()
+    levels = {name: preset for name, preset in (hierarchy.quick_levels if args.quick else hierarchy.levels).items()
               if not args.models or name in args.models}
     results = {
-        "benchmark": "sample --pipeline", **info, "quick": args.quick, "n": args.n_samples, "rounds": rounds,
+        "benchmark": "sample --pipeline", **info, "quick": args.quick, "hierarchy": args.hierarchy, "n": n,
+        "rounds": rounds,
         "seed": args.seed, "matmul_peak": peaks, "memory_bandwidth": bandwidth,
         "flop_count_method": FLOP_COUNT_METHOD, "precisions": args.precisions,
-        "levels": {level: bench_level(level, preset, args.n_samples, rounds, args.seed, args.precisions,
-                                      args.cached_positions)
+        "levels": {level: bench_level(level, preset, n, rounds, args.seed, args.precisions, args.cached_positions)
                    for level, preset in levels.items()},
     }
-    batches_of = {preset: QUICK_BATCHES if args.quick else BATCHES for preset in QUICK_LEVELS.values()}
-    if not args.quick:
-        batches_of.update({preset: PAPER_BATCHES for preset in LEVELS.values()})
-    results["batches"] = bench_batches(batches_of, args.seed, None if args.quick else PAPER_POSITIONS)
-    results["decode"] = bench_decode(args.n_samples, 32 if args.quick else 256, args.seed, args.quick,
+    if args.hierarchy == "imagenet256":  # the draw before and after (the FFHQ priors draw as these do)
+        batches_of = {preset: QUICK_BATCHES if args.quick else BATCHES for preset in QUICK_LEVELS.values()}
+        if not args.quick:
+            batches_of.update({preset: PAPER_BATCHES for preset in LEVELS.values()})
+        results["batches"] = bench_batches(batches_of, args.seed, None if args.quick else PAPER_POSITIONS)
+    vqvae_config = hierarchy.quick_vqvae if args.quick else hierarchy.vqvae
+    results["decode"] = bench_decode(n, vqvae_config, 32 if args.quick else hierarchy.image_size, args.seed,
                                      args.precisions)
     results["load_average_after"] = load_average()
     return results
@@ -310,8 +347,9 @@ def fraction_note(fraction):
     return f"{fraction:.1%} ({verdict})"
 
 
-PIPELINE_HEADER = ("level (params)", "precision", "s/position (batch 16)", "whole grid", "model GFLOP/position",
-                   "GFLOP/s", "of bf16 peak", "weight GB/position", "bandwidth bound s/position")
+def pipeline_header(results):
+    return ("level (params)", "precision", f"s/position (batch {results['n']})", "whole grid", "model GFLOP/position",
+            "GFLOP/s", "of bf16 peak", "weight GB/position", "bandwidth bound s/position")
 
 
 def pipeline_rows(results):
@@ -354,13 +392,26 @@ def pipeline_summary_lines(results):
         f"FLOPs and bytes: {results['flop_count_method']}",
         f"decode: {results['n']} images {results['decode']['image_shape']} with the paper's VQ-VAE (random weights, "
         "random codes), channels_last, measured whole",
-        "bottom level: conditioned on random top codes (the top level is only timed on a prefix)",
+        "each level below the top: conditioned on random codes of the level above (the levels are only timed on "
+        "prefixes)",
         *batch_lines(results),
         *machine_lines(results),
     ]
     return lines
 
 
-REPORT = Report("sample-pipeline", "Hierarchical sampling at the paper's size: cached step speed",
-                lambda results: (PIPELINE_HEADER, pipeline_rows(results), pipeline_summary_lines(results)),
-                quick="tiny models")
+def report(hierarchy, title):
+    return Report(HIERARCHIES[hierarchy].report_name, title,
+                  lambda results: (pipeline_header(results), pipeline_rows(results), pipeline_summary_lines(results)),
+                  quick="tiny models")
+
+
+REPORTS = {"imagenet256": report("imagenet256", "Hierarchical sampling at the paper's size: cached step speed"),
+           "ffhq1024": report("ffhq1024", "Hierarchical sampling of the FFHQ-1024 model (three levels): cached step "
+                                          "speed")}
+REPORT = REPORTS["imagenet256"]
+
+
+def report_of(results):
+    """The Report of results (those from before --hierarchy are ImageNet-256's)."""
+    return REPORTS[results.get("hierarchy", "imagenet256")]

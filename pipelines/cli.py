@@ -142,7 +142,8 @@ def add_model_options(parser, pixel_model=True, required=False, levels=False):
     if levels:
         group.add_argument("--priors", type=user_path, nargs="+", default=None, metavar="PRIOR",
                            help="the pipeline's priors, one per level of the VQ-VAE, top first (TOP [MIDDLE ...] "
-                           "BOTTOM): run directories or checkpoint files; instead of --top --bottom")
+                           "BOTTOM): run directories or checkpoint files; instead of --top --bottom. It takes every "
+                           "path after it: give a script's images before it")
 
 
 def chosen_model(args, instead=PIXEL_MODEL):
@@ -182,3 +183,12 @@ def chosen_priors(vqvae, priors, paths, other):
     if vqvae is None:
         raise ValueError("--priors needs --vqvae: the VQ-VAE whose codes the priors draw")
     return (vqvae, *priors)
+
+
+def check_paths_given(paths, args, what):
+    """Refuses, in one line, a command whose positional paths (`what`) are missing; where --priors
+    was given, says why they may be: it takes every path after it."""
+    if paths:
+        return
+    taken = " (--priors takes every path after it: give them before --priors)" if getattr(args, "priors", None) else ""
+    raise ValueError(f"give {what}{taken}")

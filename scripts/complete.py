@@ -5,15 +5,17 @@
   # the VQ-VAE-2 pipeline: the top 24 rows of two images, as class 3, 6 completions each
   python scripts/complete.py --vqvae runs/vqvae --top runs/top --bottom runs/bottom a.png b.png \\
       --keep 24 --label 3 --n 6 --out-dir completions
+  # a pipeline of three levels (or more): one prior per level, top first
+  python scripts/complete.py faces/ --vqvae runs/vqvae --priors runs/top runs/middle runs/bottom --out-dir completions
 
 Images (files or folders of them) are read as an image folder reads them: 8-bit RGB, the shorter
 side resized to the model's image size and the centre kept. --keep is a fraction of the rows (0.5)
 or a row count from 2 up (24): 1 is the fraction, the whole image. For each image --out-dir gets NNNN_NAME.png, one row: the image, the kept
 part (the rest grey), then the completions.
 
-A pixel model (--ckpt) keeps the kept pixels exactly. The pipeline (--vqvae --top --bottom) encodes
-the image, keeps at each level the code rows that cover the kept rows, samples the rest of the top
-codes, then the rest of the bottom codes, and decodes: its kept part is the VQ-VAE's rendering of
+A pixel model (--ckpt) keeps the kept pixels exactly. The pipeline (--vqvae --top --bottom, or
+--vqvae --priors) encodes the image, keeps at each level the code rows that cover the kept rows,
+samples the rest of the top codes, then the rest of each level below, and decodes: its kept part is the VQ-VAE's rendering of
 the kept codes. --temperature, --top-k, --top-p and --guidance apply to the pipeline's priors as in
 scripts/sample.py. Image k's completions draw from a generator seeded by (--seed, k). Runs on CUDA
 when there is one (--device, --precision as scripts/sample.py).
@@ -29,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.cli import add_config_options, add_model_options, chosen_model, label_option, options_of, run, user_path
+from pipelines.cli import (add_config_options, add_model_options, check_paths_given, chosen_model, label_option, options_of,
+                           run, user_path)
 from pipelines.data.datasets import image_files, read_image
 from pipelines.device import add_runtime_arguments, one_process_runtime
 from pipelines.infer.completion import complete_codes, complete_pixels, kept_rows, with_rest_blank
@@ -43,8 +46,8 @@ LABEL_FORMS = ("class",)  # one class for all completions
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", type=user_path, help="image files or folders of images")
-    add_model_options(p)
+    p.add_argument("images", nargs="*", type=user_path, help="image files or folders of images (before --priors)")
+    add_model_options(p, levels=True)
     p.add_argument("--keep", default="0.5", help="rows kept: a fraction of the rows in [0, 1] (0.5, the default; 1 keeps "
                    "the whole image, as 1.0 does) or a row count from 2 up (24)")
     p.add_argument("--n", type=int, default=4, help="completions per image (default 4)")
@@ -57,6 +60,7 @@ def parse_args():
 
 
 def check_args(args):
+    check_paths_given(args.images, args, "the images to complete")
     args.pipeline = chosen_model(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")

@@ -2,7 +2,7 @@
 
   evaluate.py [pixels] --ckpt RUN --data DATA          exact test bits/dim of a pixel PixelSNAIL (its EMA
                                                        weights) over a whole split: `test bits/dim: X.XXXX`
-  evaluate.py prior --ckpt RUN --codes codes.lmdb      a top or bottom prior on its code database: bits per
+  evaluate.py prior --ckpt RUN --codes codes.lmdb      a prior of any level on its code database: bits per
                                                        code on the held-out records (every 20th, as the
                                                        trainer holds them out) and on the training records:
                                                        `held-out bits/code: X (train Y, gap +Z)`; on another
@@ -12,6 +12,7 @@
                                                        usage and perplexity per level:
                                                        `test reconstruction mse: X (PSNR Y dB, SSIM Z)`
   evaluate.py samples --vqvae V --top T --bottom B --data DATA
+  evaluate.py samples --vqvae V --priors TOP [MIDDLE ...] BOTTOM --data DATA
                                                        Classification Accuracy Score of class-conditional samples
                                                        (a small classifier trained on them, tested on real
                                                        held-out images) beside the real-data ceiling, and FID /
@@ -22,7 +23,7 @@
 
 Without a stage, the stage of what --ckpt holds (a pixel model, a prior or a VQ-VAE), as its
 checkpoint records it. `--json FILE` files the stage's numbers as a flat object under the stage's
-name (pixels, vqvae, top_prior, bottom_prior, samples) in FILE, keeping the other stages there: one
+name (pixels, vqvae, top_prior, [middle_prior,] bottom_prior, samples) in FILE, keeping the other stages there: one
 FILE per pipeline collects them all. Runs on CUDA when there is one
 (--device chooses), in fp32 by default (--precision). pixels, prior and vqvae run on several
 processes under `accelerate launch`, each evaluating a share; samples in one process.
@@ -115,7 +116,7 @@ def add_vqvae_arguments(p):
 
 
 def add_samples_arguments(p):
-    add_model_options(p, pixel_model=False)
+    add_model_options(p, pixel_model=False, levels=True)
     p.add_argument("--samples", type=user_path, default=None,
                    help="instead of drawing: sample.py --out-dir's directory or its samples.npz (class-conditional)")
     p.add_argument("--data", type=user_path, required=True, help="the real data the pipeline was trained on")

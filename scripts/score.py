@@ -1,8 +1,10 @@
 """Scores every image: how many bits a model needs for it, into a CSV, and optionally where.
 
 A pixel-space PixelSNAIL (--ckpt) gives each image's bits/dim; the VQ-VAE-2 pipeline (--vqvae --top
---bottom) encodes each image and gives the top and the bottom prior's bits per code (the bottom
-given the top codes), their total bits and the VQ-VAE's reconstruction MSE (images in [-1, 1]).
+--bottom, or --vqvae --priors TOP [MIDDLE ...] BOTTOM) encodes each image and gives each level's
+bits per code (the top prior's, then each level's given the codes above it: columns
+top_bits_per_code, [middle_bits_per_code,] bottom_bits_per_code), their total bits and the
+VQ-VAE's reconstruction MSE (images in [-1, 1]).
 Given a class, the bits/dim is exactly the per-image figure whose mean evaluate.py prints.
 
 Images: a dataset split (--data, as the trainers take it, with --split), or image files and folders
@@ -22,6 +24,7 @@ Example:
     python scripts/score.py --ckpt runs/demo-pixels --data builtin --out scores.csv --maps maps/
     python scripts/score.py --vqvae runs/demo/vqvae --top runs/demo/top --bottom runs/demo/bottom \\
         --label mixture photo.png photos/ --out scores.csv
+    python scripts/score.py faces/ --vqvae runs/vqvae --priors runs/top runs/middle runs/bottom --out scores.csv
 """
 
 from pipelines.startup import quiet_ctrl_c_while_starting
@@ -31,7 +34,7 @@ quiet_ctrl_c_while_starting()  # before the slow imports below
 import argparse
 from functools import partial
 
-from pipelines.cli import HelpFormatter, add_model_options, chosen_model, label_option, run, user_path
+from pipelines.cli import HelpFormatter, add_model_options, check_paths_given, chosen_model, label_option, run, user_path
 from pipelines.data.datasets import ImageFiles, load_dataset
 from pipelines.device import add_runtime_arguments, one_process_runtime
 from pipelines.infer.extract import count_classes
@@ -43,8 +46,8 @@ from pipelines.store.outputs import check_output
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("images", nargs="*", type=user_path, help="image files or folders (instead of --data)")
-    add_model_options(p)
+    p.add_argument("images", nargs="*", type=user_path, help="image files or folders (instead of --data; before --priors)")
+    add_model_options(p, levels=True)
     p.add_argument("--data", type=user_path, help="a dataset as the trainers take it ('builtin' included)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="the split of --data")
     label_option(p, LABEL_FORMS, "the class of every image, for class-conditional models",
@@ -59,8 +62,10 @@ def parse_args():
 def check_args(args):
     args.pipeline = chosen_model(args)
     parse_label(args.label, LABEL_FORMS)
-    if (args.data is None) == (not args.images):
+    if args.data is not None and args.images:
         raise ValueError("give the images as --data (a dataset) or as files and folders, one of the two")
+    if args.data is None:
+        check_paths_given(args.images, args, "the images as --data (a dataset) or as files and folders")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output(args.out, "--out", (".csv",))
@@ -75,7 +80,7 @@ def main():
     if args.pipeline is None:
         model, _ = load_pixelsnail(args.ckpt)
         if not model.config.pixel_mode:
-            raise ValueError(f"{args.ckpt} is a code-mode prior: score codes with --vqvae --top --bottom")
+            raise ValueError(f"{args.ckpt} is a code-mode prior: score codes with --vqvae --top --bottom (or --priors)")
         size, n_classes = model.config.shape[0], model.config.n_classes
         score = partial(score_pixels, model.to(runtime.device), runtime=runtime)
     else:

@@ -106,10 +106,23 @@ def test_sample_pipeline_quick_counts_flops_and_weight_bytes(tmp_path):
         assert before["ops_per_position"] > rows[preset, 1, "before"]["ops_per_position"]
 
 
+def test_sample_pipeline_of_the_ffhq_hierarchy_times_three_levels_and_decodes_them(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench", "sample", "--pipeline", "--hierarchy", "ffhq1024", "--quick",
+                    "--precisions", "bf16", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True,
+                   text=True, timeout=300)
+    results = json.loads((tmp_path / "sample-pipeline-ffhq1024.json").read_text())
+    assert (tmp_path / "sample-pipeline-ffhq1024.md").read_text() == sample_pipeline.report_of(results).markdown(results)
+    assert list(results["levels"]) == ["top", "middle", "bottom"] and results["n"] == 4 and "batches" not in results
+    assert results["decode"]["image_shape"] == [4, 3, 32, 32] and results["decode"]["bf16"] > 0
+    assert "s/position (batch 4)" in (tmp_path / "sample-pipeline-ffhq1024.md").read_text()
+
+
 def test_committed_pipeline_markdown_is_made_from_committed_json():
-    for name in ("sample-pipeline", "sample-pipeline-before", "sample-pipeline-cast-once"):
+    for name in ("sample-pipeline", "sample-pipeline-before", "sample-pipeline-cast-once", "sample-pipeline-after",
+                 "sample-pipeline-ffhq1024"):
         results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
-        assert sample_pipeline.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
+        assert sample_pipeline.report_of(results).markdown(results) == (
+            ROOT / "bench" / "results" / f"{name}.md").read_text()
 
 
 def test_vqvae_quick_writes_positive_numbers(tmp_path):
@@ -453,3 +466,31 @@ def test_the_gpu_benchmarks_cached_step_runs_on_a_two_stream_model():
         full = model(torch.zeros_like(x), label, cond)[:, :, i : i + 1, j : j + 1]
     assert (i, j) == (2, 3)
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gpu_benchmark_runs_whole_with_the_cpu_standing_in(monkeypatch, tmp_path):
+    """`python -m bench gpu --quick` end to end with the CPU in the GPU's place (torch.cuda's
+    timing and memory calls stubbed; CUDA graphs fail without CUDA, which the benchmark reports as
+    such): every piece runs against today's code and the report is written, so that the first
+    `make gpu-check` on a GPU does not stop on an interface that changed since the last one."""
+    import argparse
+
+    monkeypatch.setattr(gpu, "CUDA", torch.device("cpu"))
+    stubs = {"synchronize": lambda *args: None, "empty_cache": lambda: None,
+             "reset_peak_memory_stats": lambda *args: None, "max_memory_allocated": lambda *args: 0,
+             "get_device_name": lambda *args: "the CPU standing in"}
+    for name, stub in stubs.items():
+        monkeypatch.setattr(torch.cuda, name, stub)
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    gpu.run(parser.parse_args(["--quick", "--steps", "2", "--n-samples", "2", "--out", str(tmp_path)]))
+
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert (tmp_path / "gpu.md").read_text() == gpu.REPORT.markdown(results)
+    assert [case["preset"] for case in results["training"]] == ["tiny"] and "error" not in results["training"][0]
+    assert results["vqvae"]["train_images_per_s"] > 0 and results["sampling"]["precisions"]["bf16"]["total_seconds"] > 0
+    throughput = results["throughput"]
+    assert 1 <= throughput["auto"] <= gpu.QUICK_PROJECTED_SAMPLES
+    eager = [case for case in throughput["cases"] if case["mode"] == "eager"]
+    assert [case["batch"] for case in eager] == list(gpu.QUICK_SAMPLING_BATCHES)
+    assert all(case["samples_per_s"] > 0 and set(case["levels"]) == {"top", "bottom"} for case in eager)

@@ -497,6 +497,27 @@ def test_ffhq_flat_folder_is_unconditional_with_every_tenth_held_out(tmp_path):
     assert [file.name for file in test.files] == ["00000.png", "00010.png"] and len(train) == 18
 
 
+def test_ffhq_as_nvidia_ships_it_is_one_unconditional_set_not_a_class_per_shard(tmp_path):
+    """images1024x1024/00000/00000.png ... : folders of numbered images, each named by its first
+    image's number, are shards of one set; every 10th image of the whole set is held out."""
+    for start in (0, 10, 20):
+        images_in(tmp_path / "ffhq" / f"{start:05d}", [f"{i:05d}.png" for i in range(start, start + 10)], seed=start)
+    train, test = load_dataset(str(tmp_path / "ffhq"), "train", 8), load_dataset(str(tmp_path / "ffhq"), "test", 8)
+    assert train.classes == [] and set(train.labels) == set(test.labels) == {0}
+    assert [file.name for file in test.files] == ["00000.png", "00010.png", "00020.png"] and len(train) == 27
+
+
+@pytest.mark.parametrize("layout", [
+    {"0": range(0, 5), "1": range(0, 5)},  # classes 0 and 1, each numbering its images from 0
+    {"0": range(0, 5), "5": range(3, 8)},  # an image of folder 5 numbered below it
+    {"00000": range(0, 5), "00005": range(5, 10), "cats": range(10, 15)},  # a folder not named by a number
+])
+def test_numbered_folders_that_are_not_shards_of_one_set_stay_classes(tmp_path, layout):
+    for name, numbers in layout.items():
+        images_in(tmp_path / "data" / name, [f"{i:05d}.png" for i in numbers])
+    assert load_dataset(str(tmp_path / "data"), "train", 8).classes == sorted(layout)
+
+
 def test_class_folders_without_splits_are_classes_even_one_named_train(tmp_path):
     """A folder of class folders holds out every 10th image; a class called `train` among others
     (CIFAR-100 has one) stays a class: only a root whose subfolders are all split names has splits."""

@@ -60,7 +60,8 @@ HEADLINE = {
     "codecs": lambda d: [d["runs"]["0"][-1]["held_out"],
                          d["codecs"]["PNG (compress_level 9, optimize)"]["held_out"],
                          d["codecs"]["WebP lossless (method 6)"]["held_out"]],
-    "codec": lambda d: [all_photos_bits(d, d["models"][0]["context"]["bytes"]),
+    "codec": lambda d: [*(value for mark, model in zip(d["config"]["marks"], d["models"])
+                          for value in (all_photos_bits(d, model["context"]["bytes"]), mark)),
                         *(all_photos_bits(d, d["coders"][name]["bytes"]) for name in
                           ("PNG (compress_level 9, optimize)", "WebP lossless (method 6)", "JPEG-XL lossless (effort 9)"))],
     "eval": lambda d: [d["stages"]["samples"]["cas"], d["stages"]["samples"]["cas_real_ceiling"],

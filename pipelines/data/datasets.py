@@ -26,6 +26,7 @@ cannot be decoded (corrupt, truncated) is refused when it is first read.
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -384,7 +385,9 @@ class ImageFolderDataset(Dataset):
     is read as `train/`; a split folder is never a class. Without split folders, every 10th file
     in sorted order is test. Classes (`_class_groups`): the first-level subfolders of a split
     folder (or of the folder without splits), sorted over both splits so that train and test
-    agree; label = the index of an image's class, 0 for all where there are none.
+    agree; label = the index of an image's class, 0 for all where there are none. Numbered shards
+    of one set, as NVIDIA ships FFHQ (`00000/00000.png` ... `69000/69999.png`), are no classes
+    (`_numbered_shards`).
 
     Refused in one line: images lying beside class folders (they have no class), a split with class
     folders beside one without (a flat `val/` whose labels lie in a separate file, as ImageNet
@@ -581,7 +584,25 @@ def _class_groups(folder: Path) -> dict[str | None, dict[Path, FileStat]]:
         if not groups[sub.name]:
             raise DataError(f"class folder {sub} holds no images (expected files ending in "
                             f"{', '.join(IMAGE_EXTENSIONS)}): remove it or add its images")
+    if _numbered_shards(groups):
+        return {None: {path: status for images in groups.values() for path, status in images.items()}}
     return groups
+
+
+def _numbered_shards(groups: dict[str, dict[Path, FileStat]]) -> bool:
+    """Whether class folders are shards of one numbered set, as NVIDIA ships FFHQ
+    (`images1024x1024/00000/00000.png` ... `69000/69999.png`): every folder and image is named by a
+    number and each folder holds only images numbered from its own number up to the next folder's.
+    Class folders `0/`, `1/` of images numbered from 0 in each are classes, never shards."""
+    if not all(name.isdigit() for name in groups):
+        return False
+    starts = sorted(int(name) for name in groups)
+    ends = {start: end for start, end in zip(starts, [*starts[1:], math.inf])}
+    for name, images in groups.items():
+        start = int(name)
+        if not all(path.stem.isdigit() and start <= int(path.stem) < ends[start] for path in images):
+            return False
+    return len(groups) > 1
 
 
 def _loose_images(folder: Path) -> list[Path]:

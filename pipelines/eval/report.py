@@ -5,10 +5,12 @@ codebook level in its code database, and its evaluation numbers. Every image is 
 URI, so the page is one file that opens anywhere, offline.
 
 A directory given is a run (it holds log.jsonl or model.safetensors) or a pipeline: a directory whose
-subfolders are runs (scripts/demo.py's vqvae/, top/ and bottom/ beside codes.lmdb and samples.png).
+subfolders are runs (scripts/demo.py's vqvae/, top/ and bottom/ beside codes.lmdb and samples.png;
+a three-level pipeline's middle/ between them).
 
 Evaluation numbers: eval.json as `scripts/evaluate.py --json` writes it, {stage: {name: value}} with
-the stages pixels, vqvae, top_prior, bottom_prior and samples (a prior's name the code database they
+the stages pixels, vqvae, one per level's prior (top_prior, [middle_prior,] bottom_prior) and samples
+(a prior's name the code database they
 were measured on, and whether it is the one the prior trained on). A run shows its stage's numbers
 from its own eval.json, else from its parent directory's (the pipeline's); a pipeline shows the
 stages that none of its runs shows (its samples').
@@ -37,7 +39,7 @@ from pipelines.store.results import EVAL_FILE, read_evaluation
 FIGURE_DPI = 100  # a plot 11 inches wide fills the page's 1100 pixels
 MIN_SHOWN_WIDTH = 400
 CODES_DIR = "codes.lmdb"  # a pipeline's code database (scripts/demo.py's layout)
-STAGE_ORDER = ("vqvae", "top", "bottom")  # a pipeline's runs come in this order, then the others by name
+STAGE_ORDER = ("vqvae", "top", "middle", "bottom")  # a pipeline's runs in this order, then the others by name (level0, ...)
 PICTURES = {"reconstructions.png": "test images (top rows) above their reconstructions (bottom rows)",
             "samples.png": "samples (scripts/demo.py draws one row per class)"}
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}

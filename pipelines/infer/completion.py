@@ -4,7 +4,7 @@ A pixel model keeps the pixel rows themselves: the samplers' prefix (prior.sampl
 and sampling starts after them. The VQ-VAE-2 pipeline encodes the image, keeps at each level the
 code rows that cover the kept image rows (a code row covers image_size / grid_height image rows,
 so ceil(rows * grid_height / image_size) of them), samples the rest of the top grid, then the
-rest of the bottom grid given the whole top grid, and decodes. Its kept rows are the VQ-VAE's
+rest of each grid below given the whole grid above it, and decodes. Its kept rows are the VQ-VAE's
 reconstruction of the kept part, not the pixels themselves.
 
 Example:
@@ -62,10 +62,9 @@ def complete_pixels(model, image, rows, n, label=None, generator=None, progress=
 
 @torch.no_grad()
 def complete_codes(pipeline, image, rows, n, label=None, drawing=Drawing(), generator=None, progress=False):
-    """(3, S, S) image in [-1, 1] -> (n, 3, S, S) decoded completions, with their top and bottom
-    codes, which keep the image's codes in the rows covering its first `rows` rows."""
-    top, bottom = pipeline.vqvae.encode(image[None])  # (1, h, w), (1, 2h, 2w)
-    known = Known(repeat(top[0], "h w -> n h w", n=n), repeat(bottom[0], "h w -> n h w", n=n),
-                  covering_rows(rows, pipeline.image_size, top.shape[1]) * top.shape[2],
-                  covering_rows(rows, pipeline.image_size, bottom.shape[1]) * bottom.shape[2])
+    """(3, S, S) image in [-1, 1] -> (n, 3, S, S) decoded completions, then the codes of every level
+    top first, which keep the image's codes in the rows covering its first `rows` rows."""
+    grids = pipeline.vqvae.encode(image[None])  # one (1, h, w) per level, top first
+    known = Known(tuple(repeat(grid[0], "h w -> n h w", n=n) for grid in grids),
+                  tuple(covering_rows(rows, pipeline.image_size, grid.shape[1]) * grid.shape[2] for grid in grids))
     return generate(pipeline, n, label, drawing, generator, progress, known)

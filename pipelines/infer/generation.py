@@ -125,17 +125,15 @@ DECODE_CHUNK = 32  # samples decoded at once: the decoder's activations at 256x2
 
 @dataclass
 class Known:
-    """Codes known before sampling, as completion keeps them: the first `top_kept` raster
-    positions of `top_codes` (n, h, w) and the first `bottom_kept` of `bottom_codes` (n, H, W)."""
+    """Codes known before sampling, as completion keeps them, one entry per level, top first: each
+    level's codes (n, h, w) and how many of their first raster positions are kept."""
 
-    top_codes: Tensor
-    bottom_codes: Tensor
-    top_kept: int
-    bottom_kept: int
+    codes: tuple
+    kept: tuple
 
-    def prefix(self, level):
-        """The sampler's prefix options for `level`."""
-        return {"prefix": getattr(self, f"{level}_codes"), "kept": getattr(self, f"{level}_kept")}
+    def prefix(self, index):
+        """The sampler's prefix options for level `index` (0: the top)."""
+        return {"prefix": self.codes[index], "kept": self.kept[index]}
 
 
 @torch.no_grad()
@@ -157,13 +155,11 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
     bars = progress is True
     options = {**asdict(drawing), **({"capture": True} if capture else {})}  # the cached sampler's options
 
-    def level_options(level):
-        return options if known is None else {**options, **known.prefix(level)}
-
     codes = []  # each level's (n, h, w), top first
-    for level, prior in zip(pipeline.levels, pipeline.priors):
+    for index, (level, prior) in enumerate(zip(pipeline.levels, pipeline.priors)):
         above = codes[-1] if codes else None  # the top prior has no codes to condition on
-        codes.append(prior.sample(n, labels, above, at_level(generator, level), progress=bars, **level_options(level)))
+        kept = {} if known is None else known.prefix(index)
+        codes.append(prior.sample(n, labels, above, at_level(generator, level), progress=bars, **options, **kept))
         if callable(progress) and prior is not pipeline.bottom:  # the bottom's share once decoded
             progress(level_share(pipeline, level))
     images = torch.cat([pipeline.vqvae.decode_codes(*chunks) for chunks in
@@ -354,6 +350,12 @@ def plan_batch_size(pipeline, runtime, job):
     return batch_size, line
 
 
+def advance(bar, samples):
+    """Moves the bar on by `samples` (a level's share of a round), never past its total: the shares
+    are floats whose sum can exceed the round's count by a rounding error."""
+    bar.update(min(samples, bar.total - bar.n))
+
+
 def make_samples(pipeline, runtime, job, indices, batch_size, keep):
     """Makes samples `indices` of `job` in batches of `batch_size`, batch k on process k mod N, and
     calls keep(batch_indices, labels, images (B, S, S, 3) uint8, *codes) on the CPU after each, the
@@ -377,7 +379,7 @@ def make_samples(pipeline, runtime, job, indices, batch_size, keep):
                 with runtime.autocast():
                     images, *codes = generate(
                         pipeline, len(batch), labels, job.drawing, keys, capture=job.capture,
-                        progress=lambda share: bar.update(share * in_round))
+                        progress=lambda share: advance(bar, share * in_round))
             except torch.OutOfMemoryError:
                 raise ValueError(f"out of memory on {runtime.device} at --batch-size {batch_size}: try --batch-size "
                                  f"{max(1, batch_size // 2)} (--out-dir keeps the samples written so far: the "

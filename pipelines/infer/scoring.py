@@ -2,10 +2,10 @@
 
 - A pixel-space PixelSNAIL scores an image by its bits/dim, and by the bits at each pixel (its
   three values together: -log2 P(pixel | the pixels before it)).
-- The VQ-VAE-2 pipeline encodes the image (top and bottom codes, as extract_codes.py does) and
-  scores it by the top prior's bits per code, the bottom prior's bits per code given the top
-  codes, the bits at each code position of both grids, and the VQ-VAE's reconstruction error
-  (mean squared error, images in [-1, 1]).
+- The VQ-VAE-2 pipeline encodes the image (the codes of every level, as extract_codes.py does) and
+  scores it by each level's bits per code: the top prior's, then each prior below given the codes
+  of the level above it (two levels: the bottom given the top); the bits at each code position of
+  every grid, and the VQ-VAE's reconstruction error (mean squared error, images in [-1, 1]).
 
 The per-image bits/dim (per code) given a class is `PixelSNAIL.output_nll`, the function that
 evaluate.py and the trainers average, so the mean over a split is their figure. A map sums to the
@@ -16,7 +16,7 @@ with `MIXTURE`, with the class unknown: p(x) = mean over classes c of p(x | c), 
 over the classes (the built-in crops' classes are equally frequent). The bits at position i are
 then -log2 p(x_i | x_<i) under that mixture, where the classes are weighed by their posterior given
 x_<i, so they still sum to -log2 p(x); in the pipeline the positions run through the top grid, then
-the bottom grid, and the bottom level's bits are -log2 p(bottom | top).
+each grid below it, and a level's bits are -log2 p(its codes | the codes above).
 """
 
 import csv
@@ -43,7 +43,7 @@ LABEL_FORMS = ("class", DATA, MIXTURE)  # what --label takes (pipelines.infer.ge
 class Level(NamedTuple):
     """One factor of an image's likelihood: a model, its input and its spatial condition."""
 
-    name: str  # "pixels", "top" or "bottom"
+    name: str  # "pixels", or the level's name (modelkit.level_names): "top", "middle", "bottom"
     model: PixelSNAIL
     x: Tensor  # (B, 3, H, W) pixels in [-1, 1] or (B, H, W) codes
     cond: Tensor | None  # the codes of the level it is conditioned on
@@ -120,13 +120,14 @@ def score_pixels(model, images: Tensor, labels, runtime) -> BatchScores:
 
 @torch.no_grad()
 def score_pipeline(pipeline, images: Tensor, labels, runtime) -> BatchScores:
-    """uint8 images (B, 3, S, S) -> their codes' scores under the top and bottom priors, and the
-    VQ-VAE's reconstruction error, on `runtime`."""
+    """uint8 images (B, 3, S, S) -> their codes' scores under the prior of every level (each level's
+    given the codes of the level above it), and the VQ-VAE's reconstruction error, on `runtime`."""
     x = runtime.images(images)
     with runtime.autocast():
-        top_codes, bottom_codes = pipeline.vqvae.encode(x)
-        reconstruction = pipeline.vqvae.decode_codes(top_codes, bottom_codes)
-        levels = [Level("top", pipeline.top, top_codes, None), Level("bottom", pipeline.bottom, bottom_codes, top_codes)]
+        grids = pipeline.vqvae.encode(x)  # one (B, h, w) per level, top first
+        reconstruction = pipeline.vqvae.decode_codes(*grids)
+        aboves = (None, *grids[:-1])  # the top prior has no codes to condition on
+        levels = [Level(*level) for level in zip(pipeline.levels, pipeline.priors, grids, aboves)]
         scores = score_levels(levels, labels)
     mse = (reconstruction.float() - x.float()).square().mean(dim=(1, 2, 3))
     return BatchScores(scores, mse)

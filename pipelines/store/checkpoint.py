@@ -55,12 +55,13 @@ def save_checkpoint(path, state_dict, kind, config, **extra):
 
 def stage_of(kind, extra):
     """What a model of `kind` with these extras is in the pipeline: a VQ-VAE is `vqvae`, a PixelSNAIL
-    trained on a level's codes names the level in its extras (`top_prior`, `bottom_prior`), any other
-    PixelSNAIL models pixels; other kinds (the sample metrics' classifier) are their own stage."""
+    trained on a level's codes names the level in its extras (`top_prior`, `middle_prior`,
+    `bottom_prior`, `level1_prior`...), any other PixelSNAIL models pixels; other kinds (the sample
+    metrics' classifier) are their own stage."""
     if kind == VQVAE_KIND:
         return "vqvae"
     if kind == PIXELSNAIL_KIND:
-        return f"{extra['level']}_prior" if extra.get("level") in ("top", "bottom") else "pixels"
+        return f"{extra['level']}_prior" if isinstance(extra.get("level"), str) else "pixels"
     return kind
 
 
@@ -125,10 +126,12 @@ def read_metadata(path):
 
 
 def checkpoint_stage(path):
-    """What a checkpoint (run directory or file) is in the pipeline: pixels, top_prior, bottom_prior,
-    vqvae or classifier. Checkpoints from before format version 1 record none: `stage_of` tells it."""
+    """What a checkpoint (run directory or file) is in the pipeline: pixels, a level's prior
+    (top_prior, middle_prior, bottom_prior...), vqvae or classifier, as `stage_of` tells it from the
+    kind and extras every format version records (the `stage` field written since version 1 is for
+    other readers: a middle prior's read `pixels` before this rule knew its level)."""
     metadata, extra = read_metadata(path)
-    return metadata.get("stage") or stage_of(metadata["kind"], extra)
+    return stage_of(metadata["kind"], extra)
 
 
 def load_checkpoint(path, kind):
