@@ -50,6 +50,12 @@ def launch(device, *args):
             "--dynamo_backend", "no", *args]
 
 
+def last_line(text):
+    """The last line of a command's output that is neither blank nor a progress bar's."""
+    lines = [line for line in text.strip().splitlines() if line.strip() and "%|" not in line]
+    return lines[-1] if lines else ""
+
+
 class Stages:
     """Runs the stages in order, recording each: name -> {passed, seconds, last line}."""
 
@@ -68,9 +74,10 @@ class Stages:
         start = time.perf_counter()
         try:
             done = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=self.timeout)
-            lines = [line for line in (done.stdout + done.stderr).strip().splitlines() if line.strip() and "%|" not in line] or [""]
             passed = done.returncode == 0 and check()
-            note = lines[-1] if passed else f"exit {done.returncode}: {lines[-1]}"
+            # a pass: the stage's result line (stdout); a failure: its error (stderr; launchers warn there too)
+            note = last_line(done.stdout or done.stderr) if passed else (
+                f"exit {done.returncode}: {last_line(done.stderr or done.stdout)}")
         except subprocess.TimeoutExpired:
             passed, note = False, f"timed out after {self.timeout} s"
         self.results.append({"stage": name, "passed": passed, "seconds": time.perf_counter() - start, "note": note[:300]})

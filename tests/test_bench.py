@@ -494,3 +494,15 @@ def test_the_gpu_benchmark_runs_whole_with_the_cpu_standing_in(monkeypatch, tmp_
     eager = [case for case in throughput["cases"] if case["mode"] == "eager"]
     assert [case["batch"] for case in eager] == list(gpu.QUICK_SAMPLING_BATCHES)
     assert all(case["samples_per_s"] > 0 and set(case["levels"]) == {"top", "bottom"} for case in eager)
+
+
+def test_the_main_job_passes_every_stage_end_to_end_on_the_cpu(tmp_path):
+    """`make gpu-check`'s first part (bench/e2e.py) on the CPU: every stage through the scripts passes
+    and records its result line, not a launcher's warning."""
+    subprocess.run([sys.executable, "-m", "bench.e2e", "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True, text=True, timeout=600)
+    stages = json.loads((tmp_path / "gpu-e2e.json").read_text())["stages"]
+    assert len(stages) == 8 and all(stage["passed"] for stage in stages), stages
+    notes = {stage["stage"]: stage["note"] for stage in stages}
+    assert notes["top prior (accelerate launch)"].startswith("test bits/code: ")
+    assert notes["evaluation: samples"].startswith("CAS: ")
