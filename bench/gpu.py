@@ -19,7 +19,6 @@ not depend on them.
 """
 
 import time
-from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -276,8 +275,7 @@ def bench_sampling_throughput(top_preset, bottom_preset, seed, batches=SAMPLING_
 
     priors = {"top": build(get_preset(top_preset).model, seed).eval(),
               "bottom": build(get_preset(bottom_preset).model, seed).eval()}
-    levels = SimpleNamespace(levels=tuple(priors), priors=tuple(priors.values()))  # what the plan reads of a Pipeline
-    auto, plan = plan_batch_size(levels, make_runtime(CUDA.type, "bf16"),
+    auto, plan = plan_batch_size(priors, make_runtime(CUDA.type, "bf16"),
                                  SampleJob((0,) if priors["top"].config.n_classes else (None,), projected, seed))
     log(plan)
     cases = []

@@ -117,7 +117,7 @@ def main(args):
     if args.capture and runtime.device.type != "cuda":
         raise ValueError(f"--capture replays CUDA graphs: it needs --device cuda (this run is on {runtime.device.type})")
     if args.batch_size == "auto":
-        args.batch_size, plan = plan_batch_size(pipeline, runtime, job)
+        args.batch_size, plan = plan_batch_size(pipeline.by_level, runtime, job)
         if runtime.processes.is_main_process:
             print(plan)
     if args.out_dir is None:

@@ -452,14 +452,14 @@ def test_batch_size_auto_plans_from_the_caches_per_sample_and_out_of_memory_is_o
     pipeline = generation.Pipeline(None, top.eval(), bottom.eval(), 16)  # no VQ-VAE: only the priors plan
     runtime = make_runtime("cpu", "fp32")
     job = generation.SampleJob((0,), 1000, 0)
-    per_level = generation.cache_bytes_per_sample(pipeline, runtime, job.drawing)
+    per_level = generation.cache_bytes_per_sample(pipeline.by_level, runtime, job.drawing)
     with torch.no_grad():  # the caches grow linearly: 5 samples hold 4 more than 1
         sizes = [generation.tensor_bytes(IncrementalPixelSNAIL(top, n, None)) for n in (1, 5)]
     assert 0 < sizes[1] - sizes[0] <= 4 * per_level["top"]  # the rows' parts come on top
     monkeypatch.setattr(generation, "free_bytes", lambda device: 100 * max(per_level.values()))
-    batch_size, plan = generation.plan_batch_size(pipeline, runtime, job)
+    batch_size, plan = generation.plan_batch_size(pipeline.by_level, runtime, job)
     assert batch_size == 60 and plan.startswith("--batch-size auto: ") and "batch 60" in plan
-    guided = generation.cache_bytes_per_sample(pipeline, runtime, Drawing(guidance=2.0))
+    guided = generation.cache_bytes_per_sample(pipeline.by_level, runtime, Drawing(guidance=2.0))
     assert guided == {level: 2 * size for level, size in per_level.items()}
 
     def out_of_memory(*args, **kwargs):

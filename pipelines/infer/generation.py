@@ -52,6 +52,11 @@ class Pipeline:
         return level_names(len(self.priors))
 
     @property
+    def by_level(self) -> dict:
+        """{level name: its prior}, top first."""
+        return dict(zip(self.levels, self.priors))
+
+    @property
     def n_classes(self):
         return self.top.config.n_classes
 
@@ -156,11 +161,12 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
     options = {**asdict(drawing), **({"capture": True} if capture else {})}  # the cached sampler's options
 
     codes = []  # each level's (n, h, w), top first
-    for index, (level, prior) in enumerate(zip(pipeline.levels, pipeline.priors)):
+    levels = pipeline.by_level
+    for index, (level, prior) in enumerate(levels.items()):
         above = codes[-1] if codes else None  # the top prior has no codes to condition on
         kept = {} if known is None else known.prefix(index)
         codes.append(prior.sample(n, labels, above, at_level(generator, level), progress=bars, **options, **kept))
-        if callable(progress) and prior is not pipeline.bottom:  # the bottom's share once decoded
+        if callable(progress) and index < len(levels) - 1:  # the last level's share once decoded
             progress(level_share(pipeline, level))
     images = torch.cat([pipeline.vqvae.decode_codes(*chunks) for chunks in
                         zip(*(level_codes.split(DECODE_CHUNK) for level_codes in codes))])
@@ -171,7 +177,7 @@ def generate(pipeline, n, label=None, drawing=Drawing(), generator=None, progres
 
 def check_drawing(pipeline, drawing):
     """Refuses sampling controls a prior of the pipeline cannot take (guidance without label dropout)."""
-    for level, prior in zip(pipeline.levels, pipeline.priors):
+    for level, prior in pipeline.by_level.items():
         try:
             drawing.check(prior.config)
         except ValueError as error:
@@ -180,7 +186,7 @@ def check_drawing(pipeline, drawing):
 
 def level_share(pipeline, level):
     """The share of a sample's positions that `level` draws."""
-    sizes = {name: math.prod(prior.config.shape) for name, prior in zip(pipeline.levels, pipeline.priors)}
+    sizes = {name: math.prod(prior.config.shape) for name, prior in pipeline.by_level.items()}
     return sizes[level] / sum(sizes.values())
 
 
@@ -282,12 +288,13 @@ def check_labels_given(given, n_classes, model_is="the priors are", forms=None):
         raise ValueError(f"{model_is} not class-conditional: give no label (got {given})")
 
 
-def cache_bytes_per_sample(pipeline, runtime, drawing):
-    """The bytes the cached sampler holds per sample at the larger level (the levels run one after
-    the other): the caches' growth from a batch of 1 to a batch of 2, measured on the tensors they
-    allocate (rows of every conv, keys and values, the rows' parts), twice under guidance."""
+def cache_bytes_per_sample(priors, runtime, drawing):
+    """{level: the bytes the cached sampler holds per sample} of `priors` ({level: prior}, as
+    Pipeline.by_level gives them): the caches' growth from a batch of 1 to a batch of 2, measured on
+    the tensors they allocate (rows of every conv, keys and values, the rows' parts), twice under
+    guidance. The levels run one after the other: the largest one is what a batch needs."""
     per_level = {}
-    for level, model in zip(pipeline.levels, pipeline.priors):
+    for level, model in priors.items():
         sizes = []
         with torch.no_grad(), runtime.autocast():
             for batch in (1, 2):
@@ -331,10 +338,11 @@ AUTO_SHARE = 0.6  # of the free memory for the caches: the step's activations, t
 AUTO_LIMIT = 4096  # more gives no speed on any device measured, and delays the first written samples
 
 
-def plan_batch_size(pipeline, runtime, job):
-    """--batch-size auto: the largest batch whose caches fit AUTO_SHARE of the free memory, at most
-    the samples of one process and AUTO_LIMIT -> (batch size, the plan in one line)."""
-    per_level = cache_bytes_per_sample(pipeline, runtime, job.drawing)
+def plan_batch_size(priors, runtime, job):
+    """--batch-size auto for `priors` ({level: prior}, Pipeline.by_level): the largest batch whose
+    caches fit AUTO_SHARE of the free memory, at most the samples of one process and AUTO_LIMIT ->
+    (batch size, the plan in one line)."""
+    per_level = cache_bytes_per_sample(priors, runtime, job.drawing)
     per_sample = max(per_level.values())
     free = free_bytes(runtime.device)
     fits = max(1, int(AUTO_SHARE * free // per_sample))
