@@ -94,7 +94,7 @@ def train_step(model, optimizer, inputs):
 def bench_training(preset, batch_sizes, steps, seed, variant=None):
     config = get_preset(preset).model
     model = build(config, seed).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.95, 0.9995), fused=variant == FUSED or None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.95, 0.9995), fused=True if variant == FUSED else None)
     generator = torch.Generator().manual_seed(seed)
     peaks, seconds, flops = {}, None, None
     for batch_size in batch_sizes:
