@@ -21,6 +21,8 @@ Subcommands:
           vs bf16 autocast vs bf16 autocast + channels_last, interleaved in one run.
   codecs  the pixel model's bits/dim after 2, 5 and 10 minutes of training (one run per seed) beside
           PNG and WebP lossless on the same crops: of the held-out photos and of another photo; a plot.
+  recipe  a pixel preset's Polyak average and learning rate: one run of the real trainer per variant
+          to fixed step counts, scored on the held-out crops (the choice) and another photo (the check).
   codec   the pixel model as a real lossless codec (compress.py's files) on whole held-out photos,
           trained 10 and 60 minutes, beside PNG, WebP lossless and JPEG-XL lossless: bits per
           sub-pixel from file sizes, encode and decode seconds per megapixel; a plot.
@@ -66,6 +68,7 @@ Examples:
   python -m bench ood --quick           # smoke run with tiny random models, seconds
   python -m bench gpu                   # one CUDA GPU, a few minutes
   python -m bench codecs                # about 15 minutes per seed on 2 idle cores
+  python -m bench recipe                # four cpu-small variants to 1,400 steps, about 50 minutes
   python -m bench codec                 # about 90 minutes on 2 idle cores (70 of training)
   python -m bench codec --quick         # smoke run, the tiny preset on 24x24 crops, a minute
   python -m bench revisions --before d7312e8   # after make demo, a few minutes
@@ -74,7 +77,7 @@ Examples:
 import argparse
 import inspect
 
-from bench import (codec, codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, revisions, sample,
+from bench import (codec, codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions, sample,
                    sample_pipeline, streams, train, vqvae)
 from pipelines.cli import run
 
@@ -89,6 +92,7 @@ SUBCOMMANDS = {
     "guidance": (guidance, "classifier-free guidance: samples classified as the class asked for at guidance 0, 1, 2, 4, top-p 0.9"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
+    "recipe": (recipe, "a pixel preset's Polyak average and learning rate, variants trained to equal steps and scored"),
     "codec": (codec, "the pixel model's codec on whole held-out photos against PNG, WebP and JPEG-XL lossless: bits, s/MP"),
     "ood": (ood, "AUROC of likelihood scores between held-out crops and noise, flipped, inverted crops, another photo"),
     "revisions": (revisions, "scripts/sample.py under an earlier git revision and under this tree, side by side"),

@@ -12,55 +12,21 @@ scored in fp32 at each mark: the built-in crops by scripts/evaluate.py, the othe
 scripts/score.py. Scoring time does not count as training time.
 """
 
-import csv
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from bench.common import (Report, add_out_argument, default_other_photos, last_line_value, log, machine_info,
-                          machine_lines, pyplot, recorded_path, results_record, run_script)
+from bench.common import (OTHER_CROPS, Report, add_out_argument, default_other_photos, log, machine_info, machine_lines,
+                          photo_crops, pyplot, recorded_path, results_record, run_bits, run_script, test_images,
+                          write_pngs)
 from pipelines.cli import user_path
-from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
 from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
 from pipelines.store.run_files import read_log
 from prior import get_preset
 
 FULL_MARKS = (2.0, 5.0, 10.0)
 QUICK_MARKS = (0.1, 0.2)
-OTHER_CROPS = 1000  # crops of --other-photos
-CROP_SEED = 123  # the other photos' crops are the same in every run
-
-
-def test_images(data, size):
-    """The test split of `data` as uint8 (N, 3, S, S), as the model is evaluated on it."""
-    dataset = load_dataset(data, "test", size)
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
-
-
-def photo_crops(photos, n, size, seed=CROP_SEED):
-    """`n` random crops of the photos (each from a photo chosen at random), uint8 (n, 3, S, S)."""
-    return random_crops([to_rgb8(Image.open(photo)) for photo in photos], n, size, np.random.default_rng(seed))[0]
-
-
-def write_pngs(images, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:05d}.png")
-
-
-def model_bits(run_dir, eval_data, other_folder, work):
-    """The run's test bits/dim on the built-in test split and its mean bits/dim on the other crops."""
-    output = run_script("scripts/evaluate.py", "--ckpt", str(run_dir), "--data", eval_data, "--precision", "fp32")
-    scores = work / "other-scores.csv"
-    run_script("scripts/score.py", "--ckpt", str(run_dir), "--precision", "fp32", "--out", str(scores), str(other_folder))
-    with scores.open() as file:
-        other = [float(row["bits_per_dim"]) for row in csv.DictReader(file)]
-    return last_line_value(output, "test bits/dim: "), statistics.fmean(other)
 
 
 def model_curve(work, args, marks, seed, other_folder):
@@ -75,7 +41,7 @@ def model_curve(work, args, marks, seed, other_folder):
                    "--n-samples", "0", *(["--resume"] if done else []))
         seconds = time.perf_counter() - start
         done = mark
-        held_out, other = model_bits(run_dir, args.eval_data, other_folder, work)
+        held_out, other = run_bits(run_dir, args.eval_data, other_folder, work)
         steps = read_log(run_dir)[-1]["step"]
         curve.append({"minutes": mark, "steps": steps, "session_seconds": seconds, "held_out": held_out, "other": other})
         log(f"  minute {mark:g}, step {steps}: held-out {held_out:.4f}, other photos {other:.4f} bits/dim")

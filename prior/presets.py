@@ -89,9 +89,9 @@ PRESETS = {
         batch_size=8,
         ema_decay=0.9997,
     ),
-    # the largest model that learns usefully in minutes on 2 CPU cores; a few hundred steps in ten
+    # the largest model that learns usefully in minutes on 2 CPU cores: 1,000-1,400 steps in ten
     # minutes, so a short Polyak average (else the average still holds much of the initial weights)
-    # and a higher learning rate: each measured to help, side by side (bench/results/codecs-recipe.md)
+    # and a higher learning rate, chosen at that length on two kinds of photos (bench/results/recipe.md)
     "cpu-small": Preset(
         model=PixelSNAILConfig(
             shape=(32, 32), channels=64, n_blocks=2, n_res_blocks=2, dropout=0.0, n_mixtures=5,

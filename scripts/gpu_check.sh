@@ -5,7 +5,9 @@
 # 3. the one-GPU benchmark (bench/gpu.py): gpu.{json,md}: training steps/s, sampling samples/s at batch 16, 64, 256
 #    and auto, eager against captured, the projected time for 50,000 samples.
 # Each part runs even when an earlier one failed; the exit status is that of the first failure.
-# PYTHON: the interpreter with the project's dependencies (default .venv/bin/python).
+# PYTHON: the interpreter with the project's dependencies (default .venv/bin/python). On a GPU machine that has
+# PyTorch but no package index, install the missing dependencies from wheels first, then run from the repository
+# with it: PYTHONPATH=$PWD PYTHON=python3 bash scripts/gpu_check.sh OUT_DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

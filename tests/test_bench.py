@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import (codec, codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, revisions, sample,
-                   sample_pipeline, streams, train, vqvae)
+from bench import (codec, codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions,
+                   sample, sample_pipeline, streams, train, vqvae)
 from launch import run_in_process
 from pipelines.data.datasets import ImageTensorDataset
 from pipelines.infer.extract import extract_codes
@@ -239,6 +239,12 @@ def test_committed_markdown_is_made_from_committed_json(module):
     assert module.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
 
 
+def test_committed_recipe_markdown_is_made_from_committed_json():
+    for report in (recipe.REPORT, recipe.GREY_REPORT):
+        results = json.loads((ROOT / "bench" / "results" / f"{report.name}.json").read_text())
+        assert report.markdown(results) == (ROOT / "bench" / "results" / f"{report.name}.md").read_text()
+
+
 def test_precision_reads_the_last_result_line_of_a_script():
     output = "new run\ntest bits/dim: 9.1000\nsamples: x.png\ntest bits/dim: 5.2675\n"
     assert common.last_line_value(output, "test bits/dim: ") == 5.2675
@@ -282,10 +288,10 @@ def test_codecs_are_lossless_and_scored_by_file_size():
 def test_codecs_crops_of_other_photos_are_fixed_and_cut_like_the_builtin_ones(tmp_path):
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(photo)
-    crops = codecs.photo_crops([photo], 5, 16)
+    crops = common.photo_crops([photo], 5, 16)
     assert crops.shape == (5, 3, 16, 16) and crops.dtype == torch.uint8
-    assert torch.equal(crops, codecs.photo_crops([photo], 5, 16))
-    assert not torch.equal(crops, codecs.photo_crops([photo], 5, 16, seed=1))
+    assert torch.equal(crops, common.photo_crops([photo], 5, 16))
+    assert not torch.equal(crops, common.photo_crops([photo], 5, 16, seed=1))
 
 
 def test_bench_refuses_a_missing_photo_in_one_line_and_writes_nothing(tmp_path):
@@ -309,6 +315,41 @@ def test_codecs_table_averages_the_seeds_at_each_mark():
     assert rows[0] == ("PNG", "5.000", "5.500")
     assert rows[1] == ("PixelSNAIL cpu-small after 2 min (105 steps), mean of 2 seeds", "4.100", "4.700")
     assert any(note.startswith("seed 1: 2 min, step 110: 4.2000 / 4.9000") for note in notes)
+
+
+def recipe_results(*runs):
+    curve = lambda held_out, other: [{"steps": 100, "session_seconds": 5.0, "held_out": held_out, "other": other}]
+    return {"config": {"preset": "cpu-small", "preset_default": [0.98, 4e-3], "marks": [100], "train_data": "builtin",
+                       "eval_data": "builtin", "other_photos": ["a.jpg"], "n_other": 4},
+            "runs": [{"polyak": p, "lr": lr, "seed": seed, "curve": curve(h, o)} for p, lr, seed, h, o in runs],
+            "cpu": "x", "threads": 2, "torch": "t", "date": "d", "load_average_before": [0], "load_average_after": [0]}
+
+
+def test_recipe_ranks_the_variants_by_their_mean_over_seeds_and_says_whether_the_other_photos_agree():
+    results = recipe_results((0.98, 4e-3, 0, 4.0, 5.0), (0.98, 4e-3, 1, 4.4, 5.2), (0.995, 2e-3, 0, 4.1, 4.9))
+    header, rows, notes = recipe.table(results)
+    assert [row[:3] for row in rows] == [("0.98 (preset)", "0.004", "0"), ("0.98 (preset)", "0.004", "1"),
+                                        ("0.995", "0.002", "0")]
+    assert ("step 100, by mean held-out bits/dim: 0.995 / 0.002: 4.1000 (other 4.9000), 0.98 / 0.004: 4.2000 "
+            "(other 5.1000); best on held-out 0.995 / 0.002, also best on the other photos") in notes
+    disagreeing = recipe_results((0.98, 4e-3, 0, 4.0, 4.8), (0.995, 2e-3, 0, 4.1, 4.7))
+    assert recipe.table(disagreeing)[2][1].endswith(
+        "best on held-out 0.98 / 0.004, but 0.995 / 0.002 is best on the other photos")
+
+
+def test_recipe_add_refuses_results_of_other_settings_and_variants_are_read_strictly(tmp_path):
+    path = tmp_path / "recipe.json"
+    results = recipe_results((0.98, 4e-3, 0, 4.0, 5.0))
+    path.write_text(json.dumps(results))
+    assert recipe.earlier_runs(path, results["config"]) == results["runs"]
+    with pytest.raises(ValueError, match="other settings"):
+        recipe.earlier_runs(path, {**results["config"], "marks": [200]})
+    with pytest.raises(ValueError, match="no .* to add to"):
+        recipe.earlier_runs(tmp_path / "none.json", results["config"])
+    assert recipe.variant("0.995:2e-3") == (0.995, 0.002)
+    for text in ("0.995", "0.995:", "a:1e-3"):
+        with pytest.raises(ValueError, match="POLYAK:LR"):
+            recipe.variant(text)
 
 
 def test_train_add_keeps_the_committed_cases_and_describes_the_added_run(tmp_path):
