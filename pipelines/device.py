@@ -13,7 +13,6 @@ sampling, evaluation) all of it.
   itself, and its cached sampler works on (B, C) vectors.
 - TF32: on CUDA, fp32 matmuls and convolutions run in TF32 (`allow_tf32`), for trainers and
   inference alike.
-- Denormals: on the CPU, floats below fp32's normal range compute as zero (`flush_denormals`).
 - Processes: accelerate's PartialState. Under `accelerate launch` every process runs the same
   job and the job splits its work by `process_index`.
 
@@ -144,20 +143,10 @@ def allow_tf32():
     torch.backends.cudnn.allow_tf32 = True
 
 
-def flush_denormals():
-    """CPU floats below fp32's normal range (under 1.2e-38) read and compute as zero, on this thread
-    and the threads it starts later. A model that grows confident makes such values (the far tails
-    of its likelihoods and their gradients), and arithmetic on them is many times slower: a cpu-small
-    run on greyscale photos trained 1.66x faster with them flushed, to bit-identical losses
-    (bench/results/denormals.md)."""
-    torch.set_flush_denormal(True)
-
-
 def check_processes(state):
     """Refuses a launch whose processes do not see each other (an Accelerator or accelerate's
     PartialState); gives each CPU process its share of the cores. Every job, trainer or inference,
-    passes here once: on CUDA it turns TF32 on (allow_tf32); denormals are flushed everywhere."""
-    flush_denormals()
+    passes here once: on CUDA it turns TF32 on (allow_tf32)."""
     if state.device.type == "cuda":
         allow_tf32()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
