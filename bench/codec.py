@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bench.common import (Report, add_common_arguments, add_quick_argument, apply_defaults, default_other_photos, log,
-                          machine_info, machine_lines, pyplot, recorded_path, results_record, run_script)
+                          machine_info, machine_lines, pyplot, recorded_path, results_record, train_pixel_run)
 from pipelines.cli import user_path
 from pipelines.data.datasets import builtin_photo, to_rgb8
 from pipelines.data.holdout import BUILTIN_TEST_PHOTOS
@@ -130,10 +130,8 @@ def train_models(work, args):
     run_dir, done, models = work / "run", 0.0, []
     for mark in args.marks:
         log(f"training to minute {mark:g}")
-        run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--data", args.train_data,
-                   "--seed", str(args.seed), "--preset", args.preset, "--steps", str(10**9),
-                   "--max-minutes", repr(mark - done), "--eval-every", str(10**9), "--checkpoint-every", str(10**9),
-                   "--n-samples", "0", *(["--resume"] if done else []))
+        train_pixel_run(run_dir, "--data", args.train_data, "--seed", str(args.seed), "--preset", args.preset,
+                        "--steps", str(10**9), "--max-minutes", repr(mark - done), resume=bool(done))
         done = mark
         snapshot = work / f"model-{mark:g}min.safetensors"
         shutil.copyfile(run_dir / "model.safetensors", snapshot)

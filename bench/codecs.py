@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.common import (OTHER_CROPS, Report, add_out_argument, default_other_photos, log, machine_info, machine_lines,
-                          photo_crops, pyplot, recorded_path, results_record, run_bits, run_script, test_images,
+                          photo_crops, pyplot, recorded_path, results_record, run_bits, test_images, train_pixel_run,
                           write_pngs)
 from pipelines.cli import user_path
 from pipelines.eval.codecs import CODECS, codec_bits_per_subpixel
@@ -35,10 +35,9 @@ def model_curve(work, args, marks, seed, other_folder):
     for mark in marks:
         log(f"seed {seed}: training to minute {mark:g}")
         start = time.perf_counter()
-        run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--data", args.train_data, "--seed", str(seed),
-                   *(["--preset", args.preset] if args.preset else []), "--steps", str(10**9),
-                   "--max-minutes", repr(mark - done), "--eval-every", str(10**9), "--checkpoint-every", str(10**9),
-                   "--n-samples", "0", *(["--resume"] if done else []))
+        train_pixel_run(run_dir, "--data", args.train_data, "--seed", str(seed),
+                        *(["--preset", args.preset] if args.preset else []), "--steps", str(10**9),
+                        "--max-minutes", repr(mark - done), resume=bool(done))
         seconds = time.perf_counter() - start
         done = mark
         held_out, other = run_bits(run_dir, args.eval_data, other_folder, work)

@@ -22,7 +22,7 @@ import skimage.data
 from PIL import Image
 
 from bench.common import (OTHER_CROPS, Report, add_out_argument, default_other_photos, log, machine_info, machine_lines,
-                          photo_crops, recorded_path, results_record, run_bits, run_script, write_pngs)
+                          photo_crops, recorded_path, results_record, run_bits, train_pixel_run, write_pngs)
 from pipelines.cli import user_path
 from pipelines.data.datasets import BUILTIN_DEFAULT_COUNTS, random_crops
 from prior import get_preset
@@ -32,6 +32,7 @@ QUICK_MARKS = (10, 20)
 VARIANTS = ("0.98:4e-3", "0.995:2e-3", "0.995:4e-3", "0.998:2e-3")
 # scikit-image's greyscale photos: data of another kind than the colour photos the choice is made on
 GREY_PHOTOS = {"train": ("camera", "brick", "grass", "coins", "moon", "cell"), "test": ("gravel", "clock")}
+GREY_DATA = "grey photos"  # how results files name that data (it is written to a temporary folder)
 
 
 def variant(text):
@@ -59,10 +60,8 @@ def variant_curve(work, args, polyak, lr, seed, other_folder):
     for mark in args.marks:
         log(f"Polyak {polyak:g}, lr {lr:g}, seed {seed}: training to step {mark}")
         start = time.perf_counter()
-        run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), "--data", args.train_data, "--seed", str(seed),
-                   "--preset", args.preset, "--ema-decay", repr(polyak), "--lr", repr(lr), "--steps", str(mark),
-                   "--eval-every", str(10**9), "--checkpoint-every", str(10**9), "--n-samples", "0",
-                   *(["--resume"] if curve else []))
+        train_pixel_run(run_dir, "--data", args.train_data, "--seed", str(seed), "--preset", args.preset,
+                        "--ema-decay", repr(polyak), "--lr", repr(lr), "--steps", str(mark), resume=bool(curve))
         seconds = time.perf_counter() - start
         held_out, other = run_bits(run_dir, args.eval_data, other_folder, work)
         curve.append({"steps": mark, "session_seconds": seconds, "held_out": held_out, "other": other})
@@ -84,10 +83,9 @@ def run(args):
     preset = get_preset(args.preset)
     size = preset.model.shape[0]
     other_photos = args.other_photos or default_other_photos()
-    if args.grey_photos:
-        args.train_data = args.eval_data = "grey photos"
+    train_data, eval_data = (GREY_DATA, GREY_DATA) if args.grey_photos else (args.train_data, args.eval_data)
     config = {"preset": args.preset, "preset_default": [preset.ema_decay, preset.lr], "marks": args.marks,
-              "train_data": recorded_path(args.train_data), "eval_data": recorded_path(args.eval_data),
+              "train_data": recorded_path(train_data), "eval_data": recorded_path(eval_data),
               "other_photos": [Path(p).name for p in other_photos], "n_other": 20 if args.quick else OTHER_CROPS}
     report = GREY_REPORT if args.grey_photos else REPORT
     earlier = earlier_runs(Path(args.out) / f"{report.name}.json", config) if args.add else []
@@ -159,7 +157,7 @@ def table(results):
     rows = [(f"{r['polyak']:g}" + (" (preset)" if (r["polyak"], r["lr"]) == default else ""), f"{r['lr']:g}",
              str(r["seed"]), str(p["steps"]), f"{p['session_seconds']:.0f}", f"{p['held_out']:.4f}",
              f"{p['other']:.4f}") for r in results["runs"] for p in r["curve"]]
-    grey = c["train_data"] == "grey photos"
+    grey = c["train_data"] == GREY_DATA
     data = (f"crops of scikit-image's greyscale photos as RGB ({', '.join(GREY_PHOTOS['train'])}); held-out: crops "
             f"of {', '.join(GREY_PHOTOS['test'])}" if grey else
             f"{c['train_data']}; held-out: the test split of {c['eval_data']} (the choice is made on it)")
@@ -169,13 +167,13 @@ def table(results):
              "start-up included"]
     for mark in c["marks"]:
         held_out, other = (mean_by_variant(results, mark, key) for key in ("held_out", "other"))
-        best = min(held_out, key=held_out.get)
         ranked = sorted(held_out, key=held_out.get)
+        best, best_other = ranked[0], min(other, key=other.get)
         notes.append(f"step {mark}, by mean held-out bits/dim: " + ", ".join(
             f"{p:g} / {lr:g}: {held_out[(p, lr)]:.4f} (other {other[(p, lr)]:.4f})" for p, lr in ranked)
             + f"; best on held-out {best[0]:g} / {best[1]:g}, "
-            + ("also best on the other photos" if best == min(other, key=other.get) else
-               f"but {min(other, key=other.get)[0]:g} / {min(other, key=other.get)[1]:g} is best on the other photos"))
+            + ("also best on the other photos" if best == best_other else
+               f"but {best_other[0]:g} / {best_other[1]:g} is best on the other photos"))
     return header, rows, notes + machine_lines(results)
 
 

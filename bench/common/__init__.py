@@ -2,7 +2,7 @@
 
   machine    the machine's description, other processes' CPU use, paths as results files record them
   timing     variants interleaved, a sampler's draws timed, the matmul peak, attention FLOPs on the CPU
-  crops      the held-out crops and other photos' crops a pixel run is scored on, and its bits/dim there
+  crops      a pixel run of the real trainer to a mark, the crops it is scored on, and its bits/dim there
   models     random images and model inputs, the other held-out photo, precision, the quick VQ-VAE and
              its extraction step
   processes  running other programs, alone or several at once, their output to files (never a pipe)
@@ -11,7 +11,7 @@
 The benchmarks import these names from here.
 """
 
-from bench.common.crops import CROP_SEED, OTHER_CROPS, photo_crops, run_bits, test_images, write_pngs
+from bench.common.crops import CROP_SEED, OTHER_CROPS, photo_crops, run_bits, test_images, train_pixel_run, write_pngs
 from bench.common.machine import (ROOT, OtherCpuUse, cpu_model, load_average, machine_info, recorded_command,
                                   recorded_path)
 from bench.common.models import (VQVAE_QUICK_MODEL, autocast, channels_last, default_other_photos, random_inputs,
@@ -25,7 +25,7 @@ from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMU
                                  time_interleaved)
 
 __all__ = [
-    "CROP_SEED", "OTHER_CROPS", "photo_crops", "run_bits", "test_images", "write_pngs",
+    "CROP_SEED", "OTHER_CROPS", "photo_crops", "run_bits", "test_images", "train_pixel_run", "write_pngs",
     "ROOT", "OtherCpuUse", "cpu_model", "load_average", "machine_info", "recorded_command", "recorded_path",
     "VQVAE_QUICK_MODEL", "autocast", "channels_last", "default_other_photos", "random_inputs", "random_pixels",
     "vqvae_extract",

@@ -1,5 +1,6 @@
-"""The crops the pixel-model benchmarks score a training run on: the held-out split and crops of
-other photos, cut as the built-in crops are cut, and the run's exact bits/dim on both."""
+"""The pixel-model benchmarks' training runs and the crops they score them on: a run of the real
+trainer to a mark, the held-out split and crops of other photos (cut as the built-in crops are
+cut), and the run's exact bits/dim on both."""
 
 import csv
 import statistics
@@ -13,6 +14,14 @@ from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
 
 OTHER_CROPS = 1000  # crops of the other photos a benchmark scores
 CROP_SEED = 123  # the other photos' crops are the same in every run
+
+
+def train_pixel_run(run_dir, *options, resume=False):
+    """scripts/train_pixelsnail.py --out run_dir with the trainer `options` (data, seed, budget, ...),
+    its periodic evaluations, checkpoints and samples off (the benchmark scores the end itself);
+    `resume` continues the run in run_dir (exact resume: one run stopped at several marks)."""
+    run_script("scripts/train_pixelsnail.py", "--out", str(run_dir), *options, "--eval-every", str(10**9),
+               "--checkpoint-every", str(10**9), "--n-samples", "0", *(["--resume"] if resume else []))
 
 
 def test_images(data, size):
