@@ -20,7 +20,7 @@ from PIL import Image
 from bench import (codec, codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions,
                    sample, sample_pipeline, streams, train, vqvae)
 from launch import run_in_process
-from pipelines.data.datasets import ImageTensorDataset
+from pipelines.data.datasets import ImageTensorDataset, load_dataset
 from pipelines.infer.extract import extract_codes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,16 @@ def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
     assert module.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
+
+
+def test_recipe_grey_photos_are_an_image_folder_of_greyscale_crops_as_rgb_in_both_splits(tmp_path):
+    folder = recipe.write_grey_folder(tmp_path / "grey", 8, quick=True)
+    for split in ("train", "test"):
+        dataset = load_dataset(str(folder), split, 8)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        assert images.shape == (40, 3, 8, 8)
+        assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey as RGB
+    assert len(list((folder / "train").iterdir())) == len(list((folder / "test").iterdir())) == 40
 
 
 def test_committed_recipe_markdown_is_made_from_committed_json():
