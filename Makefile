@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-pixels test bench gpu-check clean
+.PHONY: demo demo-pixels test bench gpu-check gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ bench: $(VENV)/.installed
 # on a machine with a CUDA GPU: the CUDA tests, then bench/results/gpu.md (under 8 minutes)
 gpu-check: $(VENV)/.installed
 	PYTHON=$(PY) bash scripts/gpu_check.sh
+
+# for a GPU machine with PyTorch but no package index: wheels of what its interpreter lacks (gpu_check.sh names
+# them) into .whl/, which scripts/gpu_check.sh installs there; the default is what an NVIDIA PyTorch image lacked
+GPU_WHEELS ?= lmdb constriction
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs

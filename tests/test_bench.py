@@ -5,6 +5,7 @@ records a machine's directories)."""
 import ast
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -558,3 +559,31 @@ def test_the_main_job_passes_every_stage_end_to_end_on_the_cpu(tmp_path):
     notes = {stage["stage"]: stage["note"] for stage in stages}
     assert notes["top prior (accelerate launch)"].startswith("test bits/code: ")
     assert notes["evaluation: samples"].startswith("CAS: ")
+
+
+def run_gpu_check(python, out_dir):
+    return subprocess.run(["bash", "scripts/gpu_check.sh", str(out_dir)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": str(python)})
+
+
+def test_gpu_check_names_every_missing_dependency_in_one_line_before_it_runs_anything(tmp_path):
+    """An interpreter without the project's packages (here one that skips its site-packages) is refused in
+    one line that names them and the wheels to fetch; nothing runs and nothing is written."""
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    checked = run_gpu_check(bare, tmp_path / "out")
+    assert checked.returncode != 0 and checked.stdout == ""
+    assert len(checked.stderr.splitlines()) == 1, checked.stderr
+    assert checked.stderr.startswith("error: this interpreter lacks torch>=2.6, ")
+    assert "lmdb>=1.4" in checked.stderr and "constriction>=0.4" in checked.stderr
+    assert "make gpu-wheels GPU_WHEELS='torch " in checked.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the check would run whole")
+def test_gpu_check_with_every_dependency_stops_at_the_missing_gpu_in_one_line(tmp_path):
+    checked = run_gpu_check(sys.executable, tmp_path / "out")
+    assert checked.returncode != 0
+    assert checked.stderr == "error: make gpu-check needs CUDA, and torch sees no GPU here\n"
+    assert not (tmp_path / "out").exists()
