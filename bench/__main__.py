@@ -42,6 +42,8 @@ Subcommands:
           classified as the class asked for at guidance 0, 1, 2, 4 and at top-p 0.9.
   revisions  scripts/sample.py on a pipeline run under an earlier git revision and under this
           tree, alternating, at several batch sizes: what a change to the sampler gained or cost.
+  denormals  denormal floats flushed to zero or kept: the trainer resuming a confident cpu-small run, and
+          the codec coding a photo with a young and a confident model, alternating in one run.
   lmdb    a code database of 20,000 records (32x32 top, 64x64 bottom codes) read through a
           DataLoader: records/s with 0, 2 and 4 workers, fork vs spawn, interleaved in one run.
 
@@ -62,6 +64,7 @@ Examples:
   python -m bench eval --run-dir runs/demo  # after `make demo`, about 10 minutes on 2 cores
   python -m bench guidance --demo runs/demo   # after `make demo`, about 25 minutes
   python -m bench guidance --quick --demo runs/demo --work /tmp/guidance   # smoke run, a few minutes
+  python -m bench denormals             # about 25 minutes on 2 idle cores
   python -m bench lmdb                  # 205 MB database, about 2 minutes
   python -m bench lmdb --quick          # smoke run, a tiny database, seconds
   python -m bench ood                   # after make demo and make demo-pixels, minutes
@@ -77,8 +80,8 @@ Examples:
 import argparse
 import inspect
 
-from bench import (codec, codecs, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions, sample,
-                   sample_pipeline, streams, train, vqvae)
+from bench import (codec, codecs, denormals, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions,
+                   sample, sample_pipeline, streams, train, vqvae)
 from pipelines.cli import run
 
 SUBCOMMANDS = {
@@ -90,6 +93,7 @@ SUBCOMMANDS = {
     "extract": (extract, "extraction images/s through extract_codes.py, fp32 vs bf16, and the codes bf16 changes"),
     "eval": (evaluate, "every stage of a pipeline run through evaluate.py: numbers, real-data ceilings, seconds"),
     "guidance": (guidance, "classifier-free guidance: samples classified as the class asked for at guidance 0, 1, 2, 4, top-p 0.9"),
+    "denormals": (denormals, "denormal floats flushed or kept: the trainer on a confident model, the codec, side by side"),
     "lmdb": (lmdb, "code database reads through a DataLoader, records/s, 0/2/4 workers, fork vs spawn"),
     "codecs": (codecs, "the pixel model's test bits/dim after 2, 5, 10 minutes against PNG and WebP lossless"),
     "recipe": (recipe, "a pixel preset's Polyak average and learning rate, variants trained to equal steps and scored"),

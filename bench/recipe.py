@@ -17,22 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import skimage.data
-from PIL import Image
-
-from bench.common import (OTHER_CROPS, Report, add_out_argument, default_other_photos, log, machine_info, machine_lines,
-                          photo_crops, recorded_path, results_record, run_bits, train_pixel_run, write_pngs)
+from bench.common import (GREY_DATA, GREY_PHOTOS, OTHER_CROPS, Report, add_out_argument, default_other_photos, log,
+                          machine_info, machine_lines, photo_crops, recorded_path, results_record, run_bits,
+                          train_pixel_run, write_grey_folder, write_pngs)
 from pipelines.cli import user_path
-from pipelines.data.datasets import BUILTIN_DEFAULT_COUNTS, random_crops
 from prior import get_preset
 
 FULL_MARKS = (1000, 1400)  # the trainer's default steps; about the 10 minutes of make demo-pixels on 2 cores
 QUICK_MARKS = (10, 20)
 VARIANTS = ("0.98:4e-3", "0.995:2e-3", "0.995:4e-3", "0.998:2e-3")
-# scikit-image's greyscale photos: data of another kind than the colour photos the choice is made on
-GREY_PHOTOS = {"train": ("camera", "brick", "grass", "coins", "moon", "cell"), "test": ("gravel", "clock")}
-GREY_DATA = "grey photos"  # how results files name that data (it is written to a temporary folder)
 
 
 def variant(text):
@@ -42,16 +35,6 @@ def variant(text):
         return float(polyak), float(lr)
     except ValueError:
         raise ValueError(f"--variants takes POLYAK:LR pairs such as 0.995:2e-3, not {text!r}") from None
-
-
-def write_grey_folder(folder, size, quick):
-    """An image folder (train/, test/) of crops of GREY_PHOTOS as RGB PNGs, cut as the built-in crops."""
-    for split, names in GREY_PHOTOS.items():
-        photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in names]
-        n = 40 if quick else BUILTIN_DEFAULT_COUNTS[split]
-        crops = random_crops(photos, n, size, np.random.default_rng(["train", "test"].index(split)))[0]
-        write_pngs(crops, folder / split)
-    return folder
 
 
 def variant_curve(work, args, polyak, lr, seed, other_folder):
@@ -95,7 +78,7 @@ def run(args):
         work = Path(tmp)
         write_pngs(photo_crops(other_photos, config["n_other"], size), work / "other")
         if args.grey_photos:
-            args.train_data = args.eval_data = str(write_grey_folder(work / "grey", size, args.quick))
+            args.train_data = args.eval_data = str(write_grey_folder(work / "grey", size, 40 if args.quick else None))
         for seed in args.seeds:
             for polyak, lr in args.variants:
                 curve = variant_curve(work, args, polyak, lr, seed, work / "other")

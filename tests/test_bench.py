@@ -241,7 +241,7 @@ def test_committed_markdown_is_made_from_committed_json(module):
 
 
 def test_recipe_grey_photos_are_an_image_folder_of_greyscale_crops_as_rgb_in_both_splits(tmp_path):
-    folder = recipe.write_grey_folder(tmp_path / "grey", 8, quick=True)
+    folder = common.write_grey_folder(tmp_path / "grey", 8, 40)
     for split in ("train", "test"):
         dataset = load_dataset(str(folder), split, 8)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])

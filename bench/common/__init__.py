@@ -11,7 +11,8 @@
 The benchmarks import these names from here.
 """
 
-from bench.common.crops import CROP_SEED, OTHER_CROPS, photo_crops, run_bits, test_images, train_pixel_run, write_pngs
+from bench.common.crops import (CROP_SEED, GREY_DATA, GREY_PHOTOS, OTHER_CROPS, grey_photo, photo_crops, run_bits,
+                                test_images, train_pixel_run, write_grey_folder, write_pngs)
 from bench.common.machine import (ROOT, OtherCpuUse, cpu_model, load_average, machine_info, recorded_command,
                                   recorded_path)
 from bench.common.models import (VQVAE_QUICK_MODEL, autocast, channels_last, default_other_photos, random_inputs,
@@ -25,7 +26,8 @@ from bench.common.timing import (CPU_ATTENTION_FLOPS, MATMUL_SHAPES, QUICK_MATMU
                                  time_interleaved)
 
 __all__ = [
-    "CROP_SEED", "OTHER_CROPS", "photo_crops", "run_bits", "test_images", "train_pixel_run", "write_pngs",
+    "CROP_SEED", "GREY_DATA", "GREY_PHOTOS", "OTHER_CROPS", "grey_photo", "photo_crops", "run_bits", "test_images",
+    "train_pixel_run", "write_grey_folder", "write_pngs",
     "ROOT", "OtherCpuUse", "cpu_model", "load_average", "machine_info", "recorded_command", "recorded_path",
     "VQVAE_QUICK_MODEL", "autocast", "channels_last", "default_other_photos", "random_inputs", "random_pixels",
     "vqvae_extract",

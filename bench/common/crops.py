@@ -6,14 +6,18 @@ import csv
 import statistics
 
 import numpy as np
+import skimage.data
 import torch
 from PIL import Image
 
 from bench.common.processes import last_line_value, run_script
-from pipelines.data.datasets import load_dataset, random_crops, to_rgb8
+from pipelines.data.datasets import BUILTIN_DEFAULT_COUNTS, load_dataset, random_crops, to_rgb8
 
 OTHER_CROPS = 1000  # crops of the other photos a benchmark scores
 CROP_SEED = 123  # the other photos' crops are the same in every run
+# scikit-image's greyscale photos: data of another kind than the built-in colour photos
+GREY_PHOTOS = {"train": ("camera", "brick", "grass", "coins", "moon", "cell"), "test": ("gravel", "clock")}
+GREY_DATA = "grey photos"  # how results files name that data (it is written to a temporary folder)
 
 
 def train_pixel_run(run_dir, *options, resume=False):
@@ -39,6 +43,22 @@ def write_pngs(images, folder):
     folder.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{k:05d}.png")
+
+
+def grey_photo(name):
+    """scikit-image's greyscale photo `name` as an RGB PIL image."""
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def write_grey_folder(folder, size, n=None):
+    """An image folder (train/, test/) of crops of GREY_PHOTOS as RGB PNGs, cut as the built-in crops:
+    as many as the built-in data has per split, or `n`."""
+    for split, names in GREY_PHOTOS.items():
+        count = n or BUILTIN_DEFAULT_COUNTS[split]
+        crops = random_crops([grey_photo(name) for name in names], count, size,
+                             np.random.default_rng(["train", "test"].index(split)))[0]
+        write_pngs(crops, folder / split)
+    return folder
 
 
 def run_bits(run_dir, eval_data, other_folder, work):
