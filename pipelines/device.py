@@ -14,7 +14,8 @@ sampling, evaluation) all of it.
 - TF32: on CUDA, fp32 matmuls and convolutions run in TF32 (`allow_tf32`), for trainers and
   inference alike.
 - Denormals: the trainers compute floats below fp32's normal range as zero on the CPU
-  (`flush_denormals`); inference does not, so that a file coded by one version decodes by another.
+  (`flush_denormals`, and the training scripts' threads from their start); inference keeps them,
+  and the codec refuses a process that does not (its files decode only under the same floats).
 - Processes: accelerate's PartialState. Under `accelerate launch` every process runs the same
   job and the job splits its work by `process_index`.
 
@@ -146,28 +147,58 @@ def allow_tf32():
     torch.backends.cudnn.allow_tf32 = True
 
 
+def denormal_probe(n=1):
+    """`n` copies of a denormal (1.5e-39, below fp32's 1.2e-38), made from its bits: no float
+    arithmetic, so no thread's flag touches it."""
+    return torch.full((n,), 1 << 20, dtype=torch.int32).view(torch.float32)
+
+
 def flushes_denormals():
-    """Whether this thread computes denormal floats as zero: a denormal made from its bits (no float
-    arithmetic), times one, on this thread alone."""
-    tiny = torch.tensor([1 << 20], dtype=torch.int32).view(torch.float32)  # 1.5e-39, below fp32's 1.2e-38
-    return (tiny * 1.0).view(torch.int32).item() == 0
+    """Whether this thread computes denormal floats as zero (one multiply, on this thread alone)."""
+    return (denormal_probe() * 1.0).view(torch.int32).item() == 0
+
+
+def some_thread_flushes_denormals():
+    """Whether this thread or any intra-op thread computes denormals as zero: a multiply split among
+    all of them (OpenMP gives each thread one share of a range this long). Starts the threads."""
+    return bool(((denormal_probe(1 << 22) * 1.0).view(torch.int32) == 0).any())
 
 
 @contextmanager
 def flush_denormals():
-    """Denormal floats computed as zero (FTZ and DAZ) inside the block. As a model grows confident, the
-    far tails of its likelihood and their gradients fall below fp32's normal range, where a CPU
-    computes many times slower: flushed, a training step ran 1.66x faster with the same losses
-    (bench/results/denormals.md). The flag belongs to a thread: it covers this one and the threads
-    created in the block (the intra-op pool, when the job's first parallel op starts it there), and
-    is put back on leaving, since it also makes Python's own float arithmetic read denormals as zero:
-    enter it after the options are checked."""
+    """This thread computes denormal floats as zero (FTZ and DAZ) inside the block: as a model grows
+    confident, the far tails of its likelihood and their gradients fall below fp32's normal range,
+    where a CPU computes many times slower (bench/results/denormals.md). The flag belongs to a
+    thread and a thread starts with its creator's: the intra-op threads are started before it is set,
+    so that none keeps it after the block (a process that only trains flushes them too, from its
+    start: `flush_denormals_in_thread_pool`). Enter after the options are checked: the flag also
+    makes Python's own float arithmetic read denormals as zero."""
     previous = flushes_denormals()
+    some_thread_flushes_denormals()  # the threads exist before the flag is set
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
         torch.set_flush_denormal(previous)
+
+
+def flush_denormals_in_thread_pool():
+    """For a process that trains, first thing: the intra-op threads, started here, compute denormals
+    as zero for the process's life; this thread is left as it was (the trainers flush it while they
+    train, `flush_denormals`). Threads that already exist are not changed."""
+    previous = flushes_denormals()
+    torch.set_flush_denormal(True)
+    some_thread_flushes_denormals()  # starts the threads, which take this thread's flag
+    torch.set_flush_denormal(previous)
+
+
+def check_denormals_kept(what):
+    """Refuses, in one line, a process where some thread computes denormals as zero: `what` computes
+    them as the files it must agree with were computed."""
+    if some_thread_flushes_denormals():
+        raise ValueError(f"{what} needs denormal floats computed as such, and a thread of this process flushes them "
+                         "to zero (torch.set_flush_denormal(True), or a training script's threads): run it in a "
+                         "process of its own")
 
 
 def check_processes(state):

@@ -9,6 +9,7 @@ from pipelines.startup import quiet_ctrl_c_while_starting
 quiet_ctrl_c_while_starting()  # before the slow imports below
 
 from pipelines.cli import config_parser, run
+from pipelines.device import flush_denormals_in_thread_pool
 from pipelines.train.pixels import TrainConfig, train
 
 
@@ -17,4 +18,5 @@ def main():
 
 
 if __name__ == "__main__":
+    flush_denormals_in_thread_pool()  # a process that only trains: its threads compute denormals as zero
     run(main)

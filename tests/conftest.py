@@ -10,11 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.device import some_thread_flushes_denormals
+
 # The scripts the tests start as processes import this checkout's packages, whichever checkout the
 # environment has installed (a second worktree shares one .venv): python puts scripts/ first on
 # their path, not the repository root.
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+# torch's intra-op threads start here, without the denormal flag: a training script run in this
+# process (launch.run_in_process) would otherwise start them flushing, for every test after it.
+assert not some_thread_flushes_denormals(), "the test process must start computing denormals as such"
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import (codec, codecs, common, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe, revisions,
-                   sample, sample_pipeline, streams, train, vqvae)
+from bench import (codec, codecs, common, denormals, evaluate, extract, gpu, guidance, lmdb, ood, precision, recipe,
+                   revisions, sample, sample_pipeline, streams, train, vqvae)
 from launch import run_in_process
 from pipelines.data.datasets import ImageTensorDataset, load_dataset
 from pipelines.infer.extract import extract_codes
@@ -238,6 +238,24 @@ def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
     assert module.REPORT.markdown(results) == (ROOT / "bench" / "results" / f"{name}.md").read_text()
+
+
+def test_denormals_quick_times_both_arms_alternating_and_flushing_changes_no_result(tmp_path):
+    results = run_quick("denormals", tmp_path, f"# {denormals.REPORT.title}")
+    cases = results["cases"]
+    assert [(c["arm"], c["model"], c["flush"]) for c in cases] == [
+        ("train", "confident", False), ("codec", "young", False), ("codec", "confident", False),
+        ("train", "confident", True), ("codec", "young", True), ("codec", "confident", True)]
+    assert all(c["seconds"] > 0 for c in cases)
+    kept, flushed = (c for c in cases if c["arm"] == "train")
+    assert (kept["train_bits"], kept["test_bits"]) == (flushed["train_bits"], flushed["test_bits"])
+    assert cases[1]["sha256"] != cases[2]["sha256"]  # two models, two codes
+    changed = [model for model, kept, flushed in (("young", cases[1], cases[4]), ("confident", cases[2], cases[5]))
+               if kept["sha256"] != flushed["sha256"]]
+    markdown = (tmp_path / "denormals.md").read_text()
+    assert "the losses agree to every digit" in markdown
+    assert ("flushing changes the files of the " + " and the ".join(changed) if changed else
+            "flushing changes no file") in markdown
 
 
 def test_recipe_grey_photos_are_an_image_folder_of_greyscale_crops_as_rgb_in_both_splits(tmp_path):

@@ -4,6 +4,9 @@ model's, the same file whatever else is coded and whatever the thread count, and
 that write nothing."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +226,34 @@ def test_scripts_refuse_bad_input_in_one_line_and_write_nothing(files):
     assert compress(files, "--out", files / "c", "--overwrite", photo).returncode == 0
     one_line_error(compress(files, "--out", photo / "sub", photo), "--out", "is a file, not a folder")
     one_line_error(compress(files, "--out", files / "d", files / "nothing.png"), "image not found")
+
+
+def test_a_process_that_flushes_denormals_is_refused_on_both_sides_in_one_line(codec_model, files):
+    """A flushed denormal changes a tail's factors, so a file decodes only where they are kept (as every
+    file was coded)."""
+    coded = encode_image(codec_model, photo_like(9, 7))
+    torch.set_flush_denormal(True)
+    try:
+        with pytest.raises(ValueError, match="flushes them to zero"):
+            encode_image(codec_model, photo_like(9, 7))
+        with pytest.raises(ValueError, match="flushes them to zero"):
+            decode_image(codec_model, coded.data, "x.psnail")
+        one_line_error(compress(files, "--out", files / "c", files / "photos"), "flushes them to zero")
+    finally:
+        torch.set_flush_denormal(False)
+    assert not (files / "c").exists() or list((files / "c").iterdir()) == []
+
+
+def test_the_codec_refuses_a_process_whose_other_threads_flush_denormals(files):
+    """Its own thread keeps them, the intra-op threads (a training script's) do not: refused too."""
+    code = ("import runpy, sys, torch; from pipelines.device import flush_denormals_in_thread_pool; "
+            "torch.set_num_threads(2); flush_denormals_in_thread_pool(); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, "scripts/compress.py", "--ckpt", files / "model.safetensors",
+                             "--threads", "2", "--out", files / "c", files / "photos"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    one_line_error(result, "flushes them to zero")
+    assert not (files / "c").exists() or list((files / "c").iterdir()) == []
 
 
 def test_images_that_are_not_8_bit_rgb_are_refused_unless_converted(files):

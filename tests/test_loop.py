@@ -1,6 +1,10 @@
 """The one training loop's step: gradient accumulation (the loop itself runs in every trainer's tests);
 every trainer computing denormals as zero."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +68,45 @@ def test_every_trainer_trains_with_denormals_flushed_and_puts_the_flag_back(trai
     module.train(config)
     assert seen and seen[0][0] and seen[0][1] > 0
     assert not device.flushes_denormals()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# whether this thread, some thread and every thread (the intra-op ones and this one) compute denormals as zero
+PROBE = ("print(device.flushes_denormals(), device.some_thread_flushes_denormals(), "
+         "bool((device.denormal_probe(1 << 22) * 1.0).view(torch.int32).eq(0).all()))")
+
+
+def in_new_process(code, *args):
+    """`code` (which may print PROBE's line) run by a new interpreter with two threads -> the words it printed."""
+    setup = "import sys, torch\nfrom pipelines import device\nfrom pipelines.device import *\ntorch.set_num_threads(2)\n"
+    result = subprocess.run([sys.executable, "-c", setup + code, *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_the_trainers_flush_never_reaches_threads_that_outlive_it():
+    """Threads started in the block would keep its flag: flush_denormals starts them before setting it."""
+    assert in_new_process(f"with flush_denormals():\n    torch.ones(1 << 22).mul_(2)\n{PROBE}") == ["False"] * 3
+
+
+def test_a_training_process_starts_its_threads_flushing_and_its_own_thread_as_it_was():
+    assert in_new_process(f"flush_denormals_in_thread_pool()\n{PROBE}") == ["False", "True", "False"]
+    assert in_new_process(f"flush_denormals_in_thread_pool()\ntorch.set_num_threads(1)\n{PROBE}") == ["False"] * 3
+
+
+@pytest.mark.parametrize("script", ["train_pixelsnail", "train_prior", "train_vqvae"])
+def test_every_training_script_trains_with_every_thread_flushing_denormals(script, tiny_pipeline, tmp_path):
+    """The script in a process of its own, its training loop replaced by a probe of the threads."""
+    data = {"train_pixelsnail": ["--data", tiny_pipeline / "images", "--preset", "tiny"],
+            "train_prior": ["--codes", tiny_pipeline / "codes.lmdb"],
+            "train_vqvae": ["--data", tiny_pipeline / "images", "--size", "16"]}[script]
+    run_with_probe = f"""import runpy
+from pipelines.train import pixels, priors, vqvae
+for trainer in (pixels, priors, vqvae):
+    trainer.fit = lambda task: {PROBE}
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    printed = in_new_process(run_with_probe, f"scripts/{script}.py", "--out", tmp_path / "run", *data)
+    assert printed[-3:] == ["True"] * 3

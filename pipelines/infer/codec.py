@@ -40,6 +40,7 @@ from einops import rearrange
 from PIL import Image
 
 from pipelines.data.datasets import DataError, to_model_range, to_rgb8
+from pipelines.device import check_denormals_kept
 from pipelines.errors import one_line
 from pipelines.store.checkpoint import load_pixelsnail, resolve_checkpoint
 from pipelines.store.codec_file import SUFFIX, Header, pack, tile_checksum, unpack
@@ -263,6 +264,7 @@ def code_image(codec_model, header, image, coder, check=None):
     window)` is called on each tile k once its batch is done."""
     model, k = codec_model.model, 0
     with fixed_threads(header.threads), evaluating(model), torch.autocast("cpu", enabled=False):
+        check_denormals_kept("the codec")  # every file so far was coded with them: flushed, a tail's factors change
         for windows in batches(header):
             try:
                 code_batch(model, windows, image, coder)
