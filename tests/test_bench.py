@@ -231,9 +231,9 @@ def test_extract_quick_runs_the_script_in_both_precisions(tmp_path):
 
 
 @pytest.mark.parametrize("module", [train, sample, vqvae, lmdb, precision, streams, extract, ood, guidance, codecs, codec,
-                                    revisions],
+                                    revisions, denormals],
                          ids=["train", "sample", "vqvae", "lmdb", "precision", "streams", "extract", "ood", "guidance", "codecs",
-                              "codec", "revisions"])
+                              "codec", "revisions", "denormals"])
 def test_committed_markdown_is_made_from_committed_json(module):
     name = module.__name__.rsplit(".", 1)[1]
     results = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
