@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import Report, add_common_arguments, load_average, log, machine_info, random_inputs, random_pixels
+from pipelines.infer.generation import free_bytes
 from prior import PixelSNAIL, get_preset
 from prior.drawing import Drawing
 from prior.noise import SampleKeys
@@ -44,6 +45,11 @@ TRAIN_CASES = [("cifar10", 8, 32), ("cifar10", 64, 128), ("cifar10", 64, 128, FU
 SAMPLING_BATCHES = (16, 64, 256, "auto")
 PROJECTED_SAMPLES = 50_000
 QUICK_TRAIN_CASES = [("tiny", 4, 8), ("tiny", 4, 8, FUSED)]
+# The pixel preset trained once more at the batch that fills the device: the largest multiple of 8 whose
+# step fits FILL_SHARE of the free memory, from its first case's peak and memory per example.
+FILL = "the batch that fills the device"
+FILL_SHARE = 0.8  # the allocator's slack and fragmentation take the rest
+FILL_LIMIT, QUICK_FILL_LIMIT = 4096, 16
 QUICK_SAMPLING_BATCHES, QUICK_PROJECTED_SAMPLES = (4, "auto"), 8
 
 
@@ -109,12 +115,33 @@ def bench_training(preset, batch_sizes, steps, seed, variant=None):
             with FlopCounterMode(display=False) as counter:
                 train_step(model, optimizer, inputs)
             flops = counter.get_total_flops()
-    small, large = batch_sizes
+    small, *larger = batch_sizes  # one size: steps/s only; two: the memory per example too
     second = sorted(seconds)[len(seconds) // 2]
     return {"preset": case_name(preset, variant), "parameters": model.num_parameters(), "batch_size": small,
             "seconds_per_step": second, "examples_per_s": small / second, "flops_per_step": flops,
             "flops_per_s": flops / second, "peak_bytes": peaks,
-            "bytes_per_example": (peaks[large] - peaks[small]) / (large - small)}
+            "bytes_per_example": (peaks[larger[0]] - peaks[small]) / (larger[0] - small) if larger else None}
+
+
+def filling_batch(case, free, limit):
+    """The largest multiple of 8 (at most `limit`) whose training step fits FILL_SHARE of `free` bytes,
+    from `case`'s peak memory at its batch and its memory per example."""
+    per_example = case["bytes_per_example"]
+    if not per_example or per_example <= 0:
+        raise ValueError(f"{case['preset']}: no memory per example measured")
+    fixed = case["peak_bytes"][case["batch_size"]] - case["batch_size"] * per_example
+    return int(min(limit, max(8, (FILL_SHARE * free - fixed) // per_example // 8 * 8)))
+
+
+def measured(name, call):
+    """call() -> its case, or {preset: name, error: ...} when it fails (out of memory, say): the other
+    cases are reported all the same."""
+    try:
+        return call()
+    except Exception as error:
+        return {"preset": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"[:300]}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def case_name(preset, variant=None):
@@ -315,17 +342,20 @@ def run(args):
                "bf16_matmul_peak_flops": matmul_peak(1024 if args.quick else 8192)}
     log(f"{results['gpu']}: bf16 matmul peak {results['bf16_matmul_peak_flops'] / 1e12:.0f} TFLOP/s")
     results["training"] = []
-    for preset, small, large, *variant in QUICK_TRAIN_CASES if args.quick else TRAIN_CASES:
+    cases = QUICK_TRAIN_CASES if args.quick else TRAIN_CASES
+    for k, (preset, small, large, *variant) in enumerate(cases):
         if args.presets and preset not in args.presets:
             continue
-        try:
-            case = bench_training(preset, (small, large), args.steps, args.seed, *variant)
-        except Exception as error:  # report the others even if one case does not fit
-            case = {"preset": case_name(preset, *variant),
-                    "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"[:300]}
+        case = measured(case_name(preset, *variant),
+                        lambda: bench_training(preset, (small, large), args.steps, args.seed, *variant))
         results["training"].append(case)
         log(f"train {case}")
-        torch.cuda.empty_cache()
+        if k == 0:  # the pixel preset's first case: again at the batch that fills the device
+            limit = QUICK_FILL_LIMIT if args.quick else FILL_LIMIT
+            filled = measured(case_name(preset, FILL), lambda: bench_training(
+                preset, (filling_batch(case, free_bytes(CUDA), limit),), args.steps, args.seed, FILL))
+            results["training"].append(filled)
+            log(f"train {filled}")
     results["vqvae"] = bench_vqvae(32 if args.quick else 256, 8 if args.quick else 64, args.steps, args.seed)
     log(f"vqvae {results['vqvae']}")
     top, bottom = ("cpu-top", "cpu-bottom") if args.quick else ("vqvae2-top", "vqvae2-bottom")
@@ -355,9 +385,10 @@ def training_rows(results):
         if "error" in case:
             rows.append([case["preset"], "", "", "", "", "", case["error"]])
             continue
+        per_example = case.get("bytes_per_example")
         rows.append([case["preset"], f"{case['parameters'] / 1e6:.1f}M", str(case["batch_size"]),
                      f"{1 / case['seconds_per_step']:.2f}", f"{case['flops_per_s'] / 1e12:.0f} TFLOP/s",
-                     f"{case['flops_per_s'] / peak:.0%}", f"{case['bytes_per_example'] / 2**20:.0f} MiB"])
+                     f"{case['flops_per_s'] / peak:.0%}", "" if per_example is None else f"{per_example / 2**20:.0f} MiB"])
     return rows
 
 

@@ -546,8 +546,9 @@ def test_the_gpu_benchmark_runs_whole_with_the_cpu_standing_in(monkeypatch, tmp_
     import argparse
 
     monkeypatch.setattr(gpu, "CUDA", torch.device("cpu"))
+    peaks = iter(range(1, 10**6))  # each read of the peak memory 1 MiB more: some memory per example
     stubs = {"synchronize": lambda *args: None, "empty_cache": lambda: None,
-             "reset_peak_memory_stats": lambda *args: None, "max_memory_allocated": lambda *args: 0,
+             "reset_peak_memory_stats": lambda *args: None, "max_memory_allocated": lambda *args: next(peaks) * 2**20,
              "get_device_name": lambda *args: "the CPU standing in"}
     for name, stub in stubs.items():
         monkeypatch.setattr(torch.cuda, name, stub)
@@ -557,14 +558,24 @@ def test_the_gpu_benchmark_runs_whole_with_the_cpu_standing_in(monkeypatch, tmp_
 
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert (tmp_path / "gpu.md").read_text() == gpu.REPORT.markdown(results)
-    assert [case["preset"] for case in results["training"]] == ["tiny", "tiny (fused Adam)"]
+    assert [case["preset"] for case in results["training"]] == ["tiny", f"tiny ({gpu.FILL})", "tiny (fused Adam)"]
     assert all("error" not in case for case in results["training"])
+    assert results["training"][1]["batch_size"] == gpu.QUICK_FILL_LIMIT  # gigabytes free, a MiB per example
     assert results["vqvae"]["train_images_per_s"] > 0 and results["sampling"]["precisions"]["bf16"]["total_seconds"] > 0
     throughput = results["throughput"]
     assert 1 <= throughput["auto"] <= gpu.QUICK_PROJECTED_SAMPLES
     eager = [case for case in throughput["cases"] if case["mode"] == "eager"]
     assert [case["batch"] for case in eager] == list(gpu.QUICK_SAMPLING_BATCHES)
     assert all(case["samples_per_s"] > 0 and set(case["levels"]) == {"top", "bottom"} for case in eager)
+
+
+def test_the_batch_that_fills_the_device_leaves_the_share_of_free_memory_for_its_fixed_part():
+    case = {"preset": "p", "batch_size": 8, "peak_bytes": {8: 10 * 2**30}, "bytes_per_example": 2**30}  # 2 GiB fixed
+    assert gpu.filling_batch(case, 100 * 2**30, 4096) == 72  # (80 - 2) GiB / 1 GiB = 78, down to a multiple of 8
+    assert gpu.filling_batch(case, 100 * 2**30, 64) == 64
+    assert gpu.filling_batch(case, 2**30, 4096) == 8  # never below 8: the case that does not fit says so itself
+    with pytest.raises(ValueError, match="no memory per example"):
+        gpu.filling_batch({**case, "bytes_per_example": 0.0}, 100 * 2**30, 4096)
 
 
 def test_the_main_job_passes_every_stage_end_to_end_on_the_cpu(tmp_path):
