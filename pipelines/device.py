@@ -160,8 +160,10 @@ def flushes_denormals():
 
 def some_thread_flushes_denormals():
     """Whether this thread or any intra-op thread computes denormals as zero: a multiply split among
-    all of them (OpenMP gives each thread one share of a range this long). Starts the threads."""
-    return bool(((denormal_probe(1 << 22) * 1.0).view(torch.int32) == 0).any())
+    all of them (an elementwise op gives each thread one share of at least 32,768 elements, ATen's
+    grain size: twice that per thread reaches them all). Starts the threads."""
+    probe = denormal_probe(2 * 32768 * torch.get_num_threads())
+    return bool(((probe * 1.0).view(torch.int32) == 0).any())
 
 
 @contextmanager
