@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (GREY_PHOTOS, Report, add_out_argument, grey_photo, log, machine_info, machine_lines,
-                          results_record, run_command, train_pixel_run, write_grey_folder)
+from bench.common import (GREY_PHOTOS, Report, add_out_argument, add_quick_argument, apply_defaults, grey_photo, log,
+                          machine_info, machine_lines, results_record, run_command, train_pixel_run, write_grey_folder)
 from prior import get_preset
 
 # how a child process runs a script: a variant set up first, then the script as __main__
@@ -36,6 +36,7 @@ CODEC_FLUSHING = ("import torch, pipelines.infer.codec as c; assert c.check_deno
 PHOTO = GREY_PHOTOS["test"][0]  # the codec's photo: held out from the training crops
 QUICK = {"preset": "tiny", "young": 5, "steps": 20, "more": 5, "reps": 1, "photo_side": 32, "crops": 40}
 FULL = {"preset": "cpu-small", "young": 100, "steps": 1000, "more": 100, "reps": 2, "photo_side": None, "crops": None}
+OPTIONS = ("young", "steps", "more", "reps")  # the settings the command line may change
 
 
 def timed_script(prelude, *args):
@@ -93,7 +94,12 @@ def run(args):
     python -m bench denormals           # cpu-small to 1,000 steps, then 2 x (2 trainings + 4 codings): ~25 minutes
     python -m bench denormals --quick   # smoke run, the tiny preset, a minute
     """
-    settings = {**(QUICK if args.quick else FULL), **{k: v for k, v in vars(args).items() if k in FULL and v}}
+    defaults = QUICK if args.quick else FULL
+    apply_defaults(args, {key: defaults[key] for key in OPTIONS})
+    settings = {**defaults, **{key: getattr(args, key) for key in OPTIONS}}
+    if not 1 <= settings["young"] < settings["steps"] or min(settings["more"], settings["reps"]) < 1:
+        raise ValueError("--young, --steps, --more and --reps need 1 <= young < steps, more >= 1, reps >= 1, not "
+                         + ", ".join(f"{key} {settings[key]}" for key in OPTIONS))
     info = machine_info()
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +117,7 @@ def run(args):
 
 
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help=f"smoke run in seconds: {QUICK}")
+    add_quick_argument(parser, QUICK)
     parser.add_argument("--steps", type=int, help=f"the confident model's steps (default {FULL['steps']})")
     parser.add_argument("--young", type=int, help=f"the young model's steps (default {FULL['young']})")
     parser.add_argument("--more", type=int, help=f"steps each timed training resumes for (default {FULL['more']})")

@@ -258,6 +258,14 @@ def test_denormals_quick_times_both_arms_alternating_and_flushing_changes_no_res
             "flushing changes no file") in markdown
 
 
+def test_denormals_refuses_a_young_model_as_old_as_the_confident_one_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "denormals", "--quick", "--young", "20", "--steps", "20",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "need 1 <= young < steps" in result.stderr and "young 20, steps 20" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_recipe_grey_photos_are_an_image_folder_of_greyscale_crops_as_rgb_in_both_splits(tmp_path):
     folder = common.write_grey_folder(tmp_path / "grey", 8, 40)
     for split in ("train", "test"):
