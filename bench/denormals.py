@@ -28,9 +28,9 @@ from prior import get_preset
 
 # how a child process runs a script: a variant set up first, then the script as __main__
 RUN_SCRIPT = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-TRAINER_WITHOUT_FLUSH = ("import contextlib, pipelines.device as d, pipelines.train.pixels as p; "
-                         "assert p.flush_denormals and d.flush_denormals_in_thread_pool; "
-                         "p.flush_denormals = contextlib.nullcontext; d.flush_denormals_in_thread_pool = lambda: None; ")
+TRAINER_WITHOUT_FLUSH = ("import contextlib, pipelines.device as d, pipelines.train.loop as loop; "
+                         "assert loop.flush_denormals and d.flush_denormals_in_thread_pool; "
+                         "loop.flush_denormals = contextlib.nullcontext; d.flush_denormals_in_thread_pool = lambda: None; ")
 CODEC_FLUSHING = ("import torch, pipelines.infer.codec as c; assert c.check_denormals_kept; "
                   "c.check_denormals_kept = lambda what: None; torch.set_flush_denormal(True); ")
 PHOTO = GREY_PHOTOS["test"][0]  # the codec's photo: held out from the training crops

@@ -13,7 +13,7 @@ sampling, evaluation) all of it.
   itself, and its cached sampler works on (B, C) vectors.
 - TF32: on CUDA, fp32 matmuls and convolutions run in TF32 (`allow_tf32`), for trainers and
   inference alike.
-- Denormals: the trainers compute floats below fp32's normal range as zero on the CPU
+- Denormals: the training loop computes floats below fp32's normal range as zero on the CPU
   (`flush_denormals`, and the training scripts' threads from their start); inference keeps them,
   and the codec refuses a process that does not (its files decode only under the same floats).
 - Processes: accelerate's PartialState. Under `accelerate launch` every process runs the same
@@ -187,7 +187,7 @@ def flush_denormals():
 def flush_denormals_in_thread_pool():
     """For a process that trains, first thing: the intra-op threads, started here, compute denormals
     as zero for the process's life; this thread is left as it was (the trainers flush it while they
-    train, `flush_denormals`). Threads that already exist are not changed."""
+    train, `flush_denormals` in the training loop). Threads that already exist are not changed."""
     previous = flushes_denormals()
     torch.set_flush_denormal(True)
     some_thread_flushes_denormals()  # starts the threads, which take this thread's flag

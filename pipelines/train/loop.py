@@ -1,7 +1,8 @@
 """The one training loop. Every trainer (pixels, VQ-VAE-2 priors, the VQ-VAE) is a `Task`: the model
 to build, the loss of one batch, what to evaluate and what to write. `fit` does the rest, the same
 for all: the accelerator, the data order, exact resume, Polyak averaging, gradient accumulation,
-periodic evaluation, checkpoints, and stopping without corrupting anything (SIGINT / SIGTERM, a
+periodic evaluation, checkpoints, denormal floats computed as zero on the CPU
+(`pipelines.device.flush_denormals`), and stopping without corrupting anything (SIGINT / SIGTERM, a
 NaN, a full disk, the time budget).
 
 A run directory holds model.safetensors (what the other scripts load, written by the task),
@@ -20,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipelines.data.datasets import data_identity
-from pipelines.device import resolve_precision
+from pipelines.device import flush_denormals, resolve_precision
 from pipelines.store import run_files
 from pipelines.store.outputs import os_error_of
 from pipelines.train import diagnostics, run_state, runtime
@@ -171,7 +172,7 @@ def fit(task):
     accelerator = runtime.make_accelerator(resolve_precision(cfg.precision), cfg.compile, cfg.grad_accum,
                                            cfg.report_to, out)
     runtime.check_batch_fits(len(task.train_set), cfg.batch_size, accelerator.num_processes)
-    with run_state.locked(accelerator, out):
+    with run_state.locked(accelerator, out), flush_denormals():  # after every check of the options and data
         run = start(task, cfg, accelerator, out)
         try:
             step, running = run_steps(task, run, out)

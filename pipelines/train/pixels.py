@@ -4,7 +4,6 @@ an image dataset)."""
 from dataclasses import dataclass
 
 from pipelines.data.datasets import image_inputs, load_dataset
-from pipelines.device import flush_denormals
 from pipelines.train import run_state
 from pipelines.train.loop import fit
 from pipelines.train.pixelsnail import PixelSNAILTask, RunConfig, Source
@@ -30,5 +29,4 @@ def train(cfg: TrainConfig):
     model_config = model_config or cfg.preset_model()
     if model_config.shape[0] != model_config.shape[1] or not model_config.pixel_mode:
         raise ValueError(f"image training needs a square pixel-mode model, got {model_config.shape}")
-    with flush_denormals():  # from here, the data loading that starts the thread pool included
-        return fit(PixelSNAILTask(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim"))
+    return fit(PixelSNAILTask(cfg, model_config, image_source(cfg.data, model_config.shape[0]), unit="dim"))

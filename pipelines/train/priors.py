@@ -12,7 +12,6 @@ The task is PixelSNAIL's (`pipelines.train.pixelsnail.PixelSNAILTask`), on codes
 from dataclasses import dataclass, replace
 
 from pipelines.data.codes import code_splits
-from pipelines.device import flush_denormals
 from pipelines.store.provenance import check_fits, prior_fields
 from pipelines.train import run_state
 from pipelines.train.loop import fit
@@ -48,9 +47,8 @@ def code_source(path, level):
 def train(cfg: PriorTrainConfig):
     """Trains (or resumes) a prior; returns the final validation bits per code (EMA weights)."""
     cfg, model_config = run_state.resolve(cfg, PixelSNAILConfig)
-    with flush_denormals():  # from here, the data loading that starts the thread pool included
-        source, provenance = code_source(cfg.codes, cfg.level)
-        cfg = replace(cfg, level=provenance.level)  # an index given as --level is stored by its name
-        model_config = model_config or cfg.preset_model(**prior_fields(provenance))
-        check_fits(model_config, provenance, f"the code database {cfg.codes}")
-        return fit(PixelSNAILTask(cfg, model_config, source, unit="code"))
+    source, provenance = code_source(cfg.codes, cfg.level)
+    cfg = replace(cfg, level=provenance.level)  # an index given as --level is stored by its name
+    model_config = model_config or cfg.preset_model(**prior_fields(provenance))
+    check_fits(model_config, provenance, f"the code database {cfg.codes}")
+    return fit(PixelSNAILTask(cfg, model_config, source, unit="code"))

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from pipelines.data.datasets import load_dataset, to_model_range
-from pipelines.device import flush_denormals
 from pipelines.eval.stages import evaluate_vqvae, psnr_db
 from pipelines.store.checkpoint import CHECKPOINT_NAME, VQVAE_KIND, save_checkpoint, write_image_grid
 from pipelines.train import diagnostics, run_state
@@ -130,7 +129,6 @@ def train(cfg: VQVAETrainConfig):
         raise ValueError(f"--levels {cfg.levels} differs from the run's levels {model_config.levels} ({cfg.out}): "
                          "a resumed run keeps its settings; leave --levels out, or start a new run in another --out")
     check_side("--size", cfg.size, model_config)
-    with flush_denormals():  # from here, the data loading that starts the thread pool included
-        train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
-        return fit(VQVAETask(cfg, model_config, train_set, test_set))
+    train_set, test_set = load_dataset(cfg.data, "train", cfg.size), load_dataset(cfg.data, "test", cfg.size)
+    return fit(VQVAETask(cfg, model_config, train_set, test_set))
 
